@@ -1,0 +1,131 @@
+//! What rules decide: routes, ignores, errors, and the record the store keeps.
+//!
+//! These types are shared by the rule runtime (which produces them) and the
+//! store (which records them); neither owns the other.
+
+use serde::{Deserialize, Serialize};
+
+/// How urgent a route is. Ordered so that `Critical` is the greatest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// Handle when convenient.
+    Low,
+    /// The default.
+    Medium,
+    /// Ahead of medium and low.
+    High,
+    /// Ahead of everything.
+    Critical,
+}
+
+impl Priority {
+    /// The lower-case name used in rules and records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Medium => "medium",
+            Priority::High => "high",
+            Priority::Critical => "critical",
+        }
+    }
+
+    /// Parses a priority name.
+    pub fn parse(s: &str) -> Option<Priority> {
+        match s {
+            "low" => Some(Priority::Low),
+            "medium" => Some(Priority::Medium),
+            "high" => Some(Priority::High),
+            "critical" => Some(Priority::Critical),
+            _ => None,
+        }
+    }
+}
+
+/// One destination chosen for an event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    /// The agent that receives the event.
+    pub agent: String,
+    /// The workflow the agent should run, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    /// How urgent it is.
+    pub priority: Priority,
+    /// Why the rule chose it.
+    #[serde(default)]
+    pub reason: String,
+    /// Free-form labels, `key:value` by convention.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+}
+
+/// A rule's answer for one event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Deliver to these routes.
+    Routes(Vec<Route>),
+    /// Deliberately ignored, with the reason.
+    Ignore(String),
+}
+
+/// Why a rule produced no verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "kind", content = "message", rename_all = "snake_case")]
+pub enum RuleFailure {
+    /// The rule returned an error value.
+    #[error("rule returned an error: {0}")]
+    Guest(String),
+    /// The rule ran past its deadline or operation budget.
+    #[error("rule ran past its deadline: {0}")]
+    Timeout(String),
+    /// The rule tried to take more memory than it may.
+    #[error("rule exceeded its memory limit: {0}")]
+    Memory(String),
+    /// The rule trapped or otherwise broke (stack overflow, panic, bad output).
+    #[error("rule trapped: {0}")]
+    Trap(String),
+    /// The rule is switched off by its circuit breaker.
+    #[error("rule is switched off after repeated failures: {0}")]
+    Disabled(String),
+}
+
+/// What one rule did with one event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleOutcome {
+    /// The rule answered.
+    Verdict(Verdict),
+    /// The rule failed; the failure policy decided what happened instead.
+    Failed(RuleFailure),
+    /// The rule does not want this provider/kind and was not run.
+    Skipped,
+}
+
+/// The record of one rule run, as stored beside the event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleRecord {
+    /// The rule's name.
+    pub rule: String,
+    /// The rule version: the content hash of what was loaded.
+    pub version: String,
+    /// What it did.
+    pub outcome: RuleOutcome,
+    /// Wall time of the call, in microseconds.
+    pub duration_us: u64,
+}
+
+/// The router's decision for one event: every rule's record and the merged routes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Per-rule records, in rule order.
+    pub rules: Vec<RuleRecord>,
+    /// The merged routes the event goes to.
+    pub routes: Vec<Route>,
+    /// Set when the failure policy sent the event to the dead-letter queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<String>,
+    /// When the decision was made, in milliseconds since the Unix epoch.
+    pub decided_at_ms: i64,
+}

@@ -1,0 +1,165 @@
+//! The stored event: what intake appends and what the router and rules read.
+//!
+//! An [`Event`] is only ever built by the store from a row it committed; new
+//! events enter through [`crate::ingress::NewEvent`], which only verification
+//! can produce. Nothing here parses payloads eagerly: the router parses once per
+//! event into a [`ParsedEvent`] shared by every rule.
+
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+/// Which verification scheme (and so which normalisation) a source uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Provider {
+    /// GitHub: `X-Hub-Signature-256`.
+    Github,
+    /// GitLab: `X-Gitlab-Token` and/or the signing token (Standard Webhooks).
+    Gitlab,
+    /// Any Standard Webhooks sender.
+    StandardWebhooks,
+    /// Stripe: `Stripe-Signature`.
+    Stripe,
+    /// Slack: `X-Slack-Signature` v0.
+    Slack,
+    /// Linear: `Linear-Signature`.
+    Linear,
+    /// A generic HMAC-SHA256 header.
+    Hmac,
+    /// No verification at all (local use only).
+    None,
+}
+
+impl Provider {
+    /// The name used in config, the store and rules.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Github => "github",
+            Provider::Gitlab => "gitlab",
+            Provider::StandardWebhooks => "standard-webhooks",
+            Provider::Stripe => "stripe",
+            Provider::Slack => "slack",
+            Provider::Linear => "linear",
+            Provider::Hmac => "hmac",
+            Provider::None => "none",
+        }
+    }
+
+    /// Every provider, for help texts and parsing.
+    pub const ALL: [Provider; 8] = [
+        Provider::Github,
+        Provider::Gitlab,
+        Provider::StandardWebhooks,
+        Provider::Stripe,
+        Provider::Slack,
+        Provider::Linear,
+        Provider::Hmac,
+        Provider::None,
+    ];
+
+    /// Parses a provider name as written in config and the store.
+    pub fn parse(name: &str) -> Option<Provider> {
+        Provider::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where an event is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventStatus {
+    /// Stored, waiting for the router.
+    Pending,
+    /// A router worker holds a lease on it.
+    Claimed,
+    /// Routed: a decision is recorded.
+    Routed,
+    /// Gave up after repeated failures; see the dead-letter list.
+    Dead,
+}
+
+impl EventStatus {
+    /// The name stored in the database and printed by the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventStatus::Pending => "pending",
+            EventStatus::Claimed => "claimed",
+            EventStatus::Routed => "routed",
+            EventStatus::Dead => "dead",
+        }
+    }
+
+    /// Parses a stored status name.
+    pub fn parse(s: &str) -> Option<EventStatus> {
+        [EventStatus::Pending, EventStatus::Claimed, EventStatus::Routed, EventStatus::Dead]
+            .into_iter()
+            .find(|st| st.as_str() == s)
+    }
+}
+
+/// One stored event, as the store returns it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// The store's id, `evt_` + a time-ordered UUID.
+    pub id: String,
+    /// The configured source name (the `{source}` in `/hooks/{source}`).
+    pub source: String,
+    /// The provider behind the source.
+    pub provider: Provider,
+    /// The provider's event kind (`issues`, `Push Hook`, `invoice.paid`).
+    pub kind: String,
+    /// The action inside the kind, when there is one.
+    pub action: Option<String>,
+    /// The provider's delivery id, or `sha256:` + the body hash.
+    pub delivery_id: String,
+    /// When sluice accepted it, in milliseconds since the Unix epoch.
+    pub received_at_ms: i64,
+    /// Request headers kept for rules (lower-case names; credentials removed).
+    pub headers: Vec<(String, String)>,
+    /// The payload document (JSON; a form-encoded GitHub body is stored decoded).
+    #[serde(skip)]
+    pub body: Bytes,
+}
+
+impl Event {
+    /// One stored header by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// An event with its payload parsed at most once, shared by all rules.
+#[derive(Debug)]
+pub struct ParsedEvent {
+    /// The stored event.
+    pub event: Event,
+    payload: OnceLock<serde_json::Value>,
+}
+
+impl ParsedEvent {
+    /// Wraps a stored event; the body is parsed on first use.
+    pub fn new(event: Event) -> Self {
+        ParsedEvent { event, payload: OnceLock::new() }
+    }
+
+    /// The parsed payload (`null` when the body is not JSON).
+    pub fn payload(&self) -> &serde_json::Value {
+        self.payload
+            .get_or_init(|| serde_json::from_slice(&self.event.body).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// The value at an RFC 6901 JSON pointer.
+    pub fn get(&self, pointer: &str) -> Option<&serde_json::Value> {
+        self.payload().pointer(pointer)
+    }
+}

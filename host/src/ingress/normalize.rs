@@ -1,0 +1,1 @@
+//! Normalisation (placeholder until intake lands).

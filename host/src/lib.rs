@@ -1,0 +1,7 @@
+//! sluice: a webhook gateway with sandboxed, hot-reloaded routing rules.
+
+pub mod decision;
+pub mod event;
+pub mod ingress;
+pub mod rules;
+pub mod store;

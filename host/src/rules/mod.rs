@@ -1,0 +1,1 @@
+//! The rule runtime (in progress).

@@ -1,0 +1,165 @@
+//! The durable event log: one trait, implemented by the embedded SQLite store
+//! (and, for scale-out, by a NATS JetStream store).
+//!
+//! The store owns durability and deduplication by `(source, delivery id)`: an
+//! append returns only after the write is durable, and a second append of the
+//! same delivery returns the first event's id. It never interprets payloads.
+//!
+//! Router workers use it as a work queue: `claim` leases pending events,
+//! `complete` records the decision, `retry_later` and `dead_letter` handle
+//! failures. A lease that expires (a worker crashed) makes the event claimable
+//! again, so a crash between claim and decision loses nothing.
+
+
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::decision::Decision;
+use crate::event::{Event, EventStatus};
+use crate::ingress::NewEvent;
+
+
+
+/// Errors from a store backend.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend failed (I/O, corruption, connection).
+    #[error("store backend failed: {0}")]
+    Backend(String),
+    /// The store has shut down.
+    #[error("store is closed")]
+    Closed,
+    /// No event with this id.
+    #[error("no event with id {0}")]
+    NotFound(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+/// The result of an append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    /// Newly stored under this id.
+    Stored(String),
+    /// This delivery was already stored, under this id.
+    Duplicate(String),
+}
+
+impl Appended {
+    /// The event id, new or existing.
+    pub fn id(&self) -> &str {
+        match self {
+            Appended::Stored(id) | Appended::Duplicate(id) => id,
+        }
+    }
+}
+
+/// One row of an event listing.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventSummary {
+    /// The store's id.
+    pub id: String,
+    /// The provider's delivery id.
+    pub delivery_id: String,
+    /// The configured source.
+    pub source: String,
+    /// The provider name.
+    pub provider: String,
+    /// The event kind.
+    pub kind: String,
+    /// The action, if any.
+    pub action: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub received_at_ms: i64,
+    /// Body size in bytes.
+    pub size: u64,
+    /// Where the event is in its life.
+    pub status: EventStatus,
+    /// How many times a router worker has claimed it.
+    pub attempts: u32,
+}
+
+/// Filters for [`Store::list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only this source.
+    pub source: Option<String>,
+    /// Only this kind.
+    pub kind: Option<String>,
+    /// Only this status.
+    pub status: Option<EventStatus>,
+    /// At most this many rows, newest first.
+    pub limit: usize,
+}
+
+/// A leased event handed to a router worker.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The event.
+    pub event: Event,
+    /// Which claim this is for the event (1 for the first).
+    pub attempt: u32,
+}
+
+/// Everything the store knows about one event.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRecord {
+    /// Summary fields.
+    #[serde(flatten)]
+    pub summary: EventSummary,
+    /// The stored event itself.
+    #[serde(skip)]
+    pub event: Event,
+    /// The last recorded decision, if routed.
+    pub decision: Option<Decision>,
+    /// The last routing error, if any.
+    pub last_error: Option<String>,
+}
+
+/// The durable event log and work queue.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Durably appends a verified event, deduplicated by `(source, delivery id)`.
+    /// Returns only after the write is durable.
+    async fn append(&self, event: NewEvent) -> Result<Appended, StoreError>;
+
+    /// Looks up an already stored delivery (for a dedup check after a restart).
+    async fn find_delivery(&self, source: &str, delivery_id: &str) -> Result<Option<String>, StoreError>;
+
+    /// One event with its decision.
+    async fn get(&self, id: &str) -> Result<Option<EventRecord>, StoreError>;
+
+    /// Events matching a filter, newest first.
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<EventSummary>, StoreError>;
+
+    /// Leases up to `max` routable events to `worker` for `lease`.
+    async fn claim(&self, worker: &str, max: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError>;
+
+    /// Records the decision for a claimed event and releases it as routed.
+    async fn complete(&self, id: &str, decision: &Decision) -> Result<(), StoreError>;
+
+    /// Releases a claimed event to be routed again after `delay`.
+    async fn retry_later(&self, id: &str, delay: Duration, error: &str) -> Result<(), StoreError>;
+
+    /// Moves an event to the dead-letter queue with a reason.
+    async fn dead_letter(&self, id: &str, reason: &str) -> Result<(), StoreError>;
+
+    /// Makes a stored event routable again (operator replay).
+    async fn requeue(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Number of events waiting to be routed (pending or with an expired lease).
+    async fn queue_depth(&self) -> Result<u64, StoreError>;
+
+    /// Checks that the store can take writes (for `/readyz`).
+    async fn ready(&self) -> Result<(), StoreError>;
+
+    /// Resolves when new events may be claimable; workers also poll.
+    async fn wait_for_work(&self, timeout: Duration);
+}
