@@ -69,6 +69,7 @@ pub fn normalize(
         return Err(NormalizeError::Empty);
     }
     let body = payload_document(provider, &headers, raw)?;
+    check_shape(&body)?;
     let probe: Probe =
         serde_json::from_slice(&body).map_err(|e| NormalizeError::NotJson(e.to_string()))?;
 
@@ -158,7 +159,12 @@ pub fn normalize(
         Some(d) => d,
         None => format!("sha256:{}", hex::encode(Sha256::digest(&body))),
     };
-    let action = action.filter(|a| a.len() <= MAX_NAME_LEN);
+    let action = action.filter(|a| !a.is_empty() && a.len() <= MAX_NAME_LEN);
+    let kind = if kind.is_empty() {
+        "unknown".to_string()
+    } else {
+        kind
+    };
     if kind.len() > MAX_NAME_LEN {
         return Err(NormalizeError::BadHeader("kind"));
     }
@@ -173,6 +179,45 @@ pub fn normalize(
         headers: kept_headers(&headers),
         body,
     })
+}
+
+/// Deepest nesting accepted; the same as the JSON parser's own limit, so a
+/// stored payload always parses again when the router reads it.
+const MAX_DEPTH: usize = 128;
+
+/// Refuses what is not a JSON object and what nests deeper than [`MAX_DEPTH`].
+/// The probe below skips unneeded values without a depth limit, so depth is
+/// checked here in one pass over the bytes (outside strings).
+fn check_shape(body: &[u8]) -> Result<(), NormalizeError> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(NormalizeError::NotJson("expected a JSON object".into()));
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(NormalizeError::NotJson(format!(
+                        "nested deeper than {MAX_DEPTH} levels"
+                    )));
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The JSON document inside the body: the body itself, or the `payload` field of
