@@ -1,5 +1,6 @@
 //! sluice: a webhook gateway with sandboxed, hot-reloaded routing rules.
 
+pub mod cli;
 pub mod decision;
 pub mod event;
 pub mod ingress;

@@ -164,16 +164,21 @@ impl WasmEngine {
         };
         let hash = hex::encode(Sha256::digest(bytes));
         let path = dir.join(format!("{hash}-{}-{}.cwasm", env!("CARGO_PKG_VERSION"), self.compat));
-        if path.is_file() {
-            // SAFETY: `deserialize_file` trusts the file to be a component this
-            // engine configuration serialized. The file lives in sluice's own
-            // cache directory, is named by the SHA-256 of the source component
-            // and the engine's compatibility hash, and is only ever written
-            // whole by `compile` below (temporary file + rename), so it is
-            // exactly as trusted as the sluice binary and its data directory.
+        if let Ok(cached) = std::fs::read(&path) {
+            // SAFETY: `deserialize` trusts its input to be a component this
+            // engine configuration serialized. The bytes come from sluice's
+            // own cache directory, from a file named by the SHA-256 of the
+            // source component and the engine's compatibility hash that only
+            // `write_cache` writes (whole, under a unique temporary name, then
+            // renamed into place), so they are exactly as trusted as the sluice
+            // binary and its data directory. wasmtime still checks the header
+            // and rejects files from another version or configuration.
+            // The file is read into memory rather than mapped
+            // (`deserialize_file`): a mapped file truncated or rewritten under
+            // a running process would crash it with SIGBUS.
             #[allow(unsafe_code)]
-            let cached = unsafe { Component::deserialize_file(&self.engine, &path) };
-            match cached {
+            let component = unsafe { Component::deserialize(&self.engine, &cached) };
+            match component {
                 Ok(c) => return Ok(c),
                 Err(e) => tracing::warn!(path = %path.display(), error = %e, "ignoring unusable compile cache entry"),
             }
@@ -189,10 +194,14 @@ impl WasmEngine {
 fn write_cache(dir: &Path, path: &Path, component: &Component) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let bytes = component.serialize().map_err(anyhow::Error::from)?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    // Unique per writer: two loads of the same component (two threads, two
+    // processes) must never write into the same temporary file.
+    let tmp = path.with_extension(format!("tmp-{}-{:016x}", std::process::id(), getrandom::u64()?));
+    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok(result?)
 }
 
 /// Advances the epoch every [`TICK`] while the engine lives.
@@ -211,17 +220,40 @@ fn spawn_ticker(engine: &Engine) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Rejects a component that imports anything beyond what `grants` allows.
+/// Rejects a component that imports anything beyond what `grants` allows,
+/// naming every import that is not granted (other than WASI first, since
+/// those can never be granted).
 fn check_imports(engine: &Engine, component: &Component, grants: &Grants) -> anyhow::Result<()> {
     let ty = component.component_type();
+    let mut foreign = Vec::new();
+    let mut wasi = Vec::new();
     for (name, _) in ty.imports(engine) {
-        let granted = name.starts_with("sluice:router/") || (grants.wasi && name.starts_with("wasi:"));
-        if !granted {
-            let hint = if name.starts_with("wasi:") { " (grant it with `[grants] wasi = true`)" } else { "" };
-            bail!("imports {name}, which is not granted{hint}");
+        if name.starts_with("sluice:router/") {
+            continue;
+        }
+        if name.starts_with("wasi:") {
+            if !grants.wasi {
+                wasi.push(name.to_owned());
+            }
+        } else {
+            foreign.push(name.to_owned());
         }
     }
-    Ok(())
+    let wasi_part = match wasi.as_slice() {
+        [] => None,
+        [one] => Some(format!("{one}")),
+        [first, rest @ ..] => Some(format!("{first} (and {} more WASI interfaces)", rest.len())),
+    };
+    match (foreign.as_slice(), wasi_part) {
+        ([], None) => Ok(()),
+        ([], Some(w)) => bail!("imports {w}, which is not granted (grant it with `[grants] wasi = true`)"),
+        ([one], w) => bail!("imports {one}, which is not granted{}", also(w)),
+        (many, w) => bail!("imports {}, which are not granted{}", many.join(", "), also(w)),
+    }
+}
+
+fn also(wasi: Option<String>) -> String {
+    wasi.map(|w| format!("; it also imports {w}, which needs `[grants] wasi = true`")).unwrap_or_default()
 }
 
 /// What a guest sees of its rule: its name (for logs) and its config values.
