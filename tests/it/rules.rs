@@ -30,7 +30,11 @@ fn repo() -> PathBuf {
 /// A component built by `plugins/build.sh`; a missing one fails the test.
 fn component(name: &str) -> PathBuf {
     let p = repo().join("plugins/out").join(format!("{name}.wasm"));
-    assert!(p.is_file(), "{} is missing: run plugins/build.sh first (CI runs it before the tests)", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run plugins/build.sh first (CI runs it before the tests)",
+        p.display()
+    );
     p
 }
 
@@ -44,12 +48,21 @@ fn corpus(rel: &str) -> Vec<u8> {
 fn engine() -> &'static WasmEngine {
     static ENGINE: OnceLock<WasmEngine> = OnceLock::new();
     ENGINE.get_or_init(|| {
-        WasmEngine::new(Some(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("rule-cache"))).expect("wasm engine")
+        WasmEngine::new(Some(
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("rule-cache"),
+        ))
+        .expect("wasm engine")
     })
 }
 
 fn event(provider: Provider, kind: &str, body: Vec<u8>) -> Arc<ParsedEvent> {
-    Arc::new(ParsedEvent::new(Event::dry_run(provider.as_str(), provider, kind, None, body.into())))
+    Arc::new(ParsedEvent::new(Event::dry_run(
+        provider.as_str(),
+        provider,
+        kind,
+        None,
+        body.into(),
+    )))
 }
 
 fn github(kind: &str, rel: &str) -> Arc<ParsedEvent> {
@@ -57,11 +70,20 @@ fn github(kind: &str, rel: &str) -> Arc<ParsedEvent> {
 }
 
 fn gitlab(kind: &str, file: &str) -> Arc<ParsedEvent> {
-    event(Provider::Gitlab, kind, corpus(&format!("gitlab/webhooks/{file}")))
+    event(
+        Provider::Gitlab,
+        kind,
+        corpus(&format!("gitlab/webhooks/{file}")),
+    )
 }
 
-fn gitlab_edited(kind: &str, file: &str, edit: impl FnOnce(&mut serde_json::Value)) -> Arc<ParsedEvent> {
-    let mut v: serde_json::Value = serde_json::from_slice(&corpus(&format!("gitlab/webhooks/{file}"))).unwrap();
+fn gitlab_edited(
+    kind: &str,
+    file: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Arc<ParsedEvent> {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&corpus(&format!("gitlab/webhooks/{file}"))).unwrap();
     edit(&mut v);
     event(Provider::Gitlab, kind, serde_json::to_vec(&v).unwrap())
 }
@@ -104,7 +126,10 @@ fn rhai(name: &str, script: &str, extra: &str) -> Result<Rule, LoadError> {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join(format!("{name}.rhai"));
     std::fs::write(&file, script).unwrap();
-    try_rule(&format!("name = \"{name}\"\nscript = {:?}\n{extra}", file.display().to_string()))
+    try_rule(&format!(
+        "name = \"{name}\"\nscript = {:?}\n{extra}",
+        file.display().to_string()
+    ))
 }
 
 /// The well-behaved bench component: one medium route to `bench`.
@@ -113,15 +138,27 @@ fn good() -> Rule {
 }
 
 fn set(rules: Vec<Rule>) -> RuleSet {
-    RuleSet::new(rules, MergeMode::Merge, FailurePolicy::Skip, &BreakerConfig::default())
+    RuleSet::new(
+        rules,
+        MergeMode::Merge,
+        FailurePolicy::Skip,
+        &BreakerConfig::default(),
+    )
 }
 
 fn agents(d: &Decision) -> Vec<(&str, Priority)> {
-    d.routes.iter().map(|r| (r.agent.as_str(), r.priority)).collect()
+    d.routes
+        .iter()
+        .map(|r| (r.agent.as_str(), r.priority))
+        .collect()
 }
 
 fn outcome<'a>(d: &'a Decision, rule: &str) -> &'a RuleOutcome {
-    &d.rules.iter().find(|r| r.rule == rule).unwrap_or_else(|| panic!("no record for {rule}: {d:?}")).outcome
+    &d.rules
+        .iter()
+        .find(|r| r.rule == rule)
+        .unwrap_or_else(|| panic!("no record for {rule}: {d:?}"))
+        .outcome
 }
 
 fn failure<'a>(d: &'a Decision, rule: &str) -> &'a RuleFailure {
@@ -165,7 +202,9 @@ fn contained(hostile: Rule, check: impl Fn(&RuleFailure)) {
             vec![("bench", Priority::Medium), ("native-agent", Priority::Low)],
             "round {round}: the other rules must keep serving: {d:?}"
         );
-        let RuleOutcome::Verdict(Verdict::Routes(rs)) = outcome(&d, "bench-three-fields") else { panic!() };
+        let RuleOutcome::Verdict(Verdict::Routes(rs)) = outcome(&d, "bench-three-fields") else {
+            panic!()
+        };
         assert_eq!(rs[0].reason, "issues.opened in Codertocat/Hello-World");
     }
 }
@@ -177,38 +216,62 @@ fn infinite_loop_times_out_within_its_deadline() {
     let r = rule.classify(&issues_opened());
     let took = start.elapsed();
     assert!(matches!(r, Err(RuleFailure::Timeout(_))), "{r:?}");
-    assert!(took >= Duration::from_millis(50), "stopped before its deadline: {took:?}");
-    assert!(took < Duration::from_secs(2), "the deadline did not stop the loop in time: {took:?}");
+    assert!(
+        took >= Duration::from_millis(50),
+        "stopped before its deadline: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "the deadline did not stop the loop in time: {took:?}"
+    );
     contained(wasm("loop", "[limits]\ntimeout_ms = 20"), |f| {
-        assert!(matches!(f, RuleFailure::Timeout(m) if m.contains("20 ms")), "{f:?}")
+        assert!(
+            matches!(f, RuleFailure::Timeout(m) if m.contains("20 ms")),
+            "{f:?}"
+        )
     });
 }
 
 #[test]
 fn memory_bomb_hits_the_memory_limit() {
-    contained(wasm("membomb", "[limits]\nmemory_mb = 16\ntimeout_ms = 5000"), |f| {
-        assert!(matches!(f, RuleFailure::Memory(m) if m.contains("16 MiB")), "{f:?}")
-    });
+    contained(
+        wasm("membomb", "[limits]\nmemory_mb = 16\ntimeout_ms = 5000"),
+        |f| {
+            assert!(
+                matches!(f, RuleFailure::Memory(m) if m.contains("16 MiB")),
+                "{f:?}"
+            )
+        },
+    );
 }
 
 #[test]
 fn unbounded_recursion_is_a_stack_overflow_trap() {
     contained(wasm("recursion", "[limits]\ntimeout_ms = 5000"), |f| {
-        assert!(matches!(f, RuleFailure::Trap(m) if m.contains("stack overflow")), "{f:?}")
+        assert!(
+            matches!(f, RuleFailure::Trap(m) if m.contains("stack overflow")),
+            "{f:?}"
+        )
     });
 }
 
 #[test]
 fn panicking_guest_is_a_trap_not_a_guest_error() {
     contained(wasm("trap", ""), |f| {
-        assert!(matches!(f, RuleFailure::Trap(m) if m.contains("unreachable")), "{f:?}")
+        assert!(
+            matches!(f, RuleFailure::Trap(m) if m.contains("unreachable")),
+            "{f:?}"
+        )
     });
 }
 
 #[test]
 fn guest_error_is_recorded_with_its_message() {
     contained(wasm("guest-error", ""), |f| {
-        assert_eq!(f, &RuleFailure::Guest("hostile fixture: guest-error refuses issues events".into()))
+        assert_eq!(
+            f,
+            &RuleFailure::Guest("hostile fixture: guest-error refuses issues events".into())
+        )
     });
 }
 
@@ -216,31 +279,71 @@ fn guest_error_is_recorded_with_its_message() {
 fn huge_answers_are_bounded() {
     // Default shape: a million routes; needs ~105 MiB, so the memory limit stops it.
     contained(wasm("huge", "[limits]\ntimeout_ms = 5000"), |f| {
-        assert!(matches!(f, RuleFailure::Memory(_) | RuleFailure::Trap(_)), "{f:?}")
+        assert!(
+            matches!(f, RuleFailure::Memory(_) | RuleFailure::Trap(_)),
+            "{f:?}"
+        )
     });
     // Enough memory to build 100,000 routes: the host refuses the answer.
     contained(
-        wasm("huge", "[limits]\ntimeout_ms = 5000\nmemory_mb = 128\n[config]\ncount = \"100000\""),
-        |f| assert!(matches!(f, RuleFailure::Trap(m) if m.contains("100000 routes")), "{f:?}"),
+        wasm(
+            "huge",
+            "[limits]\ntimeout_ms = 5000\nmemory_mb = 128\n[config]\ncount = \"100000\"",
+        ),
+        |f| {
+            assert!(
+                matches!(f, RuleFailure::Trap(m) if m.contains("100000 routes")),
+                "{f:?}"
+            )
+        },
     );
-    contained(wasm("huge", "[limits]\ntimeout_ms = 5000\n[config]\nshape = \"labels\"\ncount = \"1000\""), |f| {
-        assert!(matches!(f, RuleFailure::Trap(m) if m.contains("1000 labels")), "{f:?}")
-    });
+    contained(
+        wasm(
+            "huge",
+            "[limits]\ntimeout_ms = 5000\n[config]\nshape = \"labels\"\ncount = \"1000\"",
+        ),
+        |f| {
+            assert!(
+                matches!(f, RuleFailure::Trap(m) if m.contains("1000 labels")),
+                "{f:?}"
+            )
+        },
+    );
     // A 4 MiB reason is accepted, truncated to the reason limit.
-    let rule = wasm("huge", "[limits]\ntimeout_ms = 5000\n[config]\nshape = \"reason\"\nmib = \"4\"");
-    let Ok(Verdict::Routes(rs)) = rule.classify(&issues_opened()) else { panic!() };
-    assert!(rs[0].reason.len() <= sluice::rules::output::MAX_REASON, "{}", rs[0].reason.len());
-    let rule = wasm("huge", "[limits]\ntimeout_ms = 5000\n[config]\nshape = \"ignore\"\nmib = \"4\"");
-    let Ok(Verdict::Ignore(reason)) = rule.classify(&issues_opened()) else { panic!() };
+    let rule = wasm(
+        "huge",
+        "[limits]\ntimeout_ms = 5000\n[config]\nshape = \"reason\"\nmib = \"4\"",
+    );
+    let Ok(Verdict::Routes(rs)) = rule.classify(&issues_opened()) else {
+        panic!()
+    };
+    assert!(
+        rs[0].reason.len() <= sluice::rules::output::MAX_REASON,
+        "{}",
+        rs[0].reason.len()
+    );
+    let rule = wasm(
+        "huge",
+        "[limits]\ntimeout_ms = 5000\n[config]\nshape = \"ignore\"\nmib = \"4\"",
+    );
+    let Ok(Verdict::Ignore(reason)) = rule.classify(&issues_opened()) else {
+        panic!()
+    };
     assert!(reason.len() <= sluice::rules::output::MAX_REASON);
 }
 
 #[test]
 fn ungranted_import_fails_to_load_naming_it() {
-    let err = try_rule(&format!("name = \"ungranted\"\ncomponent = {:?}", component("ungranted").display().to_string()))
-        .unwrap_err();
+    let err = try_rule(&format!(
+        "name = \"ungranted\"\ncomponent = {:?}",
+        component("ungranted").display().to_string()
+    ))
+    .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("imports evil:net/socket@0.1.0, which is not granted"), "{msg}");
+    assert!(
+        msg.contains("imports evil:net/socket@0.1.0, which is not granted"),
+        "{msg}"
+    );
     assert!(msg.starts_with("rule ungranted ("), "{msg}");
     assert!(msg.contains("ungranted.wasm"), "{msg}");
     // Granting WASI does not grant anything else.
@@ -255,7 +358,11 @@ fn ungranted_import_fails_to_load_naming_it() {
 /// Whether the fixtures were built with WASI (rustup's wasm32-wasip2) rather
 /// than by build.sh's apt fallback, whose guests import no WASI at all.
 fn guests_import_wasi() -> bool {
-    try_rule(&format!("name = \"g\"\ncomponent = {:?}", component("bench-three-fields").display().to_string())).is_err()
+    try_rule(&format!(
+        "name = \"g\"\ncomponent = {:?}",
+        component("bench-three-fields").display().to_string()
+    ))
+    .is_err()
 }
 
 #[test]
@@ -267,35 +374,59 @@ fn wasi_is_refused_unless_granted_and_empty_when_granted() {
             "{} is missing although the guests were built with WASI: run plugins/build.sh",
             probe.display()
         );
-        eprintln!("NOTE: guests built without WASI (build.sh apt toolchain): wasi-probe does not exist, nothing to check");
+        eprintln!(
+            "NOTE: guests built without WASI (build.sh apt toolchain): wasi-probe does not exist, nothing to check"
+        );
         return;
     }
-    let err = try_rule(&format!("name = \"wasi-probe\"\ncomponent = {:?}", probe.display().to_string())).unwrap_err();
+    let err = try_rule(&format!(
+        "name = \"wasi-probe\"\ncomponent = {:?}",
+        probe.display().to_string()
+    ))
+    .unwrap_err();
     assert!(err.to_string().contains("imports wasi:"), "{err}");
     assert!(err.to_string().contains("[grants] wasi = true"), "{err}");
 
     let rule = wasm("wasi-probe", "[limits]\ntimeout_ms = 2000");
-    let Ok(Verdict::Routes(rs)) = rule.classify(&issues_opened()) else { panic!() };
+    let Ok(Verdict::Routes(rs)) = rule.classify(&issues_opened()) else {
+        panic!()
+    };
     let labels = &rs[0].labels;
     for want in ["fs:denied", "env:empty", "env-vars:0", "net:denied"] {
-        assert!(labels.iter().any(|l| l == want), "{want} missing in {labels:?} ({})", rs[0].reason);
+        assert!(
+            labels.iter().any(|l| l == want),
+            "{want} missing in {labels:?} ({})",
+            rs[0].reason
+        );
     }
 }
 
 #[test]
 fn a_reused_instance_serves_many_events_and_is_dropped_after_a_trap() {
     let rule = good();
-    let RuleCode::Wasm(w) = rule.code() else { panic!() };
+    let RuleCode::Wasm(w) = rule.code() else {
+        panic!()
+    };
     let mut inst = w.reused_instance().unwrap();
     for _ in 0..100 {
-        assert!(matches!(inst.classify(&issues_opened()), Ok(Verdict::Routes(rs)) if rs.len() == 1));
+        assert!(
+            matches!(inst.classify(&issues_opened()), Ok(Verdict::Routes(rs)) if rs.len() == 1)
+        );
     }
     let trap = wasm("trap", "");
-    let RuleCode::Wasm(w) = trap.code() else { panic!() };
+    let RuleCode::Wasm(w) = trap.code() else {
+        panic!()
+    };
     let mut inst = w.reused_instance().unwrap();
-    assert!(matches!(inst.classify(&issues_opened()), Err(RuleFailure::Trap(_))));
+    assert!(matches!(
+        inst.classify(&issues_opened()),
+        Err(RuleFailure::Trap(_))
+    ));
     let again = inst.classify(&issues_opened());
-    assert!(matches!(&again, Err(RuleFailure::Trap(m)) if m.contains("not reused")), "{again:?}");
+    assert!(
+        matches!(&again, Err(RuleFailure::Trap(m)) if m.contains("not reused")),
+        "{again:?}"
+    );
 }
 
 #[test]
@@ -305,30 +436,56 @@ fn host_calls_see_the_event_and_config() {
         "name = \"gh\"\ncomponent = {:?}\nproviders = [\"github\"]\n[grants]\nwasi = true\n[config]\ntriage_agent = \"my-triage\"",
         component("github-router").display().to_string()
     ));
-    let Ok(Verdict::Routes(rs)) = rule.classify(&issues_opened()) else { panic!() };
+    let Ok(Verdict::Routes(rs)) = rule.classify(&issues_opened()) else {
+        panic!()
+    };
     assert_eq!(rs[0].agent, "my-triage");
-    assert!(rs[0].reason.contains("Codertocat/Hello-World"), "{}", rs[0].reason);
+    assert!(
+        rs[0].reason.contains("Codertocat/Hello-World"),
+        "{}",
+        rs[0].reason
+    );
 }
 
 // ------------------------------------------------------------ rule sets
 
 #[test]
 fn circuit_breaker_switches_a_failing_rule_off_and_lets_it_back() {
-    let breaker = BreakerConfig { failures: 3, cooldown_ms: 60_000 };
-    let rules = RuleSet::new(vec![wasm("trap", ""), good()], MergeMode::Merge, FailurePolicy::Skip, &breaker);
+    let breaker = BreakerConfig {
+        failures: 3,
+        cooldown_ms: 60_000,
+    };
+    let rules = RuleSet::new(
+        vec![wasm("trap", ""), good()],
+        MergeMode::Merge,
+        FailurePolicy::Skip,
+        &breaker,
+    );
     for i in 0..3 {
         let d = rules.route(&issues_opened());
-        assert!(matches!(failure(&d, "trap"), RuleFailure::Trap(_)), "call {i}");
+        assert!(
+            matches!(failure(&d, "trap"), RuleFailure::Trap(_)),
+            "call {i}"
+        );
     }
-    assert!(matches!(rules.breaker_state("trap"), Some(BreakerState::Open(_))));
+    assert!(matches!(
+        rules.breaker_state("trap"),
+        Some(BreakerState::Open(_))
+    ));
     for _ in 0..3 {
         let start = Instant::now();
         let d = rules.route(&issues_opened());
-        assert!(matches!(failure(&d, "trap"), RuleFailure::Disabled(m) if m.contains("3 consecutive")), "{d:?}");
+        assert!(
+            matches!(failure(&d, "trap"), RuleFailure::Disabled(m) if m.contains("3 consecutive")),
+            "{d:?}"
+        );
         assert_eq!(agents(&d), vec![("bench", Priority::Medium)]);
         assert!(start.elapsed() < Duration::from_millis(50));
     }
-    assert_eq!(rules.breaker_state("bench-three-fields"), Some(BreakerState::Closed));
+    assert_eq!(
+        rules.breaker_state("bench-three-fields"),
+        Some(BreakerState::Closed)
+    );
 
     // After the cool-down, one trial call; success closes the breaker.
     let flaky_fails = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -340,7 +497,10 @@ fn circuit_breaker_switches_a_failing_rule_off_and_lets_it_back() {
             Ok(Verdict::Routes(vec![route("ok", Priority::Low, &[])]))
         }
     });
-    let breaker = BreakerConfig { failures: 2, cooldown_ms: 100 };
+    let breaker = BreakerConfig {
+        failures: 2,
+        cooldown_ms: 100,
+    };
     let rules = RuleSet::new(vec![flaky], MergeMode::Merge, FailurePolicy::Skip, &breaker);
     rules.route(&issues_opened());
     rules.route(&issues_opened());
@@ -358,19 +518,46 @@ fn circuit_breaker_switches_a_failing_rule_off_and_lets_it_back() {
 fn merge_mode_unions_by_agent_and_workflow() {
     let mut with_workflow = route("coder", Priority::Low, &["w"]);
     with_workflow.workflow = Some("fix".into());
-    let a = native_routes("a", vec![route("triage", Priority::Low, &["k:1", "x"]), route("coder", Priority::High, &[])]);
-    let b = native_routes("b", vec![route("triage", Priority::Critical, &["x", "k:2"]), with_workflow]);
+    let a = native_routes(
+        "a",
+        vec![
+            route("triage", Priority::Low, &["k:1", "x"]),
+            route("coder", Priority::High, &[]),
+        ],
+    );
+    let b = native_routes(
+        "b",
+        vec![
+            route("triage", Priority::Critical, &["x", "k:2"]),
+            with_workflow,
+        ],
+    );
     let c = Rule::native("c", |_| Ok(Verdict::Ignore("not mine".into())));
     let d = set(vec![a, b, c]).route(&issues_opened());
     assert_eq!(d.routes.len(), 3, "{d:?}");
     let triage = &d.routes[0];
-    assert_eq!((triage.agent.as_str(), triage.priority), ("triage", Priority::Critical));
-    assert_eq!(triage.reason, "triage at critical", "the winning priority's reason is kept");
+    assert_eq!(
+        (triage.agent.as_str(), triage.priority),
+        ("triage", Priority::Critical)
+    );
+    assert_eq!(
+        triage.reason, "triage at critical",
+        "the winning priority's reason is kept"
+    );
     assert_eq!(triage.labels, vec!["k:1", "x", "k:2"]);
-    assert_eq!((d.routes[1].agent.as_str(), d.routes[1].workflow.as_deref()), ("coder", None));
-    assert_eq!((d.routes[2].agent.as_str(), d.routes[2].workflow.as_deref()), ("coder", Some("fix")));
+    assert_eq!(
+        (d.routes[1].agent.as_str(), d.routes[1].workflow.as_deref()),
+        ("coder", None)
+    );
+    assert_eq!(
+        (d.routes[2].agent.as_str(), d.routes[2].workflow.as_deref()),
+        ("coder", Some("fix"))
+    );
     assert_eq!(d.rules.len(), 3);
-    assert!(matches!(outcome(&d, "c"), RuleOutcome::Verdict(Verdict::Ignore(_))));
+    assert!(matches!(
+        outcome(&d, "c"),
+        RuleOutcome::Verdict(Verdict::Ignore(_))
+    ));
 }
 
 #[test]
@@ -379,21 +566,36 @@ fn first_mode_takes_the_first_rule_with_routes() {
     let empty = native_routes("empty", vec![]);
     let a = native_routes("a", vec![route("first", Priority::Low, &[])]);
     let b = native_routes("b", vec![route("second", Priority::Critical, &[])]);
-    let rules = RuleSet::new(vec![ignore, empty, a, b], MergeMode::First, FailurePolicy::Skip, &BreakerConfig::default());
+    let rules = RuleSet::new(
+        vec![ignore, empty, a, b],
+        MergeMode::First,
+        FailurePolicy::Skip,
+        &BreakerConfig::default(),
+    );
     let d = rules.route(&issues_opened());
     assert_eq!(agents(&d), vec![("first", Priority::Low)]);
     let ran: Vec<_> = d.rules.iter().map(|r| r.rule.as_str()).collect();
-    assert_eq!(ran, vec!["ignore", "empty", "a"], "rules after the first match do not run");
+    assert_eq!(
+        ran,
+        vec!["ignore", "empty", "a"],
+        "rules after the first match do not run"
+    );
 }
 
 #[test]
 fn providers_and_kinds_filter_which_rules_run() {
-    let gh = native_routes("gh", vec![route("gh", Priority::Low, &[])]).for_providers([Provider::Github]);
-    let issues = native_routes("issues", vec![route("iss", Priority::Low, &[])]).for_kinds(["issues"]);
-    let gl = native_routes("gl", vec![route("gl", Priority::Low, &[])]).for_providers([Provider::Gitlab]);
+    let gh = native_routes("gh", vec![route("gh", Priority::Low, &[])])
+        .for_providers([Provider::Github]);
+    let issues =
+        native_routes("issues", vec![route("iss", Priority::Low, &[])]).for_kinds(["issues"]);
+    let gl = native_routes("gl", vec![route("gl", Priority::Low, &[])])
+        .for_providers([Provider::Gitlab]);
     let rules = set(vec![gh, issues, gl]);
     let d = rules.route(&issues_opened());
-    assert_eq!(agents(&d), vec![("gh", Priority::Low), ("iss", Priority::Low)]);
+    assert_eq!(
+        agents(&d),
+        vec![("gh", Priority::Low), ("iss", Priority::Low)]
+    );
     assert_eq!(outcome(&d, "gl"), &RuleOutcome::Skipped);
     let d = rules.route(&gitlab("Push Hook", "push.json"));
     assert_eq!(agents(&d), vec![("gl", Priority::Low)]);
@@ -408,8 +610,15 @@ fn failure_policies_skip_default_agent_and_dead_letter() {
 
     let bad = native_failing("bad").with_policy(FailurePolicy::DefaultAgent("human".into()));
     let d = set(vec![bad, ok()]).route(&issues_opened());
-    assert_eq!(agents(&d), vec![("human", Priority::Medium), ("ok", Priority::Low)]);
-    assert!(d.routes[0].reason.contains("rule bad failed"), "{}", d.routes[0].reason);
+    assert_eq!(
+        agents(&d),
+        vec![("human", Priority::Medium), ("ok", Priority::Low)]
+    );
+    assert!(
+        d.routes[0].reason.contains("rule bad failed"),
+        "{}",
+        d.routes[0].reason
+    );
 
     // The set's default applies to rules without their own policy.
     let rules = RuleSet::new(
@@ -419,7 +628,12 @@ fn failure_policies_skip_default_agent_and_dead_letter() {
         &BreakerConfig::default(),
     );
     let d = rules.route(&issues_opened());
-    assert!(d.dead_letter.as_deref().is_some_and(|r| r.contains("rule bad failed")), "{d:?}");
+    assert!(
+        d.dead_letter
+            .as_deref()
+            .is_some_and(|r| r.contains("rule bad failed")),
+        "{d:?}"
+    );
 }
 
 #[test]
@@ -436,7 +650,11 @@ fn decisions_name_rule_versions_by_content_hash() {
     let b = wasm("bench-three-fields", "[config]\nx = \"1\"");
     assert_eq!(a.version().len(), 16);
     assert!(a.version().bytes().all(|b| b.is_ascii_hexdigit()));
-    assert_eq!(a.version(), good().version(), "same manifest and code, same version");
+    assert_eq!(
+        a.version(),
+        good().version(),
+        "same manifest and code, same version"
+    );
     assert_ne!(a.version(), b.version(), "config is part of the version");
     let d = set(vec![a]).route(&issues_opened());
     assert_eq!(d.rules[0].version, good().version());
@@ -454,7 +672,9 @@ fn rhai_limits_stop_loops_recursion_and_huge_strings() {
         "fn classify(event) { let n = 0; loop { n += 1; } }",
         "[limits]\nmax_operations = 10000\ntimeout_ms = 10000",
     ));
-    assert!(matches!(failure(&looping, "spin"), RuleFailure::Timeout(m) if m.contains("operations")));
+    assert!(
+        matches!(failure(&looping, "spin"), RuleFailure::Timeout(m) if m.contains("operations"))
+    );
     assert_eq!(agents(&looping), vec![("bench", Priority::Medium)]);
 
     // A big operation budget: the wall-clock deadline stops it.
@@ -464,38 +684,85 @@ fn rhai_limits_stop_loops_recursion_and_huge_strings() {
         "fn classify(event) { loop { } }",
         "[limits]\nmax_operations = 100000000000\ntimeout_ms = 30",
     ));
-    assert!(matches!(failure(&slow, "slow"), RuleFailure::Timeout(m) if m.contains("30 ms")), "{slow:?}");
+    assert!(
+        matches!(failure(&slow, "slow"), RuleFailure::Timeout(m) if m.contains("30 ms")),
+        "{slow:?}"
+    );
     assert!(start.elapsed() < Duration::from_secs(2));
 
-    let deep = d(rhai("deep", "fn dive(n) { dive(n + 1) }\nfn classify(event) { dive(0) }", ""));
-    assert!(matches!(failure(&deep, "deep"), RuleFailure::Trap(m) if m.contains("stack overflow")), "{deep:?}");
+    let deep = d(rhai(
+        "deep",
+        "fn dive(n) { dive(n + 1) }\nfn classify(event) { dive(0) }",
+        "",
+    ));
+    assert!(
+        matches!(failure(&deep, "deep"), RuleFailure::Trap(m) if m.contains("stack overflow")),
+        "{deep:?}"
+    );
 
-    let big = d(rhai("big", "fn classify(event) { let s = \"xxxxxxxx\"; loop { s += s; } }", ""));
-    assert!(matches!(failure(&big, "big"), RuleFailure::Memory(_)), "{big:?}");
+    let big = d(rhai(
+        "big",
+        "fn classify(event) { let s = \"xxxxxxxx\"; loop { s += s; } }",
+        "",
+    ));
+    assert!(
+        matches!(failure(&big, "big"), RuleFailure::Memory(_)),
+        "{big:?}"
+    );
 
-    let arr = d(rhai("arr", "fn classify(event) { let a = []; loop { a.push(1); } }", "[limits]\nmax_array_size = 100"));
-    assert!(matches!(failure(&arr, "arr"), RuleFailure::Memory(_)), "{arr:?}");
+    let arr = d(rhai(
+        "arr",
+        "fn classify(event) { let a = []; loop { a.push(1); } }",
+        "[limits]\nmax_array_size = 100",
+    ));
+    assert!(
+        matches!(failure(&arr, "arr"), RuleFailure::Memory(_)),
+        "{arr:?}"
+    );
 }
 
 #[test]
 fn rhai_throw_is_a_guest_error_and_bad_answers_are_traps() {
-    let r = rhai("thrower", "fn classify(event) { throw `cannot route ${event.kind}`; }", "").unwrap();
+    let r = rhai(
+        "thrower",
+        "fn classify(event) { throw `cannot route ${event.kind}`; }",
+        "",
+    )
+    .unwrap();
     let got = r.classify(&issues_opened());
-    assert!(matches!(&got, Err(RuleFailure::Guest(m)) if m.starts_with("cannot route issues")), "{got:?}");
+    assert!(
+        matches!(&got, Err(RuleFailure::Guest(m)) if m.starts_with("cannot route issues")),
+        "{got:?}"
+    );
 
     for (script, want) in [
         ("fn classify(event) { 42 }", "expected an array"),
-        ("fn classify(event) { [#{ priority: \"high\" }] }", "missing agent"),
-        ("fn classify(event) { [#{ agent: \"a\", priority: \"urgent\" }] }", "priority \"urgent\""),
-        ("fn classify(event) { [#{ agent: \"a\", agnet: \"b\" }] }", "unknown key \"agnet\""),
+        (
+            "fn classify(event) { [#{ priority: \"high\" }] }",
+            "missing agent",
+        ),
+        (
+            "fn classify(event) { [#{ agent: \"a\", priority: \"urgent\" }] }",
+            "priority \"urgent\"",
+        ),
+        (
+            "fn classify(event) { [#{ agent: \"a\", agnet: \"b\" }] }",
+            "unknown key \"agnet\"",
+        ),
         ("fn classify(event) { #{ routes: [] } }", "#{ignore"),
     ] {
         let r = rhai("bad", script, "").unwrap();
         let got = r.classify(&issues_opened());
-        assert!(matches!(&got, Err(RuleFailure::Trap(m)) if m.contains(want)), "{script}: {got:?}");
+        assert!(
+            matches!(&got, Err(RuleFailure::Trap(m)) if m.contains(want)),
+            "{script}: {got:?}"
+        );
     }
     let r = rhai("ign", "fn classify(event) { #{ ignore: \"nope\" } }", "").unwrap();
-    assert_eq!(r.classify(&issues_opened()), Ok(Verdict::Ignore("nope".into())));
+    assert_eq!(
+        r.classify(&issues_opened()),
+        Ok(Verdict::Ignore("nope".into()))
+    );
 }
 
 #[test]
@@ -518,32 +785,64 @@ fn rhai_sees_the_event_and_its_config() {
         }
     "#;
     let r = rhai("reader", script, "[config]\nagent = \"from-config\"").unwrap();
-    let Ok(Verdict::Routes(rs)) = r.classify(&issues_opened()) else { panic!() };
+    let Ok(Verdict::Routes(rs)) = r.classify(&issues_opened()) else {
+        panic!()
+    };
     assert_eq!(rs[0].agent, "from-config");
     assert_eq!(rs[0].reason, "github/github/issues/opened/issues");
-    assert_eq!(rs[0].labels, vec!["num:1", "login:Codertocat", "missing:true", "body:true", "id:true"]);
+    assert_eq!(
+        rs[0].labels,
+        vec![
+            "num:1",
+            "login:Codertocat",
+            "missing:true",
+            "body:true",
+            "id:true"
+        ]
+    );
 }
 
 #[test]
 fn rhai_scripts_get_no_eval_and_no_imports() {
-    let err = rhai("ev", "fn classify(event) { eval(\"1\") }", "").unwrap_err().to_string();
-    assert!(err.contains("rule ev (") && err.contains("ev.rhai"), "{err}");
+    let err = rhai("ev", "fn classify(event) { eval(\"1\") }", "")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rule ev (") && err.contains("ev.rhai"),
+        "{err}"
+    );
     let r = rhai("imp", "fn classify(event) { import \"std\" as s; [] }", "");
     match r {
         Err(e) => assert!(e.to_string().contains("rule imp"), "{e}"),
-        Ok(rule) => assert!(matches!(rule.classify(&issues_opened()), Err(RuleFailure::Trap(_)))),
+        Ok(rule) => assert!(matches!(
+            rule.classify(&issues_opened()),
+            Err(RuleFailure::Trap(_))
+        )),
     }
-    let err = rhai("nofn", "fn other(x) { x }", "").unwrap_err().to_string();
+    let err = rhai("nofn", "fn other(x) { x }", "")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no `fn classify(event)`"), "{err}");
-    let err = rhai("syntax", "fn classify(event) { [ }", "").unwrap_err().to_string();
-    assert!(err.contains("rule syntax (") && err.contains("line 1"), "{err}");
+    let err = rhai("syntax", "fn classify(event) { [ }", "")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rule syntax (") && err.contains("line 1"),
+        "{err}"
+    );
 }
 
 // ------------------------------------------------------- shipped rules
 
+type Expected = Vec<(&'static str, Priority)>;
+
 fn shipped() -> RuleSet {
     let wasm = repo().join("rules/github-router.wasm");
-    assert!(wasm.is_file(), "{} is missing: run plugins/build.sh first (it copies the shipped component)", wasm.display());
+    assert!(
+        wasm.is_file(),
+        "{} is missing: run plugins/build.sh first (it copies the shipped component)",
+        wasm.display()
+    );
     RuleSet::load(&RulesConfig::default(), &repo(), engine()).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -552,65 +851,147 @@ fn shipped_gitlab_rules_route_the_corpus() {
     let rules = shipped();
     let names: Vec<_> = rules.rules().map(|r| r.name()).collect();
     assert_eq!(names, vec!["github-router", "gitlab"], "file-name order");
-    let cases: Vec<(Arc<ParsedEvent>, Vec<(&str, Priority)>)> = vec![
-        (gitlab("Push Hook", "push.json"), vec![("ci-validation", Priority::Medium)]),
-        (gitlab("Tag Push Hook", "tag_push.json"), vec![("release-manager", Priority::High)]),
-        (gitlab("Merge Request Hook", "merge_request.json"), vec![("mr-reviewer", Priority::Medium)]),
-        (gitlab("Merge Request Hook", "group_merge_request.json"), vec![("mr-reviewer", Priority::Medium)]),
-        (gitlab("Pipeline Hook", "pipeline.json"), vec![("pipeline-monitor", Priority::Low)]),
+    let cases: Vec<(Arc<ParsedEvent>, Expected)> = vec![
         (
-            gitlab_edited("Pipeline Hook", "pipeline.json", |v| v["object_attributes"]["status"] = "failed".into()),
+            gitlab("Push Hook", "push.json"),
+            vec![("ci-validation", Priority::Medium)],
+        ),
+        (
+            gitlab("Tag Push Hook", "tag_push.json"),
+            vec![("release-manager", Priority::High)],
+        ),
+        (
+            gitlab("Merge Request Hook", "merge_request.json"),
+            vec![("mr-reviewer", Priority::Medium)],
+        ),
+        (
+            gitlab("Merge Request Hook", "group_merge_request.json"),
+            vec![("mr-reviewer", Priority::Medium)],
+        ),
+        (
+            gitlab("Pipeline Hook", "pipeline.json"),
+            vec![("pipeline-monitor", Priority::Low)],
+        ),
+        (
+            gitlab_edited("Pipeline Hook", "pipeline.json", |v| {
+                v["object_attributes"]["status"] = "failed".into()
+            }),
             vec![("pipeline-monitor", Priority::High)],
         ),
-        (gitlab("Issue Hook", "issue.json"), vec![("issue-triage", Priority::Medium)]),
-        (gitlab("Note Hook", "note_issue.json"), vec![("comment-handler", Priority::Medium)]),
-        (gitlab("Note Hook", "note_merge_request.json"), vec![("comment-handler", Priority::Medium)]),
-        (gitlab("Note Hook", "note_commit.json"), vec![("comment-handler", Priority::Medium)]),
         (
-            gitlab_edited("Push Hook", "push.json", |v| v["ref"] = "refs/heads/release/2.0".into()),
-            vec![("ci-validation", Priority::Medium), ("release-manager", Priority::High)],
+            gitlab("Issue Hook", "issue.json"),
+            vec![("issue-triage", Priority::Medium)],
         ),
         (
-            gitlab_edited("Push Hook", "push.json", |v| v["after"] = "0".repeat(40).into()),
+            gitlab("Note Hook", "note_issue.json"),
+            vec![("comment-handler", Priority::Medium)],
+        ),
+        (
+            gitlab("Note Hook", "note_merge_request.json"),
+            vec![("comment-handler", Priority::Medium)],
+        ),
+        (
+            gitlab("Note Hook", "note_commit.json"),
+            vec![("comment-handler", Priority::Medium)],
+        ),
+        (
+            gitlab_edited("Push Hook", "push.json", |v| {
+                v["ref"] = "refs/heads/release/2.0".into()
+            }),
+            vec![
+                ("ci-validation", Priority::Medium),
+                ("release-manager", Priority::High),
+            ],
+        ),
+        (
+            gitlab_edited("Push Hook", "push.json", |v| {
+                v["after"] = "0".repeat(40).into()
+            }),
             vec![],
         ),
         (gitlab("Job Hook", "job.json"), vec![]),
     ];
     for (ev, want) in cases {
         let d = rules.route(&ev);
-        assert_eq!(agents(&d), want, "{} {}: {d:#?}", ev.event.kind, String::from_utf8_lossy(&ev.event.body[..60]));
+        assert_eq!(
+            agents(&d),
+            want,
+            "{} {}: {d:#?}",
+            ev.event.kind,
+            String::from_utf8_lossy(&ev.event.body[..60])
+        );
         assert_eq!(outcome(&d, "github-router"), &RuleOutcome::Skipped);
-        assert!(d.rules.iter().all(|r| !matches!(r.outcome, RuleOutcome::Failed(_))), "{d:?}");
+        assert!(
+            d.rules
+                .iter()
+                .all(|r| !matches!(r.outcome, RuleOutcome::Failed(_))),
+            "{d:?}"
+        );
     }
     let d = rules.route(&gitlab("Push Hook", "push.json"));
     let labels = &d.routes[0].labels;
     assert!(labels.contains(&"branch:master".to_string()), "{labels:?}");
-    assert!(labels.iter().any(|l| l.starts_with("project:")), "{labels:?}");
+    assert!(
+        labels.iter().any(|l| l.starts_with("project:")),
+        "{labels:?}"
+    );
 }
 
 #[test]
 fn shipped_github_router_routes_the_corpus() {
     let rules = shipped();
     let cases = [
-        ("issues", "issues/opened.payload.json", vec![("issue-triage", Priority::Medium)]),
-        ("pull_request", "pull_request/ready_for_review.payload.json", vec![("review-agent", Priority::High)]),
-        ("pull_request", "pull_request/review_requested.payload.json", vec![("review-agent", Priority::High)]),
-        ("pull_request", "pull_request/opened.payload.json", vec![("review-agent", Priority::Medium)]),
+        (
+            "issues",
+            "issues/opened.payload.json",
+            vec![("issue-triage", Priority::Medium)],
+        ),
+        (
+            "pull_request",
+            "pull_request/ready_for_review.payload.json",
+            vec![("review-agent", Priority::High)],
+        ),
+        (
+            "pull_request",
+            "pull_request/review_requested.payload.json",
+            vec![("review-agent", Priority::High)],
+        ),
+        (
+            "pull_request",
+            "pull_request/opened.payload.json",
+            vec![("review-agent", Priority::Medium)],
+        ),
         ("pull_request", "pull_request/labeled.payload.json", vec![]),
-        ("workflow_run", "workflow_run/completed.payload.json", vec![]),
-        ("issue_comment", "issue_comment/created.payload.json", vec![]),
+        (
+            "workflow_run",
+            "workflow_run/completed.payload.json",
+            vec![],
+        ),
+        (
+            "issue_comment",
+            "issue_comment/created.payload.json",
+            vec![],
+        ),
         ("star", "star/created.payload.json", vec![]),
     ];
     for (kind, file, want) in cases {
         let d = rules.route(&github(kind, file));
         assert_eq!(agents(&d), want, "{file}: {d:#?}");
         assert_eq!(outcome(&d, "gitlab"), &RuleOutcome::Skipped);
-        assert!(matches!(outcome(&d, "github-router"), RuleOutcome::Verdict(_)), "{file}: {d:?}");
+        assert!(
+            matches!(outcome(&d, "github-router"), RuleOutcome::Verdict(_)),
+            "{file}: {d:?}"
+        );
     }
     // The label that asks an agent to act, on a real payload with the label swapped in.
-    let mut v: serde_json::Value = serde_json::from_slice(&corpus("github/issues/labeled.payload.json")).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&corpus("github/issues/labeled.payload.json")).unwrap();
     v["label"]["name"] = "agent-execute".into();
-    let d = rules.route(&event(Provider::Github, "issues", serde_json::to_vec(&v).unwrap()));
+    let d = rules.route(&event(
+        Provider::Github,
+        "issues",
+        serde_json::to_vec(&v).unwrap(),
+    ));
     assert_eq!(agents(&d), vec![("coordinator", Priority::Critical)]);
 }
 
@@ -621,7 +1002,10 @@ fn the_bench_rhai_twin_matches_the_component() {
     let m = Manifest::parse(&path, &text).unwrap();
     let twin = Rule::from_manifest(&m, &path, &text, &RulesConfig::default(), engine()).unwrap();
     twin.check_tests(&m.tests, &path).unwrap();
-    for (kind, file) in [("issues", "issues/opened.payload.json"), ("pull_request", "pull_request/closed.payload.json")] {
+    for (kind, file) in [
+        ("issues", "issues/opened.payload.json"),
+        ("pull_request", "pull_request/closed.payload.json"),
+    ] {
         let ev = github(kind, file);
         assert_eq!(twin.classify(&ev), good().classify(&ev), "{file}");
     }
@@ -630,35 +1014,64 @@ fn the_bench_rhai_twin_matches_the_component() {
 // ------------------------------------------------------------ manifests
 
 fn manifest_err(text: &str) -> String {
-    Manifest::parse(Path::new("rules/x.toml"), text).unwrap_err().to_string()
+    Manifest::parse(Path::new("rules/x.toml"), text)
+        .unwrap_err()
+        .to_string()
 }
 
 #[test]
 fn manifest_errors_name_the_file_and_key() {
     let base = "name = \"x\"\nscript = \"x.rhai\"\n";
     let e = manifest_err(&format!("{base}colour = \"red\""));
-    assert!(e.starts_with("rules/x.toml: ") && e.contains("unknown field `colour`"), "{e}");
+    assert!(
+        e.starts_with("rules/x.toml: ") && e.contains("unknown field `colour`"),
+        "{e}"
+    );
     let e = manifest_err(&format!("{base}[limits]\ntimeout_ms = \"soon\""));
     assert!(e.starts_with("rules/x.toml: limits.timeout_ms: "), "{e}");
     let e = manifest_err(&format!("{base}[limits]\nfuel = 3"));
-    assert!(e.starts_with("rules/x.toml: limits") && e.contains("fuel"), "{e}");
+    assert!(
+        e.starts_with("rules/x.toml: limits") && e.contains("fuel"),
+        "{e}"
+    );
     let e = manifest_err(&format!("{base}providers = [\"github\", \"gitbucket\"]"));
-    assert!(e.starts_with("rules/x.toml: providers[1]: unknown provider \"gitbucket\""), "{e}");
+    assert!(
+        e.starts_with("rules/x.toml: providers[1]: unknown provider \"gitbucket\""),
+        "{e}"
+    );
     let e = manifest_err(&format!("{base}[grants]\nnetwork = true"));
-    assert!(e.starts_with("rules/x.toml: grants") && e.contains("network"), "{e}");
+    assert!(
+        e.starts_with("rules/x.toml: grants") && e.contains("network"),
+        "{e}"
+    );
     let e = manifest_err(&format!("{base}on_error = \"explode\""));
     assert!(e.starts_with("rules/x.toml: on_error: "), "{e}");
-    let e = manifest_err(&format!("{base}[[test]]\nevent = \"a.json\"\nkind = \"issues\"\nexpect = [{{ agent = \"a\", priority = \"urgent\" }}]"));
-    assert!(e.starts_with("rules/x.toml: test[0].expect[0].priority: "), "{e}");
+    let e = manifest_err(&format!(
+        "{base}[[test]]\nevent = \"a.json\"\nkind = \"issues\"\nexpect = [{{ agent = \"a\", priority = \"urgent\" }}]"
+    ));
+    assert!(
+        e.starts_with("rules/x.toml: test[0].expect[0].priority: "),
+        "{e}"
+    );
     let e = manifest_err("name = \"x\"");
     assert!(e.starts_with("rules/x.toml: component: missing"), "{e}");
     let e = manifest_err("name = \"X Y\"\nscript = \"x.rhai\"");
     assert!(e.starts_with("rules/x.toml: name: "), "{e}");
     let e = manifest_err("name = \"x\"\nscript = \"x.rhai\"\nproviders = [");
-    assert!(e.starts_with("rules/x.toml: ") && e.contains("line 3"), "{e}");
+    assert!(
+        e.starts_with("rules/x.toml: ") && e.contains("line 3"),
+        "{e}"
+    );
 
-    let m = Manifest::parse(Path::new("x.toml"), &format!("{base}on_error = {{ default-agent = \"human\" }}")).unwrap();
-    assert_eq!(m.on_error, Some(FailurePolicy::DefaultAgent("human".into())));
+    let m = Manifest::parse(
+        Path::new("x.toml"),
+        &format!("{base}on_error = {{ default-agent = \"human\" }}"),
+    )
+    .unwrap();
+    assert_eq!(
+        m.on_error,
+        Some(FailurePolicy::DefaultAgent("human".into()))
+    );
 }
 
 #[test]
@@ -666,30 +1079,53 @@ fn rule_set_load_errors_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules");
     std::fs::create_dir(&rules).unwrap();
-    let load = || RuleSet::load(&RulesConfig::default(), dir.path(), engine()).map(|_| ()).unwrap_err().to_string();
+    let load = || {
+        RuleSet::load(&RulesConfig::default(), dir.path(), engine())
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
 
     std::fs::write(rules.join("a.toml"), "name = \"a\"\nscript = \"a.rhai\"\n").unwrap();
     let e = load();
-    assert!(e.contains("rule a (") && e.contains("a.rhai): cannot read"), "{e}");
+    assert!(
+        e.contains("rule a (") && e.contains("a.rhai): cannot read"),
+        "{e}"
+    );
 
-    std::fs::write(rules.join("a.rhai"), "fn classify(event) { [#{agent: \"a\"}] }").unwrap();
+    std::fs::write(
+        rules.join("a.rhai"),
+        "fn classify(event) { [#{agent: \"a\"}] }",
+    )
+    .unwrap();
     std::fs::write(rules.join("b.toml"), "name = \"a\"\nscript = \"a.rhai\"\n").unwrap();
     let e = load();
     assert!(e.contains("b.toml") && e.contains("also used by"), "{e}");
 
-    std::fs::write(rules.join("b.toml"), "name = \"b\"\nscript = \"a.rhai\"\n[limits]\ntimeout_ms = 0").unwrap();
+    std::fs::write(
+        rules.join("b.toml"),
+        "name = \"b\"\nscript = \"a.rhai\"\n[limits]\ntimeout_ms = 0",
+    )
+    .unwrap();
     let e = load();
     assert!(e.contains("b.toml): limits.timeout_ms"), "{e}");
 
     // A failing test vector stops the load, naming the vector.
-    std::fs::write(rules.join("ev.json"), corpus("github/issues/opened.payload.json")).unwrap();
+    std::fs::write(
+        rules.join("ev.json"),
+        corpus("github/issues/opened.payload.json"),
+    )
+    .unwrap();
     std::fs::write(
         rules.join("b.toml"),
         "name = \"b\"\nscript = \"a.rhai\"\nproviders = [\"github\"]\n[[test]]\nevent = \"ev.json\"\nkind = \"issues\"\nexpect = [{ agent = \"z\" }]",
     )
     .unwrap();
     let e = load();
-    assert!(e.contains("b.toml): test[0]: ev.json: expected routes [z], got routes [a (medium)]"), "{e}");
+    assert!(
+        e.contains("b.toml): test[0]: ev.json: expected routes [z], got routes [a (medium)]"),
+        "{e}"
+    );
 
     std::fs::write(
         rules.join("b.toml"),
@@ -697,14 +1133,28 @@ fn rule_set_load_errors_name_the_file() {
     )
     .unwrap();
     let set = RuleSet::load(&RulesConfig::default(), dir.path(), engine()).unwrap();
-    assert_eq!(set.rules().map(|r| r.name()).collect::<Vec<_>>(), vec!["a", "b"]);
+    assert_eq!(
+        set.rules().map(|r| r.name()).collect::<Vec<_>>(),
+        vec!["a", "b"]
+    );
 
     // An explicit list loads exactly those, in that order.
-    let config = RulesConfig { load: Some(vec!["b".into(), "a".into()]), ..RulesConfig::default() };
+    let config = RulesConfig {
+        load: Some(vec!["b".into(), "a".into()]),
+        ..RulesConfig::default()
+    };
     let set = RuleSet::load(&config, dir.path(), engine()).unwrap();
-    assert_eq!(set.rules().map(|r| r.name()).collect::<Vec<_>>(), vec!["b", "a"]);
-    let config = RulesConfig { load: Some(vec!["c".into()]), ..RulesConfig::default() };
-    let e = RuleSet::load(&config, dir.path(), engine()).unwrap_err().to_string();
+    assert_eq!(
+        set.rules().map(|r| r.name()).collect::<Vec<_>>(),
+        vec!["b", "a"]
+    );
+    let config = RulesConfig {
+        load: Some(vec!["c".into()]),
+        ..RulesConfig::default()
+    };
+    let e = RuleSet::load(&config, dir.path(), engine())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("c.toml") && e.contains("does not exist"), "{e}");
 }
 
@@ -718,10 +1168,22 @@ fn rules_config_defaults_and_rejects_unknown_keys() {
     .unwrap();
     assert_eq!(c.merge, MergeMode::First);
     assert_eq!(c.on_error, FailurePolicy::DefaultAgent("human".into()));
-    assert_eq!((c.workers, c.limits.timeout_ms, c.limits.memory_mb, c.breaker.failures), (4, 20, 32, 2));
-    let e = toml::from_str::<RulesConfig>("wrokers = 4").unwrap_err().to_string();
+    assert_eq!(
+        (
+            c.workers,
+            c.limits.timeout_ms,
+            c.limits.memory_mb,
+            c.breaker.failures
+        ),
+        (4, 20, 32, 2)
+    );
+    let e = toml::from_str::<RulesConfig>("wrokers = 4")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("unknown field `wrokers`"), "{e}");
-    let e = toml::from_str::<RulesConfig>("on_error = \"dead-letter\"\nmerge = \"all\"").unwrap_err().to_string();
+    let e = toml::from_str::<RulesConfig>("on_error = \"dead-letter\"\nmerge = \"all\"")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("unknown variant `all`"), "{e}");
 }
 
@@ -738,18 +1200,30 @@ fn the_compile_cache_is_used_on_the_next_load() {
     let start = Instant::now();
     Rule::from_manifest(&m, &path, &text, &RulesConfig::default(), &engine).unwrap();
     let cold = start.elapsed();
-    let cached: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    let cached: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(cached.len(), 1, "{cached:?}");
     assert!(cached[0].extension().is_some_and(|x| x == "cwasm"));
     let start = Instant::now();
     let rule = Rule::from_manifest(&m, &path, &text, &RulesConfig::default(), &engine).unwrap();
     let warm = start.elapsed();
-    assert!(warm < cold, "cache load {warm:?} not faster than compile {cold:?}");
-    assert!(matches!(rule.classify(&issues_opened()), Ok(Verdict::Routes(_))));
+    assert!(
+        warm < cold,
+        "cache load {warm:?} not faster than compile {cold:?}"
+    );
+    assert!(matches!(
+        rule.classify(&issues_opened()),
+        Ok(Verdict::Routes(_))
+    ));
     // A corrupt entry is ignored and rewritten, never trusted.
     std::fs::write(&cached[0], b"garbage").unwrap();
     let rule = Rule::from_manifest(&m, &path, &text, &RulesConfig::default(), &engine).unwrap();
-    assert!(matches!(rule.classify(&issues_opened()), Ok(Verdict::Routes(_))));
+    assert!(matches!(
+        rule.classify(&issues_opened()),
+        Ok(Verdict::Routes(_))
+    ));
     assert!(std::fs::metadata(&cached[0]).unwrap().len() > 1000);
 }
 
@@ -758,18 +1232,38 @@ fn the_compile_cache_is_used_on_the_next_load() {
 #[test]
 fn route_dry_run_prints_every_rule_and_the_merged_routes() {
     let wasm = repo().join("rules/github-router.wasm");
-    assert!(wasm.is_file(), "{} is missing: run plugins/build.sh first", wasm.display());
+    assert!(
+        wasm.is_file(),
+        "{} is missing: run plugins/build.sh first",
+        wasm.display()
+    );
     let cache = tempfile::tempdir().unwrap();
-    let config = RulesConfig { cache_dir: Some(cache.path().to_owned()), ..RulesConfig::default() };
+    let config = RulesConfig {
+        cache_dir: Some(cache.path().to_owned()),
+        ..RulesConfig::default()
+    };
     let payload = repo().join("../shared/corpus/gitlab/webhooks/tag_push.json");
-    let report =
-        sluice::cli::route::route_file(&config, &repo(), "gitlab", Provider::Gitlab, "Tag Push Hook", None, &payload)
-            .unwrap();
-    assert_eq!(agents(&report.decision), vec![("release-manager", Priority::High)]);
+    let report = sluice::cli::route::route_file(
+        &config,
+        &repo(),
+        "gitlab",
+        Provider::Gitlab,
+        "Tag Push Hook",
+        None,
+        &payload,
+    )
+    .unwrap();
+    assert_eq!(
+        agents(&report.decision),
+        vec![("release-manager", Priority::High)]
+    );
     let mut text = Vec::new();
     sluice::cli::route::print(&report, false, &mut text).unwrap();
     let text = String::from_utf8(text).unwrap();
-    assert!(text.contains("github-router") && text.contains("skipped"), "{text}");
+    assert!(
+        text.contains("github-router") && text.contains("skipped"),
+        "{text}"
+    );
     assert!(text.contains("release-manager (high)"), "{text}");
     let mut json = Vec::new();
     sluice::cli::route::print(&report, true, &mut json).unwrap();
@@ -778,8 +1272,16 @@ fn route_dry_run_prints_every_rule_and_the_merged_routes() {
     assert_eq!(v["rule_set"].as_array().unwrap().len(), 2);
     assert_eq!(v["decision"]["rules"][1]["rule"], "gitlab");
 
-    let e = sluice::cli::route::route_file(&config, &repo(), "gitlab", Provider::Gitlab, "x", None, Path::new("/nonexistent.json"))
-        .unwrap_err();
+    let e = sluice::cli::route::route_file(
+        &config,
+        &repo(),
+        "gitlab",
+        Provider::Gitlab,
+        "x",
+        None,
+        Path::new("/nonexistent.json"),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("/nonexistent.json"), "{e}");
 }
 
@@ -812,7 +1314,11 @@ enum MemState {
 
 impl MemStore {
     fn push(&self, ev: Event) {
-        self.inner.lock().unwrap().events.push((ev, MemState::Ready(Instant::now())));
+        self.inner
+            .lock()
+            .unwrap()
+            .events
+            .push((ev, MemState::Ready(Instant::now())));
         self.notify.notify_waiters();
     }
     fn set(&self, id: &str, s: MemState) {
@@ -836,7 +1342,12 @@ impl Store for MemStore {
     async fn list(&self, _: &ListFilter) -> Result<Vec<EventSummary>, StoreError> {
         Ok(vec![])
     }
-    async fn claim(&self, _: &str, max: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError> {
+    async fn claim(
+        &self,
+        _: &str,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>, StoreError> {
         let now = Instant::now();
         let mut g = self.inner.lock().unwrap();
         let mut out = Vec::new();
@@ -853,22 +1364,37 @@ impl Store for MemStore {
         for ev in out {
             let n = g.attempts.entry(ev.id.clone()).or_default();
             *n += 1;
-            claims.push(Claimed { event: ev, attempt: *n });
+            claims.push(Claimed {
+                event: ev,
+                attempt: *n,
+            });
         }
         Ok(claims)
     }
     async fn complete(&self, id: &str, decision: &Decision) -> Result<(), StoreError> {
-        self.inner.lock().unwrap().decisions.insert(id.into(), decision.clone());
+        self.inner
+            .lock()
+            .unwrap()
+            .decisions
+            .insert(id.into(), decision.clone());
         self.set(id, MemState::Routed);
         Ok(())
     }
     async fn retry_later(&self, id: &str, delay: Duration, error: &str) -> Result<(), StoreError> {
-        self.inner.lock().unwrap().retries.push((id.into(), delay, error.into()));
+        self.inner
+            .lock()
+            .unwrap()
+            .retries
+            .push((id.into(), delay, error.into()));
         self.set(id, MemState::Ready(Instant::now() + delay));
         Ok(())
     }
     async fn dead_letter(&self, id: &str, reason: &str) -> Result<(), StoreError> {
-        self.inner.lock().unwrap().dead.push((id.into(), reason.into()));
+        self.inner
+            .lock()
+            .unwrap()
+            .dead
+            .push((id.into(), reason.into()));
         self.set(id, MemState::Dead);
         Ok(())
     }
@@ -887,7 +1413,13 @@ impl Store for MemStore {
 }
 
 fn stored(id: &str, kind: &str, file: &str) -> Event {
-    let mut ev = Event::dry_run("gitlab", Provider::Gitlab, kind, None, corpus(&format!("gitlab/webhooks/{file}")).into());
+    let mut ev = Event::dry_run(
+        "gitlab",
+        Provider::Gitlab,
+        kind,
+        None,
+        corpus(&format!("gitlab/webhooks/{file}")).into(),
+    );
     ev.id = id.into();
     ev
 }
@@ -918,28 +1450,58 @@ async fn router_workers_route_stored_events_and_stop_on_shutdown() {
     let set = shipped();
     let rules = Arc::new(ArcSwap::from_pointee(set));
     let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(router::run(store.clone(), rules.clone(), options(), shutdown));
+    let task = tokio::spawn(router::run(
+        store.clone(),
+        rules.clone(),
+        options(),
+        shutdown,
+    ));
 
     store.push(stored("evt_1", "Push Hook", "push.json"));
     store.push(stored("evt_2", "Tag Push Hook", "tag_push.json"));
     store.push(stored("evt_3", "Note Hook", "note_issue.json"));
-    until("three decisions", || store.inner.lock().unwrap().decisions.len() == 3).await;
+    until("three decisions", || {
+        store.inner.lock().unwrap().decisions.len() == 3
+    })
+    .await;
     {
         let g = store.inner.lock().unwrap();
-        assert_eq!(agents(&g.decisions["evt_1"]), vec![("ci-validation", Priority::Medium)]);
-        assert_eq!(agents(&g.decisions["evt_2"]), vec![("release-manager", Priority::High)]);
-        let gitlab = g.decisions["evt_3"].rules.iter().find(|r| r.rule == "gitlab").unwrap();
+        assert_eq!(
+            agents(&g.decisions["evt_1"]),
+            vec![("ci-validation", Priority::Medium)]
+        );
+        assert_eq!(
+            agents(&g.decisions["evt_2"]),
+            vec![("release-manager", Priority::High)]
+        );
+        let gitlab = g.decisions["evt_3"]
+            .rules
+            .iter()
+            .find(|r| r.rule == "gitlab")
+            .unwrap();
         assert_eq!(gitlab.version.len(), 16);
     }
 
     // A swapped rule set serves the next event.
-    rules.store(Arc::new(set_of_one(native_routes("swapped", vec![route("new", Priority::Low, &[])]))));
+    rules.store(Arc::new(set_of_one(native_routes(
+        "swapped",
+        vec![route("new", Priority::Low, &[])],
+    ))));
     store.push(stored("evt_4", "Push Hook", "push.json"));
-    until("the swapped set", || store.inner.lock().unwrap().decisions.contains_key("evt_4")).await;
-    assert_eq!(agents(&store.inner.lock().unwrap().decisions["evt_4"]), vec![("new", Priority::Low)]);
+    until("the swapped set", || {
+        store.inner.lock().unwrap().decisions.contains_key("evt_4")
+    })
+    .await;
+    assert_eq!(
+        agents(&store.inner.lock().unwrap().decisions["evt_4"]),
+        vec![("new", Priority::Low)]
+    );
 
     stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), task).await.expect("workers stop on shutdown").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("workers stop on shutdown")
+        .unwrap();
     assert_eq!(EventStatus::Routed.as_str(), "routed");
 }
 
@@ -955,11 +1517,23 @@ async fn dead_letter_policy_retries_then_dead_letters() {
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(router::run(store.clone(), rules, options(), shutdown));
     store.push(stored("evt_dl", "Push Hook", "push.json"));
-    until("dead letter", || !store.inner.lock().unwrap().dead.is_empty()).await;
+    until("dead letter", || {
+        !store.inner.lock().unwrap().dead.is_empty()
+    })
+    .await;
     {
         let g = store.inner.lock().unwrap();
-        assert_eq!(g.retries.len(), 2, "max_attempts 3 = two retries, then the DLQ: {:?}", g.retries);
-        assert!(g.retries.iter().all(|(_, d, e)| *d <= Duration::from_millis(20) && e.contains("rule bad failed")));
+        assert_eq!(
+            g.retries.len(),
+            2,
+            "max_attempts 3 = two retries, then the DLQ: {:?}",
+            g.retries
+        );
+        assert!(
+            g.retries
+                .iter()
+                .all(|(_, d, e)| *d <= Duration::from_millis(20) && e.contains("rule bad failed"))
+        );
         assert!(g.dead[0].1.contains("always fails"), "{:?}", g.dead);
         assert!(g.decisions.is_empty());
     }
@@ -972,18 +1546,38 @@ async fn an_event_claimed_by_a_crashed_worker_is_routed_after_its_lease() {
     let store = Arc::new(MemStore::default());
     store.push(stored("evt_crash", "Issue Hook", "issue.json"));
     // A worker claims it and dies before deciding.
-    let claimed = store.claim("crashed", 10, Duration::from_millis(200)).await.unwrap();
+    let claimed = store
+        .claim("crashed", 10, Duration::from_millis(200))
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 1);
     let rules = Arc::new(ArcSwap::from_pointee(shipped()));
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let started = Instant::now();
     let task = tokio::spawn(router::run(store.clone(), rules, options(), shutdown));
-    until("the re-claimed event", || store.inner.lock().unwrap().decisions.contains_key("evt_crash")).await;
-    assert!(started.elapsed() >= Duration::from_millis(150), "routed before the lease expired");
+    until("the re-claimed event", || {
+        store
+            .inner
+            .lock()
+            .unwrap()
+            .decisions
+            .contains_key("evt_crash")
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "routed before the lease expired"
+    );
     assert_eq!(store.inner.lock().unwrap().attempts["evt_crash"], 2);
-    assert_eq!(agents(&store.inner.lock().unwrap().decisions["evt_crash"]), vec![("issue-triage", Priority::Medium)]);
+    assert_eq!(
+        agents(&store.inner.lock().unwrap().decisions["evt_crash"]),
+        vec![("issue-triage", Priority::Medium)]
+    );
     drop(stop); // dropping the sender also stops the workers
-    tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 #[test]

@@ -72,13 +72,26 @@ pub struct LoadedRule {
 pub fn run(args: RouteArgs) -> anyhow::Result<()> {
     let (rules, base_dir) = rules_section(&args.config)?;
     let provider = match &args.provider {
-        Some(p) => Provider::parse(p).with_context(|| format!("--provider: unknown provider {p:?}"))?,
+        Some(p) => {
+            Provider::parse(p).with_context(|| format!("--provider: unknown provider {p:?}"))?
+        }
         None => match Provider::parse(&args.source) {
             Some(p) => p,
-            None => bail!("cannot tell the provider of source {:?}; pass --provider", args.source),
+            None => bail!(
+                "cannot tell the provider of source {:?}; pass --provider",
+                args.source
+            ),
         },
     };
-    let report = route_file(&rules, &base_dir, &args.source, provider, &args.kind, args.action, &args.payload)?;
+    let report = route_file(
+        &rules,
+        &base_dir,
+        &args.source,
+        provider,
+        &args.kind,
+        args.action,
+        &args.payload,
+    )?;
     let mut out = std::io::stdout().lock();
     print(&report, args.json, &mut out)?;
     Ok(())
@@ -87,17 +100,23 @@ pub fn run(args: RouteArgs) -> anyhow::Result<()> {
 /// The `[rules]` section of a config file and the directory paths in it are
 /// relative to. (The full `Config` loader replaces this on integration.)
 fn rules_section(path: &Path) -> anyhow::Result<(RulesConfig, PathBuf)> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let table: toml::Table = toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
     let rules = match table.get("rules") {
         Some(v) => {
-            let rules: RulesConfig = serde_path_to_error::deserialize(v.clone())
-                .map_err(|e| anyhow::anyhow!("{}: rules.{}: {}", path.display(), e.path(), e.inner()))?;
+            let rules: RulesConfig = serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+                anyhow::anyhow!("{}: rules.{}: {}", path.display(), e.path(), e.inner())
+            })?;
             rules
         }
         None => RulesConfig::default(),
     };
-    let base = path.parent().map(Path::to_owned).unwrap_or_else(|| PathBuf::from("."));
+    let base = path
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."));
     Ok((rules, base))
 }
 
@@ -111,11 +130,17 @@ pub fn route_file(
     action: Option<String>,
     payload: &Path,
 ) -> anyhow::Result<DryRun> {
-    let body = std::fs::read(payload).with_context(|| format!("{}: cannot read", payload.display()))?;
+    let body =
+        std::fs::read(payload).with_context(|| format!("{}: cannot read", payload.display()))?;
     if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
         bail!("{}: not a JSON document", payload.display());
     }
-    let cache = base_dir.join(rules.cache_dir.clone().unwrap_or_else(|| rules.dir.join(".cache")));
+    let cache = base_dir.join(
+        rules
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| rules.dir.join(".cache")),
+    );
     let engine = WasmEngine::new(Some(cache))?;
     let start = Instant::now();
     let set = RuleSet::load(rules, base_dir, &engine)?;
@@ -125,10 +150,21 @@ pub fn route_file(
     let decision = set.route(&ev);
     let rule_set = set
         .rules()
-        .map(|r| LoadedRule { name: r.name().into(), version: r.version().into(), origin: r.origin().into() })
+        .map(|r| LoadedRule {
+            name: r.name().into(),
+            version: r.version().into(),
+            origin: r.origin().into(),
+        })
         .collect();
-    let event = Arc::try_unwrap(ev).map(|p| p.event).unwrap_or_else(|p| p.event.clone());
-    Ok(DryRun { event, rule_set, load_us, decision })
+    let event = Arc::try_unwrap(ev)
+        .map(|p| p.event)
+        .unwrap_or_else(|p| p.event.clone());
+    Ok(DryRun {
+        event,
+        rule_set,
+        load_us,
+        decision,
+    })
 }
 
 /// Prints a dry run as text or as one JSON document.
@@ -145,32 +181,62 @@ pub fn print(report: &DryRun, json: bool, out: &mut impl Write) -> anyhow::Resul
         ev.source,
         ev.provider,
         ev.kind,
-        ev.action.as_deref().map(|a| format!(".{a}")).unwrap_or_default(),
+        ev.action
+            .as_deref()
+            .map(|a| format!(".{a}"))
+            .unwrap_or_default(),
         report.rule_set.len(),
         report.load_us
     )?;
-    let width = report.decision.rules.iter().map(|r| r.rule.len()).max().unwrap_or(4);
+    let width = report
+        .decision
+        .rules
+        .iter()
+        .map(|r| r.rule.len())
+        .max()
+        .unwrap_or(4);
     for r in &report.decision.rules {
         let outcome = match &r.outcome {
             RuleOutcome::Skipped => "skipped (does not want this event)".to_owned(),
             RuleOutcome::Verdict(Verdict::Ignore(reason)) => format!("ignore: {reason}"),
             RuleOutcome::Verdict(Verdict::Routes(rs)) if rs.is_empty() => "no routes".to_owned(),
             RuleOutcome::Verdict(Verdict::Routes(rs)) => {
-                let parts: Vec<_> = rs.iter().map(|r| format!("{} ({})", r.agent, r.priority.as_str())).collect();
+                let parts: Vec<_> = rs
+                    .iter()
+                    .map(|r| format!("{} ({})", r.agent, r.priority.as_str()))
+                    .collect();
                 format!("routes: {}", parts.join(", "))
             }
             RuleOutcome::Failed(f) => format!("FAILED {}: {f}", failure_kind(f)),
         };
-        writeln!(out, "  {:width$}  {}  {:>7} µs  {outcome}", r.rule, r.version, r.duration_us)?;
+        writeln!(
+            out,
+            "  {:width$}  {}  {:>7} µs  {outcome}",
+            r.rule, r.version, r.duration_us
+        )?;
     }
     if report.decision.routes.is_empty() {
         writeln!(out, "routes: none")?;
     } else {
         writeln!(out, "routes:")?;
         for r in &report.decision.routes {
-            let workflow = r.workflow.as_deref().map(|w| format!(" workflow={w}")).unwrap_or_default();
-            let labels = if r.labels.is_empty() { String::new() } else { format!(" [{}]", r.labels.join(", ")) };
-            writeln!(out, "  {} ({}){workflow}{labels}: {}", r.agent, r.priority.as_str(), r.reason)?;
+            let workflow = r
+                .workflow
+                .as_deref()
+                .map(|w| format!(" workflow={w}"))
+                .unwrap_or_default();
+            let labels = if r.labels.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", r.labels.join(", "))
+            };
+            writeln!(
+                out,
+                "  {} ({}){workflow}{labels}: {}",
+                r.agent,
+                r.priority.as_str(),
+                r.reason
+            )?;
         }
     }
     if let Some(reason) = &report.decision.dead_letter {

@@ -37,7 +37,9 @@ fn epoch() -> Instant {
 }
 
 fn now_ns() -> u64 {
-    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(epoch().elapsed().as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 impl Breaker {
@@ -58,7 +60,11 @@ impl Breaker {
             return BreakerState::Closed;
         }
         let now = now_ns();
-        if now < until { BreakerState::Open(Duration::from_nanos(until - now)) } else { BreakerState::HalfOpen }
+        if now < until {
+            BreakerState::Open(Duration::from_nanos(until - now))
+        } else {
+            BreakerState::HalfOpen
+        }
     }
 
     /// Records a successful call: the breaker closes.
@@ -69,9 +75,13 @@ impl Breaker {
 
     /// Records a failed call; returns true when this failure switched the rule off.
     pub fn failure(&self) -> bool {
-        let n = self.consecutive.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        let n = self
+            .consecutive
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1);
         if n >= self.threshold {
-            let until = now_ns().saturating_add(u64::try_from(self.cooldown.as_nanos()).unwrap_or(u64::MAX));
+            let until = now_ns()
+                .saturating_add(u64::try_from(self.cooldown.as_nanos()).unwrap_or(u64::MAX));
             self.open_until.store(until, Ordering::Release);
             return true;
         }

@@ -237,10 +237,16 @@ impl Limits {
     /// Checks the limits are usable, naming the offending key.
     pub fn validate(&self) -> Result<(), String> {
         if self.timeout_ms == 0 || self.timeout_ms > Self::MAX_TIMEOUT_MS {
-            return Err(format!("timeout_ms: must be between 1 and {}", Self::MAX_TIMEOUT_MS));
+            return Err(format!(
+                "timeout_ms: must be between 1 and {}",
+                Self::MAX_TIMEOUT_MS
+            ));
         }
         if self.memory_mb == 0 || self.memory_mb > Self::MAX_MEMORY_MB {
-            return Err(format!("memory_mb: must be between 1 and {}", Self::MAX_MEMORY_MB));
+            return Err(format!(
+                "memory_mb: must be between 1 and {}",
+                Self::MAX_MEMORY_MB
+            ));
         }
         for (key, v) in [
             ("max_operations", self.max_operations as usize),
@@ -271,14 +277,19 @@ pub struct BreakerConfig {
 
 impl Default for BreakerConfig {
     fn default() -> Self {
-        BreakerConfig { failures: 5, cooldown_ms: 30_000 }
+        BreakerConfig {
+            failures: 5,
+            cooldown_ms: 30_000,
+        }
     }
 }
 
 impl RulesConfig {
     /// Checks values serde cannot, naming the key under `rules.`.
     pub fn validate(&self) -> Result<(), String> {
-        self.limits.validate().map_err(|e| format!("rules.limits.{e}"))?;
+        self.limits
+            .validate()
+            .map_err(|e| format!("rules.limits.{e}"))?;
         if self.breaker.failures == 0 {
             return Err("rules.breaker.failures: must be at least 1".into());
         }

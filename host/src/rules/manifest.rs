@@ -143,14 +143,20 @@ impl Manifest {
 
     /// Parses and validates manifest text; `path` only names it in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Manifest, ManifestError> {
-        let err = |key: Option<String>, message: String| ManifestError { file: path.to_owned(), key, message };
+        let err = |key: Option<String>, message: String| ManifestError {
+            file: path.to_owned(),
+            key,
+            message,
+        };
         let de = toml::Deserializer::parse(text).map_err(|e| err(None, toml_message(&e, text)))?;
         let manifest: Manifest = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let key = (key != ".").then_some(key);
             err(key, toml_message(e.inner(), text))
         })?;
-        manifest.validate().map_err(|(key, msg)| err(Some(key), msg))?;
+        manifest
+            .validate()
+            .map_err(|(key, msg)| err(Some(key), msg))?;
         Ok(manifest)
     }
 
@@ -158,32 +164,63 @@ impl Manifest {
         let bad = |key: &str, msg: String| Err((key.to_owned(), msg));
         if self.name.is_empty()
             || self.name.len() > 64
-            || !self.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         {
-            return bad("name", format!("{:?} must be 1-64 characters of a-z, 0-9, '-' or '_'", self.name));
+            return bad(
+                "name",
+                format!(
+                    "{:?} must be 1-64 characters of a-z, 0-9, '-' or '_'",
+                    self.name
+                ),
+            );
         }
         match (&self.component, &self.script) {
-            (Some(_), Some(_)) => return bad("component", "give either `component` or `script`, not both".into()),
-            (None, None) => return bad("component", "missing: give `component = \"x.wasm\"` or `script = \"x.rhai\"`".into()),
+            (Some(_), Some(_)) => {
+                return bad(
+                    "component",
+                    "give either `component` or `script`, not both".into(),
+                );
+            }
+            (None, None) => {
+                return bad(
+                    "component",
+                    "missing: give `component = \"x.wasm\"` or `script = \"x.rhai\"`".into(),
+                );
+            }
             _ => {}
         }
         for (i, p) in self.providers.iter().enumerate() {
             if Provider::parse(p).is_none() {
                 let known: Vec<_> = Provider::ALL.iter().map(|p| p.as_str()).collect();
-                return bad(&format!("providers[{i}]"), format!("unknown provider {p:?} (known: {})", known.join(", ")));
+                return bad(
+                    &format!("providers[{i}]"),
+                    format!("unknown provider {p:?} (known: {})", known.join(", ")),
+                );
             }
         }
         for (i, t) in self.tests.iter().enumerate() {
             if let Some(p) = &t.provider
                 && Provider::parse(p).is_none()
             {
-                return bad(&format!("test[{i}].provider"), format!("unknown provider {p:?}"));
+                return bad(
+                    &format!("test[{i}].provider"),
+                    format!("unknown provider {p:?}"),
+                );
             }
             if t.provider.is_none() && self.providers.is_empty() {
-                return bad(&format!("test[{i}].provider"), "missing (the rule names no providers)".into());
+                return bad(
+                    &format!("test[{i}].provider"),
+                    "missing (the rule names no providers)".into(),
+                );
             }
             if t.expect_ignore && !t.expect.is_empty() {
-                return bad(&format!("test[{i}].expect_ignore"), "cannot be combined with `expect`".into());
+                return bad(
+                    &format!("test[{i}].expect_ignore"),
+                    "cannot be combined with `expect`".into(),
+                );
             }
         }
         Ok(())

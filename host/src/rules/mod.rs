@@ -45,10 +45,10 @@ pub type NativeFn = dyn Fn(&ParsedEvent) -> Result<Verdict, RuleFailure> + Send 
 pub enum RuleCode {
     /// A Rust function compiled into sluice.
     Native(Arc<NativeFn>),
-    /// A WebAssembly component.
-    Wasm(WasmRule),
-    /// A rhai script.
-    Rhai(RhaiRule),
+    /// A WebAssembly component (boxed: it is much larger than the others).
+    Wasm(Box<WasmRule>),
+    /// A rhai script (boxed, like components).
+    Rhai(Box<RhaiRule>),
 }
 
 impl fmt::Debug for RuleCode {
@@ -121,7 +121,9 @@ impl Rule {
     ) -> Result<Rule, LoadError> {
         let dir = manifest_path.parent().unwrap_or(Path::new("."));
         let limits = defaults.limits.with(&manifest.limits);
-        limits.validate().map_err(|e| LoadError::new(manifest_path, Some(&manifest.name), format!("limits.{e}")))?;
+        limits.validate().map_err(|e| {
+            LoadError::new(manifest_path, Some(&manifest.name), format!("limits.{e}"))
+        })?;
         let source = manifest.source(dir);
         let code_path = match &source {
             RuleSource::Component(p) | RuleSource::Script(p) => p.clone(),
@@ -134,11 +136,17 @@ impl Rule {
         hash.update(&bytes);
         let version = hex::encode(&hash.finalize()[..8]);
         let code = match source {
-            RuleSource::Component(_) => RuleCode::Wasm(
+            RuleSource::Component(_) => RuleCode::Wasm(Box::new(
                 engine
-                    .load(&manifest.name, &bytes, &manifest.grants, manifest.config.clone(), &limits)
+                    .load(
+                        &manifest.name,
+                        &bytes,
+                        &manifest.grants,
+                        manifest.config.clone(),
+                        &limits,
+                    )
                     .map_err(|e| code_err(format!("{e:#}")))?,
-            ),
+            )),
             RuleSource::Script(_) => {
                 if manifest.grants.wasi {
                     return Err(LoadError::new(
@@ -147,18 +155,23 @@ impl Rule {
                         "grants.wasi: only components can be granted WASI".into(),
                     ));
                 }
-                let text = String::from_utf8(bytes).map_err(|_| code_err("not UTF-8 text".into()))?;
-                RuleCode::Rhai(
+                let text =
+                    String::from_utf8(bytes).map_err(|_| code_err("not UTF-8 text".into()))?;
+                RuleCode::Rhai(Box::new(
                     RhaiRule::compile(&manifest.name, &text, &limits, manifest.config.clone())
                         .map_err(|e| code_err(format!("{e:#}")))?,
-                )
+                ))
             }
         };
         Ok(Rule {
             name: manifest.name.clone(),
             version,
             origin: code_path,
-            providers: manifest.providers.iter().filter_map(|p| Provider::parse(p)).collect(),
+            providers: manifest
+                .providers
+                .iter()
+                .filter_map(|p| Provider::parse(p))
+                .collect(),
             kinds: manifest.kinds.clone(),
             on_error: manifest.on_error.clone(),
             code,
@@ -204,7 +217,7 @@ impl Rule {
     /// Whether the rule wants this event (provider and kind filters).
     pub fn wants(&self, ev: &Event) -> bool {
         (self.providers.is_empty() || self.providers.contains(&ev.provider))
-            && (self.kinds.is_empty() || self.kinds.iter().any(|k| *k == ev.kind))
+            && (self.kinds.is_empty() || self.kinds.contains(&ev.kind))
     }
 
     /// Runs the rule on one event. A panic in host code is caught and
@@ -224,7 +237,9 @@ impl Rule {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(RuleFailure::Trap(format!("host panicked while running the rule: {msg}")))
+            Err(RuleFailure::Trap(format!(
+                "host panicked while running the rule: {msg}"
+            )))
         })
     }
 
@@ -232,24 +247,43 @@ impl Rule {
     pub fn check_tests(&self, tests: &[TestVector], manifest_path: &Path) -> Result<(), LoadError> {
         let dir = manifest_path.parent().unwrap_or(Path::new("."));
         for (i, t) in tests.iter().enumerate() {
-            let fail = |m: String| LoadError::new(manifest_path, Some(&self.name), format!("test[{i}]: {m}"));
+            let fail = |m: String| {
+                LoadError::new(manifest_path, Some(&self.name), format!("test[{i}]: {m}"))
+            };
             let path = dir.join(&t.event);
-            let body = std::fs::read(&path).map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+            let body = std::fs::read(&path)
+                .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
             let provider = t
                 .provider
                 .as_deref()
                 .and_then(Provider::parse)
                 .or_else(|| self.providers.first().copied())
                 .ok_or_else(|| fail("no provider".into()))?;
-            let ev = Event::dry_run(provider.as_str(), provider, &t.kind, t.action.clone(), body.into());
+            let ev = Event::dry_run(
+                provider.as_str(),
+                provider,
+                &t.kind,
+                t.action.clone(),
+                body.into(),
+            );
             let ev = Arc::new(ParsedEvent::new(ev));
-            let got = self.classify(&ev).map_err(|f| fail(format!("{} failed: {f}", t.event.display())))?;
+            let got = self
+                .classify(&ev)
+                .map_err(|f| fail(format!("{} failed: {f}", t.event.display())))?;
             match (&got, t.expect_ignore) {
                 (Verdict::Ignore(_), true) => {}
                 (Verdict::Routes(routes), false) if expect_matches(&t.expect, routes) => {}
                 _ => {
-                    let want = if t.expect_ignore { "an ignore".to_owned() } else { describe_expected(&t.expect) };
-                    return Err(fail(format!("{}: expected {want}, got {}", t.event.display(), describe(&got))));
+                    let want = if t.expect_ignore {
+                        "an ignore".to_owned()
+                    } else {
+                        describe_expected(&t.expect)
+                    };
+                    return Err(fail(format!(
+                        "{}: expected {want}, got {}",
+                        t.event.display(),
+                        describe(&got)
+                    )));
                 }
             }
         }
@@ -267,7 +301,9 @@ fn expect_matches(expect: &[manifest::ExpectedRoute], routes: &[Route]) -> bool 
             !used[*j]
                 && r.agent == e.agent
                 && e.priority.is_none_or(|p| p == r.priority)
-                && e.workflow.as_ref().is_none_or(|w| r.workflow.as_ref() == Some(w))
+                && e.workflow
+                    .as_ref()
+                    .is_none_or(|w| r.workflow.as_ref() == Some(w))
         });
         found.map(|(j, _)| used[j] = true).is_some()
     })
@@ -281,7 +317,11 @@ fn describe_expected(expect: &[manifest::ExpectedRoute]) -> String {
             None => e.agent.clone(),
         })
         .collect();
-    if parts.is_empty() { "no routes".into() } else { format!("routes [{}]", parts.join(", ")) }
+    if parts.is_empty() {
+        "no routes".into()
+    } else {
+        format!("routes [{}]", parts.join(", "))
+    }
 }
 
 fn describe(v: &Verdict) -> String {
@@ -289,7 +329,10 @@ fn describe(v: &Verdict) -> String {
         Verdict::Ignore(r) => format!("ignore ({r})"),
         Verdict::Routes(rs) if rs.is_empty() => "no routes".into(),
         Verdict::Routes(rs) => {
-            let parts: Vec<_> = rs.iter().map(|r| format!("{} ({})", r.agent, r.priority.as_str())).collect();
+            let parts: Vec<_> = rs
+                .iter()
+                .map(|r| format!("{} ({})", r.agent, r.priority.as_str()))
+                .collect();
             format!("routes [{}]", parts.join(", "))
         }
     }
@@ -308,7 +351,11 @@ pub struct LoadError {
 
 impl LoadError {
     fn new(file: &Path, rule: Option<&str>, message: String) -> LoadError {
-        LoadError { file: file.to_owned(), rule: rule.map(str::to_owned), message }
+        LoadError {
+            file: file.to_owned(),
+            rule: rule.map(str::to_owned),
+            message,
+        }
     }
 }
 
@@ -336,7 +383,14 @@ pub struct RuleSet {
 impl fmt::Debug for RuleSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RuleSet")
-            .field("rules", &self.entries.iter().map(|e| (&e.rule.name, &e.rule.version)).collect::<Vec<_>>())
+            .field(
+                "rules",
+                &self
+                    .entries
+                    .iter()
+                    .map(|e| (&e.rule.name, &e.rule.version))
+                    .collect::<Vec<_>>(),
+            )
             .field("merge", &self.merge)
             .finish()
     }
@@ -345,7 +399,12 @@ impl fmt::Debug for RuleSet {
 impl RuleSet {
     /// A set of already built rules. A rule without its own failure policy
     /// gets `on_error`.
-    pub fn new(rules: Vec<Rule>, merge: MergeMode, on_error: FailurePolicy, breaker: &BreakerConfig) -> RuleSet {
+    pub fn new(
+        rules: Vec<Rule>,
+        merge: MergeMode,
+        on_error: FailurePolicy,
+        breaker: &BreakerConfig,
+    ) -> RuleSet {
         let entries = rules
             .into_iter()
             .map(|rule| Entry {
@@ -359,15 +418,24 @@ impl RuleSet {
 
     /// A set with no rules: every event is routed nowhere.
     pub fn empty() -> RuleSet {
-        RuleSet { entries: Vec::new(), merge: MergeMode::Merge }
+        RuleSet {
+            entries: Vec::new(),
+            merge: MergeMode::Merge,
+        }
     }
 
     /// Builds a complete rule set from the `[rules]` config: reads every
     /// manifest (see [`RulesConfig`] for which), compiles each rule, runs its
     /// test vectors, and fails on the first problem, naming the file.
     /// `base_dir` is the directory of the config file (`dir` is relative to it).
-    pub fn load(config: &RulesConfig, base_dir: &Path, engine: &WasmEngine) -> Result<RuleSet, LoadError> {
-        config.validate().map_err(|m| LoadError::new(base_dir, None, m))?;
+    pub fn load(
+        config: &RulesConfig,
+        base_dir: &Path,
+        engine: &WasmEngine,
+    ) -> Result<RuleSet, LoadError> {
+        config
+            .validate()
+            .map_err(|m| LoadError::new(base_dir, None, m))?;
         let dir = base_dir.join(&config.dir);
         let manifests = manifest_paths(config, &dir)?;
         let mut rules = Vec::with_capacity(manifests.len());
@@ -394,7 +462,12 @@ impl RuleSet {
             rule.check_tests(&manifest.tests, &path)?;
             rules.push(rule);
         }
-        Ok(RuleSet::new(rules, config.merge, config.on_error.clone(), &config.breaker))
+        Ok(RuleSet::new(
+            rules,
+            config.merge,
+            config.on_error.clone(),
+            &config.breaker,
+        ))
     }
 
     /// The rules, in order.
@@ -409,7 +482,10 @@ impl RuleSet {
 
     /// The circuit breaker state of a rule, by name.
     pub fn breaker_state(&self, rule: &str) -> Option<BreakerState> {
-        self.entries.iter().find(|e| e.rule.name == rule).map(|e| e.breaker.state())
+        self.entries
+            .iter()
+            .find(|e| e.rule.name == rule)
+            .map(|e| e.breaker.state())
     }
 
     /// Runs every rule that wants the event and merges their answers. Never
@@ -482,25 +558,40 @@ impl RuleSet {
                             },
                         ),
                         FailurePolicy::DeadLetter => {
-                            dead_letter.get_or_insert_with(|| format!("rule {} failed: {failure}", rule.name));
+                            dead_letter.get_or_insert_with(|| {
+                                format!("rule {} failed: {failure}", rule.name)
+                            });
                         }
                     }
                     RuleOutcome::Failed(failure)
                 }
             };
-            records.push(RuleRecord { rule: rule.name.clone(), version: rule.version.clone(), outcome, duration_us });
+            records.push(RuleRecord {
+                rule: rule.name.clone(),
+                version: rule.version.clone(),
+                outcome,
+                duration_us,
+            });
             if self.merge == MergeMode::First && routes.len() > before {
                 break;
             }
         }
-        Decision { rules: records, routes, dead_letter, decided_at_ms: now_ms() }
+        Decision {
+            rules: records,
+            routes,
+            dead_letter,
+            decided_at_ms: now_ms(),
+        }
     }
 }
 
 /// Adds a route, merging with an existing one for the same agent and
 /// workflow: the higher priority (and its reason) wins, labels are unioned.
 fn merge_route(routes: &mut Vec<Route>, new: Route) {
-    match routes.iter_mut().find(|r| r.agent == new.agent && r.workflow == new.workflow) {
+    match routes
+        .iter_mut()
+        .find(|r| r.agent == new.agent && r.workflow == new.workflow)
+    {
         Some(existing) => {
             if new.priority > existing.priority {
                 existing.priority = new.priority;
@@ -525,15 +616,22 @@ fn manifest_paths(config: &RulesConfig, dir: &Path) -> Result<Vec<PathBuf>, Load
                 if p.is_file() {
                     Ok(p)
                 } else {
-                    Err(LoadError::new(&p, Some(n), "rules.load names a rule whose manifest does not exist".into()))
+                    Err(LoadError::new(
+                        &p,
+                        Some(n),
+                        "rules.load names a rule whose manifest does not exist".into(),
+                    ))
                 }
             })
             .collect();
     }
-    let read = std::fs::read_dir(dir).map_err(|e| LoadError::new(dir, None, format!("cannot read the rules directory: {e}")))?;
+    let read = std::fs::read_dir(dir)
+        .map_err(|e| LoadError::new(dir, None, format!("cannot read the rules directory: {e}")))?;
     let mut paths = Vec::new();
     for entry in read {
-        let entry = entry.map_err(|e| LoadError::new(dir, None, format!("cannot read the rules directory: {e}")))?;
+        let entry = entry.map_err(|e| {
+            LoadError::new(dir, None, format!("cannot read the rules directory: {e}"))
+        })?;
         let path = entry.path();
         if path.extension().is_some_and(|x| x == "toml") && path.is_file() {
             paths.push(path);
@@ -544,5 +642,8 @@ fn manifest_paths(config: &RulesConfig, dir: &Path) -> Result<Vec<PathBuf>, Load
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }

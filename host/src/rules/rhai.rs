@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use rhai::module_resolvers::DummyModuleResolver;
-use rhai::{CallFnOptions, Dynamic, EvalAltResult, ImmutableString, OptimizationLevel, Position, Scope, AST};
+use rhai::{
+    AST, CallFnOptions, Dynamic, EvalAltResult, ImmutableString, OptimizationLevel, Position, Scope,
+};
 
 use crate::decision::{Priority, Route, RuleFailure, Verdict};
 use crate::event::ParsedEvent;
@@ -44,7 +46,9 @@ pub struct RhaiRule {
 
 impl std::fmt::Debug for RhaiRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RhaiRule").field("limits", &self.limits).finish_non_exhaustive()
+        f.debug_struct("RhaiRule")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
     }
 }
 
@@ -65,10 +69,17 @@ impl RhaiRule {
             Ok(ast) => ast,
             Err(e) => bail!("{e}"),
         };
-        if !ast.iter_functions().any(|f| f.name == "classify" && f.params.len() == 1) {
+        if !ast
+            .iter_functions()
+            .any(|f| f.name == "classify" && f.params.len() == 1)
+        {
             bail!("the script defines no `fn classify(event)`");
         }
-        Ok(RhaiRule { engine, ast, limits: limits.clone() })
+        Ok(RhaiRule {
+            engine,
+            ast,
+            limits: limits.clone(),
+        })
     }
 
     /// Classifies one event.
@@ -94,17 +105,18 @@ impl RhaiRule {
 
     fn failure(&self, e: EvalAltResult) -> RuleFailure {
         match e {
-            EvalAltResult::ErrorInFunctionCall(_, _, inner, _) | EvalAltResult::ErrorInModule(_, inner, _) => {
-                self.failure(*inner)
-            }
+            EvalAltResult::ErrorInFunctionCall(_, _, inner, _)
+            | EvalAltResult::ErrorInModule(_, inner, _) => self.failure(*inner),
             EvalAltResult::ErrorTooManyOperations(pos) => RuleFailure::Timeout(format!(
                 "ran more than {} operations{}",
                 self.limits.max_operations,
                 at(pos)
             )),
-            EvalAltResult::ErrorTerminated(_, pos) => {
-                RuleFailure::Timeout(format!("no answer within {} ms{}", self.limits.timeout_ms, at(pos)))
-            }
+            EvalAltResult::ErrorTerminated(_, pos) => RuleFailure::Timeout(format!(
+                "no answer within {} ms{}",
+                self.limits.timeout_ms,
+                at(pos)
+            )),
             EvalAltResult::ErrorStackOverflow(pos) => RuleFailure::Trap(format!(
                 "stack overflow: more than {} nested calls{}",
                 self.limits.max_call_levels,
@@ -114,16 +126,29 @@ impl RhaiRule {
                 RuleFailure::Memory(format!("{what} exceeds its limit{}", at(pos)))
             }
             EvalAltResult::ErrorRuntime(value, pos) => {
-                let message = value.into_immutable_string().map(|s| s.to_string()).unwrap_or_else(|t| t.to_owned());
-                RuleFailure::Guest(format!("{}{}", truncate(&message, output::MAX_ERROR), at(pos)))
+                let message = value
+                    .into_immutable_string()
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|t| t.to_owned());
+                RuleFailure::Guest(format!(
+                    "{}{}",
+                    truncate(&message, output::MAX_ERROR),
+                    at(pos)
+                ))
             }
-            other => RuleFailure::Trap(truncate(&other.to_string(), output::MAX_ERROR).into_owned()),
+            other => {
+                RuleFailure::Trap(truncate(&other.to_string(), output::MAX_ERROR).into_owned())
+            }
         }
     }
 }
 
 fn at(pos: Position) -> String {
-    if pos.is_none() { String::new() } else { format!(" (line {})", pos.line().unwrap_or(0)) }
+    if pos.is_none() {
+        String::new()
+    } else {
+        format!(" (line {})", pos.line().unwrap_or(0))
+    }
 }
 
 /// A rhai engine with the rule's limits, its config values and the `Event` type.
@@ -155,31 +180,56 @@ fn build_engine(name: &str, limits: &Limits, config: BTreeMap<String, String>) -
     engine.on_print(move |s| tracing::info!(rule = &*r, "{}", truncate(s, MAX_LOG_MESSAGE)));
     let r = rule.clone();
     engine.on_debug(move |s, _src, pos| {
-        tracing::debug!(rule = &*r, line = pos.line().unwrap_or(0), "{}", truncate(s, MAX_LOG_MESSAGE))
+        tracing::debug!(
+            rule = &*r,
+            line = pos.line().unwrap_or(0),
+            "{}",
+            truncate(s, MAX_LOG_MESSAGE)
+        )
     });
 
     let config = Arc::new(config);
     engine.register_fn("config", move |key: &str| -> Dynamic {
-        config.get(key).map(|v| Dynamic::from(v.clone())).unwrap_or(Dynamic::UNIT)
+        config
+            .get(key)
+            .map(|v| Dynamic::from(v.clone()))
+            .unwrap_or(Dynamic::UNIT)
     });
 
     engine
         .register_type_with_name::<ScriptEvent>("Event")
         .register_get("id", |e: &mut ScriptEvent| e.0.event.id.clone())
         .register_get("source", |e: &mut ScriptEvent| e.0.event.source.clone())
-        .register_get("provider", |e: &mut ScriptEvent| e.0.event.provider.as_str().to_owned())
+        .register_get("provider", |e: &mut ScriptEvent| {
+            e.0.event.provider.as_str().to_owned()
+        })
         .register_get("kind", |e: &mut ScriptEvent| e.0.event.kind.clone())
         .register_get("action", |e: &mut ScriptEvent| {
-            e.0.event.action.clone().map(Dynamic::from).unwrap_or(Dynamic::UNIT)
+            e.0.event
+                .action
+                .clone()
+                .map(Dynamic::from)
+                .unwrap_or(Dynamic::UNIT)
         })
-        .register_get("delivery_id", |e: &mut ScriptEvent| e.0.event.delivery_id.clone())
-        .register_get("received_at", |e: &mut ScriptEvent| e.0.event.received_at_ms)
-        .register_get("body", |e: &mut ScriptEvent| String::from_utf8_lossy(&e.0.event.body).into_owned())
+        .register_get("delivery_id", |e: &mut ScriptEvent| {
+            e.0.event.delivery_id.clone()
+        })
+        .register_get("received_at", |e: &mut ScriptEvent| {
+            e.0.event.received_at_ms
+        })
+        .register_get("body", |e: &mut ScriptEvent| {
+            String::from_utf8_lossy(&e.0.event.body).into_owned()
+        })
         .register_fn("header", |e: &mut ScriptEvent, name: &str| {
-            e.0.event.header(name).map(|v| Dynamic::from(v.to_owned())).unwrap_or(Dynamic::UNIT)
+            e.0.event
+                .header(name)
+                .map(|v| Dynamic::from(v.to_owned()))
+                .unwrap_or(Dynamic::UNIT)
         })
         .register_fn("get", |e: &mut ScriptEvent, pointer: &str| -> Dynamic {
-            e.0.get(pointer).map(json_to_dynamic).unwrap_or(Dynamic::UNIT)
+            e.0.get(pointer)
+                .map(json_to_dynamic)
+                .unwrap_or(Dynamic::UNIT)
         });
     engine
 }
@@ -197,9 +247,11 @@ fn json_to_dynamic(v: &serde_json::Value) -> Dynamic {
         },
         J::String(s) => Dynamic::from(s.clone()),
         J::Array(a) => Dynamic::from_array(a.iter().map(json_to_dynamic).collect()),
-        J::Object(o) => {
-            Dynamic::from_map(o.iter().map(|(k, v)| (k.as_str().into(), json_to_dynamic(v))).collect())
-        }
+        J::Object(o) => Dynamic::from_map(
+            o.iter()
+                .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
+                .collect(),
+        ),
     }
 }
 
@@ -212,16 +264,26 @@ fn verdict(value: Dynamic) -> Result<Verdict, RuleFailure> {
     if value.is_map() {
         let map = value.cast::<rhai::Map>();
         let Some(reason) = map.get("ignore") else {
-            return Err(bad("a map answer must be #{ignore: \"reason\"}; routes go in an array".into()));
+            return Err(bad(
+                "a map answer must be #{ignore: \"reason\"}; routes go in an array".into(),
+            ));
         };
         if map.len() != 1 {
             return Err(bad("#{ignore: ..} takes no other keys".into()));
         }
-        let reason = reason.clone().into_string().map_err(|t| bad(format!("ignore reason is a {t}, not a string")))?;
-        return Ok(Verdict::Ignore(truncate(&reason, output::MAX_REASON).into_owned()));
+        let reason = reason
+            .clone()
+            .into_string()
+            .map_err(|t| bad(format!("ignore reason is a {t}, not a string")))?;
+        return Ok(Verdict::Ignore(
+            truncate(&reason, output::MAX_REASON).into_owned(),
+        ));
     }
     let Some(items) = value.clone().try_cast::<rhai::Array>() else {
-        return Err(bad(format!("expected an array of routes or #{{ignore: ..}}, got {}", value.type_name())));
+        return Err(bad(format!(
+            "expected an array of routes or #{{ignore: ..}}, got {}",
+            value.type_name()
+        )));
     };
     if items.len() > output::MAX_ROUTES {
         return Err(RuleFailure::Trap(format!(
@@ -244,7 +306,10 @@ fn route(item: Dynamic) -> Result<Route, String> {
         return Err(format!("expected a map, got {type_name}"));
     };
     let string = |key: &str, v: &Dynamic| -> Result<String, String> {
-        v.clone().into_immutable_string().map(|s: ImmutableString| s.to_string()).map_err(|t| format!("{key} is a {t}, not a string"))
+        v.clone()
+            .into_immutable_string()
+            .map(|s: ImmutableString| s.to_string())
+            .map_err(|t| format!("{key} is a {t}, not a string"))
     };
     let mut route = Route {
         agent: String::new(),
@@ -264,15 +329,26 @@ fn route(item: Dynamic) -> Result<Route, String> {
             "workflow" => route.workflow = Some(string("workflow", v)?),
             "priority" => {
                 let p = string("priority", v)?;
-                route.priority = Priority::parse(&p)
-                    .ok_or_else(|| format!("priority {p:?} is not one of critical, high, medium, low"))?;
+                route.priority = Priority::parse(&p).ok_or_else(|| {
+                    format!("priority {p:?} is not one of critical, high, medium, low")
+                })?;
             }
             "reason" => route.reason = string("reason", v)?,
             "labels" => {
-                let labels = v.clone().try_cast::<rhai::Array>().ok_or("labels is not an array")?;
-                route.labels = labels.iter().map(|l| string("label", l)).collect::<Result<_, _>>()?;
+                let labels = v
+                    .clone()
+                    .try_cast::<rhai::Array>()
+                    .ok_or("labels is not an array")?;
+                route.labels = labels
+                    .iter()
+                    .map(|l| string("label", l))
+                    .collect::<Result<_, _>>()?;
             }
-            other => return Err(format!("unknown key {other:?} (known: agent, workflow, priority, reason, labels)")),
+            other => {
+                return Err(format!(
+                    "unknown key {other:?} (known: agent, workflow, priority, reason, labels)"
+                ));
+            }
         }
     }
     if !has_agent {

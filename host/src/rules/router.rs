@@ -96,7 +96,11 @@ impl Worker {
     async fn run(mut self) {
         let mut store_errors = 0u32;
         while !self.stopping() {
-            match self.store.claim(&self.name, self.options.batch, self.options.lease).await {
+            match self
+                .store
+                .claim(&self.name, self.options.batch, self.options.lease)
+                .await
+            {
                 Ok(claimed) if claimed.is_empty() => {
                     store_errors = 0;
                     let wait = self.store.wait_for_work(self.options.poll);
@@ -116,7 +120,11 @@ impl Worker {
                 }
                 Err(e) => {
                     store_errors = store_errors.saturating_add(1);
-                    let delay = backoff(store_errors, Duration::from_millis(100), Duration::from_secs(10));
+                    let delay = backoff(
+                        store_errors,
+                        Duration::from_millis(100),
+                        Duration::from_secs(10),
+                    );
                     tracing::warn!(worker = %self.name, error = %e, ?delay, "claim failed; backing off");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -170,7 +178,9 @@ impl Worker {
 
 /// Exponential backoff with full jitter: uniform in `[0, min(max, base * 2^(n-1))]`.
 pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
-    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(max);
+    let exp = base
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+        .min(max);
     let r = getrandom::u64().unwrap_or(u64::MAX / 2);
     let nanos = u64::try_from(exp.as_nanos()).unwrap_or(u64::MAX);
     Duration::from_nanos(if nanos == 0 { 0 } else { r % (nanos + 1) })
