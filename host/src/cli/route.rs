@@ -135,12 +135,7 @@ pub fn route_file(
     if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
         bail!("{}: not a JSON document", payload.display());
     }
-    let cache = base_dir.join(
-        rules
-            .cache_dir
-            .clone()
-            .unwrap_or_else(|| rules.dir.join(".cache")),
-    );
+    let cache = rules.cache_dir(base_dir);
     let engine = WasmEngine::new(Some(cache))?;
     let start = Instant::now();
     let set = RuleSet::load(rules, base_dir, &engine)?;

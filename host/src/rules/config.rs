@@ -6,7 +6,7 @@
 //! touches the store or starts a task.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -79,7 +79,9 @@ pub enum MergeMode {
     /// Union by agent and workflow; the highest priority wins, labels are unioned.
     #[default]
     Merge,
-    /// The routes of the first rule (in order) that returns any.
+    /// The routes of the first rule (in order) that returns any; the rules
+    /// after it do not run and have no record in the decision. A failed rule
+    /// whose policy is `default-agent` counts as returning that route.
     First,
 }
 
@@ -285,6 +287,20 @@ impl Default for BreakerConfig {
 }
 
 impl RulesConfig {
+    /// The rules directory, resolved against the config file's directory.
+    pub fn rules_dir(&self, base_dir: &Path) -> PathBuf {
+        base_dir.join(&self.dir)
+    }
+
+    /// The compile cache directory, resolved against the config file's
+    /// directory (`<dir>/.cache` unless `cache_dir` is set).
+    pub fn cache_dir(&self, base_dir: &Path) -> PathBuf {
+        match &self.cache_dir {
+            Some(dir) => base_dir.join(dir),
+            None => self.rules_dir(base_dir).join(".cache"),
+        }
+    }
+
     /// Checks values serde cannot, naming the key under `rules.`.
     pub fn validate(&self) -> Result<(), String> {
         self.limits

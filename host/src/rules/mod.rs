@@ -436,7 +436,7 @@ impl RuleSet {
         config
             .validate()
             .map_err(|m| LoadError::new(base_dir, None, m))?;
-        let dir = base_dir.join(&config.dir);
+        let dir = config.rules_dir(base_dir);
         let manifests = manifest_paths(config, &dir)?;
         let mut rules = Vec::with_capacity(manifests.len());
         let mut seen = BTreeMap::new();

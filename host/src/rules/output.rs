@@ -81,3 +81,17 @@ pub fn bound(mut routes: Vec<Route>) -> Result<Vec<Route>, RuleFailure> {
     }
     Ok(routes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_cuts_on_a_char_boundary_within_the_limit() {
+        assert_eq!(truncate("short", 10), "short");
+        let s = "é".repeat(100);
+        let t = truncate(&s, 11);
+        assert!(t.len() <= 11 && t.ends_with('…'), "{t}");
+        assert_eq!(t.trim_end_matches('…').chars().count(), 4);
+    }
+}
