@@ -1586,7 +1586,13 @@ async fn an_event_claimed_by_a_crashed_worker_is_routed_after_its_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_keep_routing_past_a_looping_rule() {
     let store = Arc::new(MemStore::default());
-    let rules = set(vec![wasm("loop", "[limits]\ntimeout_ms = 20"), good()]);
+    // The trap fixture's panic message goes through WASI stderr (the empty
+    // context's sink) from a blocking thread inside the runtime.
+    let rules = set(vec![
+        wasm("loop", "[limits]\ntimeout_ms = 20"),
+        wasm("trap", ""),
+        good(),
+    ]);
     let rules = Arc::new(ArcSwap::from_pointee(rules));
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(router::run(store.clone(), rules, options(), shutdown));
@@ -1614,6 +1620,10 @@ async fn workers_keep_routing_past_a_looping_rule() {
             "{timeouts} timeouts, {disabled} disabled"
         );
         for d in g.decisions.values() {
+            assert!(matches!(
+                failure(d, "trap"),
+                RuleFailure::Trap(_) | RuleFailure::Disabled(_)
+            ));
             assert_eq!(agents(d), vec![("bench", Priority::Medium)]);
         }
     }
