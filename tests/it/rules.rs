@@ -3,7 +3,7 @@
 //! reported while the other rules keep serving, the breaker, merge modes,
 //! failure policies, manifests, the shipped routing tables, the router workers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use sluice::decision::{Decision, Priority, Route, RuleFailure, RuleOutcome, Verdict};
-use sluice::event::{Event, EventStatus, ParsedEvent, Provider};
+use sluice::event::{Event, ParsedEvent, Provider};
 use sluice::ingress::NewEvent;
 use sluice::rules::breaker::BreakerState;
 use sluice::rules::config::{BreakerConfig, FailurePolicy, MergeMode, RulesConfig};
@@ -213,7 +213,12 @@ fn contained(hostile: Rule, check: impl Fn(&RuleFailure)) {
 fn infinite_loop_times_out_within_its_deadline() {
     let rule = wasm("loop", "[limits]\ntimeout_ms = 50");
     let start = Instant::now();
-    let r = rule.classify(&issues_opened());
+    // On another thread, so a broken deadline fails this test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(rule.classify(&issues_opened())));
+    let r = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the epoch deadline did not stop an infinite loop within 10 s");
     let took = start.elapsed();
     assert!(matches!(r, Err(RuleFailure::Timeout(_))), "{r:?}");
     assert!(
@@ -1505,7 +1510,6 @@ async fn router_workers_route_stored_events_and_stop_on_shutdown() {
         .await
         .expect("workers stop on shutdown")
         .unwrap();
-    assert_eq!(EventStatus::Routed.as_str(), "routed");
 }
 
 fn set_of_one(rule: Rule) -> RuleSet {
@@ -1666,5 +1670,4 @@ fn backoff_grows_and_is_capped() {
         assert!(d <= max);
         assert!(d <= base * 2u32.pow((attempt - 1).min(20)));
     }
-    let _ = BTreeMap::<u8, u8>::new();
 }
