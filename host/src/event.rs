@@ -98,9 +98,14 @@ impl EventStatus {
 
     /// Parses a stored status name.
     pub fn parse(s: &str) -> Option<EventStatus> {
-        [EventStatus::Pending, EventStatus::Claimed, EventStatus::Routed, EventStatus::Dead]
-            .into_iter()
-            .find(|st| st.as_str() == s)
+        [
+            EventStatus::Pending,
+            EventStatus::Claimed,
+            EventStatus::Routed,
+            EventStatus::Dead,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
     }
 }
 
@@ -149,13 +154,17 @@ pub struct ParsedEvent {
 impl ParsedEvent {
     /// Wraps a stored event; the body is parsed on first use.
     pub fn new(event: Event) -> Self {
-        ParsedEvent { event, payload: OnceLock::new() }
+        ParsedEvent {
+            event,
+            payload: OnceLock::new(),
+        }
     }
 
     /// The parsed payload (`null` when the body is not JSON).
     pub fn payload(&self) -> &serde_json::Value {
-        self.payload
-            .get_or_init(|| serde_json::from_slice(&self.event.body).unwrap_or(serde_json::Value::Null))
+        self.payload.get_or_init(|| {
+            serde_json::from_slice(&self.event.body).unwrap_or(serde_json::Value::Null)
+        })
     }
 
     /// The value at an RFC 6901 JSON pointer.
@@ -170,12 +179,20 @@ impl Event {
     /// from the payload when not given (`/action`, or GitLab's
     /// `/object_attributes/action`), and the provider's event header is set
     /// to `kind`.
-    pub fn dry_run(source: &str, provider: Provider, kind: &str, action: Option<String>, body: Bytes) -> Event {
+    pub fn dry_run(
+        source: &str,
+        provider: Provider,
+        kind: &str,
+        action: Option<String>,
+        body: Bytes,
+    ) -> Event {
         use sha2::Digest;
         let payload: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
         let action = action.or_else(|| {
             let p = payload.as_ref()?;
-            let a = p.get("action").or_else(|| p.pointer("/object_attributes/action"))?;
+            let a = p
+                .get("action")
+                .or_else(|| p.pointer("/object_attributes/action"))?;
             a.as_str().map(str::to_owned)
         });
         let mut headers = Vec::new();

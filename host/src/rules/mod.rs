@@ -17,6 +17,9 @@ pub mod rhai;
 pub mod router;
 pub mod wasm;
 
+pub use self::config::RulesConfig;
+pub use self::wasm::WasmEngine;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
@@ -30,10 +33,10 @@ use sha2::{Digest, Sha256};
 use crate::decision::{Decision, Priority, Route, RuleFailure, RuleOutcome, RuleRecord, Verdict};
 use crate::event::{Event, ParsedEvent, Provider};
 use crate::rules::breaker::{Breaker, BreakerState};
-use crate::rules::config::{BreakerConfig, FailurePolicy, MergeMode, RulesConfig};
+use crate::rules::config::{BreakerConfig, FailurePolicy, MergeMode};
 use crate::rules::manifest::{Manifest, RuleSource, TestVector};
 use crate::rules::rhai::RhaiRule;
-use crate::rules::wasm::{WasmEngine, WasmRule};
+use crate::rules::wasm::WasmRule;
 
 /// The rule set currently serving, swapped whole on reload.
 pub type SharedRuleSet = Arc<ArcSwap<RuleSet>>;
