@@ -1,8 +1,118 @@
 //! sluice: a webhook gateway with sandboxed, hot-reloaded routing rules.
+//!
+//! The library exposes [`app`] (the axum router over a ready [`AppState`]) and
+//! [`run`] (the HTTP server on a bound listener), so tests drive the gateway
+//! over real loopback sockets on port 0 and the binary is a thin CLI on top.
 
 pub mod cli;
+pub mod config;
 pub mod decision;
 pub mod event;
 pub mod ingress;
 pub mod rules;
+pub mod secret;
+pub mod server;
 pub mod store;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+
+use crate::config::Config;
+use crate::ingress::dedup::Dedup;
+use crate::ingress::shield::Shield;
+use crate::ingress::source::{SecretReport, Sources, build_sources};
+use crate::rules::SharedRuleSet;
+use crate::rules::router::RouterOptions;
+use crate::secret::Generate;
+use crate::store::{SqliteStore, Store};
+
+pub use server::run;
+
+/// Everything the request path shares.
+pub struct AppState {
+    /// The validated config.
+    pub config: Arc<Config>,
+    /// Sources by name, with their verifiers and loaded secrets.
+    pub sources: Sources,
+    /// The per-IP shield.
+    pub shield: Shield,
+    /// The in-memory dedup cache.
+    pub dedup: Dedup,
+    /// The durable event log.
+    pub store: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("sources", &self.sources.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl AppState {
+    /// Loads secrets (generating those the config allows), opens the store.
+    pub fn build(config: Config) -> anyhow::Result<(Arc<AppState>, Vec<SecretReport>)> {
+        let (sources, reports) = build_sources(&config, Generate::IfMissing)?;
+        let db = config.data_dir().join(&config.store.path);
+        let store = SqliteStore::open(&db, config.store.batch_max)
+            .map_err(|e| anyhow::anyhow!("{}: store.path: {e}", config.origin))?;
+        let state = AppState {
+            shield: Shield::new(&config.shield),
+            dedup: Dedup::new(config.store.dedup_capacity, config.store.dedup_ttl),
+            sources,
+            store: Arc::new(store),
+            config: Arc::new(config),
+        };
+        Ok((Arc::new(state), reports))
+    }
+}
+
+/// The HTTP routes over a ready state.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/hooks/{source}", post(ingress::handler::receive))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// Runs the whole gateway until `shutdown`: HTTP intake on `listener` and the
+/// router workers routing what intake stores. On shutdown, intake stops first
+/// (requests in flight finish), then the workers finish the event in hand, then
+/// the store commits what is queued and closes.
+pub async fn serve(
+    state: Arc<AppState>,
+    rules: SharedRuleSet,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (stop_router, router_stopped) = tokio::sync::watch::channel(false);
+    let router = tokio::spawn(rules::router::run(
+        state.store.clone(),
+        rules,
+        RouterOptions::from(&state.config.rules),
+        router_stopped,
+    ));
+    let served = run(state.clone(), listener, shutdown).await;
+    let _ = stop_router.send(true);
+    if let Err(e) = router.await {
+        tracing::error!(error = %e, "router ended abnormally");
+    }
+    state.store.close().await;
+    served
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
+    match state.store.ready().await {
+        Ok(()) => (StatusCode::OK, "ready"),
+        Err(e) => {
+            tracing::warn!(error = %e, "store not writable");
+            (StatusCode::SERVICE_UNAVAILABLE, "store not writable")
+        }
+    }
+}

@@ -1,3 +1,15 @@
-//! The integration tests: one binary, one module per area.
+//! The integration tests: one binary, a module per area. Everything runs over
+//! real loopback HTTP against a real SQLite file; the crash test runs the real
+//! `sluice` binary and kills it with SIGKILL.
 
+mod abuse;
+mod cli;
+mod config;
+mod corpus;
+mod crash;
+mod dedup;
+mod fuzz;
 mod rules;
+mod store;
+mod support;
+mod vectors;

@@ -1254,6 +1254,7 @@ fn route_dry_run_prints_every_rule_and_the_merged_routes() {
     let report = sluice::cli::route::route_file(
         &config,
         &repo(),
+        cache.path(),
         "gitlab",
         Provider::Gitlab,
         "Tag Push Hook",
@@ -1283,6 +1284,7 @@ fn route_dry_run_prints_every_rule_and_the_merged_routes() {
     let e = sluice::cli::route::route_file(
         &config,
         &repo(),
+        cache.path(),
         "gitlab",
         Provider::Gitlab,
         "x",
@@ -1418,6 +1420,7 @@ impl Store for MemStore {
     async fn wait_for_work(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.notify.notified()).await;
     }
+    async fn close(&self) {}
 }
 
 fn stored(id: &str, kind: &str, file: &str) -> Event {

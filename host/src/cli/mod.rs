@@ -1,4 +1,120 @@
-//! The `sluice` subcommands, one file each. Each parses its own arguments and
-//! calls into the library; none holds logic the server does not also use.
+//! The `sluice` command line: one file per command.
 
+pub mod check;
+pub mod events;
 pub mod route;
+pub mod send;
+pub mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// sluice: a webhook gateway with sandboxed routing rules.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The config file option every command shares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArg {
+    /// The config file (TOML). Without it, the embedded defaults (examples/sluice.toml).
+    #[arg(long, short = 'c', env = "SLUICE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    /// Loads the config this option names.
+    pub fn load(&self) -> anyhow::Result<crate::config::Config> {
+        Ok(crate::config::Config::load(self.config.as_deref())?)
+    }
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve(serve::ServeArgs),
+    /// Validate the config (and the secrets it names) without serving.
+    Check(check::CheckArgs),
+    /// Sign a payload the way the provider would and POST it (also a small load generator).
+    Send(send::SendArgs),
+    /// Read stored events.
+    #[command(subcommand)]
+    Events(events::EventsCommand),
+    /// Dry-run the rules on a payload and print each rule's decision with timings.
+    Route(route::RouteArgs),
+}
+
+/// Runs a parsed command line.
+pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(a) => serve::run(a).await,
+        Command::Check(a) => check::run(a),
+        Command::Send(a) => send::run(a).await,
+        Command::Events(c) => events::run(c),
+        Command::Route(a) => route::run(a),
+    }
+}
+
+/// Writes a decision as text: one line per rule (name, version, duration,
+/// outcome), then the merged routes (for `route` and `events show`).
+pub fn write_decision(
+    d: &crate::decision::Decision,
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
+    use crate::decision::{RuleOutcome, Verdict};
+    let width = d.rules.iter().map(|r| r.rule.len()).max().unwrap_or(4);
+    for r in &d.rules {
+        let outcome = match &r.outcome {
+            RuleOutcome::Skipped => "skipped (does not want this event)".to_owned(),
+            RuleOutcome::Verdict(Verdict::Ignore(reason)) => format!("ignore: {reason}"),
+            RuleOutcome::Verdict(Verdict::Routes(rs)) if rs.is_empty() => "no routes".to_owned(),
+            RuleOutcome::Verdict(Verdict::Routes(rs)) => {
+                let parts: Vec<_> = rs
+                    .iter()
+                    .map(|r| format!("{} ({})", r.agent, r.priority.as_str()))
+                    .collect();
+                format!("routes: {}", parts.join(", "))
+            }
+            RuleOutcome::Failed(f) => format!("FAILED {}: {f}", route::failure_kind(f)),
+        };
+        writeln!(
+            out,
+            "  {:width$}  {}  {:>7} µs  {outcome}",
+            r.rule, r.version, r.duration_us
+        )?;
+    }
+    if d.routes.is_empty() {
+        writeln!(out, "routes: none")?;
+    } else {
+        writeln!(out, "routes:")?;
+        for r in &d.routes {
+            let workflow = r
+                .workflow
+                .as_deref()
+                .map(|w| format!(" workflow={w}"))
+                .unwrap_or_default();
+            let labels = if r.labels.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", r.labels.join(", "))
+            };
+            writeln!(
+                out,
+                "  {} ({}){workflow}{labels}: {}",
+                r.agent,
+                r.priority.as_str(),
+                r.reason
+            )?;
+        }
+    }
+    if let Some(reason) = &d.dead_letter {
+        writeln!(out, "dead-letter: {reason}")?;
+    }
+    Ok(())
+}

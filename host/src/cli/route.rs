@@ -12,7 +12,8 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::decision::{Decision, RuleFailure, RuleOutcome, Verdict};
+use super::ConfigArg;
+use crate::decision::{Decision, RuleFailure};
 use crate::event::{Event, ParsedEvent, Provider};
 use crate::rules::RuleSet;
 use crate::rules::config::RulesConfig;
@@ -21,13 +22,14 @@ use crate::rules::wasm::WasmEngine;
 /// Arguments of `sluice route`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RouteArgs {
-    /// The sluice config file (its `[rules]` section says which rules load).
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
-    /// The source the event would arrive on (`github`, `gitlab-main`, ...).
+    /// The config file (its `[rules]` section says which rules load).
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The source the event would arrive on (`github`, `gitlab`, ...).
     #[arg(long)]
     pub source: String,
-    /// The provider behind the source; defaults to the source name when it is one.
+    /// The provider behind the source; defaults to the configured source's
+    /// provider, or to the source name when it names a provider.
     #[arg(long)]
     pub provider: Option<String>,
     /// The event kind (the `X-GitHub-Event` / `X-Gitlab-Event` header value).
@@ -68,24 +70,32 @@ pub struct LoadedRule {
     pub origin: PathBuf,
 }
 
-/// Runs `sluice route`. Reads only the `[rules]` section of the config file.
+/// Runs `sluice route`.
 pub fn run(args: RouteArgs) -> anyhow::Result<()> {
-    let (rules, base_dir) = rules_section(&args.config)?;
+    let config = args.config.load()?;
     let provider = match &args.provider {
         Some(p) => {
             Provider::parse(p).with_context(|| format!("--provider: unknown provider {p:?}"))?
         }
-        None => match Provider::parse(&args.source) {
+        None => match config
+            .sources
+            .get(&args.source)
+            .map(|s| s.provider)
+            .or(Provider::parse(&args.source))
+        {
             Some(p) => p,
             None => bail!(
-                "cannot tell the provider of source {:?}; pass --provider",
-                args.source
+                "source {:?} is not in {}; pass --provider",
+                args.source,
+                config.origin
             ),
         },
     };
+    let cache = config.rules.cache_dir(&config.base_dir, config.data_dir());
     let report = route_file(
-        &rules,
-        &base_dir,
+        &config.rules,
+        &config.base_dir,
+        &cache,
         &args.source,
         provider,
         &args.kind,
@@ -97,33 +107,12 @@ pub fn run(args: RouteArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `[rules]` section of a config file and the directory paths in it are
-/// relative to. (The full `Config` loader replaces this on integration.)
-fn rules_section(path: &Path) -> anyhow::Result<(RulesConfig, PathBuf)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    let table: toml::Table =
-        toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
-    let rules = match table.get("rules") {
-        Some(v) => {
-            let rules: RulesConfig = serde_path_to_error::deserialize(v.clone()).map_err(|e| {
-                anyhow::anyhow!("{}: rules.{}: {}", path.display(), e.path(), e.inner())
-            })?;
-            rules
-        }
-        None => RulesConfig::default(),
-    };
-    let base = path
-        .parent()
-        .map(Path::to_owned)
-        .unwrap_or_else(|| PathBuf::from("."));
-    Ok((rules, base))
-}
-
 /// Loads the rule set `rules` describes and runs it once on the payload file.
+#[allow(clippy::too_many_arguments)]
 pub fn route_file(
     rules: &RulesConfig,
     base_dir: &Path,
+    cache: &Path,
     source: &str,
     provider: Provider,
     kind: &str,
@@ -135,8 +124,7 @@ pub fn route_file(
     if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
         bail!("{}: not a JSON document", payload.display());
     }
-    let cache = rules.cache_dir(base_dir);
-    let engine = WasmEngine::new(Some(cache))?;
+    let engine = WasmEngine::new(Some(cache.to_path_buf()))?;
     let start = Instant::now();
     let set = RuleSet::load(rules, base_dir, &engine)?;
     let load_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -183,64 +171,12 @@ pub fn print(report: &DryRun, json: bool, out: &mut impl Write) -> anyhow::Resul
         report.rule_set.len(),
         report.load_us
     )?;
-    let width = report
-        .decision
-        .rules
-        .iter()
-        .map(|r| r.rule.len())
-        .max()
-        .unwrap_or(4);
-    for r in &report.decision.rules {
-        let outcome = match &r.outcome {
-            RuleOutcome::Skipped => "skipped (does not want this event)".to_owned(),
-            RuleOutcome::Verdict(Verdict::Ignore(reason)) => format!("ignore: {reason}"),
-            RuleOutcome::Verdict(Verdict::Routes(rs)) if rs.is_empty() => "no routes".to_owned(),
-            RuleOutcome::Verdict(Verdict::Routes(rs)) => {
-                let parts: Vec<_> = rs
-                    .iter()
-                    .map(|r| format!("{} ({})", r.agent, r.priority.as_str()))
-                    .collect();
-                format!("routes: {}", parts.join(", "))
-            }
-            RuleOutcome::Failed(f) => format!("FAILED {}: {f}", failure_kind(f)),
-        };
-        writeln!(
-            out,
-            "  {:width$}  {}  {:>7} µs  {outcome}",
-            r.rule, r.version, r.duration_us
-        )?;
-    }
-    if report.decision.routes.is_empty() {
-        writeln!(out, "routes: none")?;
-    } else {
-        writeln!(out, "routes:")?;
-        for r in &report.decision.routes {
-            let workflow = r
-                .workflow
-                .as_deref()
-                .map(|w| format!(" workflow={w}"))
-                .unwrap_or_default();
-            let labels = if r.labels.is_empty() {
-                String::new()
-            } else {
-                format!(" [{}]", r.labels.join(", "))
-            };
-            writeln!(
-                out,
-                "  {} ({}){workflow}{labels}: {}",
-                r.agent,
-                r.priority.as_str(),
-                r.reason
-            )?;
-        }
-    }
-    if let Some(reason) = &report.decision.dead_letter {
-        writeln!(out, "dead-letter: {reason}")?;
-    }
+    crate::cli::write_decision(&report.decision, out)?;
     Ok(())
 }
 
-fn failure_kind(f: &RuleFailure) -> &'static str {
+/// A short name for a failure's kind.
+pub fn failure_kind(f: &RuleFailure) -> &'static str {
     match f {
         RuleFailure::Guest(_) => "guest error",
         RuleFailure::Timeout(_) => "timeout",

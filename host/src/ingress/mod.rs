@@ -4,7 +4,12 @@
 //! and the types enforce it: only [`verify::Verified`] can be normalised into a
 //! [`NewEvent`], and only a `NewEvent` can be appended to the store.
 
+pub mod dedup;
+pub mod handler;
 pub mod normalize;
+pub mod shield;
+pub mod source;
+pub mod verify;
 
 use bytes::Bytes;
 

@@ -29,7 +29,8 @@ pub struct RulesConfig {
     /// What a failing rule does to the event unless its manifest says otherwise.
     pub on_error: FailurePolicy,
     /// Where compiled components are cached (relative to the config file's
-    /// directory); absent means `<dir>/.cache`.
+    /// directory); absent means `<data_dir>/cache/wasm`, outside the rules
+    /// directory so a watcher on it never sees cache writes.
     pub cache_dir: Option<PathBuf>,
     /// Default sandbox limits; a manifest's `[limits]` overrides them per rule.
     pub limits: Limits,
@@ -292,12 +293,12 @@ impl RulesConfig {
         base_dir.join(&self.dir)
     }
 
-    /// The compile cache directory, resolved against the config file's
-    /// directory (`<dir>/.cache` unless `cache_dir` is set).
-    pub fn cache_dir(&self, base_dir: &Path) -> PathBuf {
+    /// The compile cache directory: `cache_dir` resolved against the config
+    /// file's directory, else `<data_dir>/cache/wasm`.
+    pub fn cache_dir(&self, base_dir: &Path, data_dir: &Path) -> PathBuf {
         match &self.cache_dir {
             Some(dir) => base_dir.join(dir),
-            None => self.rules_dir(base_dir).join(".cache"),
+            None => data_dir.join("cache").join("wasm"),
         }
     }
 

@@ -10,7 +10,7 @@
 //! failures. A lease that expires (a worker crashed) makes the event claimable
 //! again, so a crash between claim and decision loses nothing.
 
-
+pub mod sqlite;
 
 use std::time::Duration;
 
@@ -21,10 +21,10 @@ use crate::decision::Decision;
 use crate::event::{Event, EventStatus};
 use crate::ingress::NewEvent;
 
-
+pub use sqlite::SqliteStore;
 
 /// Errors from a store backend.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The backend failed (I/O, corruption, connection).
     #[error("store backend failed: {0}")]
@@ -131,7 +131,11 @@ pub trait Store: Send + Sync + 'static {
     async fn append(&self, event: NewEvent) -> Result<Appended, StoreError>;
 
     /// Looks up an already stored delivery (for a dedup check after a restart).
-    async fn find_delivery(&self, source: &str, delivery_id: &str) -> Result<Option<String>, StoreError>;
+    async fn find_delivery(
+        &self,
+        source: &str,
+        delivery_id: &str,
+    ) -> Result<Option<String>, StoreError>;
 
     /// One event with its decision.
     async fn get(&self, id: &str) -> Result<Option<EventRecord>, StoreError>;
@@ -140,7 +144,12 @@ pub trait Store: Send + Sync + 'static {
     async fn list(&self, filter: &ListFilter) -> Result<Vec<EventSummary>, StoreError>;
 
     /// Leases up to `max` routable events to `worker` for `lease`.
-    async fn claim(&self, worker: &str, max: usize, lease: Duration) -> Result<Vec<Claimed>, StoreError>;
+    async fn claim(
+        &self,
+        worker: &str,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>, StoreError>;
 
     /// Records the decision for a claimed event and releases it as routed.
     async fn complete(&self, id: &str, decision: &Decision) -> Result<(), StoreError>;
@@ -162,4 +171,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Resolves when new events may be claimable; workers also poll.
     async fn wait_for_work(&self, timeout: Duration);
+
+    /// Finishes queued writes and stops taking new ones.
+    async fn close(&self);
 }

@@ -1,0 +1,532 @@
+//! Configuration: embedded defaults, then the file, then `SLUICE_*` env vars.
+//!
+//! The TOML is parsed into raw serde types (unknown keys rejected, every error
+//! naming the file and the key path), then validated once into the types the
+//! rest of the gateway uses. Secrets are never in the config text: a source
+//! names where its secret lives (an env var or a file), and `secret.rs` loads it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+use crate::event::Provider;
+use crate::rules::RulesConfig;
+
+/// The config the gateway runs on when no `--config` is given; also shipped as
+/// `examples/sluice.toml`.
+pub const EMBEDDED_DEFAULTS: &str = include_str!("../../examples/sluice.toml");
+
+/// The name errors use for the embedded defaults.
+pub const EMBEDDED_NAME: &str = "<embedded defaults: examples/sluice.toml>";
+
+/// A config that could not be loaded; the message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {message}")]
+pub struct ConfigError {
+    /// The file (or the embedded defaults, or an env var) at fault.
+    pub file: String,
+    /// The dotted key path at fault.
+    pub key: String,
+    /// What was expected.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(file: &str, key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_string(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole gateway config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listener, data dir, limits and timeouts.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The per-IP shield in front of verification.
+    #[serde(default)]
+    pub shield: ShieldConfig,
+    /// The embedded store.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Webhook sources by name: each serves `/hooks/{name}`.
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceConfig>,
+    /// Routing rules.
+    #[serde(default)]
+    pub rules: RulesConfig,
+    /// Where this config came from, for error messages.
+    #[serde(skip)]
+    pub origin: String,
+    /// The directory relative paths in the file are resolved against.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on; env `SLUICE_LISTEN` overrides.
+    pub listen: SocketAddr,
+    /// Where the store, generated secrets and caches live; env `SLUICE_DATA` overrides.
+    pub data_dir: PathBuf,
+    /// Largest accepted body, in bytes (413 beyond). Sources may lower or raise it.
+    pub max_body_bytes: usize,
+    /// Time a client has to send its request headers.
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    /// Time a client has to send its whole body.
+    #[serde(deserialize_with = "duration")]
+    pub body_timeout: Duration,
+    /// Most connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Proxies whose `X-Forwarded-For` is believed (CIDR), e.g. a tunnel on loopback.
+    pub trusted_proxies: Vec<IpNet>,
+    /// `text` or `json`; env `SLUICE_LOG_FORMAT` overrides.
+    pub log_format: LogFormat,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:3847".parse().expect("valid default address"),
+            data_dir: PathBuf::from("./data"),
+            // GitHub caps payloads at 25 MB; most are far below 1 MB. 5 MiB keeps
+            // large pushes while bounding what one request can make us buffer.
+            max_body_bytes: 5 * 1024 * 1024,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 2048,
+            trusted_proxies: Vec::new(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[shield]`: the per-IP rate limit checked before any crypto.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShieldConfig {
+    /// Turn the shield off entirely.
+    pub enabled: bool,
+    /// Sustained requests per second per client IP.
+    pub per_second: u32,
+    /// Requests a client IP may send in a burst.
+    pub burst: u32,
+}
+
+impl Default for ShieldConfig {
+    fn default() -> Self {
+        ShieldConfig {
+            enabled: true,
+            per_second: 100,
+            burst: 500,
+        }
+    }
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The SQLite file, relative to the data dir.
+    pub path: PathBuf,
+    /// Most appends committed in one transaction (one fsync).
+    pub batch_max: usize,
+    /// How long the in-memory dedup cache remembers a delivery id.
+    #[serde(deserialize_with = "duration")]
+    pub dedup_ttl: Duration,
+    /// Most delivery ids the in-memory dedup cache holds.
+    pub dedup_capacity: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("sluice.db"),
+            batch_max: 512,
+            dedup_ttl: Duration::from_secs(24 * 3600),
+            dedup_capacity: 200_000,
+        }
+    }
+}
+
+/// Where one secret comes from. Its value never appears in the config.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSpec {
+    /// Read it from this environment variable.
+    pub env: Option<String>,
+    /// Read it from this file (relative to the config file).
+    pub file: Option<PathBuf>,
+    /// When `env` is unset (or alone), use a strong random secret generated into a
+    /// 0600 file under the data dir. Off unless asked for: a secret named in the
+    /// config but missing is an error, not a silent fallback.
+    #[serde(default)]
+    pub generate: bool,
+}
+
+/// GitLab's two ways of proving a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GitlabMode {
+    /// `X-Gitlab-Token` must match a secret.
+    Token,
+    /// The signing token: `webhook-signature` the Standard Webhooks way.
+    Signature,
+    /// Either proof is enough.
+    Either,
+    /// Both must be present and valid.
+    Both,
+}
+
+/// How a generic HMAC signature is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// Lower- or upper-case hex.
+    Hex,
+    /// Standard base64.
+    Base64,
+}
+
+/// An optional per-source limit, checked after verification.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained verified events per second.
+    pub per_second: u32,
+    /// Burst size.
+    pub burst: u32,
+}
+
+/// `[sources.NAME]`: one webhook endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// The verification scheme and normalisation.
+    pub provider: Provider,
+    /// One secret.
+    pub secret: Option<SecretSpec>,
+    /// Several secrets, all accepted (for rotation).
+    pub secrets: Option<Vec<SecretSpec>>,
+    /// GitLab: which proof is required.
+    pub mode: Option<GitlabMode>,
+    /// GitLab: the signing token(s), for `mode = "signature" | "either" | "both"`.
+    pub signing_secrets: Option<Vec<SecretSpec>>,
+    /// Replay window for timestamped schemes (Standard Webhooks, Stripe, Slack,
+    /// GitLab signing, Linear).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub tolerance: Option<Duration>,
+    /// Generic HMAC: the signature header.
+    pub header: Option<String>,
+    /// Generic HMAC: a prefix before the signature (`sha256=`).
+    pub prefix: Option<String>,
+    /// Generic HMAC: how the signature is encoded.
+    pub encoding: Option<Encoding>,
+    /// Generic HMAC: the header carrying the delivery id.
+    pub delivery_header: Option<String>,
+    /// Generic HMAC: the header carrying the event kind.
+    pub kind_header: Option<String>,
+    /// Overrides `server.max_body_bytes` for this source.
+    pub max_body_bytes: Option<usize>,
+    /// Only these client networks may post here (CIDR).
+    pub allow_ips: Option<Vec<IpNet>>,
+    /// Optional limit after verification. Off by default: GitHub never retries,
+    /// so a 429 to a verified event loses it.
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl SourceConfig {
+    /// The primary secrets, `secret` or `secrets`, whichever is set.
+    pub fn secret_specs(&self) -> Vec<SecretSpec> {
+        match (&self.secret, &self.secrets) {
+            (Some(one), _) => vec![one.clone()],
+            (None, Some(many)) => many.clone(),
+            (None, None) => Vec::new(),
+        }
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!("expected a duration like \"10s\" or \"5m\": {e}"))
+    })
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+impl Config {
+    /// Loads `path`, or the embedded defaults when `None`, then applies env overrides.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (text, origin, base_dir) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    ConfigError::new(
+                        &p.display().to_string(),
+                        "(file)",
+                        format!("cannot read: {e}"),
+                    )
+                })?;
+                let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
+                (text, p.display().to_string(), base)
+            }
+            None => (
+                EMBEDDED_DEFAULTS.to_string(),
+                EMBEDDED_NAME.to_string(),
+                PathBuf::from("."),
+            ),
+        };
+        let mut config = Config::parse(&text, &origin)?;
+        config.base_dir = base_dir;
+        config.apply_env()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; `origin` names it in errors. No env overrides, no validation.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| ConfigError::new(origin, "(syntax)", one_line(&e)))?;
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::new(
+                origin,
+                if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                one_line(e.inner()),
+            )
+        })?;
+        config.origin = origin.to_string();
+        Ok(config)
+    }
+
+    fn apply_env(&mut self) -> Result<(), ConfigError> {
+        if let Ok(v) = std::env::var("SLUICE_LISTEN") {
+            self.server.listen = v.parse().map_err(|e| {
+                ConfigError::new(
+                    "env SLUICE_LISTEN",
+                    "server.listen",
+                    format!("expected host:port, got {v:?}: {e}"),
+                )
+            })?;
+        }
+        if let Ok(v) = std::env::var("SLUICE_DATA") {
+            self.server.data_dir = PathBuf::from(v);
+        }
+        if let Ok(v) = std::env::var("SLUICE_LOG_FORMAT") {
+            self.server.log_format = match v.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError::new(
+                        "env SLUICE_LOG_FORMAT",
+                        "server.log_format",
+                        format!("expected \"text\" or \"json\", got {v:?}"),
+                    ));
+                }
+            };
+        }
+        Ok(())
+    }
+
+    /// Checks what serde cannot: cross-key rules per provider.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: String, msg: &str| Err(ConfigError::new(&self.origin, key, msg));
+        if self.server.max_body_bytes == 0 {
+            return err("server.max_body_bytes".into(), "must be greater than 0");
+        }
+        if self.shield.enabled && (self.shield.per_second == 0 || self.shield.burst == 0) {
+            return err(
+                "shield.per_second".into(),
+                "must be greater than 0 (or set shield.enabled = false)",
+            );
+        }
+        for (name, src) in &self.sources {
+            let at = |k: &str| format!("sources.{name}.{k}");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return err(
+                    format!("sources.{name}"),
+                    "a source name may hold only letters, digits, '-' and '_'",
+                );
+            }
+            if src.secret.is_some() && src.secrets.is_some() {
+                return err(at("secrets"), "set either `secret` or `secrets`, not both");
+            }
+            for (i, spec) in src
+                .secret_specs()
+                .iter()
+                .chain(src.signing_secrets.iter().flatten())
+                .enumerate()
+            {
+                if spec.env.is_some() && spec.file.is_some() {
+                    return err(
+                        at(&format!("secrets[{i}]")),
+                        "a secret comes from `env` or `file`, not both",
+                    );
+                }
+                if spec.env.is_none() && spec.file.is_none() && !spec.generate {
+                    return err(
+                        at(&format!("secrets[{i}]")),
+                        "expected `env = \"VAR\"`, `file = \"path\"` or `generate = true`",
+                    );
+                }
+                if spec.file.is_some() && spec.generate {
+                    return err(
+                        at(&format!("secrets[{i}]")),
+                        "`generate` goes with `env` (or alone), not with `file`",
+                    );
+                }
+            }
+            let has_primary = !src.secret_specs().is_empty();
+            let has_signing = src.signing_secrets.as_ref().is_some_and(|s| !s.is_empty());
+            let only_for = |key: &str, set: bool, provider: &str| -> Result<(), ConfigError> {
+                if set {
+                    Err(ConfigError::new(
+                        &self.origin,
+                        at(key),
+                        format!("only applies to provider = \"{provider}\""),
+                    ))
+                } else {
+                    Ok(())
+                }
+            };
+            if src.provider != Provider::Gitlab {
+                only_for("mode", src.mode.is_some(), "gitlab")?;
+                only_for("signing_secrets", src.signing_secrets.is_some(), "gitlab")?;
+            }
+            if src.provider != Provider::Hmac {
+                only_for("header", src.header.is_some(), "hmac")?;
+                only_for("prefix", src.prefix.is_some(), "hmac")?;
+                only_for("encoding", src.encoding.is_some(), "hmac")?;
+                only_for("delivery_header", src.delivery_header.is_some(), "hmac")?;
+                only_for("kind_header", src.kind_header.is_some(), "hmac")?;
+            }
+            match src.provider {
+                Provider::None => {
+                    if has_primary {
+                        return err(
+                            at("secret"),
+                            "provider \"none\" verifies nothing and takes no secret",
+                        );
+                    }
+                }
+                Provider::Gitlab => {
+                    let mode = src.mode.unwrap_or(if has_signing && !has_primary {
+                        GitlabMode::Signature
+                    } else {
+                        GitlabMode::Token
+                    });
+                    let needs_token = matches!(
+                        mode,
+                        GitlabMode::Token | GitlabMode::Both | GitlabMode::Either
+                    );
+                    let needs_signing = matches!(
+                        mode,
+                        GitlabMode::Signature | GitlabMode::Both | GitlabMode::Either
+                    );
+                    if mode == GitlabMode::Either {
+                        if !has_primary && !has_signing {
+                            return err(
+                                at("secret"),
+                                "mode \"either\" needs `secret` (token) or `signing_secrets`",
+                            );
+                        }
+                    } else {
+                        if needs_token && !has_primary {
+                            return err(
+                                at("secret"),
+                                "expected the X-Gitlab-Token secret (`secret` or `secrets`)",
+                            );
+                        }
+                        if needs_signing && !has_signing {
+                            return err(
+                                at("signing_secrets"),
+                                "expected the GitLab signing token(s)",
+                            );
+                        }
+                    }
+                }
+                Provider::Hmac => {
+                    if !has_primary {
+                        return err(at("secret"), "expected `secret` or `secrets`");
+                    }
+                    if src.header.is_none() {
+                        return err(
+                            at("header"),
+                            "expected the signature header name, e.g. \"X-Signature\"",
+                        );
+                    }
+                }
+                _ => {
+                    if !has_primary {
+                        return err(at("secret"), "expected `secret` or `secrets`");
+                    }
+                }
+            }
+            if src.max_body_bytes == Some(0) {
+                return err(at("max_body_bytes"), "must be greater than 0");
+            }
+            if let Some(rl) = &src.rate_limit
+                && (rl.per_second == 0 || rl.burst == 0)
+            {
+                return err(
+                    at("rate_limit"),
+                    "per_second and burst must be greater than 0",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The data directory (store, generated secrets, caches).
+    pub fn data_dir(&self) -> &Path {
+        &self.server.data_dir
+    }
+
+    /// A path from the config file, resolved against the file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+}
+
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -1,0 +1,216 @@
+//! `POST /hooks/{source}`: one request through limits, verification,
+//! normalisation, dedup and the durable append, in that order.
+//!
+//! It answers 202 only after the store has committed the event. It never
+//! echoes secrets or expected signatures, and its error bodies name the header
+//! or limit at fault without leaking internals.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::json;
+
+use super::normalize::{NormalizeError, normalize};
+use super::shield::client_ip;
+use crate::AppState;
+use crate::event::Provider;
+use crate::store::Appended;
+
+/// Why a request was turned away before it became an event.
+#[derive(Debug)]
+enum Refusal {
+    UnknownSource,
+    Forbidden,
+    RateLimited(std::time::Duration),
+    TooLarge(usize),
+    BodyTimeout,
+    BadBody(String),
+    Unverified(super::verify::VerifyError),
+    Unusable(NormalizeError),
+    StoreDown,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let (status, body) = match self {
+            Refusal::UnknownSource => (StatusCode::NOT_FOUND, json!({"error": "unknown source"})),
+            Refusal::Forbidden => (
+                StatusCode::FORBIDDEN,
+                json!({"error": "client address not allowed for this source"}),
+            ),
+            Refusal::RateLimited(wait) => {
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                let mut r = (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Json(json!({"error": "rate limited"})),
+                )
+                    .into_response();
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                return r;
+            }
+            Refusal::TooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"error": "body too large", "limit_bytes": limit}),
+            ),
+            Refusal::BodyTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                json!({"error": "body not received in time"}),
+            ),
+            Refusal::BadBody(detail) => (
+                StatusCode::BAD_REQUEST,
+                json!({"error": "body could not be read", "detail": detail}),
+            ),
+            Refusal::Unverified(e) => (
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "verification failed", "reason": e.class(), "header": e.header()}),
+            ),
+            Refusal::Unusable(e) => (
+                StatusCode::BAD_REQUEST,
+                json!({"error": "unusable event", "detail": e.to_string()}),
+            ),
+            Refusal::StoreDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "store unavailable, retry later"}),
+            ),
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The webhook endpoint.
+pub async fn receive(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Response {
+    match accept(&state, &name, req).await {
+        Ok(r) => r,
+        Err(refusal) => {
+            tracing::debug!(source = %name, ?refusal, "request refused");
+            refusal.into_response()
+        }
+    }
+}
+
+async fn accept(state: &AppState, name: &str, req: Request) -> Result<Response, Refusal> {
+    // 1. Limits: the shield and the allow-list before anything costly.
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let ip = client_ip(peer, req.headers(), &state.config.server.trusted_proxies);
+    state.shield.check(ip).map_err(Refusal::RateLimited)?;
+    let source = state.sources.get(name).ok_or(Refusal::UnknownSource)?;
+    if !source.allow_ips.is_empty() && !source.allow_ips.iter().any(|n| n.contains(&ip)) {
+        return Err(Refusal::Forbidden);
+    }
+    let (parts, body) = req.into_parts();
+    let limit = source.max_body_bytes;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(Refusal::TooLarge(limit));
+    }
+    let body: Bytes = match tokio::time::timeout(
+        state.config.server.body_timeout,
+        Limited::new(body, limit).collect(),
+    )
+    .await
+    {
+        Err(_) => return Err(Refusal::BodyTimeout),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(Refusal::TooLarge(limit));
+        }
+        Ok(Err(e)) => return Err(Refusal::BadBody(e.to_string())),
+        Ok(Ok(c)) => c.to_bytes(),
+    };
+
+    // 2. Verify on the raw bytes.
+    let verified = source
+        .verifier
+        .verify(parts.headers, body)
+        .map_err(Refusal::Unverified)?;
+    if let Some(limiter) = &source.limiter {
+        limiter.check().map_err(|nu| {
+            Refusal::RateLimited(nu.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            )))
+        })?;
+    }
+
+    // 3. Normalise.
+    let event = normalize(
+        &source.name,
+        source.provider,
+        &source.naming,
+        verified,
+        now_ms(),
+    )
+    .map_err(Refusal::Unusable)?;
+    if source.provider == Provider::Slack && event.kind() == "url_verification" {
+        return Ok(slack_challenge(event.body()));
+    }
+
+    // 4. Dedup, in memory first; the store's unique key is the authority.
+    if let Some(id) = state.dedup.get(&source.name, event.delivery_id()) {
+        return Ok(duplicate(&id));
+    }
+    let delivery_id = event.delivery_id().to_string();
+
+    // 5. Durable append; only now is the event acknowledged.
+    let appended = state.store.append(event).await.map_err(|e| {
+        tracing::error!(source = %source.name, error = %e, "append failed");
+        Refusal::StoreDown
+    })?;
+    state
+        .dedup
+        .insert(&source.name, &delivery_id, appended.id());
+    Ok(match appended {
+        Appended::Stored(id) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"status": "accepted", "id": id})),
+        )
+            .into_response(),
+        Appended::Duplicate(id) => duplicate(&id),
+    })
+}
+
+fn duplicate(id: &str) -> Response {
+    (
+        StatusCode::OK,
+        Json(json!({"status": "duplicate", "id": id})),
+    )
+        .into_response()
+}
+
+/// Slack checks a new Events API URL by sending a signed `url_verification`
+/// and expecting its `challenge` back; it is not an event to store.
+fn slack_challenge(body: &Bytes) -> Response {
+    let challenge = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.get("challenge")
+                .and_then(|c| c.as_str())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    (StatusCode::OK, Json(json!({"challenge": challenge}))).into_response()
+}

@@ -1,0 +1,105 @@
+//! GitLab: the `X-Gitlab-Token` secret token, and/or the signing token, which
+//! signs the Standard Webhooks way (`webhook-id` equals `Idempotency-Key`).
+
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::standard::{Headers, StandardWebhooks};
+use super::{VerifyError, header};
+use crate::config::GitlabMode;
+use crate::secret::Secret;
+
+/// GitLab's verification, in the configured mode.
+#[derive(Debug)]
+pub struct Gitlab {
+    mode: GitlabMode,
+    /// SHA-256 of each accepted token: comparing fixed-size digests keeps the
+    /// comparison constant-time whatever the token lengths.
+    tokens: Vec<[u8; 32]>,
+    signing: Option<StandardWebhooks>,
+}
+
+impl Gitlab {
+    /// A verifier for `mode`, with the secret tokens and the signing verifier.
+    pub fn new(mode: GitlabMode, tokens: &[Secret], signing: Option<StandardWebhooks>) -> Self {
+        let tokens = tokens
+            .iter()
+            .map(|t| Sha256::digest(t.expose()).into())
+            .collect();
+        Gitlab {
+            mode,
+            tokens,
+            signing,
+        }
+    }
+
+    fn check_token(&self, token: &str) -> Result<(), VerifyError> {
+        let got: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut ok = subtle::Choice::from(0);
+        for t in &self.tokens {
+            ok |= t.ct_eq(&got);
+        }
+        if bool::from(ok) {
+            Ok(())
+        } else {
+            Err(VerifyError::Mismatch("X-Gitlab-Token"))
+        }
+    }
+
+    fn check_signature(
+        &self,
+        h: Option<&Headers<'_>>,
+        body: &[u8],
+        now: i64,
+    ) -> Result<(), VerifyError> {
+        let (Some(signing), Some(h)) = (&self.signing, h) else {
+            return Err(VerifyError::MissingHeader("webhook-signature"));
+        };
+        signing.check_parts(h, body, now)
+    }
+
+    pub(super) fn check(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        now: i64,
+    ) -> Result<(), VerifyError> {
+        let token = header(headers, "x-gitlab-token")?;
+        let signed = Headers::read(headers)?;
+        match self.mode {
+            GitlabMode::Token => {
+                self.check_token(token.ok_or(VerifyError::MissingHeader("X-Gitlab-Token"))?)
+            }
+            GitlabMode::Signature => self.check_signature(signed.as_ref(), body, now),
+            GitlabMode::Both => {
+                self.check_token(token.ok_or(VerifyError::MissingHeader("X-Gitlab-Token"))?)?;
+                self.check_signature(signed.as_ref(), body, now)
+            }
+            GitlabMode::Either => {
+                // A proof that is present must be right; at least one must be present.
+                match (token, signed.as_ref()) {
+                    (None, None) => Err(VerifyError::MissingHeader("X-Gitlab-Token")),
+                    (Some(t), None) => self.check_token(t),
+                    (None, Some(_)) => self.check_signature(signed.as_ref(), body, now),
+                    (Some(t), Some(_)) if !self.tokens.is_empty() && self.signing.is_some() => {
+                        self.check_token(t)?;
+                        self.check_signature(signed.as_ref(), body, now)
+                    }
+                    (Some(t), Some(_)) if self.signing.is_none() => self.check_token(t),
+                    (Some(_), Some(_)) => self.check_signature(signed.as_ref(), body, now),
+                }
+            }
+        }
+    }
+
+    /// The signing verifier, when configured (for signing test requests).
+    pub fn signing(&self) -> Option<&StandardWebhooks> {
+        self.signing.as_ref()
+    }
+
+    /// The configured mode.
+    pub fn mode(&self) -> GitlabMode {
+        self.mode
+    }
+}

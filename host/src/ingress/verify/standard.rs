@@ -1,0 +1,130 @@
+//! Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature`.
+//!
+//! The key is the base64 part of a `whsec_` secret; the signed content is
+//! `{id}.{timestamp}.{body}`; the signature header holds space-separated
+//! `v1,<base64>` entries, any of which may match. `svix-*` headers are accepted
+//! as aliases, since Svix senders still use them.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use http::HeaderMap;
+
+use super::{MacKeys, VerifyError, check_timestamp, header};
+use crate::secret::Secret;
+
+/// A Standard Webhooks secret that is not `whsec_` + base64.
+#[derive(Debug, thiserror::Error)]
+#[error("expected a `whsec_` secret with a base64 key")]
+pub struct BadKey;
+
+/// The Standard Webhooks scheme (also GitLab's signing token).
+#[derive(Debug)]
+pub struct StandardWebhooks {
+    keys: MacKeys,
+    tolerance: Duration,
+}
+
+/// The three headers, read from either name family.
+pub(super) struct Headers<'a> {
+    pub id: &'a str,
+    pub timestamp: &'a str,
+    pub signature: &'a str,
+}
+
+impl<'a> Headers<'a> {
+    /// `Ok(None)` when no signature header of either family is present.
+    pub(super) fn read(headers: &'a HeaderMap) -> Result<Option<Self>, VerifyError> {
+        let pick = |a: &'static str, b: &'static str| -> Result<Option<&'a str>, VerifyError> {
+            Ok(header(headers, a)?.or(header(headers, b)?))
+        };
+        let Some(signature) = pick("webhook-signature", "svix-signature")? else {
+            return Ok(None);
+        };
+        let id = pick("webhook-id", "svix-id")?.ok_or(VerifyError::MissingHeader("webhook-id"))?;
+        let timestamp = pick("webhook-timestamp", "svix-timestamp")?
+            .ok_or(VerifyError::MissingHeader("webhook-timestamp"))?;
+        Ok(Some(Headers {
+            id,
+            timestamp,
+            signature,
+        }))
+    }
+}
+
+impl StandardWebhooks {
+    /// A verifier accepting any of `secrets` (each `whsec_<base64>`).
+    pub fn new(secrets: &[Secret], tolerance: Duration) -> Result<Self, BadKey> {
+        let keys = secrets
+            .iter()
+            .map(|s| decode_key(s.expose()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(StandardWebhooks {
+            keys: MacKeys::new(keys.iter().map(Vec::as_slice)),
+            tolerance,
+        })
+    }
+
+    pub(super) fn check(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        now: i64,
+    ) -> Result<(), VerifyError> {
+        let h = Headers::read(headers)?.ok_or(VerifyError::MissingHeader("webhook-signature"))?;
+        self.check_parts(&h, body, now)
+    }
+
+    pub(super) fn check_parts(
+        &self,
+        h: &Headers<'_>,
+        body: &[u8],
+        now: i64,
+    ) -> Result<(), VerifyError> {
+        check_timestamp(h.timestamp, now, self.tolerance, "webhook-timestamp")?;
+        let signed = [
+            h.id.as_bytes(),
+            b".",
+            h.timestamp.trim().as_bytes(),
+            b".",
+            body,
+        ];
+        let mut saw_v1 = false;
+        for entry in h.signature.split_ascii_whitespace() {
+            let Some(b64) = entry.strip_prefix("v1,") else {
+                continue;
+            };
+            saw_v1 = true;
+            let Ok(sig) = B64.decode(b64) else { continue };
+            if sig.len() == 32 && self.keys.any_matches(&signed, &sig) {
+                return Ok(());
+            }
+        }
+        if saw_v1 {
+            Err(VerifyError::Mismatch("webhook-signature"))
+        } else {
+            Err(VerifyError::Malformed("webhook-signature"))
+        }
+    }
+
+    /// The three headers a sender would add for `body`.
+    pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> Vec<(&'static str, String)> {
+        let ts = timestamp.to_string();
+        let sig = self
+            .keys
+            .sign(&[id.as_bytes(), b".", ts.as_bytes(), b".", body]);
+        vec![
+            ("webhook-id", id.to_string()),
+            ("webhook-timestamp", ts),
+            ("webhook-signature", format!("v1,{}", B64.encode(sig))),
+        ]
+    }
+}
+
+fn decode_key(secret: &[u8]) -> Result<Vec<u8>, BadKey> {
+    let b64 = secret.strip_prefix(b"whsec_").unwrap_or(secret);
+    B64.decode(b64)
+        .map_err(|_| BadKey)
+        .and_then(|k| if k.is_empty() { Err(BadKey) } else { Ok(k) })
+}

@@ -1,0 +1,305 @@
+//! The GitHub routing table sluice ships (`rules/github-router.wasm`).
+//!
+//! | event                                                    | agent          | priority |
+//! |----------------------------------------------------------|----------------|----------|
+//! | `issues` `opened`                                        | `issue-triage` | medium   |
+//! | `issues` / `pull_request` `labeled` with `agent-execute` | `coordinator`  | critical |
+//! | `issue_comment` `created`, body `/agent <cmd> [args]`    | `coordinator`  | high     |
+//! | `pull_request` `ready_for_review`                        | `review-agent` | high     |
+//! | `pull_request` `review_requested`                        | `review-agent` | high     |
+//! | `pull_request` `opened`, not a draft                     | `review-agent` | medium   |
+//! | `pull_request` `closed`, merged into the default branch  | `deployment`   | high     |
+//! | `push` to `refs/heads/<default branch>`, not a deletion  | `deployment`   | high     |
+//! | `workflow_run` `completed`, `failure` or `timed_out`     | `escalation`   | high     |
+//! | anything else                                            | ignored, with a reason naming kind and action |
+//!
+//! Why these priorities: `agent-execute` is a person with write access telling an
+//! agent to act now, so it is the only critical route. An explicit `/agent`
+//! command, a review somebody is waiting on (`review_requested`, or a PR its
+//! author just marked ready) and a broken default branch or deployment all have
+//! a person waiting: high. A freshly opened PR usually still has CI running, and
+//! a new issue needs triage, not a fire brigade: medium.
+//!
+//! A merge into the default branch arrives twice, as `pull_request` `closed` and
+//! as `push`. Both go to `deployment`, each with a `sha:<commit>` label (the
+//! merge commit and the pushed head, which are the same commit), so the agent
+//! deduplicates by sha instead of this rule guessing which one to drop.
+//!
+//! `/agent` commands are only taken from comment authors whose
+//! `author_association` is `OWNER`, `MEMBER` or `COLLABORATOR`, and never from
+//! bots: on a public repository anyone can comment, and an agent that answers
+//! with `/agent ...` must not trigger itself. Labels need write access to add,
+//! so `agent-execute` needs no such check.
+//!
+//! Config keys (all optional): `triage_agent`, `coordinator_agent`,
+//! `review_agent`, `deployment_agent`, `escalation_agent` rename the agents;
+//! `execute_label` (default `agent-execute`); `command_prefix` (default
+//! `/agent`); `command_associations` (comma-separated, or `*` for anyone);
+//! `allow_bot_commands` (`true` to accept commands from bots).
+//!
+//! The decisions live in [`decide`], generic over `EventView`, so `cargo test`
+//! runs them natively over the real payloads in `shared/corpus/github/`.
+
+use sluice_rule::prelude::*;
+
+/// The GitHub routing rule.
+pub struct GithubRouter;
+
+impl Rule for GithubRouter {
+    fn classify(ev: &impl EventView) -> Result<Decision, String> {
+        Ok(decide(ev))
+    }
+}
+
+export_rule!(GithubRouter);
+
+/// Longest `args:` label kept from a `/agent` command; the full comment is in
+/// the event for an agent that needs more.
+const MAX_ARGS_LEN: usize = 256;
+
+/// Route one GitHub event (kind = the `X-GitHub-Event` header value).
+pub fn decide(ev: &impl EventView) -> Decision {
+    let kind = ev.kind();
+    let action = ev.action();
+    let action = action.as_deref().unwrap_or("");
+    match (kind.as_str(), action) {
+        ("issues", "opened") => issue_opened(ev),
+        ("issues" | "pull_request", "labeled") => labeled(ev, &kind),
+        ("issue_comment", "created") => comment_command(ev),
+        ("pull_request", "opened" | "ready_for_review" | "review_requested") => review(ev, action),
+        ("pull_request", "closed") => pull_request_closed(ev),
+        ("push", _) => push(ev),
+        ("workflow_run", "completed") => workflow_run_completed(ev),
+        _ => Decision::ignore(format!("no route for {}", describe(&kind, action))),
+    }
+}
+
+fn describe(kind: &str, action: &str) -> String {
+    if action.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}.{action}")
+    }
+}
+
+fn agent(key: &str, default: &str) -> String {
+    config::get_or(key, default)
+}
+
+fn repo(ev: &impl EventView) -> String {
+    ev.str("/repository/full_name")
+        .unwrap_or_else(|| "an unknown repository".to_owned())
+}
+
+fn issue_opened(ev: &impl EventView) -> Decision {
+    let number = ev.int("/issue/number").unwrap_or_default();
+    Route::to(agent("triage_agent", "issue-triage"))
+        .priority(Priority::Medium)
+        .reason(format!("issue #{number} opened in {}", repo(ev)))
+        .into()
+}
+
+fn labeled(ev: &impl EventView, kind: &str) -> Decision {
+    let wanted = config::get_or("execute_label", "agent-execute");
+    let label = ev.str("/label/name").unwrap_or_default();
+    if !label.eq_ignore_ascii_case(&wanted) {
+        return Decision::ignore(format!("{kind}.labeled with {label:?}, not {wanted:?}"));
+    }
+    let (what, number) = match kind {
+        "issues" => ("issue", ev.int("/issue/number")),
+        _ => ("pull request", ev.int("/pull_request/number")),
+    };
+    Route::to(agent("coordinator_agent", "coordinator"))
+        .priority(Priority::Critical)
+        .reason(format!(
+            "{what} #{} in {} labeled {label}",
+            number.unwrap_or_default(),
+            repo(ev)
+        ))
+        .label_kv("label", &label)
+        .into()
+}
+
+fn comment_command(ev: &impl EventView) -> Decision {
+    let prefix = config::get_or("command_prefix", "/agent");
+    let body = ev.str("/comment/body").unwrap_or_default();
+    let Some((command, args)) = parse_command(&body, &prefix) else {
+        return Decision::ignore(format!("issue_comment.created without a {prefix} command"));
+    };
+    if command.is_empty() {
+        return Decision::ignore(format!(
+            "issue_comment.created with an empty {prefix} command"
+        ));
+    }
+    let author = ev.str("/comment/user/login").unwrap_or_default();
+    if ev.str("/comment/user/type").as_deref() == Some("Bot")
+        && config::get("allow_bot_commands").as_deref() != Some("true")
+    {
+        return Decision::ignore(format!(
+            "{prefix} {command} from bot {author} is not accepted"
+        ));
+    }
+    let association = ev.str("/comment/author_association").unwrap_or_default();
+    if !trusted(&association) {
+        return Decision::ignore(format!(
+            "{prefix} {command} from {author} ({association}) is not accepted"
+        ));
+    }
+    let number = ev.int("/issue/number").unwrap_or_default();
+    let mut route = Route::to(agent("coordinator_agent", "coordinator"))
+        .priority(Priority::High)
+        .reason(format!(
+            "{prefix} {command} by {author} on #{number} in {}",
+            repo(ev)
+        ))
+        .label_kv("command", &command);
+    if !args.is_empty() {
+        route = route.label_kv("args", truncate(args, MAX_ARGS_LEN));
+    }
+    route.into()
+}
+
+/// `(command, args)` from the first line of `body` if it starts with `prefix`
+/// as a whole word; the command is ASCII-lower-cased, the args trimmed.
+pub fn parse_command<'a>(body: &'a str, prefix: &str) -> Option<(String, &'a str)> {
+    let line = body.trim_start().lines().next()?;
+    let rest = line.strip_prefix(prefix)?;
+    if !rest.is_empty() && !rest.starts_with(char::is_whitespace) {
+        return None; // `/agents`, `/agent-x`: another command
+    }
+    let rest = rest.trim();
+    let (command, args) = match rest.split_once(char::is_whitespace) {
+        Some((command, args)) => (command, args.trim()),
+        None => (rest, ""),
+    };
+    Some((command.to_ascii_lowercase(), args))
+}
+
+fn trusted(association: &str) -> bool {
+    let allowed = config::get_or("command_associations", "OWNER,MEMBER,COLLABORATOR");
+    allowed.trim() == "*"
+        || allowed
+            .split(',')
+            .any(|a| a.trim().eq_ignore_ascii_case(association))
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn review(ev: &impl EventView, action: &str) -> Decision {
+    let number = ev.int("/pull_request/number").unwrap_or_default();
+    if action == "opened" && ev.bool("/pull_request/draft") == Some(true) {
+        return Decision::ignore(format!(
+            "pull_request.opened: #{number} is a draft; review starts at ready_for_review"
+        ));
+    }
+    let priority = if action == "opened" {
+        Priority::Medium
+    } else {
+        Priority::High
+    };
+    let mut route = Route::to(agent("review_agent", "review-agent"))
+        .priority(priority)
+        .reason(format!("pull request #{number} {action} in {}", repo(ev)))
+        .label_kv("trigger", action);
+    if action == "review_requested" {
+        let reviewer = ev
+            .str("/requested_reviewer/login")
+            .or_else(|| ev.str("/requested_team/slug"));
+        if let Some(reviewer) = reviewer {
+            route = route.label_kv("reviewer", &reviewer);
+        }
+    }
+    route.into()
+}
+
+fn pull_request_closed(ev: &impl EventView) -> Decision {
+    let number = ev.int("/pull_request/number").unwrap_or_default();
+    if ev.bool("/pull_request/merged") != Some(true) {
+        return Decision::ignore(format!(
+            "pull_request.closed: #{number} closed without merging"
+        ));
+    }
+    let base = ev.str("/pull_request/base/ref").unwrap_or_default();
+    let Some(default_branch) = ev.str("/repository/default_branch") else {
+        return Decision::ignore("pull_request.closed: payload has no repository.default_branch");
+    };
+    if base != default_branch {
+        return Decision::ignore(format!(
+            "pull_request.closed: #{number} merged into {base}, not the default branch {default_branch}"
+        ));
+    }
+    let mut route = Route::to(agent("deployment_agent", "deployment"))
+        .priority(Priority::High)
+        .reason(format!(
+            "pull request #{number} merged into {base} in {}",
+            repo(ev)
+        ))
+        .label("trigger:merge")
+        .label_kv("ref", &base);
+    if let Some(sha) = ev.str("/pull_request/merge_commit_sha") {
+        route = route.label_kv("sha", &sha);
+    }
+    route.into()
+}
+
+fn push(ev: &impl EventView) -> Decision {
+    let git_ref = ev.str("/ref").unwrap_or_default();
+    let Some(default_branch) = ev.str("/repository/default_branch") else {
+        return Decision::ignore("push: payload has no repository.default_branch");
+    };
+    let Some(branch) = git_ref
+        .strip_prefix("refs/heads/")
+        .filter(|b| *b == default_branch)
+    else {
+        return Decision::ignore(format!(
+            "push to {git_ref}, not the default branch {default_branch}"
+        ));
+    };
+    if ev.bool("/deleted") == Some(true) {
+        return Decision::ignore(format!("push deleting {git_ref}"));
+    }
+    let mut route = Route::to(agent("deployment_agent", "deployment"))
+        .priority(Priority::High)
+        .reason(format!("push to {branch} in {}", repo(ev)))
+        .label("trigger:push")
+        .label_kv("ref", branch);
+    if let Some(sha) = ev.str("/after") {
+        route = route.label_kv("sha", &sha);
+    }
+    route.into()
+}
+
+fn workflow_run_completed(ev: &impl EventView) -> Decision {
+    let conclusion = ev.str("/workflow_run/conclusion").unwrap_or_default();
+    let name = ev
+        .str("/workflow_run/name")
+        .filter(|n| !n.is_empty())
+        .or_else(|| ev.str("/workflow_run/path"))
+        .unwrap_or_default();
+    if conclusion != "failure" && conclusion != "timed_out" {
+        return Decision::ignore(format!(
+            "workflow_run.completed: {name} concluded {conclusion:?}"
+        ));
+    }
+    let mut route = Route::to(agent("escalation_agent", "escalation"))
+        .priority(Priority::High)
+        .reason(format!("workflow {name} {conclusion} in {}", repo(ev)))
+        .label_kv("conclusion", &conclusion)
+        .label_kv("workflow", &name);
+    if let Some(branch) = ev.str("/workflow_run/head_branch") {
+        route = route.label_kv("branch", &branch);
+    }
+    route.into()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,288 @@
+//! Bad input gets a clean 4xx or a timeout, and the server keeps serving:
+//! oversized, truncated, non-UTF-8, deeply nested and empty bodies, absurd
+//! headers, slow-drip clients, unknown sources, and the per-IP shield.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{Env, Gateway, post};
+
+async fn still_serving(gw: &Gateway, env: &Env) {
+    let signed = env
+        .signer("github")
+        .sign(
+            "ping",
+            &Bytes::from(format!(r#"{{"zen":"{}"}}"#, uuid::Uuid::new_v4())),
+        )
+        .unwrap();
+    let (s, b) = gw.post_signed("github", &signed).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "server still serves: {b}");
+}
+
+/// Writes raw bytes and reads whatever comes back until close or `wait`.
+async fn raw(gw: &Gateway, bytes: &[u8], wait: Duration) -> String {
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bodies_get_clean_4xx() {
+    let env = Env::new("");
+    let gw = Gateway::start(env.config()).await;
+    let signer = env.signer("github");
+
+    // Oversized, declared and chunked.
+    let big = Bytes::from(vec![b'a'; 1024 * 1024 + 1]);
+    let signed = signer.sign("issues", &big).unwrap();
+    let (s, b) = gw.post_signed("github", &signed).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{b}");
+    assert_eq!(b["limit_bytes"], 1024 * 1024);
+    let head = "POST /hooks/github HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nx-hub-signature-256: sha256=00\r\n\r\n";
+    let mut req = head.as_bytes().to_vec();
+    for _ in 0..20 {
+        req.extend_from_slice(format!("{:x}\r\n", 64 * 1024).as_bytes());
+        req.extend(std::iter::repeat_n(b'a', 64 * 1024));
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let resp = raw(&gw, &req, Duration::from_secs(5)).await;
+    assert!(
+        resp.starts_with("HTTP/1.1 413"),
+        "chunked oversize: {resp:.80}"
+    );
+
+    // Signed right, but not an event we can take.
+    let cases: Vec<(&str, Bytes)> = vec![
+        ("empty", Bytes::new()),
+        (
+            "non-UTF-8",
+            Bytes::from_static(b"{\"action\":\"\xff\xfe\"}"),
+        ),
+        (
+            "deeply nested",
+            Bytes::from(format!("{}{}", "[".repeat(100_000), "]".repeat(100_000))),
+        ),
+        (
+            "deeply nested object",
+            Bytes::from(format!(
+                "{{\"a\":{}1{}}}",
+                "{\"a\":".repeat(5000),
+                "}".repeat(5000)
+            )),
+        ),
+        ("not JSON", Bytes::from_static(b"hello")),
+        ("a JSON array", Bytes::from_static(b"[1,2,3]")),
+        ("truncated JSON", Bytes::from_static(b"{\"action\":\"open")),
+    ];
+    for (what, body) in cases {
+        let signed = signer.sign("issues", &body).unwrap();
+        let (s, b) = gw.post_signed("github", &signed).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{what}: {b}");
+        assert!(b["detail"].is_string(), "{what}: says why: {b}");
+    }
+    // A body shorter than its Content-Length: the read times out or fails cleanly.
+    let t = Instant::now();
+    let resp = raw(
+        &gw,
+        b"POST /hooks/github HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{\"a\":",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        resp.starts_with("HTTP/1.1 408"),
+        "truncated body: {resp:.80}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(4));
+    still_serving(&gw, &env).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_headers_and_slow_clients_are_cut_off() {
+    let env = Env::new("");
+    let gw = Gateway::start(env.config()).await;
+
+    let huge = format!(
+        "POST /hooks/github HTTP/1.1\r\nhost: x\r\nx-junk: {}\r\ncontent-length: 2\r\n\r\n{{}}",
+        "a".repeat(200_000)
+    );
+    let resp = raw(&gw, huge.as_bytes(), Duration::from_secs(5)).await;
+    assert!(
+        resp.starts_with("HTTP/1.1 431") || resp.is_empty(),
+        "huge header: {resp:.80}"
+    );
+    let mut many = String::from("POST /hooks/github HTTP/1.1\r\nhost: x\r\n");
+    for i in 0..500 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("content-length: 2\r\n\r\n{}");
+    let resp = raw(&gw, many.as_bytes(), Duration::from_secs(5)).await;
+    assert!(
+        resp.starts_with("HTTP/1.1 431") || resp.is_empty(),
+        "500 headers: {resp:.80}"
+    );
+    let bad_sig = raw(&gw, b"POST /hooks/github HTTP/1.1\r\nhost: x\r\nx-hub-signature-256: sha256=\xff\xff\r\ncontent-length: 2\r\n\r\n{}", Duration::from_secs(5)).await;
+    assert!(
+        bad_sig.starts_with("HTTP/1.1 401") || bad_sig.starts_with("HTTP/1.1 400"),
+        "binary header: {bad_sig:.80}"
+    );
+
+    // Slow drip: one byte of the request head at a time, slower than header_timeout allows.
+    let t = Instant::now();
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let head = b"POST /hooks/github HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}";
+    let mut closed = false;
+    for b in head {
+        if s.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) => {
+                closed = true; // answered (408) and will close
+                break;
+            }
+            Err(_) => {}
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "slow-drip client still connected after 5 s"
+        );
+    }
+    assert!(closed, "slow-drip client was cut off");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "cut off near header_timeout (1 s), took {:?}",
+        t.elapsed()
+    );
+
+    // Slow body: headers on time, body never finishes.
+    let t = Instant::now();
+    let resp = raw(
+        &gw,
+        b"POST /hooks/github HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n{",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 408"), "slow body: {resp:.80}");
+    assert!(t.elapsed() < Duration::from_secs(4));
+
+    still_serving(&gw, &env).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_source_wrong_method_and_health() {
+    let env = Env::new("");
+    let gw = Gateway::start(env.config()).await;
+    let (s, b) = post(
+        &gw.client,
+        &gw.url("/hooks/nope"),
+        &[],
+        Bytes::from_static(b"{}"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    let get = |path: &str| {
+        let req = http::Request::get(gw.url(path))
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        gw.client.request(req)
+    };
+    assert_eq!(
+        get("/hooks/github").await.unwrap().status(),
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    assert_eq!(get("/healthz").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(get("/readyz").await.unwrap().status(), StatusCode::OK);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shield_answers_429_with_retry_after_before_verifying() {
+    let env = Env::new("");
+    let text = std::fs::read_to_string(&env.config_path).unwrap().replace(
+        "[shield]\nenabled = false",
+        "[shield]\nenabled = true\nper_second = 1\nburst = 3",
+    );
+    std::fs::write(&env.config_path, text).unwrap();
+    let gw = Gateway::start(env.config()).await;
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..6 {
+        // Unsigned: the shield must answer before any verification happens.
+        let req = http::Request::post(gw.url("/hooks/github"))
+            .body(http_body_util::Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let resp = gw.client.request(req).await.unwrap();
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            retry_after = resp
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+        }
+        statuses.push(resp.status());
+    }
+    assert_eq!(
+        &statuses[..3],
+        &[StatusCode::UNAUTHORIZED; 3],
+        "{statuses:?}"
+    );
+    assert!(
+        statuses[3..]
+            .iter()
+            .all(|s| *s == StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
+    let secs: u64 = retry_after.expect("Retry-After").parse().unwrap();
+    assert!((1..=2).contains(&secs));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_list_and_trusted_proxy() {
+    let env = Env::new("");
+    let text = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace(
+            "max_body_bytes = 1048576\n",
+            "max_body_bytes = 1048576\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+        )
+        .replace(
+            "provider = \"github\"\n",
+            "provider = \"github\"\nallow_ips = [\"192.0.2.0/24\"]\n",
+        );
+    std::fs::write(&env.config_path, text).unwrap();
+    let gw = Gateway::start(env.config()).await;
+    let signed = env
+        .signer("github")
+        .sign("ping", &Bytes::from_static(br#"{"zen":"x"}"#))
+        .unwrap();
+    let (s, _) = gw.post_signed("github", &signed).await;
+    assert_eq!(
+        s,
+        StatusCode::FORBIDDEN,
+        "loopback is not on the allow-list"
+    );
+    let via_proxy =
+        crate::support::with_header(&signed, "x-forwarded-for", Some("203.0.113.9, 192.0.2.10"));
+    let (s, b) = gw.post_signed("github", &via_proxy).await;
+    assert_eq!(
+        s,
+        StatusCode::ACCEPTED,
+        "client behind the trusted proxy is allowed: {b}"
+    );
+    gw.stop().await;
+}

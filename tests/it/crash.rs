@@ -1,0 +1,180 @@
+//! Crash safety: thousands of concurrent events, SIGKILL mid-stream, restart on
+//! the same data — every event that got a 202 is there, none twice.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use sluice::store::ListFilter;
+use sluice::store::sqlite::{SqliteStore, list_summaries};
+
+use crate::support::{Env, client, compact, corpus, header, post};
+
+/// Starts `sluice serve` and reads the address it printed. Callers kill and wait.
+#[allow(clippy::zombie_processes)]
+fn spawn(env: &Env) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--config"])
+        .arg(&env.config_path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn sluice");
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "sluice did not start");
+        let line = lines.next().expect("sluice printed its address").unwrap();
+        if let Some(addr) = line.strip_prefix("sluice listening on ") {
+            // Keep draining stdout so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            return (child, addr.to_string());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_no_acknowledged_event() {
+    const TOTAL: usize = 3000;
+    const CONCURRENCY: usize = 64;
+    let env = Env::new("");
+    let signer = env.signer("github");
+    let body = compact(&std::fs::read(corpus().join("github/issues/opened.payload.json")).unwrap());
+    let requests: Arc<Vec<_>> = Arc::new(
+        (0..TOTAL)
+            .map(|_| signer.sign("issues", &body).unwrap())
+            .collect(),
+    );
+
+    let (mut child, base) = spawn(&env);
+    let url = format!("{base}/hooks/github");
+    let next = Arc::new(AtomicUsize::new(0));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (requests, next, acked, url) =
+            (requests.clone(), next.clone(), acked.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            let mut got = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(r) = requests.get(i) else { break };
+                let mut req = http::Request::post(&url);
+                for (h, v) in &r.headers {
+                    req = req.header(h, v);
+                }
+                let req = req.body(http_body_util::Full::new(r.body.clone())).unwrap();
+                let Ok(Ok(resp)) =
+                    tokio::time::timeout(Duration::from_secs(10), client.request(req)).await
+                else {
+                    continue; // killed mid-request: not acknowledged
+                };
+                let status = resp.status();
+                let Ok(bytes) = http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .map(|b| b.to_bytes())
+                else {
+                    continue;
+                };
+                if status == StatusCode::ACCEPTED {
+                    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                    got.push((
+                        header(r, "x-github-delivery"),
+                        v["id"].as_str().unwrap().to_string(),
+                    ));
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            got
+        }));
+    }
+    // Kill once a good share is acknowledged, while requests are still in flight.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.load(Ordering::Relaxed) < TOTAL / 3 {
+        assert!(
+            Instant::now() < deadline,
+            "too slow: {} acked",
+            acked.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().unwrap();
+    let mut acknowledged: HashMap<String, String> = HashMap::new();
+    for t in tasks {
+        acknowledged.extend(t.await.unwrap());
+    }
+    assert!(
+        acknowledged.len() >= TOTAL / 3,
+        "acknowledged {}",
+        acknowledged.len()
+    );
+    assert!(acknowledged.len() < TOTAL, "the kill must land mid-stream");
+
+    // Restart on the same data; every acknowledged event is there, none doubled.
+    let (mut child, base) = spawn(&env);
+    let conn = SqliteStore::open_read_only(&env.db()).unwrap();
+    let rows = list_summaries(
+        &conn,
+        &ListFilter {
+            limit: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut by_delivery: HashMap<&str, &str> = HashMap::new();
+    for r in &rows {
+        assert!(
+            by_delivery.insert(&r.delivery_id, &r.id).is_none(),
+            "delivery {} stored twice",
+            r.delivery_id
+        );
+    }
+    for (delivery, id) in &acknowledged {
+        assert_eq!(
+            by_delivery.get(delivery.as_str()),
+            Some(&id.as_str()),
+            "acknowledged delivery {delivery} lost"
+        );
+    }
+    assert!(rows.len() <= TOTAL);
+
+    // The sender retries everything: acknowledged ones are duplicates, the rest land once.
+    let client = client();
+    let url = format!("{base}/hooks/github");
+    for r in requests.iter() {
+        let (s, b) = post(&client, &url, &r.headers, r.body.clone()).await;
+        let delivery = header(r, "x-github-delivery");
+        if acknowledged.contains_key(&delivery) {
+            assert_eq!(s, StatusCode::OK, "{delivery}: {b}");
+            assert_eq!(
+                b["id"].as_str(),
+                acknowledged.get(&delivery).map(String::as_str)
+            );
+        } else {
+            assert!(s == StatusCode::ACCEPTED || s == StatusCode::OK, "{s}: {b}");
+        }
+    }
+    let rows = list_summaries(
+        &conn,
+        &ListFilter {
+            limit: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        rows.len(),
+        TOTAL,
+        "after the retry, each delivery is stored exactly once"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

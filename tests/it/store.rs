@@ -1,0 +1,270 @@
+//! The store conformance suite: every backend must pass it. It runs against
+//! the embedded SQLite store here; a NATS JetStream backend runs the same
+//! `conformance` function.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use sluice::decision::{Decision, Priority, Route, RuleOutcome, RuleRecord, Verdict};
+use sluice::event::{EventStatus, Provider};
+use sluice::ingress::NewEvent;
+use sluice::ingress::normalize::{Naming, normalize};
+use sluice::ingress::verify::Verifier;
+use sluice::store::{Appended, ListFilter, SqliteStore, Store};
+
+fn event(source: &str, delivery: &str, kind: &str) -> NewEvent {
+    let mut h = HeaderMap::new();
+    h.insert(
+        HeaderName::from_static("x-delivery"),
+        HeaderValue::from_str(delivery).unwrap(),
+    );
+    h.insert(
+        HeaderName::from_static("x-event"),
+        HeaderValue::from_str(kind).unwrap(),
+    );
+    let naming = Naming {
+        delivery_header: Some(HeaderName::from_static("x-delivery")),
+        kind_header: Some(HeaderName::from_static("x-event")),
+    };
+    let verified = Verifier::None
+        .verify_at(h, Bytes::from_static(br#"{"action":"opened","n":1}"#), 0)
+        .unwrap();
+    normalize(source, Provider::Hmac, &naming, verified, 1_700_000_000_000).unwrap()
+}
+
+fn decision() -> Decision {
+    let route = Route {
+        agent: "triage".into(),
+        workflow: None,
+        priority: Priority::High,
+        reason: "test".into(),
+        labels: vec!["k:v".into()],
+    };
+    Decision {
+        rules: vec![RuleRecord {
+            rule: "r".into(),
+            version: "abc".into(),
+            outcome: RuleOutcome::Verdict(Verdict::Routes(vec![route.clone()])),
+            duration_us: 3,
+        }],
+        routes: vec![route],
+        dead_letter: None,
+        decided_at_ms: 1,
+    }
+}
+
+/// The behaviour every store backend must have.
+pub async fn conformance(store: Arc<dyn Store>) {
+    // Append and dedup by (source, delivery id).
+    let a = store.append(event("s1", "d1", "k1")).await.unwrap();
+    let Appended::Stored(id1) = a.clone() else {
+        panic!("first append stores: {a:?}")
+    };
+    assert_eq!(
+        store.append(event("s1", "d1", "k1")).await.unwrap(),
+        Appended::Duplicate(id1.clone())
+    );
+    let Appended::Stored(id2) = store.append(event("s2", "d1", "k2")).await.unwrap() else {
+        panic!("other source is new")
+    };
+    assert_ne!(id1, id2);
+    assert_eq!(
+        store.find_delivery("s1", "d1").await.unwrap(),
+        Some(id1.clone())
+    );
+    assert_eq!(store.find_delivery("s1", "nope").await.unwrap(), None);
+
+    // Get and list.
+    let rec = store.get(&id1).await.unwrap().unwrap();
+    assert_eq!(rec.event.kind, "k1");
+    assert_eq!(rec.event.action.as_deref(), Some("opened"));
+    assert_eq!(&rec.event.body[..], br#"{"action":"opened","n":1}"#);
+    assert_eq!(rec.summary.status, EventStatus::Pending);
+    assert!(store.get("evt_missing").await.unwrap().is_none());
+    let all = store
+        .list(&ListFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        vec![id2.as_str(), id1.as_str()],
+        "newest first"
+    );
+    let only = store
+        .list(&ListFilter {
+            source: Some("s2".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(only.len(), 1);
+    let by_kind = store
+        .list(&ListFilter {
+            kind: Some("k1".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_kind.len(), 1);
+    assert_eq!(store.queue_depth().await.unwrap(), 2);
+
+    // Claim leases in order; a leased event is not claimed twice.
+    let claimed = store.claim("w1", 1, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].event.id, id1, "oldest first");
+    assert_eq!(claimed[0].attempt, 1);
+    let second = store
+        .claim("w2", 10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        second
+            .iter()
+            .map(|c| c.event.id.as_str())
+            .collect::<Vec<_>>(),
+        vec![id2.as_str()]
+    );
+    assert!(
+        store
+            .claim("w3", 10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Complete records the decision.
+    store.complete(&id1, &decision()).await.unwrap();
+    let rec = store.get(&id1).await.unwrap().unwrap();
+    assert_eq!(rec.summary.status, EventStatus::Routed);
+    assert_eq!(rec.decision, Some(decision()));
+
+    // Retry later: not claimable until the delay passes.
+    store
+        .retry_later(&id2, Duration::from_millis(300), "agent down")
+        .await
+        .unwrap();
+    assert!(
+        store
+            .claim("w1", 10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let again = store
+        .claim("w1", 10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt, 2);
+    assert_eq!(
+        store
+            .get(&id2)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_error
+            .as_deref(),
+        Some("agent down")
+    );
+
+    // Dead letter, then operator replay makes it routable again.
+    store.dead_letter(&id2, "gave up").await.unwrap();
+    assert_eq!(
+        store.get(&id2).await.unwrap().unwrap().summary.status,
+        EventStatus::Dead
+    );
+    let dead = store
+        .list(&ListFilter {
+            status: Some(EventStatus::Dead),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    store.requeue(&id2).await.unwrap();
+    assert_eq!(
+        store
+            .claim("w1", 10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A crashed worker's lease expires and the event is claimed again.
+    let Appended::Stored(id3) = store.append(event("s1", "d3", "k1")).await.unwrap() else {
+        panic!()
+    };
+    let c = store
+        .claim("crashy", 10, Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.iter().map(|c| c.event.id.as_str()).collect::<Vec<_>>(),
+        vec![id3.as_str()]
+    );
+    assert!(
+        store
+            .claim("w1", 10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let c = store
+        .claim("w1", 10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].event.id, id3);
+    assert_eq!(c[0].attempt, 2);
+
+    // Unknown ids are errors, not silent no-ops.
+    assert!(store.complete("evt_missing", &decision()).await.is_err());
+    assert!(store.requeue("evt_missing").await.is_err());
+    store.ready().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("s.db"), 64).unwrap());
+    conformance(store.clone()).await;
+    store.close();
+    // Reopened, everything is still there.
+    let store = SqliteStore::open(&dir.path().join("s.db"), 64).unwrap();
+    assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_group_commit_takes_concurrent_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("s.db"), 128).unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..500 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .append(event("s", &format!("d{}", i % 250), "k"))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut stored = 0;
+    for t in tasks {
+        if matches!(t.await.unwrap(), Appended::Stored(_)) {
+            stored += 1;
+        }
+    }
+    assert_eq!(stored, 250);
+    assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 250);
+}

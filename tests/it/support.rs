@@ -1,0 +1,298 @@
+//! Shared test harness: temp configs with file secrets, an in-process gateway
+//! on port 0, a small HTTP client and corpus readers.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use sluice::AppState;
+use sluice::cli::send::{Signed, Signer};
+use sluice::config::Config;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The shared corpus beside the checkout.
+pub fn corpus() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus")
+}
+
+/// Secrets written into the temp dir, one file per role.
+pub const SECRETS: &[(&str, &str)] = &[
+    ("github.key", "gh-current-secret"),
+    ("github-old.key", "gh-previous-secret"),
+    ("gitlab.key", "glpat-like-token-value"),
+    (
+        "gitlab-signing.key",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    ),
+    ("standard.key", "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"),
+    ("stripe.key", "whsec_stripe_test_secret"),
+    ("slack.key", "8f742231b10e8888abcd99yyyzzz85a5"),
+    ("linear.key", "lin_wh_secret"),
+    ("hmac.key", "generic-secret"),
+];
+
+/// A temp dir with secrets and a config serving every provider.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+impl Env {
+    /// A config with every provider and `extra` TOML appended to `[server]`-level text.
+    pub fn new(extra: &str) -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, value) in SECRETS {
+            std::fs::write(dir.path().join(name), value).expect("write secret");
+        }
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+header_timeout = "1s"
+body_timeout = "1s"
+max_body_bytes = 1048576
+
+[shield]
+enabled = false
+
+[sources.github]
+provider = "github"
+secrets = [{{ file = "github.key" }}, {{ file = "github-old.key" }}]
+
+[sources.gitlab]
+provider = "gitlab"
+mode = "token"
+secret = {{ file = "gitlab.key" }}
+
+[sources.gitlab-signed]
+provider = "gitlab"
+mode = "signature"
+signing_secrets = [{{ file = "gitlab-signing.key" }}]
+
+[sources.gitlab-both]
+provider = "gitlab"
+mode = "both"
+secret = {{ file = "gitlab.key" }}
+signing_secrets = [{{ file = "gitlab-signing.key" }}]
+
+[sources.standard]
+provider = "standard-webhooks"
+secret = {{ file = "standard.key" }}
+
+[sources.stripe]
+provider = "stripe"
+secret = {{ file = "stripe.key" }}
+
+[sources.slack]
+provider = "slack"
+secret = {{ file = "slack.key" }}
+
+[sources.linear]
+provider = "linear"
+secret = {{ file = "linear.key" }}
+
+[sources.hmac]
+provider = "hmac"
+secret = {{ file = "hmac.key" }}
+header = "X-Signature"
+prefix = "sha256="
+encoding = "hex"
+delivery_header = "X-Delivery"
+kind_header = "X-Event"
+{extra}
+"#,
+            data = dir.path().join("data").display()
+        );
+        let config_path = dir.path().join("sluice.toml");
+        std::fs::write(&config_path, text).expect("write config");
+        Env { dir, config_path }
+    }
+
+    /// The loaded config.
+    pub fn config(&self) -> Config {
+        Config::load(Some(&self.config_path)).expect("test config loads")
+    }
+
+    /// A signer for one source.
+    pub fn signer(&self, source: &str) -> Signer {
+        Signer::new(&self.config(), source).expect("signer")
+    }
+
+    /// The SQLite file.
+    pub fn db(&self) -> PathBuf {
+        self.dir.path().join("data/sluice.db")
+    }
+}
+
+/// A gateway served in-process on a loopback port.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    pub client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Gateway {
+    pub async fn start(config: Config) -> Gateway {
+        let listener = TcpListener::bind(config.server.listen).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (state, _) = AppState::build(config).expect("state builds");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(sluice::run(state, listener, async move {
+            let _ = rx.await;
+        }));
+        Gateway {
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+            client: client(),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().expect("running").send(());
+        self.task
+            .take()
+            .expect("running")
+            .await
+            .expect("join")
+            .expect("server ran cleanly");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// POSTs a signed request to `/hooks/{source}`.
+    pub async fn post_signed(
+        &self,
+        source: &str,
+        signed: &Signed,
+    ) -> (StatusCode, serde_json::Value) {
+        post(
+            &self.client,
+            &self.url(&format!("/hooks/{source}")),
+            &signed.headers,
+            signed.body.clone(),
+        )
+        .await
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// POSTs `body` with `headers`; returns the status and the JSON body (or null).
+pub async fn post(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+    headers: &[(HeaderName, String)],
+    body: Bytes,
+) -> (StatusCode, serde_json::Value) {
+    let mut req = Request::post(url);
+    for (h, v) in headers {
+        req = req.header(h, HeaderValue::from_str(v).expect("header value"));
+    }
+    let resp = client
+        .request(req.body(Full::new(body)).expect("request"))
+        .await
+        .expect("response");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Replaces (or removes, with `None`) one header.
+pub fn with_header(signed: &Signed, name: &str, value: Option<&str>) -> Signed {
+    let mut s = signed.clone();
+    s.headers
+        .retain(|(h, _)| !h.as_str().eq_ignore_ascii_case(name));
+    if let Some(v) = value {
+        s.headers.push((
+            HeaderName::from_bytes(name.as_bytes()).expect("name"),
+            v.to_string(),
+        ));
+    }
+    s
+}
+
+/// The value of one header.
+pub fn header(signed: &Signed, name: &str) -> String {
+    signed
+        .headers
+        .iter()
+        .find(|(h, _)| h.as_str().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
+        .expect("header present")
+}
+
+/// Flips one byte of the body (after signing).
+pub fn with_flipped_byte(signed: &Signed, at: usize) -> Signed {
+    let mut s = signed.clone();
+    let mut b = s.body.to_vec();
+    let i = at % b.len();
+    b[i] ^= 0x01;
+    s.body = Bytes::from(b);
+    s
+}
+
+/// Every GitHub corpus payload as (event kind, file).
+pub fn github_payloads() -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    for dir in std::fs::read_dir(corpus().join("github")).expect("corpus/github") {
+        let dir = dir.expect("entry").path();
+        if !dir.is_dir() {
+            continue;
+        }
+        let kind = dir
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        for f in std::fs::read_dir(&dir).expect("dir") {
+            let f = f.expect("entry").path();
+            if f.extension().is_some_and(|e| e == "json") {
+                out.push((kind.clone(), f));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Every GitLab corpus payload as (X-Gitlab-Event, file).
+pub fn gitlab_payloads() -> Vec<(String, PathBuf)> {
+    let dir = corpus().join("gitlab/webhooks");
+    let map: std::collections::BTreeMap<String, String> =
+        serde_json::from_slice(&std::fs::read(dir.join("events.json")).expect("events.json"))
+            .expect("map");
+    map.into_iter()
+        .map(|(file, kind)| (kind, dir.join(file)))
+        .collect()
+}
+
+/// The compact form of a JSON file, as providers send it.
+pub fn compact(bytes: &[u8]) -> Bytes {
+    let v: serde_json::Value = serde_json::from_slice(bytes).expect("corpus file is JSON");
+    Bytes::from(serde_json::to_vec(&v).expect("serialise"))
+}
