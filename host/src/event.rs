@@ -172,3 +172,49 @@ impl ParsedEvent {
         self.payload().pointer(pointer)
     }
 }
+
+impl Event {
+    /// An event built straight from a payload, for dry runs (`sluice route`)
+    /// and rule test vectors; it never reaches the store. The action is taken
+    /// from the payload when not given (`/action`, or GitLab's
+    /// `/object_attributes/action`), and the provider's event header is set
+    /// to `kind`.
+    pub fn dry_run(
+        source: &str,
+        provider: Provider,
+        kind: &str,
+        action: Option<String>,
+        body: Bytes,
+    ) -> Event {
+        use sha2::Digest;
+        let payload: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+        let action = action.or_else(|| {
+            let p = payload.as_ref()?;
+            let a = p
+                .get("action")
+                .or_else(|| p.pointer("/object_attributes/action"))?;
+            a.as_str().map(str::to_owned)
+        });
+        let mut headers = Vec::new();
+        match provider {
+            Provider::Github => headers.push(("x-github-event".to_owned(), kind.to_owned())),
+            Provider::Gitlab => headers.push(("x-gitlab-event".to_owned(), kind.to_owned())),
+            _ => {}
+        }
+        let received_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        Event {
+            id: "evt_dry_run".to_owned(),
+            source: source.to_owned(),
+            provider,
+            kind: kind.to_owned(),
+            action,
+            delivery_id: format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body))),
+            received_at_ms,
+            headers,
+            body,
+        }
+    }
+}

@@ -25,6 +25,8 @@ use crate::config::Config;
 use crate::ingress::dedup::Dedup;
 use crate::ingress::shield::Shield;
 use crate::ingress::source::{SecretReport, Sources, build_sources};
+use crate::rules::SharedRuleSet;
+use crate::rules::router::RouterOptions;
 use crate::secret::Generate;
 use crate::store::{SqliteStore, Store};
 
@@ -77,6 +79,32 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(state)
+}
+
+/// Runs the whole gateway until `shutdown`: HTTP intake on `listener` and the
+/// router workers routing what intake stores. On shutdown, intake stops first
+/// (requests in flight finish), then the workers finish the event in hand, then
+/// the store commits what is queued and closes.
+pub async fn serve(
+    state: Arc<AppState>,
+    rules: SharedRuleSet,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (stop_router, router_stopped) = tokio::sync::watch::channel(false);
+    let router = tokio::spawn(rules::router::run(
+        state.store.clone(),
+        rules,
+        RouterOptions::from(&state.config.rules),
+        router_stopped,
+    ));
+    let served = run(state.clone(), listener, shutdown).await;
+    let _ = stop_router.send(true);
+    if let Err(e) = router.await {
+        tracing::error!(error = %e, "router ended abnormally");
+    }
+    state.store.close().await;
+    served
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {

@@ -2,8 +2,8 @@
 //!
 //! It owns the connection-level limits axum does not: a header read timeout
 //! (slow-drip clients are cut off), a cap on header size and count, and a cap
-//! on concurrent connections. Shutdown stops accepting, lets requests in flight
-//! finish (bounded), then closes the store so every acknowledged event is on disk.
+//! on concurrent connections. Shutdown stops accepting and lets requests in
+//! flight finish (bounded); closing the store is the caller's (see [`crate::serve`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -92,6 +92,5 @@ pub async fn run(
     {
         tracing::warn!("requests still in flight after {DRAIN:?}; closing anyway");
     }
-    state.store.close().await;
     Ok(())
 }

@@ -9,6 +9,7 @@ mod corpus;
 mod crash;
 mod dedup;
 mod fuzz;
+mod rules;
 mod store;
 mod support;
 mod vectors;

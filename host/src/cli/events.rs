@@ -140,7 +140,7 @@ pub fn run(cmd: EventsCommand) -> anyhow::Result<()> {
                     None => println!("decision     (none yet)"),
                     Some(d) => {
                         println!("decision     at {}", time(d.decided_at_ms));
-                        println!("{}", crate::cli::render_decision(d));
+                        crate::cli::write_decision(d, &mut std::io::stdout().lock())?;
                     }
                 }
             }

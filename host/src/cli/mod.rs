@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod events;
+pub mod route;
 pub mod send;
 pub mod serve;
 
@@ -45,6 +46,8 @@ pub enum Command {
     /// Read stored events.
     #[command(subcommand)]
     Events(events::EventsCommand),
+    /// Dry-run the rules on a payload and print each rule's decision with timings.
+    Route(route::RouteArgs),
 }
 
 /// Runs a parsed command line.
@@ -54,53 +57,64 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Check(a) => check::run(a),
         Command::Send(a) => send::run(a).await,
         Command::Events(c) => events::run(c),
+        Command::Route(a) => route::run(a),
     }
 }
 
-/// A decision as indented text lines (for `events show` and `route`).
-pub fn render_decision(d: &crate::decision::Decision) -> String {
+/// Writes a decision as text: one line per rule (name, version, duration,
+/// outcome), then the merged routes (for `route` and `events show`).
+pub fn write_decision(
+    d: &crate::decision::Decision,
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
     use crate::decision::{RuleOutcome, Verdict};
-    let mut out = String::new();
+    let width = d.rules.iter().map(|r| r.rule.len()).max().unwrap_or(4);
     for r in &d.rules {
-        let what = match &r.outcome {
-            RuleOutcome::Verdict(Verdict::Routes(routes)) if routes.is_empty() => {
-                "no routes".to_string()
+        let outcome = match &r.outcome {
+            RuleOutcome::Skipped => "skipped (does not want this event)".to_owned(),
+            RuleOutcome::Verdict(Verdict::Ignore(reason)) => format!("ignore: {reason}"),
+            RuleOutcome::Verdict(Verdict::Routes(rs)) if rs.is_empty() => "no routes".to_owned(),
+            RuleOutcome::Verdict(Verdict::Routes(rs)) => {
+                let parts: Vec<_> = rs
+                    .iter()
+                    .map(|r| format!("{} ({})", r.agent, r.priority.as_str()))
+                    .collect();
+                format!("routes: {}", parts.join(", "))
             }
-            RuleOutcome::Verdict(Verdict::Routes(routes)) => routes
-                .iter()
-                .map(|rt| format!("{} ({})", rt.agent, rt.priority.as_str()))
-                .collect::<Vec<_>>()
-                .join(", "),
-            RuleOutcome::Verdict(Verdict::Ignore(why)) => format!("ignore: {why}"),
-            RuleOutcome::Failed(f) => format!("FAILED: {f}"),
-            RuleOutcome::Skipped => "skipped (does not want this event)".to_string(),
+            RuleOutcome::Failed(f) => format!("FAILED {}: {f}", route::failure_kind(f)),
         };
-        out.push_str(&format!(
-            "  rule {} @{} · {} µs · {what}\n",
+        writeln!(
+            out,
+            "  {:width$}  {}  {:>7} µs  {outcome}",
             r.rule, r.version, r.duration_us
-        ));
+        )?;
     }
-    out.push_str("  routes:\n");
-    for rt in &d.routes {
-        let wf = rt
-            .workflow
-            .as_deref()
-            .map(|w| format!(" workflow {w}"))
-            .unwrap_or_default();
-        let labels = if rt.labels.is_empty() {
-            String::new()
-        } else {
-            format!(" [{}]", rt.labels.join(", "))
-        };
-        out.push_str(&format!(
-            "    → {} ({}){wf}{labels}: {}\n",
-            rt.agent,
-            rt.priority.as_str(),
-            rt.reason
-        ));
+    if d.routes.is_empty() {
+        writeln!(out, "routes: none")?;
+    } else {
+        writeln!(out, "routes:")?;
+        for r in &d.routes {
+            let workflow = r
+                .workflow
+                .as_deref()
+                .map(|w| format!(" workflow={w}"))
+                .unwrap_or_default();
+            let labels = if r.labels.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", r.labels.join(", "))
+            };
+            writeln!(
+                out,
+                "  {} ({}){workflow}{labels}: {}",
+                r.agent,
+                r.priority.as_str(),
+                r.reason
+            )?;
+        }
     }
-    if let Some(dl) = &d.dead_letter {
-        out.push_str(&format!("  dead-lettered: {dl}\n"));
+    if let Some(reason) = &d.dead_letter {
+        writeln!(out, "dead-letter: {reason}")?;
     }
-    out
+    Ok(())
 }

@@ -1,12 +1,17 @@
 //! `sluice serve`: load the config, open the store, serve until a signal.
 
+use std::sync::Arc;
+
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
 use super::ConfigArg;
 use crate::AppState;
 use crate::config::{Config, LogFormat};
 use crate::event::Provider;
+use crate::rules::RuleSet;
+use crate::rules::wasm::WasmEngine;
 use crate::secret::SecretOrigin;
 
 /// Arguments of `sluice serve`.
@@ -51,6 +56,32 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
     }
+    let engine = WasmEngine::new(Some(
+        state
+            .config
+            .rules
+            .cache_dir(&state.config.base_dir, state.config.data_dir()),
+    ))?;
+    let rules = RuleSet::load(&state.config.rules, &state.config.base_dir, &engine)?;
+    for r in rules.rules() {
+        println!(
+            "rule {} @{} from {}",
+            r.name(),
+            r.version(),
+            r.origin().display()
+        );
+    }
+    if rules.rules().len() == 0 {
+        tracing::warn!(
+            "no rules loaded from {}: events are stored but route nowhere",
+            state
+                .config
+                .rules
+                .rules_dir(&state.config.base_dir)
+                .display()
+        );
+    }
+    let rules = Arc::new(ArcSwap::from_pointee(rules));
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (server.listen / SLUICE_LISTEN)"))?;
@@ -59,7 +90,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for name in state.sources.keys() {
         println!("  POST http://{addr}/hooks/{name}");
     }
-    crate::run(state, listener, shutdown_signal()).await
+    crate::serve(state, rules, listener, shutdown_signal()).await
 }
 
 fn announce_sources(config: &Config) {

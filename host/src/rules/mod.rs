@@ -1,8 +1,652 @@
-//! The rule runtime (the router lands with the rule-runtime issue).
+//! The rule runtime: loaded rules, the rule set that runs them on an event,
+//! and the policies around them (which rules want which events, how answers
+//! merge, what a failure does, the circuit breaker).
+//!
+//! A [`RuleSet`] is immutable once built: hot reload builds a whole new set
+//! with [`RuleSet::load`] and swaps it through an `ArcSwap` ([`SharedRuleSet`]),
+//! so an event in flight finishes on the set it started with and every
+//! decision names the rule versions that made it. Nothing here touches the
+//! store or the network; a failing rule is recorded against that rule and can
+//! never fail the host.
 
-use serde::Deserialize;
+pub mod breaker;
+pub mod config;
+pub mod manifest;
+pub mod output;
+pub mod rhai;
+pub mod router;
+pub mod wasm;
 
-/// The `[rules]` section.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RulesConfig {}
+pub use self::config::RulesConfig;
+pub use self::wasm::WasmEngine;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
+
+use crate::decision::{Decision, Priority, Route, RuleFailure, RuleOutcome, RuleRecord, Verdict};
+use crate::event::{Event, ParsedEvent, Provider};
+use crate::rules::breaker::{Breaker, BreakerState};
+use crate::rules::config::{BreakerConfig, FailurePolicy, MergeMode};
+use crate::rules::manifest::{Manifest, RuleSource, TestVector};
+use crate::rules::rhai::RhaiRule;
+use crate::rules::wasm::WasmRule;
+
+/// The rule set currently serving, swapped whole on reload.
+pub type SharedRuleSet = Arc<ArcSwap<RuleSet>>;
+
+/// A native Rust rule function (the bench baseline, tests, built-in rules).
+pub type NativeFn = dyn Fn(&ParsedEvent) -> Result<Verdict, RuleFailure> + Send + Sync;
+
+/// The code behind a rule.
+pub enum RuleCode {
+    /// A Rust function compiled into sluice.
+    Native(Arc<NativeFn>),
+    /// A WebAssembly component (boxed: it is much larger than the others).
+    Wasm(Box<WasmRule>),
+    /// A rhai script (boxed, like components).
+    Rhai(Box<RhaiRule>),
+}
+
+impl fmt::Debug for RuleCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RuleCode::Native(_) => f.write_str("Native"),
+            RuleCode::Wasm(w) => w.fmt(f),
+            RuleCode::Rhai(r) => r.fmt(f),
+        }
+    }
+}
+
+/// One loaded rule: a name, a version (content hash) and its code.
+#[derive(Debug)]
+pub struct Rule {
+    name: String,
+    version: String,
+    origin: PathBuf,
+    providers: Vec<Provider>,
+    kinds: Vec<String>,
+    on_error: Option<FailurePolicy>,
+    code: RuleCode,
+}
+
+impl Rule {
+    /// A native Rust rule. Its version is `native`, since its code is sluice's own.
+    pub fn native(
+        name: impl Into<String>,
+        f: impl Fn(&ParsedEvent) -> Result<Verdict, RuleFailure> + Send + Sync + 'static,
+    ) -> Rule {
+        let name = name.into();
+        Rule {
+            origin: PathBuf::from(format!("native:{name}")),
+            name,
+            version: "native".into(),
+            providers: Vec::new(),
+            kinds: Vec::new(),
+            on_error: None,
+            code: RuleCode::Native(Arc::new(f)),
+        }
+    }
+
+    /// Restricts the rule to these providers (empty: all).
+    pub fn for_providers(mut self, providers: impl IntoIterator<Item = Provider>) -> Rule {
+        self.providers = providers.into_iter().collect();
+        self
+    }
+
+    /// Restricts the rule to these event kinds (empty: all).
+    pub fn for_kinds(mut self, kinds: impl IntoIterator<Item = impl Into<String>>) -> Rule {
+        self.kinds = kinds.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets this rule's failure policy, overriding the rule set's default.
+    pub fn with_policy(mut self, policy: FailurePolicy) -> Rule {
+        self.on_error = Some(policy);
+        self
+    }
+
+    /// Loads the rule a manifest describes. `manifest_text` is the manifest as
+    /// read (it is part of the version hash: config values and limits change
+    /// behaviour as much as code does).
+    pub fn from_manifest(
+        manifest: &Manifest,
+        manifest_path: &Path,
+        manifest_text: &str,
+        defaults: &RulesConfig,
+        engine: &WasmEngine,
+    ) -> Result<Rule, LoadError> {
+        let dir = manifest_path.parent().unwrap_or(Path::new("."));
+        let limits = defaults.limits.with(&manifest.limits);
+        limits.validate().map_err(|e| {
+            LoadError::new(manifest_path, Some(&manifest.name), format!("limits.{e}"))
+        })?;
+        let source = manifest.source(dir);
+        let code_path = match &source {
+            RuleSource::Component(p) | RuleSource::Script(p) => p.clone(),
+        };
+        let code_err = |message: String| LoadError::new(&code_path, Some(&manifest.name), message);
+        let bytes = std::fs::read(&code_path).map_err(|e| code_err(format!("cannot read: {e}")))?;
+        let mut hash = Sha256::new();
+        hash.update(manifest_text.as_bytes());
+        hash.update([0]);
+        hash.update(&bytes);
+        let version = hex::encode(&hash.finalize()[..8]);
+        let code = match source {
+            RuleSource::Component(_) => RuleCode::Wasm(Box::new(
+                engine
+                    .load(
+                        &manifest.name,
+                        &bytes,
+                        &manifest.grants,
+                        manifest.config.clone(),
+                        &limits,
+                    )
+                    .map_err(|e| code_err(format!("{e:#}")))?,
+            )),
+            RuleSource::Script(_) => {
+                if manifest.grants.wasi {
+                    return Err(LoadError::new(
+                        manifest_path,
+                        Some(&manifest.name),
+                        "grants.wasi: only components can be granted WASI".into(),
+                    ));
+                }
+                let text =
+                    String::from_utf8(bytes).map_err(|_| code_err("not UTF-8 text".into()))?;
+                RuleCode::Rhai(Box::new(
+                    RhaiRule::compile(&manifest.name, &text, &limits, manifest.config.clone())
+                        .map_err(|e| code_err(format!("{e:#}")))?,
+                ))
+            }
+        };
+        Ok(Rule {
+            name: manifest.name.clone(),
+            version,
+            origin: code_path,
+            providers: manifest
+                .providers
+                .iter()
+                .filter_map(|p| Provider::parse(p))
+                .collect(),
+            kinds: manifest.kinds.clone(),
+            on_error: manifest.on_error.clone(),
+            code,
+        })
+    }
+
+    /// The rule's name, as recorded in decisions.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The rule's version: a content hash of its manifest and code
+    /// (16 hex digits of SHA-256), or `native`.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The file the rule's code came from (`native:<name>` for native rules).
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    /// The providers it wants (empty: all).
+    pub fn providers(&self) -> &[Provider] {
+        &self.providers
+    }
+
+    /// The event kinds it wants (empty: all).
+    pub fn kinds(&self) -> &[String] {
+        &self.kinds
+    }
+
+    /// Its own failure policy, if it sets one.
+    pub fn on_error(&self) -> Option<&FailurePolicy> {
+        self.on_error.as_ref()
+    }
+
+    /// The code behind it (benchmarks use this to reach a component directly).
+    pub fn code(&self) -> &RuleCode {
+        &self.code
+    }
+
+    /// Whether the rule wants this event (provider and kind filters).
+    pub fn wants(&self, ev: &Event) -> bool {
+        (self.providers.is_empty() || self.providers.contains(&ev.provider))
+            && (self.kinds.is_empty() || self.kinds.contains(&ev.kind))
+    }
+
+    /// Runs the rule on one event. A panic in host code is caught and
+    /// reported as a trap, so one rule can never take a worker down.
+    pub fn classify(&self, ev: &Arc<ParsedEvent>) -> Result<Verdict, RuleFailure> {
+        let run = || match &self.code {
+            RuleCode::Native(f) => f(ev).and_then(|v| match v {
+                Verdict::Routes(r) => output::bound(r).map(Verdict::Routes),
+                ignore => Ok(ignore),
+            }),
+            RuleCode::Wasm(w) => w.classify(ev),
+            RuleCode::Rhai(r) => r.classify(ev),
+        };
+        std::panic::catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|panic| {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(RuleFailure::Trap(format!(
+                "host panicked while running the rule: {msg}"
+            )))
+        })
+    }
+
+    /// Runs the rule's test vectors; the first mismatch is an error naming the vector.
+    pub fn check_tests(&self, tests: &[TestVector], manifest_path: &Path) -> Result<(), LoadError> {
+        let dir = manifest_path.parent().unwrap_or(Path::new("."));
+        for (i, t) in tests.iter().enumerate() {
+            let fail = |m: String| {
+                LoadError::new(manifest_path, Some(&self.name), format!("test[{i}]: {m}"))
+            };
+            let path = dir.join(&t.event);
+            let body = std::fs::read(&path)
+                .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+            let provider = t
+                .provider
+                .as_deref()
+                .and_then(Provider::parse)
+                .or_else(|| self.providers.first().copied())
+                .ok_or_else(|| fail("no provider".into()))?;
+            let ev = Event::dry_run(
+                provider.as_str(),
+                provider,
+                &t.kind,
+                t.action.clone(),
+                body.into(),
+            );
+            let ev = Arc::new(ParsedEvent::new(ev));
+            let got = self
+                .classify(&ev)
+                .map_err(|f| fail(format!("{} failed: {f}", t.event.display())))?;
+            match (&got, t.expect_ignore) {
+                (Verdict::Ignore(_), true) => {}
+                (Verdict::Routes(routes), false) if expect_matches(&t.expect, routes) => {}
+                _ => {
+                    let want = if t.expect_ignore {
+                        "an ignore".to_owned()
+                    } else {
+                        describe_expected(&t.expect)
+                    };
+                    return Err(fail(format!(
+                        "{}: expected {want}, got {}",
+                        t.event.display(),
+                        describe(&got)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn expect_matches(expect: &[manifest::ExpectedRoute], routes: &[Route]) -> bool {
+    if expect.len() != routes.len() {
+        return false;
+    }
+    let mut used = vec![false; routes.len()];
+    expect.iter().all(|e| {
+        let found = routes.iter().enumerate().find(|(j, r)| {
+            !used[*j]
+                && r.agent == e.agent
+                && e.priority.is_none_or(|p| p == r.priority)
+                && e.workflow
+                    .as_ref()
+                    .is_none_or(|w| r.workflow.as_ref() == Some(w))
+        });
+        found.map(|(j, _)| used[j] = true).is_some()
+    })
+}
+
+fn describe_expected(expect: &[manifest::ExpectedRoute]) -> String {
+    let parts: Vec<_> = expect
+        .iter()
+        .map(|e| match e.priority {
+            Some(p) => format!("{} ({})", e.agent, p.as_str()),
+            None => e.agent.clone(),
+        })
+        .collect();
+    if parts.is_empty() {
+        "no routes".into()
+    } else {
+        format!("routes [{}]", parts.join(", "))
+    }
+}
+
+fn describe(v: &Verdict) -> String {
+    match v {
+        Verdict::Ignore(r) => format!("ignore ({r})"),
+        Verdict::Routes(rs) if rs.is_empty() => "no routes".into(),
+        Verdict::Routes(rs) => {
+            let parts: Vec<_> = rs
+                .iter()
+                .map(|r| format!("{} ({})", r.agent, r.priority.as_str()))
+                .collect();
+            format!("routes [{}]", parts.join(", "))
+        }
+    }
+}
+
+/// A rule set that could not be built, naming the file (and rule) at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct LoadError {
+    /// The manifest, component or script at fault.
+    pub file: PathBuf,
+    /// The rule, when known.
+    pub rule: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl LoadError {
+    fn new(file: &Path, rule: Option<&str>, message: String) -> LoadError {
+        LoadError {
+            file: file.to_owned(),
+            rule: rule.map(str::to_owned),
+            message,
+        }
+    }
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.rule {
+            Some(rule) => write!(f, "rule {rule} ({}): {}", self.file.display(), self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+struct Entry {
+    rule: Rule,
+    policy: FailurePolicy,
+    breaker: Breaker,
+}
+
+/// An immutable set of rules and the policies that combine their answers.
+pub struct RuleSet {
+    entries: Vec<Entry>,
+    merge: MergeMode,
+}
+
+impl fmt::Debug for RuleSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuleSet")
+            .field(
+                "rules",
+                &self
+                    .entries
+                    .iter()
+                    .map(|e| (&e.rule.name, &e.rule.version))
+                    .collect::<Vec<_>>(),
+            )
+            .field("merge", &self.merge)
+            .finish()
+    }
+}
+
+impl RuleSet {
+    /// A set of already built rules. A rule without its own failure policy
+    /// gets `on_error`.
+    pub fn new(
+        rules: Vec<Rule>,
+        merge: MergeMode,
+        on_error: FailurePolicy,
+        breaker: &BreakerConfig,
+    ) -> RuleSet {
+        let entries = rules
+            .into_iter()
+            .map(|rule| Entry {
+                policy: rule.on_error.clone().unwrap_or_else(|| on_error.clone()),
+                breaker: Breaker::new(breaker),
+                rule,
+            })
+            .collect();
+        RuleSet { entries, merge }
+    }
+
+    /// A set with no rules: every event is routed nowhere.
+    pub fn empty() -> RuleSet {
+        RuleSet {
+            entries: Vec::new(),
+            merge: MergeMode::Merge,
+        }
+    }
+
+    /// Builds a complete rule set from the `[rules]` config: reads every
+    /// manifest (see [`RulesConfig`] for which), compiles each rule, runs its
+    /// test vectors, and fails on the first problem, naming the file.
+    /// `base_dir` is the directory of the config file (`dir` is relative to it).
+    pub fn load(
+        config: &RulesConfig,
+        base_dir: &Path,
+        engine: &WasmEngine,
+    ) -> Result<RuleSet, LoadError> {
+        config
+            .validate()
+            .map_err(|m| LoadError::new(base_dir, None, m))?;
+        let dir = config.rules_dir(base_dir);
+        let manifests = manifest_paths(config, &dir)?;
+        let mut rules = Vec::with_capacity(manifests.len());
+        let mut seen = BTreeMap::new();
+        for path in manifests {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| LoadError::new(&path, None, format!("cannot read: {e}")))?;
+            let manifest = Manifest::parse(&path, &text).map_err(|e| LoadError {
+                file: e.file.clone(),
+                rule: None,
+                message: match &e.key {
+                    Some(k) => format!("{k}: {}", e.message),
+                    None => e.message.clone(),
+                },
+            })?;
+            if let Some(other) = seen.insert(manifest.name.clone(), path.clone()) {
+                return Err(LoadError::new(
+                    &path,
+                    Some(&manifest.name),
+                    format!("name: also used by {}", other.display()),
+                ));
+            }
+            let rule = Rule::from_manifest(&manifest, &path, &text, config, engine)?;
+            rule.check_tests(&manifest.tests, &path)?;
+            rules.push(rule);
+        }
+        Ok(RuleSet::new(
+            rules,
+            config.merge,
+            config.on_error.clone(),
+            &config.breaker,
+        ))
+    }
+
+    /// The rules, in order.
+    pub fn rules(&self) -> impl ExactSizeIterator<Item = &Rule> {
+        self.entries.iter().map(|e| &e.rule)
+    }
+
+    /// How answers merge.
+    pub fn merge_mode(&self) -> MergeMode {
+        self.merge
+    }
+
+    /// The circuit breaker state of a rule, by name.
+    pub fn breaker_state(&self, rule: &str) -> Option<BreakerState> {
+        self.entries
+            .iter()
+            .find(|e| e.rule.name == rule)
+            .map(|e| e.breaker.state())
+    }
+
+    /// Runs every rule that wants the event and merges their answers. Never
+    /// fails: a rule's failure is recorded against it and handled by its policy.
+    pub fn route(&self, ev: &Arc<ParsedEvent>) -> Decision {
+        let mut records = Vec::with_capacity(self.entries.len());
+        let mut routes: Vec<Route> = Vec::new();
+        let mut dead_letter = None;
+        for entry in &self.entries {
+            let rule = &entry.rule;
+            if !rule.wants(&ev.event) {
+                records.push(RuleRecord {
+                    rule: rule.name.clone(),
+                    version: rule.version.clone(),
+                    outcome: RuleOutcome::Skipped,
+                    duration_us: 0,
+                });
+                continue;
+            }
+            let start = Instant::now();
+            let result = match entry.breaker.state() {
+                BreakerState::Open(left) => Err(RuleFailure::Disabled(format!(
+                    "{} consecutive failures; retried in {} s",
+                    entry.breaker.consecutive_failures(),
+                    left.as_secs() + 1
+                ))),
+                BreakerState::Closed | BreakerState::HalfOpen => {
+                    let r = rule.classify(ev);
+                    match &r {
+                        Ok(_) => entry.breaker.success(),
+                        Err(_) => {
+                            if entry.breaker.failure() {
+                                tracing::warn!(
+                                    rule = %rule.name,
+                                    version = %rule.version,
+                                    failures = entry.breaker.consecutive_failures(),
+                                    "rule switched off by its circuit breaker"
+                                );
+                            }
+                        }
+                    }
+                    r
+                }
+            };
+            let duration_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let before = routes.len();
+            let outcome = match result {
+                Ok(verdict) => {
+                    if let Verdict::Routes(rs) = &verdict {
+                        for r in rs {
+                            merge_route(&mut routes, r.clone());
+                        }
+                    }
+                    RuleOutcome::Verdict(verdict)
+                }
+                Err(failure) => {
+                    if !matches!(failure, RuleFailure::Disabled(_)) {
+                        tracing::warn!(rule = %rule.name, version = %rule.version, event = %ev.event.id, %failure, "rule failed");
+                    }
+                    match &entry.policy {
+                        FailurePolicy::Skip => {}
+                        FailurePolicy::DefaultAgent(agent) => merge_route(
+                            &mut routes,
+                            Route {
+                                agent: agent.clone(),
+                                workflow: None,
+                                priority: Priority::Medium,
+                                reason: format!("rule {} failed: {failure}", rule.name),
+                                labels: vec![format!("rule-failed:{}", rule.name)],
+                            },
+                        ),
+                        FailurePolicy::DeadLetter => {
+                            dead_letter.get_or_insert_with(|| {
+                                format!("rule {} failed: {failure}", rule.name)
+                            });
+                        }
+                    }
+                    RuleOutcome::Failed(failure)
+                }
+            };
+            records.push(RuleRecord {
+                rule: rule.name.clone(),
+                version: rule.version.clone(),
+                outcome,
+                duration_us,
+            });
+            if self.merge == MergeMode::First && routes.len() > before {
+                break;
+            }
+        }
+        Decision {
+            rules: records,
+            routes,
+            dead_letter,
+            decided_at_ms: now_ms(),
+        }
+    }
+}
+
+/// Adds a route, merging with an existing one for the same agent and
+/// workflow: the higher priority (and its reason) wins, labels are unioned.
+fn merge_route(routes: &mut Vec<Route>, new: Route) {
+    match routes
+        .iter_mut()
+        .find(|r| r.agent == new.agent && r.workflow == new.workflow)
+    {
+        Some(existing) => {
+            if new.priority > existing.priority {
+                existing.priority = new.priority;
+                existing.reason = new.reason;
+            }
+            for label in new.labels {
+                if !existing.labels.contains(&label) {
+                    existing.labels.push(label);
+                }
+            }
+        }
+        None => routes.push(new),
+    }
+}
+
+fn manifest_paths(config: &RulesConfig, dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    if let Some(names) = &config.load {
+        return names
+            .iter()
+            .map(|n| {
+                let p = dir.join(format!("{n}.toml"));
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    Err(LoadError::new(
+                        &p,
+                        Some(n),
+                        "rules.load names a rule whose manifest does not exist".into(),
+                    ))
+                }
+            })
+            .collect();
+    }
+    let read = std::fs::read_dir(dir)
+        .map_err(|e| LoadError::new(dir, None, format!("cannot read the rules directory: {e}")))?;
+    let mut paths = Vec::new();
+    for entry in read {
+        let entry = entry.map_err(|e| {
+            LoadError::new(dir, None, format!("cannot read the rules directory: {e}"))
+        })?;
+        let path = entry.path();
+        if path.extension().is_some_and(|x| x == "toml") && path.is_file() {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

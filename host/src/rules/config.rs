@@ -1,0 +1,327 @@
+//! The `[rules]` section of the sluice config: where rules live, how their
+//! answers merge, what a failure does, the default sandbox limits, the circuit
+//! breaker and the router workers.
+//!
+//! This module only describes and validates settings; it never loads a rule,
+//! touches the store or starts a task.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The `[rules]` section of the main config.
+///
+/// Which rules load: every `*.toml` manifest directly inside `dir` (not in
+/// sub-directories), in file-name order, unless `load` lists manifest names
+/// (file stems), in which case exactly those load, in that order. Rule order
+/// matters for `merge = "first"` and for the order of records in a decision.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct RulesConfig {
+    /// The rules directory, relative to the config file's directory.
+    pub dir: PathBuf,
+    /// Manifest names to load, in order; absent means every manifest in `dir`.
+    pub load: Option<Vec<String>>,
+    /// How the answers of several rules combine.
+    pub merge: MergeMode,
+    /// What a failing rule does to the event unless its manifest says otherwise.
+    pub on_error: FailurePolicy,
+    /// Where compiled components are cached (relative to the config file's
+    /// directory); absent means `<data_dir>/cache/wasm`, outside the rules
+    /// directory so a watcher on it never sees cache writes.
+    pub cache_dir: Option<PathBuf>,
+    /// Default sandbox limits; a manifest's `[limits]` overrides them per rule.
+    pub limits: Limits,
+    /// The per-rule circuit breaker.
+    pub breaker: BreakerConfig,
+    /// Number of router worker tasks.
+    pub workers: usize,
+    /// Events a worker leases per claim.
+    pub batch: usize,
+    /// How long a claim lasts before another worker may take the event, in ms.
+    pub lease_ms: u64,
+    /// How long an idle worker waits for new work before polling again, in ms.
+    pub poll_ms: u64,
+    /// Routing attempts before a `dead-letter` failure really dead-letters.
+    pub max_attempts: u32,
+    /// First retry delay, in ms (doubles per attempt, with full jitter).
+    pub retry_base_ms: u64,
+    /// Longest retry delay, in ms.
+    pub retry_max_ms: u64,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        RulesConfig {
+            dir: PathBuf::from("rules"),
+            load: None,
+            merge: MergeMode::Merge,
+            on_error: FailurePolicy::Skip,
+            cache_dir: None,
+            limits: Limits::default(),
+            breaker: BreakerConfig::default(),
+            workers: 2,
+            batch: 16,
+            lease_ms: 30_000,
+            poll_ms: 1_000,
+            max_attempts: 3,
+            retry_base_ms: 1_000,
+            retry_max_ms: 300_000,
+        }
+    }
+}
+
+/// How the verdicts of several rules combine into one set of routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MergeMode {
+    /// Union by agent and workflow; the highest priority wins, labels are unioned.
+    #[default]
+    Merge,
+    /// The routes of the first rule (in order) that returns any; the rules
+    /// after it do not run and have no record in the decision. A failed rule
+    /// whose policy is `default-agent` counts as returning that route.
+    First,
+}
+
+/// What happens to an event when a rule fails (trap, timeout, error, switched off).
+///
+/// In TOML: `"skip"`, `"dead-letter"` or `{ default-agent = "name" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// Record the failure and carry on with the other rules' routes.
+    #[default]
+    Skip,
+    /// Record the failure and route the event to this agent instead.
+    DefaultAgent(String),
+    /// Record the failure and send the event to the dead-letter queue (after
+    /// the router's retries, since a timeout may be transient).
+    DeadLetter,
+}
+
+impl fmt::Display for FailurePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FailurePolicy::Skip => f.write_str("skip"),
+            FailurePolicy::DeadLetter => f.write_str("dead-letter"),
+            FailurePolicy::DefaultAgent(a) => write!(f, "default-agent = {a:?}"),
+        }
+    }
+}
+
+impl Serialize for FailurePolicy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            FailurePolicy::Skip => s.serialize_str("skip"),
+            FailurePolicy::DeadLetter => s.serialize_str("dead-letter"),
+            FailurePolicy::DefaultAgent(a) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("default-agent", a)?;
+                m.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FailurePolicy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PolicyVisitor;
+        impl<'de> Visitor<'de> for PolicyVisitor {
+            type Value = FailurePolicy;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#""skip", "dead-letter" or { default-agent = "name" }"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<FailurePolicy, E> {
+                match v {
+                    "skip" => Ok(FailurePolicy::Skip),
+                    "dead-letter" => Ok(FailurePolicy::DeadLetter),
+                    other => Err(E::invalid_value(de::Unexpected::Str(other), &self)),
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FailurePolicy, A::Error> {
+                let key: Option<String> = map.next_key()?;
+                match key.as_deref() {
+                    Some("default-agent") => {
+                        let agent: String = map.next_value()?;
+                        if agent.trim().is_empty() {
+                            return Err(de::Error::custom("default-agent must name an agent"));
+                        }
+                        if let Some(extra) = map.next_key::<String>()? {
+                            return Err(de::Error::unknown_field(&extra, &["default-agent"]));
+                        }
+                        Ok(FailurePolicy::DefaultAgent(agent))
+                    }
+                    Some(other) => Err(de::Error::unknown_field(other, &["default-agent"])),
+                    None => Err(de::Error::custom("expected { default-agent = \"name\" }")),
+                }
+            }
+        }
+        d.deserialize_any(PolicyVisitor)
+    }
+}
+
+/// Sandbox limits for one rule call. The defaults suit a rule that reads a
+/// few fields; raise them per rule in its manifest when it needs more.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Wall-clock budget of one call, in milliseconds (epoch deadline for
+    /// components, a progress check for scripts).
+    pub timeout_ms: u64,
+    /// Linear memory a component may grow to, in MiB.
+    pub memory_mb: u64,
+    /// rhai: operations one call may run.
+    pub max_operations: u64,
+    /// rhai: function call nesting depth.
+    pub max_call_levels: usize,
+    /// rhai: longest string, in bytes.
+    pub max_string_size: usize,
+    /// rhai: largest array.
+    pub max_array_size: usize,
+    /// rhai: largest object map.
+    pub max_map_size: usize,
+    /// rhai: deepest expression nesting.
+    pub max_expr_depth: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout_ms: 100,
+            memory_mb: 32,
+            max_operations: 1_000_000,
+            max_call_levels: 32,
+            max_string_size: 1 << 20,
+            max_array_size: 10_000,
+            max_map_size: 10_000,
+            max_expr_depth: 64,
+        }
+    }
+}
+
+/// Per-rule overrides of [`Limits`], as written in a manifest's `[limits]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)] // each field overrides the `Limits` field of the same name
+pub struct LimitOverrides {
+    pub timeout_ms: Option<u64>,
+    pub memory_mb: Option<u64>,
+    pub max_operations: Option<u64>,
+    pub max_call_levels: Option<usize>,
+    pub max_string_size: Option<usize>,
+    pub max_array_size: Option<usize>,
+    pub max_map_size: Option<usize>,
+    pub max_expr_depth: Option<usize>,
+}
+
+impl Limits {
+    /// The hard ceilings no config or manifest may exceed.
+    pub const MAX_TIMEOUT_MS: u64 = 60_000;
+    /// The largest memory a rule may be granted, in MiB.
+    pub const MAX_MEMORY_MB: u64 = 1024;
+
+    /// These limits with a manifest's overrides applied.
+    pub fn with(&self, o: &LimitOverrides) -> Limits {
+        Limits {
+            timeout_ms: o.timeout_ms.unwrap_or(self.timeout_ms),
+            memory_mb: o.memory_mb.unwrap_or(self.memory_mb),
+            max_operations: o.max_operations.unwrap_or(self.max_operations),
+            max_call_levels: o.max_call_levels.unwrap_or(self.max_call_levels),
+            max_string_size: o.max_string_size.unwrap_or(self.max_string_size),
+            max_array_size: o.max_array_size.unwrap_or(self.max_array_size),
+            max_map_size: o.max_map_size.unwrap_or(self.max_map_size),
+            max_expr_depth: o.max_expr_depth.unwrap_or(self.max_expr_depth),
+        }
+    }
+
+    /// Checks the limits are usable, naming the offending key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.timeout_ms == 0 || self.timeout_ms > Self::MAX_TIMEOUT_MS {
+            return Err(format!(
+                "timeout_ms: must be between 1 and {}",
+                Self::MAX_TIMEOUT_MS
+            ));
+        }
+        if self.memory_mb == 0 || self.memory_mb > Self::MAX_MEMORY_MB {
+            return Err(format!(
+                "memory_mb: must be between 1 and {}",
+                Self::MAX_MEMORY_MB
+            ));
+        }
+        for (key, v) in [
+            ("max_operations", self.max_operations as usize),
+            ("max_call_levels", self.max_call_levels),
+            ("max_string_size", self.max_string_size),
+            ("max_array_size", self.max_array_size),
+            ("max_map_size", self.max_map_size),
+            ("max_expr_depth", self.max_expr_depth),
+        ] {
+            if v == 0 {
+                return Err(format!("{key}: must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The per-rule circuit breaker: after `failures` consecutive failures a rule
+/// is switched off for `cooldown_ms`, then given one trial call.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// Consecutive failures that switch a rule off.
+    pub failures: u32,
+    /// How long a switched-off rule stays off, in milliseconds.
+    pub cooldown_ms: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failures: 5,
+            cooldown_ms: 30_000,
+        }
+    }
+}
+
+impl RulesConfig {
+    /// The rules directory, resolved against the config file's directory.
+    pub fn rules_dir(&self, base_dir: &Path) -> PathBuf {
+        base_dir.join(&self.dir)
+    }
+
+    /// The compile cache directory: `cache_dir` resolved against the config
+    /// file's directory, else `<data_dir>/cache/wasm`.
+    pub fn cache_dir(&self, base_dir: &Path, data_dir: &Path) -> PathBuf {
+        match &self.cache_dir {
+            Some(dir) => base_dir.join(dir),
+            None => data_dir.join("cache").join("wasm"),
+        }
+    }
+
+    /// Checks values serde cannot, naming the key under `rules.`.
+    pub fn validate(&self) -> Result<(), String> {
+        self.limits
+            .validate()
+            .map_err(|e| format!("rules.limits.{e}"))?;
+        if self.breaker.failures == 0 {
+            return Err("rules.breaker.failures: must be at least 1".into());
+        }
+        if self.workers == 0 {
+            return Err("rules.workers: must be at least 1".into());
+        }
+        if self.batch == 0 {
+            return Err("rules.batch: must be at least 1".into());
+        }
+        if self.max_attempts == 0 {
+            return Err("rules.max_attempts: must be at least 1".into());
+        }
+        if self.lease_ms < 1_000 {
+            return Err("rules.lease_ms: must be at least 1000".into());
+        }
+        Ok(())
+    }
+}

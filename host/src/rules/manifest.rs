@@ -1,0 +1,249 @@
+//! A rule's manifest: the small TOML file beside a rule (`rules/<name>.toml`)
+//! that names its code, the events it wants, its config values, limits,
+//! grants and test vectors.
+//!
+//! This module parses and validates manifests and nothing else: it never
+//! compiles or runs a rule. Every error names the manifest file and the key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::decision::Priority;
+use crate::event::Provider;
+use crate::rules::config::{FailurePolicy, LimitOverrides};
+
+/// A parsed, validated manifest.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// The rule's name, as recorded in decisions (`[a-z0-9_-]`, at most 64 bytes).
+    pub name: String,
+    /// A short human description.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// A WebAssembly component (targeting `sluice:router/rule@0.1.0`),
+    /// relative to the manifest.
+    #[serde(default)]
+    pub component: Option<PathBuf>,
+    /// A rhai script, relative to the manifest.
+    #[serde(default)]
+    pub script: Option<PathBuf>,
+    /// Providers the rule wants (`github`, `gitlab`, ...); empty means all.
+    #[serde(default)]
+    pub providers: Vec<String>,
+    /// Event kinds the rule wants (`issues`, `Push Hook`, ...); empty means all.
+    #[serde(default)]
+    pub kinds: Vec<String>,
+    /// The failure policy for this rule, overriding `rules.on_error`.
+    #[serde(default)]
+    pub on_error: Option<FailurePolicy>,
+    /// String values served to the rule's `config.get`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Limits overriding `rules.limits` for this rule.
+    #[serde(default)]
+    pub limits: LimitOverrides,
+    /// Capabilities beyond logging and config.
+    #[serde(default)]
+    pub grants: Grants,
+    /// Test vectors: an event file and the routes the rule must return.
+    #[serde(default, rename = "test")]
+    pub tests: Vec<TestVector>,
+}
+
+/// Capabilities a manifest grants its rule. Nothing is granted by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grants {
+    /// WASI preview 2 imports, with an empty context: no files, no environment,
+    /// no stdio, no sockets, no name lookup. Rust's `wasm32-wasip2` standard
+    /// library imports WASI even when a rule never uses it.
+    #[serde(default)]
+    pub wasi: bool,
+}
+
+/// One test vector: feed `event` to the rule and compare the answer.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestVector {
+    /// The payload file, relative to the manifest.
+    pub event: PathBuf,
+    /// The provider of the event (defaults to the rule's first provider).
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// The event kind (the `X-GitHub-Event` / `X-Gitlab-Event` value).
+    pub kind: String,
+    /// The action, when the provider has one; read from the payload otherwise.
+    #[serde(default)]
+    pub action: Option<String>,
+    /// The routes expected, in any order (agent and priority must match).
+    #[serde(default)]
+    pub expect: Vec<ExpectedRoute>,
+    /// Expect an explicit ignore instead of routes.
+    #[serde(default)]
+    pub expect_ignore: bool,
+}
+
+/// One expected route of a test vector.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectedRoute {
+    /// The agent.
+    pub agent: String,
+    /// The priority; any priority matches when absent.
+    #[serde(default)]
+    pub priority: Option<Priority>,
+    /// The workflow; any workflow matches when absent.
+    #[serde(default)]
+    pub workflow: Option<String>,
+}
+
+/// What a manifest points at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleSource {
+    /// A WebAssembly component file.
+    Component(PathBuf),
+    /// A rhai script file.
+    Script(PathBuf),
+}
+
+/// A manifest that could not be read or is invalid: `<file>: <key>: <message>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ManifestError {
+    /// The manifest file.
+    pub file: PathBuf,
+    /// The key path (`limits.timeout_ms`, `test[0].expect[1].priority`), if known.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.key {
+            Some(key) => write!(f, "{}: {}: {}", self.file.display(), key, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl Manifest {
+    /// Reads and validates the manifest at `path`.
+    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ManifestError {
+            file: path.to_owned(),
+            key: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Manifest::parse(path, &text)
+    }
+
+    /// Parses and validates manifest text; `path` only names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Manifest, ManifestError> {
+        let err = |key: Option<String>, message: String| ManifestError {
+            file: path.to_owned(),
+            key,
+            message,
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| err(None, toml_message(&e, text)))?;
+        let manifest: Manifest = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = (key != ".").then_some(key);
+            err(key, toml_message(e.inner(), text))
+        })?;
+        manifest
+            .validate()
+            .map_err(|(key, msg)| err(Some(key), msg))?;
+        Ok(manifest)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, msg: String| Err((key.to_owned(), msg));
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
+            return bad(
+                "name",
+                format!(
+                    "{:?} must be 1-64 characters of a-z, 0-9, '-' or '_'",
+                    self.name
+                ),
+            );
+        }
+        match (&self.component, &self.script) {
+            (Some(_), Some(_)) => {
+                return bad(
+                    "component",
+                    "give either `component` or `script`, not both".into(),
+                );
+            }
+            (None, None) => {
+                return bad(
+                    "component",
+                    "missing: give `component = \"x.wasm\"` or `script = \"x.rhai\"`".into(),
+                );
+            }
+            _ => {}
+        }
+        for (i, p) in self.providers.iter().enumerate() {
+            if Provider::parse(p).is_none() {
+                let known: Vec<_> = Provider::ALL.iter().map(|p| p.as_str()).collect();
+                return bad(
+                    &format!("providers[{i}]"),
+                    format!("unknown provider {p:?} (known: {})", known.join(", ")),
+                );
+            }
+        }
+        for (i, t) in self.tests.iter().enumerate() {
+            if let Some(p) = &t.provider
+                && Provider::parse(p).is_none()
+            {
+                return bad(
+                    &format!("test[{i}].provider"),
+                    format!("unknown provider {p:?}"),
+                );
+            }
+            if t.provider.is_none() && self.providers.is_empty() {
+                return bad(
+                    &format!("test[{i}].provider"),
+                    "missing (the rule names no providers)".into(),
+                );
+            }
+            if t.expect_ignore && !t.expect.is_empty() {
+                return bad(
+                    &format!("test[{i}].expect_ignore"),
+                    "cannot be combined with `expect`".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The rule's code, resolved against the manifest's directory.
+    pub fn source(&self, manifest_dir: &Path) -> RuleSource {
+        match (&self.component, &self.script) {
+            (Some(c), _) => RuleSource::Component(manifest_dir.join(c)),
+            (None, Some(s)) => RuleSource::Script(manifest_dir.join(s)),
+            (None, None) => unreachable!("validate() requires component or script"),
+        }
+    }
+}
+
+/// The toml error message with its line number, without toml's multi-line
+/// snippet (the file name and key are added by the caller).
+fn toml_message(e: &toml::de::Error, text: &str) -> String {
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("{} (line {line})", e.message().trim_end())
+        }
+        None => e.message().trim_end().to_owned(),
+    }
+}

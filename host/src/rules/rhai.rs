@@ -1,0 +1,358 @@
+//! rhai script rules: the same contract as components, for rules that are a
+//! few lines of routing table. A script defines `fn classify(event)` and
+//! returns an array of route maps
+//! (`#{agent: "x", priority: "high", workflow: (), reason: "..", labels: ["k:v"]}`),
+//! `#{ignore: "reason"}`, or `()` for no routes; `throw` is a rule error.
+//!
+//! Each rule gets its own `rhai::Engine` carrying its limits (operations,
+//! call depth, string/array/map sizes, expression depth, a wall-clock
+//! deadline) and its AST is compiled once per version. This module must never
+//! give a script `eval`, module imports, files or any host access beyond the
+//! event, its config values and logging.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use rhai::module_resolvers::DummyModuleResolver;
+use rhai::{
+    AST, CallFnOptions, Dynamic, EvalAltResult, ImmutableString, OptimizationLevel, Position, Scope,
+};
+
+use crate::decision::{Priority, Route, RuleFailure, Verdict};
+use crate::event::ParsedEvent;
+use crate::rules::config::Limits;
+use crate::rules::output::{self, truncate};
+
+/// How often (in operations) the wall-clock deadline is checked.
+const DEADLINE_CHECK_EVERY: u64 = 256;
+/// Longest `print`/`debug` line kept, in bytes.
+const MAX_LOG_MESSAGE: usize = 1024;
+
+thread_local! {
+    /// The deadline of the call running on this thread (a rule call never
+    /// leaves its thread, so the progress callback reads it here).
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// A compiled rhai rule.
+pub struct RhaiRule {
+    engine: rhai::Engine,
+    ast: AST,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for RhaiRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RhaiRule")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The event as a script sees it (type name `Event`).
+#[derive(Debug, Clone)]
+pub struct ScriptEvent(Arc<ParsedEvent>);
+
+impl RhaiRule {
+    /// Compiles `script` for the rule `name` with these limits and config values.
+    pub fn compile(
+        name: &str,
+        script: &str,
+        limits: &Limits,
+        config: BTreeMap<String, String>,
+    ) -> anyhow::Result<RhaiRule> {
+        let engine = build_engine(name, limits, config);
+        let ast = match engine.compile(script) {
+            Ok(ast) => ast,
+            Err(e) => bail!("{e}"),
+        };
+        if !ast
+            .iter_functions()
+            .any(|f| f.name == "classify" && f.params.len() == 1)
+        {
+            bail!("the script defines no `fn classify(event)`");
+        }
+        Ok(RhaiRule {
+            engine,
+            ast,
+            limits: limits.clone(),
+        })
+    }
+
+    /// Classifies one event.
+    pub fn classify(&self, ev: &Arc<ParsedEvent>) -> Result<Verdict, RuleFailure> {
+        let timeout = Duration::from_millis(self.limits.timeout_ms);
+        DEADLINE.set(Some(Instant::now() + timeout));
+        let mut scope = Scope::new();
+        // The top level is not re-run per event: a rule is its functions.
+        let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
+        let result = self.engine.call_fn_with_options::<Dynamic>(
+            options,
+            &mut scope,
+            &self.ast,
+            "classify",
+            (ScriptEvent(ev.clone()),),
+        );
+        DEADLINE.set(None);
+        match result {
+            Ok(value) => verdict(value),
+            Err(e) => Err(self.failure(*e)),
+        }
+    }
+
+    fn failure(&self, e: EvalAltResult) -> RuleFailure {
+        match e {
+            EvalAltResult::ErrorInFunctionCall(_, _, inner, _)
+            | EvalAltResult::ErrorInModule(_, inner, _) => self.failure(*inner),
+            EvalAltResult::ErrorTooManyOperations(pos) => RuleFailure::Timeout(format!(
+                "ran more than {} operations{}",
+                self.limits.max_operations,
+                at(pos)
+            )),
+            EvalAltResult::ErrorTerminated(_, pos) => RuleFailure::Timeout(format!(
+                "no answer within {} ms{}",
+                self.limits.timeout_ms,
+                at(pos)
+            )),
+            EvalAltResult::ErrorStackOverflow(pos) => RuleFailure::Trap(format!(
+                "stack overflow: more than {} nested calls{}",
+                self.limits.max_call_levels,
+                at(pos)
+            )),
+            EvalAltResult::ErrorDataTooLarge(what, pos) => {
+                RuleFailure::Memory(format!("{what} exceeds its limit{}", at(pos)))
+            }
+            EvalAltResult::ErrorRuntime(value, pos) => {
+                let message = value
+                    .into_immutable_string()
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|t| t.to_owned());
+                RuleFailure::Guest(format!(
+                    "{}{}",
+                    truncate(&message, output::MAX_ERROR),
+                    at(pos)
+                ))
+            }
+            other => {
+                RuleFailure::Trap(truncate(&other.to_string(), output::MAX_ERROR).into_owned())
+            }
+        }
+    }
+}
+
+fn at(pos: Position) -> String {
+    if pos.is_none() {
+        String::new()
+    } else {
+        format!(" (line {})", pos.line().unwrap_or(0))
+    }
+}
+
+/// A rhai engine with the rule's limits, its config values and the `Event` type.
+fn build_engine(name: &str, limits: &Limits, config: BTreeMap<String, String>) -> rhai::Engine {
+    let mut engine = rhai::Engine::new();
+    engine
+        .set_optimization_level(OptimizationLevel::Simple)
+        .set_max_operations(limits.max_operations)
+        .set_max_call_levels(limits.max_call_levels)
+        .set_max_string_size(limits.max_string_size)
+        .set_max_array_size(limits.max_array_size)
+        .set_max_map_size(limits.max_map_size)
+        .set_max_expr_depths(limits.max_expr_depth, limits.max_expr_depth)
+        .set_max_modules(0)
+        .set_module_resolver(DummyModuleResolver::new())
+        .disable_symbol("eval");
+
+    engine.on_progress(|ops| {
+        if ops % DEADLINE_CHECK_EVERY == 0
+            && let Some(deadline) = DEADLINE.get()
+            && Instant::now() >= deadline
+        {
+            return Some(Dynamic::from("deadline"));
+        }
+        None
+    });
+    let rule: Arc<str> = name.into();
+    let r = rule.clone();
+    engine.on_print(move |s| tracing::info!(rule = &*r, "{}", truncate(s, MAX_LOG_MESSAGE)));
+    let r = rule.clone();
+    engine.on_debug(move |s, _src, pos| {
+        tracing::debug!(
+            rule = &*r,
+            line = pos.line().unwrap_or(0),
+            "{}",
+            truncate(s, MAX_LOG_MESSAGE)
+        )
+    });
+
+    let config = Arc::new(config);
+    engine.register_fn("config", move |key: &str| -> Dynamic {
+        config
+            .get(key)
+            .map(|v| Dynamic::from(v.clone()))
+            .unwrap_or(Dynamic::UNIT)
+    });
+
+    engine
+        .register_type_with_name::<ScriptEvent>("Event")
+        .register_get("id", |e: &mut ScriptEvent| e.0.event.id.clone())
+        .register_get("source", |e: &mut ScriptEvent| e.0.event.source.clone())
+        .register_get("provider", |e: &mut ScriptEvent| {
+            e.0.event.provider.as_str().to_owned()
+        })
+        .register_get("kind", |e: &mut ScriptEvent| e.0.event.kind.clone())
+        .register_get("action", |e: &mut ScriptEvent| {
+            e.0.event
+                .action
+                .clone()
+                .map(Dynamic::from)
+                .unwrap_or(Dynamic::UNIT)
+        })
+        .register_get("delivery_id", |e: &mut ScriptEvent| {
+            e.0.event.delivery_id.clone()
+        })
+        .register_get("received_at", |e: &mut ScriptEvent| {
+            e.0.event.received_at_ms
+        })
+        .register_get("body", |e: &mut ScriptEvent| {
+            String::from_utf8_lossy(&e.0.event.body).into_owned()
+        })
+        .register_fn("header", |e: &mut ScriptEvent, name: &str| {
+            e.0.event
+                .header(name)
+                .map(|v| Dynamic::from(v.to_owned()))
+                .unwrap_or(Dynamic::UNIT)
+        })
+        .register_fn("get", |e: &mut ScriptEvent, pointer: &str| -> Dynamic {
+            e.0.get(pointer)
+                .map(json_to_dynamic)
+                .unwrap_or(Dynamic::UNIT)
+        });
+    engine
+}
+
+/// A JSON value as a rhai value: null → `()`, numbers → int or float,
+/// arrays → arrays, objects → object maps.
+fn json_to_dynamic(v: &serde_json::Value) -> Dynamic {
+    use serde_json::Value as J;
+    match v {
+        J::Null => Dynamic::UNIT,
+        J::Bool(b) => Dynamic::from_bool(*b),
+        J::Number(n) => match n.as_i64() {
+            Some(i) => Dynamic::from_int(i),
+            None => Dynamic::from_float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        J::String(s) => Dynamic::from(s.clone()),
+        J::Array(a) => Dynamic::from_array(a.iter().map(json_to_dynamic).collect()),
+        J::Object(o) => Dynamic::from_map(
+            o.iter()
+                .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// Converts a script's answer into a verdict, rejecting anything malformed.
+fn verdict(value: Dynamic) -> Result<Verdict, RuleFailure> {
+    let bad = |m: String| RuleFailure::Trap(format!("bad answer: {m}"));
+    if value.is_unit() {
+        return Ok(Verdict::Routes(Vec::new()));
+    }
+    if value.is_map() {
+        let map = value.cast::<rhai::Map>();
+        let Some(reason) = map.get("ignore") else {
+            return Err(bad(
+                "a map answer must be #{ignore: \"reason\"}; routes go in an array".into(),
+            ));
+        };
+        if map.len() != 1 {
+            return Err(bad("#{ignore: ..} takes no other keys".into()));
+        }
+        let reason = reason
+            .clone()
+            .into_string()
+            .map_err(|t| bad(format!("ignore reason is a {t}, not a string")))?;
+        return Ok(Verdict::Ignore(
+            truncate(&reason, output::MAX_REASON).into_owned(),
+        ));
+    }
+    let Some(items) = value.clone().try_cast::<rhai::Array>() else {
+        return Err(bad(format!(
+            "expected an array of routes or #{{ignore: ..}}, got {}",
+            value.type_name()
+        )));
+    };
+    if items.len() > output::MAX_ROUTES {
+        return Err(RuleFailure::Trap(format!(
+            "answer too large: {} routes (the limit is {})",
+            items.len(),
+            output::MAX_ROUTES
+        )));
+    }
+    let routes = items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| route(item).map_err(|m| bad(format!("route {i}: {m}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    output::bound(routes).map(Verdict::Routes)
+}
+
+fn route(item: Dynamic) -> Result<Route, String> {
+    let type_name = item.type_name();
+    let Some(map) = item.try_cast::<rhai::Map>() else {
+        return Err(format!("expected a map, got {type_name}"));
+    };
+    let string = |key: &str, v: &Dynamic| -> Result<String, String> {
+        v.clone()
+            .into_immutable_string()
+            .map(|s: ImmutableString| s.to_string())
+            .map_err(|t| format!("{key} is a {t}, not a string"))
+    };
+    let mut route = Route {
+        agent: String::new(),
+        workflow: None,
+        priority: Priority::Medium,
+        reason: String::new(),
+        labels: Vec::new(),
+    };
+    let mut has_agent = false;
+    for (key, v) in &map {
+        match key.as_str() {
+            "agent" => {
+                route.agent = string("agent", v)?;
+                has_agent = true;
+            }
+            "workflow" if v.is_unit() => {}
+            "workflow" => route.workflow = Some(string("workflow", v)?),
+            "priority" => {
+                let p = string("priority", v)?;
+                route.priority = Priority::parse(&p).ok_or_else(|| {
+                    format!("priority {p:?} is not one of critical, high, medium, low")
+                })?;
+            }
+            "reason" => route.reason = string("reason", v)?,
+            "labels" => {
+                let labels = v
+                    .clone()
+                    .try_cast::<rhai::Array>()
+                    .ok_or("labels is not an array")?;
+                route.labels = labels
+                    .iter()
+                    .map(|l| string("label", l))
+                    .collect::<Result<_, _>>()?;
+            }
+            other => {
+                return Err(format!(
+                    "unknown key {other:?} (known: agent, workflow, priority, reason, labels)"
+                ));
+            }
+        }
+    }
+    if !has_agent {
+        return Err("missing agent".into());
+    }
+    Ok(route)
+}

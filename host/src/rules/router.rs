@@ -1,0 +1,187 @@
+//! Router workers: the tasks that take stored events off the log, run the
+//! current rule set on each, and record the decision.
+//!
+//! A worker claims a batch with a lease, routes each event on a blocking
+//! thread (rules are synchronous and CPU-bound), then completes it, retries it
+//! later, or dead-letters it as the failure policy says. It never acknowledges
+//! an event before its decision is stored, so a crash between claim and
+//! decision leaves the event to be claimed again when the lease expires.
+//! Workers never touch ingress and never hold a rule set across events: each
+//! event loads the set current when it starts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::event::ParsedEvent;
+use crate::rules::SharedRuleSet;
+use crate::rules::config::RulesConfig;
+use crate::store::{Claimed, Store};
+
+/// How the workers lease, poll and retry (taken from [`RulesConfig`]).
+#[derive(Debug, Clone)]
+pub struct RouterOptions {
+    /// Number of worker tasks.
+    pub workers: usize,
+    /// Events leased per claim.
+    pub batch: usize,
+    /// Lease length.
+    pub lease: Duration,
+    /// Longest idle wait before polling again.
+    pub poll: Duration,
+    /// Attempts before a `dead-letter` failure dead-letters.
+    pub max_attempts: u32,
+    /// First retry delay (doubled per attempt, full jitter).
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+}
+
+impl From<&RulesConfig> for RouterOptions {
+    fn from(c: &RulesConfig) -> Self {
+        RouterOptions {
+            workers: c.workers.max(1),
+            batch: c.batch.max(1),
+            lease: Duration::from_millis(c.lease_ms),
+            poll: Duration::from_millis(c.poll_ms.max(1)),
+            max_attempts: c.max_attempts.max(1),
+            retry_base: Duration::from_millis(c.retry_base_ms),
+            retry_max: Duration::from_millis(c.retry_max_ms),
+        }
+    }
+}
+
+/// Runs `options.workers` router workers until `shutdown` turns true (or its
+/// sender is dropped); returns once every worker has finished the event it
+/// was routing. Events claimed but not yet routed are left to their leases.
+pub async fn run(
+    store: Arc<dyn Store>,
+    rules: SharedRuleSet,
+    options: RouterOptions,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut tasks = JoinSet::new();
+    for n in 0..options.workers {
+        let worker = Worker {
+            name: format!("router-{n}"),
+            store: store.clone(),
+            rules: rules.clone(),
+            options: options.clone(),
+            shutdown: shutdown.clone(),
+        };
+        tasks.spawn(worker.run());
+    }
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            tracing::error!(error = %e, "router worker ended abnormally");
+        }
+    }
+}
+
+struct Worker {
+    name: String,
+    store: Arc<dyn Store>,
+    rules: SharedRuleSet,
+    options: RouterOptions,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Worker {
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow() || self.shutdown.has_changed().is_err()
+    }
+
+    async fn run(mut self) {
+        let mut store_errors = 0u32;
+        while !self.stopping() {
+            match self
+                .store
+                .claim(&self.name, self.options.batch, self.options.lease)
+                .await
+            {
+                Ok(claimed) if claimed.is_empty() => {
+                    store_errors = 0;
+                    let wait = self.store.wait_for_work(self.options.poll);
+                    tokio::select! {
+                        _ = wait => {}
+                        _ = self.shutdown.changed() => {}
+                    }
+                }
+                Ok(claimed) => {
+                    store_errors = 0;
+                    for c in claimed {
+                        if self.stopping() {
+                            break;
+                        }
+                        self.route_one(c).await;
+                    }
+                }
+                Err(e) => {
+                    store_errors = store_errors.saturating_add(1);
+                    let delay = backoff(
+                        store_errors,
+                        Duration::from_millis(100),
+                        Duration::from_secs(10),
+                    );
+                    tracing::warn!(worker = %self.name, error = %e, ?delay, "claim failed; backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn route_one(&self, claimed: Claimed) {
+        let id = claimed.event.id.clone();
+        let attempt = claimed.attempt;
+        let set = self.rules.load_full();
+        let ev = Arc::new(ParsedEvent::new(claimed.event));
+        let decision = match tokio::task::spawn_blocking(move || set.route(&ev)).await {
+            Ok(d) => d,
+            Err(e) => {
+                // `RuleSet::route` catches rule panics; reaching here is a host bug.
+                let reason = format!("routing panicked: {e}");
+                tracing::error!(event = %id, %reason);
+                self.retry_or_dead_letter(&id, attempt, &reason).await;
+                return;
+            }
+        };
+        if let Some(reason) = &decision.dead_letter {
+            self.retry_or_dead_letter(&id, attempt, reason).await;
+            return;
+        }
+        tracing::debug!(event = %id, routes = decision.routes.len(), "routed");
+        if let Err(e) = self.store.complete(&id, &decision).await {
+            // The lease will expire and the event be routed again.
+            tracing::error!(event = %id, error = %e, "cannot record the decision");
+        }
+    }
+
+    async fn retry_or_dead_letter(&self, id: &str, attempt: u32, reason: &str) {
+        let result = if attempt >= self.options.max_attempts {
+            tracing::warn!(event = %id, attempt, %reason, "dead-lettering event");
+            self.store.dead_letter(id, reason).await
+        } else {
+            let delay = backoff(attempt, self.options.retry_base, self.options.retry_max);
+            tracing::info!(event = %id, attempt, ?delay, %reason, "routing failed; retrying later");
+            self.store.retry_later(id, delay, reason).await
+        };
+        if let Err(e) = result {
+            tracing::error!(event = %id, error = %e, "cannot release the event; its lease will expire");
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in `[0, min(max, base * 2^(n-1))]`.
+pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
+    let exp = base
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+        .min(max);
+    let r = getrandom::u64().unwrap_or(u64::MAX / 2);
+    let nanos = u64::try_from(exp.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(if nanos == 0 { 0 } else { r % (nanos + 1) })
+}

@@ -1,0 +1,1676 @@
+//! The rule runtime with real components (built by `plugins/build.sh`), real
+//! rhai scripts and real corpus payloads: hostile guests are contained and
+//! reported while the other rules keep serving, the breaker, merge modes,
+//! failure policies, manifests, the shipped routing tables, the router workers.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use sluice::decision::{Decision, Priority, Route, RuleFailure, RuleOutcome, Verdict};
+use sluice::event::{Event, ParsedEvent, Provider};
+use sluice::ingress::NewEvent;
+use sluice::rules::breaker::BreakerState;
+use sluice::rules::config::{BreakerConfig, FailurePolicy, MergeMode, RulesConfig};
+use sluice::rules::manifest::Manifest;
+use sluice::rules::router::{self, RouterOptions};
+use sluice::rules::wasm::WasmEngine;
+use sluice::rules::{LoadError, Rule, RuleCode, RuleSet};
+use sluice::store::{Appended, Claimed, EventRecord, EventSummary, ListFilter, Store, StoreError};
+
+// ---------------------------------------------------------------- helpers
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A component built by `plugins/build.sh`; a missing one fails the test.
+fn component(name: &str) -> PathBuf {
+    let p = repo().join("plugins/out").join(format!("{name}.wasm"));
+    assert!(
+        p.is_file(),
+        "{} is missing: run plugins/build.sh first (CI runs it before the tests)",
+        p.display()
+    );
+    p
+}
+
+fn corpus(rel: &str) -> Vec<u8> {
+    let p = repo().join("../shared/corpus").join(rel);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("corpus payload {}: {e}", p.display()))
+}
+
+/// One engine for the whole test binary (the pooling allocator reserves
+/// address space per engine), with its compile cache in cargo's tmp dir.
+fn engine() -> &'static WasmEngine {
+    static ENGINE: OnceLock<WasmEngine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        WasmEngine::new(Some(
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("rule-cache"),
+        ))
+        .expect("wasm engine")
+    })
+}
+
+fn event(provider: Provider, kind: &str, body: Vec<u8>) -> Arc<ParsedEvent> {
+    Arc::new(ParsedEvent::new(Event::dry_run(
+        provider.as_str(),
+        provider,
+        kind,
+        None,
+        body.into(),
+    )))
+}
+
+fn github(kind: &str, rel: &str) -> Arc<ParsedEvent> {
+    event(Provider::Github, kind, corpus(&format!("github/{rel}")))
+}
+
+fn gitlab(kind: &str, file: &str) -> Arc<ParsedEvent> {
+    event(
+        Provider::Gitlab,
+        kind,
+        corpus(&format!("gitlab/webhooks/{file}")),
+    )
+}
+
+fn gitlab_edited(
+    kind: &str,
+    file: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Arc<ParsedEvent> {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&corpus(&format!("gitlab/webhooks/{file}"))).unwrap();
+    edit(&mut v);
+    event(Provider::Gitlab, kind, serde_json::to_vec(&v).unwrap())
+}
+
+fn issues_opened() -> Arc<ParsedEvent> {
+    github("issues", "issues/opened.payload.json")
+}
+
+/// Loads one rule from manifest text; component/script paths in it are
+/// absolute or relative to the repository root.
+fn try_rule(text: &str) -> Result<Rule, LoadError> {
+    let path = repo().join("inline-test.toml");
+    let manifest = Manifest::parse(&path, text).map_err(|e| LoadError {
+        file: e.file.clone(),
+        rule: None,
+        message: e.to_string(),
+    })?;
+    let rule = Rule::from_manifest(&manifest, &path, text, &RulesConfig::default(), engine())?;
+    rule.check_tests(&manifest.tests, &path)?;
+    Ok(rule)
+}
+
+fn rule(text: &str) -> Rule {
+    try_rule(text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A fixture component rule. WASI is granted (with the host's empty context)
+/// because rustup-built guests import it through Rust's std; the grant tests
+/// below check what happens without it.
+fn wasm(name: &str, extra: &str) -> Rule {
+    rule(&format!(
+        "name = \"{name}\"\ncomponent = {:?}\n[grants]\nwasi = true\n{extra}",
+        component(name).display().to_string()
+    ))
+}
+
+/// A rhai rule from inline script text.
+fn rhai(name: &str, script: &str, extra: &str) -> Result<Rule, LoadError> {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("rhai-rules");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("{name}.rhai"));
+    std::fs::write(&file, script).unwrap();
+    try_rule(&format!(
+        "name = \"{name}\"\nscript = {:?}\n{extra}",
+        file.display().to_string()
+    ))
+}
+
+/// The well-behaved bench component: one medium route to `bench`.
+fn good() -> Rule {
+    wasm("bench-three-fields", "")
+}
+
+fn set(rules: Vec<Rule>) -> RuleSet {
+    RuleSet::new(
+        rules,
+        MergeMode::Merge,
+        FailurePolicy::Skip,
+        &BreakerConfig::default(),
+    )
+}
+
+fn agents(d: &Decision) -> Vec<(&str, Priority)> {
+    d.routes
+        .iter()
+        .map(|r| (r.agent.as_str(), r.priority))
+        .collect()
+}
+
+fn outcome<'a>(d: &'a Decision, rule: &str) -> &'a RuleOutcome {
+    &d.rules
+        .iter()
+        .find(|r| r.rule == rule)
+        .unwrap_or_else(|| panic!("no record for {rule}: {d:?}"))
+        .outcome
+}
+
+fn failure<'a>(d: &'a Decision, rule: &str) -> &'a RuleFailure {
+    match outcome(d, rule) {
+        RuleOutcome::Failed(f) => f,
+        other => panic!("{rule} did not fail: {other:?}"),
+    }
+}
+
+fn route(agent: &str, priority: Priority, labels: &[&str]) -> Route {
+    Route {
+        agent: agent.into(),
+        workflow: None,
+        priority,
+        reason: format!("{agent} at {}", priority.as_str()),
+        labels: labels.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn native_routes(name: &str, routes: Vec<Route>) -> Rule {
+    Rule::native(name, move |_| Ok(Verdict::Routes(routes.clone())))
+}
+
+fn native_failing(name: &str) -> Rule {
+    Rule::native(name, |_| Err(RuleFailure::Guest("always fails".into())))
+}
+
+// ---------------------------------------------------- hostile components
+
+/// Runs a hostile rule beside a good component and a native rule, twice, and
+/// checks that the good ones answer correctly each time.
+fn contained(hostile: Rule, check: impl Fn(&RuleFailure)) {
+    let name = hostile.name().to_owned();
+    let native = native_routes("native", vec![route("native-agent", Priority::Low, &[])]);
+    let rules = set(vec![hostile, good(), native]);
+    for round in 0..2 {
+        let d = rules.route(&issues_opened());
+        check(failure(&d, &name));
+        assert_eq!(
+            agents(&d),
+            vec![("bench", Priority::Medium), ("native-agent", Priority::Low)],
+            "round {round}: the other rules must keep serving: {d:?}"
+        );
+        let RuleOutcome::Verdict(Verdict::Routes(rs)) = outcome(&d, "bench-three-fields") else {
+            panic!()
+        };
+        assert_eq!(rs[0].reason, "issues.opened in Codertocat/Hello-World");
+    }
+}
+
+#[test]
+fn infinite_loop_times_out_within_its_deadline() {
+    let rule = wasm("loop", "[limits]\ntimeout_ms = 50");
+    let start = Instant::now();
+    // On another thread, so a broken deadline fails this test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(rule.classify(&issues_opened())));
+    let r = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the epoch deadline did not stop an infinite loop within 10 s");
+    let took = start.elapsed();
+    assert!(matches!(r, Err(RuleFailure::Timeout(_))), "{r:?}");
+    assert!(
+        took >= Duration::from_millis(50),
+        "stopped before its deadline: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "the deadline did not stop the loop in time: {took:?}"
+    );
+    contained(wasm("loop", "[limits]\ntimeout_ms = 20"), |f| {
+        assert!(
+            matches!(f, RuleFailure::Timeout(m) if m.contains("20 ms")),
+            "{f:?}"
+        )
+    });
+}
+
+#[test]
+fn memory_bomb_hits_the_memory_limit() {
+    contained(
+        wasm("membomb", "[limits]\nmemory_mb = 16\ntimeout_ms = 5000"),
+        |f| {
+            assert!(
+                matches!(f, RuleFailure::Memory(m) if m.contains("16 MiB")),
+                "{f:?}"
+            )
+        },
+    );
+}
+
+#[test]
+fn unbounded_recursion_is_a_stack_overflow_trap() {
+    contained(wasm("recursion", "[limits]\ntimeout_ms = 5000"), |f| {
+        assert!(
+            matches!(f, RuleFailure::Trap(m) if m.contains("stack overflow")),
+            "{f:?}"
+        )
+    });
+}
+
+#[test]
+fn panicking_guest_is_a_trap_not_a_guest_error() {
+    contained(wasm("trap", ""), |f| {
+        assert!(
+            matches!(f, RuleFailure::Trap(m) if m.contains("unreachable")),
+            "{f:?}"
+        )
+    });
+}
+
+#[test]
+fn guest_error_is_recorded_with_its_message() {
+    contained(wasm("guest-error", ""), |f| {
+        assert_eq!(
+            f,
+            &RuleFailure::Guest("hostile fixture: guest-error refuses issues events".into())
+        )
+    });
+}
+
+#[test]
+fn huge_answers_are_bounded() {
+    // Default shape: a million routes; needs ~105 MiB, so the memory limit stops it.
+    contained(wasm("huge", "[limits]\ntimeout_ms = 5000"), |f| {
+        assert!(
+            matches!(f, RuleFailure::Memory(_) | RuleFailure::Trap(_)),
+            "{f:?}"
+        )
+    });
+    // Enough memory to build 100,000 routes: the host refuses the answer.
+    contained(
+        wasm(
+            "huge",
+            "[limits]\ntimeout_ms = 5000\nmemory_mb = 128\n[config]\ncount = \"100000\"",
+        ),
+        |f| {
+            assert!(
+                matches!(f, RuleFailure::Trap(m) if m.contains("100000 routes")),
+                "{f:?}"
+            )
+        },
+    );
+    contained(
+        wasm(
+            "huge",
+            "[limits]\ntimeout_ms = 5000\n[config]\nshape = \"labels\"\ncount = \"1000\"",
+        ),
+        |f| {
+            assert!(
+                matches!(f, RuleFailure::Trap(m) if m.contains("1000 labels")),
+                "{f:?}"
+            )
+        },
+    );
+    // A 4 MiB reason is accepted, truncated to the reason limit.
+    let rule = wasm(
+        "huge",
+        "[limits]\ntimeout_ms = 5000\n[config]\nshape = \"reason\"\nmib = \"4\"",
+    );
+    let Ok(Verdict::Routes(rs)) = rule.classify(&issues_opened()) else {
+        panic!()
+    };
+    assert!(
+        rs[0].reason.len() <= sluice::rules::output::MAX_REASON,
+        "{}",
+        rs[0].reason.len()
+    );
+    let rule = wasm(
+        "huge",
+        "[limits]\ntimeout_ms = 5000\n[config]\nshape = \"ignore\"\nmib = \"4\"",
+    );
+    let Ok(Verdict::Ignore(reason)) = rule.classify(&issues_opened()) else {
+        panic!()
+    };
+    assert!(reason.len() <= sluice::rules::output::MAX_REASON);
+}
+
+#[test]
+fn ungranted_import_fails_to_load_naming_it() {
+    let err = try_rule(&format!(
+        "name = \"ungranted\"\ncomponent = {:?}",
+        component("ungranted").display().to_string()
+    ))
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("imports evil:net/socket@0.1.0, which is not granted"),
+        "{msg}"
+    );
+    assert!(msg.starts_with("rule ungranted ("), "{msg}");
+    assert!(msg.contains("ungranted.wasm"), "{msg}");
+    // Granting WASI does not grant anything else.
+    let err = try_rule(&format!(
+        "name = \"ungranted\"\ncomponent = {:?}\n[grants]\nwasi = true",
+        component("ungranted").display().to_string()
+    ))
+    .unwrap_err();
+    assert!(err.to_string().contains("evil:net/socket@0.1.0"), "{err}");
+}
+
+/// Whether the fixtures were built with WASI (rustup's wasm32-wasip2) rather
+/// than by build.sh's apt fallback, whose guests import no WASI at all.
+fn guests_import_wasi() -> bool {
+    try_rule(&format!(
+        "name = \"g\"\ncomponent = {:?}",
+        component("bench-three-fields").display().to_string()
+    ))
+    .is_err()
+}
+
+#[test]
+fn wasi_is_refused_unless_granted_and_empty_when_granted() {
+    let probe = repo().join("plugins/out/wasi-probe.wasm");
+    if !probe.is_file() {
+        assert!(
+            !guests_import_wasi(),
+            "{} is missing although the guests were built with WASI: run plugins/build.sh",
+            probe.display()
+        );
+        eprintln!(
+            "NOTE: guests built without WASI (build.sh apt toolchain): wasi-probe does not exist, nothing to check"
+        );
+        return;
+    }
+    let err = try_rule(&format!(
+        "name = \"wasi-probe\"\ncomponent = {:?}",
+        probe.display().to_string()
+    ))
+    .unwrap_err();
+    assert!(err.to_string().contains("imports wasi:"), "{err}");
+    assert!(err.to_string().contains("[grants] wasi = true"), "{err}");
+
+    let rule = wasm("wasi-probe", "[limits]\ntimeout_ms = 2000");
+    let Ok(Verdict::Routes(rs)) = rule.classify(&issues_opened()) else {
+        panic!()
+    };
+    let labels = &rs[0].labels;
+    for want in ["fs:denied", "env:empty", "env-vars:0", "net:denied"] {
+        assert!(
+            labels.iter().any(|l| l == want),
+            "{want} missing in {labels:?} ({})",
+            rs[0].reason
+        );
+    }
+}
+
+#[test]
+fn a_reused_instance_serves_many_events_and_is_dropped_after_a_trap() {
+    let rule = good();
+    let RuleCode::Wasm(w) = rule.code() else {
+        panic!()
+    };
+    let mut inst = w.reused_instance().unwrap();
+    for _ in 0..100 {
+        assert!(
+            matches!(inst.classify(&issues_opened()), Ok(Verdict::Routes(rs)) if rs.len() == 1)
+        );
+    }
+    let trap = wasm("trap", "");
+    let RuleCode::Wasm(w) = trap.code() else {
+        panic!()
+    };
+    let mut inst = w.reused_instance().unwrap();
+    assert!(matches!(
+        inst.classify(&issues_opened()),
+        Err(RuleFailure::Trap(_))
+    ));
+    let again = inst.classify(&issues_opened());
+    assert!(
+        matches!(&again, Err(RuleFailure::Trap(m)) if m.contains("not reused")),
+        "{again:?}"
+    );
+}
+
+#[test]
+fn host_calls_see_the_event_and_config() {
+    // github-router reads kind, action and several pointers; its config renames agents.
+    let rule = rule(&format!(
+        "name = \"gh\"\ncomponent = {:?}\nproviders = [\"github\"]\n[grants]\nwasi = true\n[config]\ntriage_agent = \"my-triage\"",
+        component("github-router").display().to_string()
+    ));
+    let Ok(Verdict::Routes(rs)) = rule.classify(&issues_opened()) else {
+        panic!()
+    };
+    assert_eq!(rs[0].agent, "my-triage");
+    assert!(
+        rs[0].reason.contains("Codertocat/Hello-World"),
+        "{}",
+        rs[0].reason
+    );
+}
+
+// ------------------------------------------------------------ rule sets
+
+#[test]
+fn circuit_breaker_switches_a_failing_rule_off_and_lets_it_back() {
+    let breaker = BreakerConfig {
+        failures: 3,
+        cooldown_ms: 60_000,
+    };
+    let rules = RuleSet::new(
+        vec![wasm("trap", ""), good()],
+        MergeMode::Merge,
+        FailurePolicy::Skip,
+        &breaker,
+    );
+    for i in 0..3 {
+        let d = rules.route(&issues_opened());
+        assert!(
+            matches!(failure(&d, "trap"), RuleFailure::Trap(_)),
+            "call {i}"
+        );
+    }
+    assert!(matches!(
+        rules.breaker_state("trap"),
+        Some(BreakerState::Open(_))
+    ));
+    for _ in 0..3 {
+        let start = Instant::now();
+        let d = rules.route(&issues_opened());
+        assert!(
+            matches!(failure(&d, "trap"), RuleFailure::Disabled(m) if m.contains("3 consecutive")),
+            "{d:?}"
+        );
+        assert_eq!(agents(&d), vec![("bench", Priority::Medium)]);
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "a switched-off rule must not run"
+        );
+    }
+    assert_eq!(
+        rules.breaker_state("bench-three-fields"),
+        Some(BreakerState::Closed)
+    );
+
+    // After the cool-down, one trial call; success closes the breaker.
+    let flaky_fails = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let f = flaky_fails.clone();
+    let flaky = Rule::native("flaky", move |_| {
+        if f.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(RuleFailure::Guest("down".into()))
+        } else {
+            Ok(Verdict::Routes(vec![route("ok", Priority::Low, &[])]))
+        }
+    });
+    let breaker = BreakerConfig {
+        failures: 2,
+        cooldown_ms: 100,
+    };
+    let rules = RuleSet::new(vec![flaky], MergeMode::Merge, FailurePolicy::Skip, &breaker);
+    rules.route(&issues_opened());
+    rules.route(&issues_opened());
+    let d = rules.route(&issues_opened());
+    assert!(matches!(failure(&d, "flaky"), RuleFailure::Disabled(_)));
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(rules.breaker_state("flaky"), Some(BreakerState::HalfOpen));
+    flaky_fails.store(false, std::sync::atomic::Ordering::SeqCst);
+    let d = rules.route(&issues_opened());
+    assert_eq!(agents(&d), vec![("ok", Priority::Low)]);
+    assert_eq!(rules.breaker_state("flaky"), Some(BreakerState::Closed));
+}
+
+#[test]
+fn merge_mode_unions_by_agent_and_workflow() {
+    let mut with_workflow = route("coder", Priority::Low, &["w"]);
+    with_workflow.workflow = Some("fix".into());
+    let a = native_routes(
+        "a",
+        vec![
+            route("triage", Priority::Low, &["k:1", "x"]),
+            route("coder", Priority::High, &[]),
+        ],
+    );
+    let b = native_routes(
+        "b",
+        vec![
+            route("triage", Priority::Critical, &["x", "k:2"]),
+            with_workflow,
+        ],
+    );
+    let c = Rule::native("c", |_| Ok(Verdict::Ignore("not mine".into())));
+    let d = set(vec![a, b, c]).route(&issues_opened());
+    assert_eq!(d.routes.len(), 3, "{d:?}");
+    let triage = &d.routes[0];
+    assert_eq!(
+        (triage.agent.as_str(), triage.priority),
+        ("triage", Priority::Critical)
+    );
+    assert_eq!(
+        triage.reason, "triage at critical",
+        "the winning priority's reason is kept"
+    );
+    assert_eq!(triage.labels, vec!["k:1", "x", "k:2"]);
+    assert_eq!(
+        (d.routes[1].agent.as_str(), d.routes[1].workflow.as_deref()),
+        ("coder", None)
+    );
+    assert_eq!(
+        (d.routes[2].agent.as_str(), d.routes[2].workflow.as_deref()),
+        ("coder", Some("fix"))
+    );
+    assert_eq!(d.rules.len(), 3);
+    assert!(matches!(
+        outcome(&d, "c"),
+        RuleOutcome::Verdict(Verdict::Ignore(_))
+    ));
+}
+
+#[test]
+fn first_mode_takes_the_first_rule_with_routes() {
+    let ignore = Rule::native("ignore", |_| Ok(Verdict::Ignore("no".into())));
+    let empty = native_routes("empty", vec![]);
+    let a = native_routes("a", vec![route("first", Priority::Low, &[])]);
+    let b = native_routes("b", vec![route("second", Priority::Critical, &[])]);
+    let rules = RuleSet::new(
+        vec![ignore, empty, a, b],
+        MergeMode::First,
+        FailurePolicy::Skip,
+        &BreakerConfig::default(),
+    );
+    let d = rules.route(&issues_opened());
+    assert_eq!(agents(&d), vec![("first", Priority::Low)]);
+    let ran: Vec<_> = d.rules.iter().map(|r| r.rule.as_str()).collect();
+    assert_eq!(
+        ran,
+        vec!["ignore", "empty", "a"],
+        "rules after the first match do not run"
+    );
+}
+
+#[test]
+fn providers_and_kinds_filter_which_rules_run() {
+    let gh = native_routes("gh", vec![route("gh", Priority::Low, &[])])
+        .for_providers([Provider::Github]);
+    let issues =
+        native_routes("issues", vec![route("iss", Priority::Low, &[])]).for_kinds(["issues"]);
+    let gl = native_routes("gl", vec![route("gl", Priority::Low, &[])])
+        .for_providers([Provider::Gitlab]);
+    let rules = set(vec![gh, issues, gl]);
+    let d = rules.route(&issues_opened());
+    assert_eq!(
+        agents(&d),
+        vec![("gh", Priority::Low), ("iss", Priority::Low)]
+    );
+    assert_eq!(outcome(&d, "gl"), &RuleOutcome::Skipped);
+    let d = rules.route(&gitlab("Push Hook", "push.json"));
+    assert_eq!(agents(&d), vec![("gl", Priority::Low)]);
+}
+
+#[test]
+fn failure_policies_skip_default_agent_and_dead_letter() {
+    let ok = || native_routes("ok", vec![route("ok", Priority::Low, &[])]);
+    let d = set(vec![native_failing("bad"), ok()]).route(&issues_opened());
+    assert_eq!(agents(&d), vec![("ok", Priority::Low)]);
+    assert_eq!(d.dead_letter, None);
+
+    let bad = native_failing("bad").with_policy(FailurePolicy::DefaultAgent("human".into()));
+    let d = set(vec![bad, ok()]).route(&issues_opened());
+    assert_eq!(
+        agents(&d),
+        vec![("human", Priority::Medium), ("ok", Priority::Low)]
+    );
+    assert!(
+        d.routes[0].reason.contains("rule bad failed"),
+        "{}",
+        d.routes[0].reason
+    );
+
+    // The set's default applies to rules without their own policy.
+    let rules = RuleSet::new(
+        vec![native_failing("bad"), ok()],
+        MergeMode::Merge,
+        FailurePolicy::DeadLetter,
+        &BreakerConfig::default(),
+    );
+    let d = rules.route(&issues_opened());
+    assert!(
+        d.dead_letter
+            .as_deref()
+            .is_some_and(|r| r.contains("rule bad failed")),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn a_panicking_native_rule_is_a_trap() {
+    let boom = Rule::native("boom", |_| panic!("kaboom"));
+    let d = set(vec![boom, good()]).route(&issues_opened());
+    assert!(matches!(failure(&d, "boom"), RuleFailure::Trap(m) if m.contains("kaboom")));
+    assert_eq!(agents(&d), vec![("bench", Priority::Medium)]);
+}
+
+#[test]
+fn decisions_name_rule_versions_by_content_hash() {
+    let a = good();
+    let b = wasm("bench-three-fields", "[config]\nx = \"1\"");
+    assert_eq!(a.version().len(), 16);
+    assert!(a.version().bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(
+        a.version(),
+        good().version(),
+        "same manifest and code, same version"
+    );
+    assert_ne!(a.version(), b.version(), "config is part of the version");
+    let d = set(vec![a]).route(&issues_opened());
+    assert_eq!(d.rules[0].version, good().version());
+    assert!(d.rules[0].duration_us > 0);
+}
+
+// ------------------------------------------------------------------ rhai
+
+#[test]
+fn rhai_limits_stop_loops_recursion_and_huge_strings() {
+    let d = |r: Result<Rule, LoadError>| set(vec![r.unwrap(), good()]).route(&issues_opened());
+
+    let looping = d(rhai(
+        "spin",
+        "fn classify(event) { let n = 0; loop { n += 1; } }",
+        "[limits]\nmax_operations = 10000\ntimeout_ms = 10000",
+    ));
+    assert!(
+        matches!(failure(&looping, "spin"), RuleFailure::Timeout(m) if m.contains("operations"))
+    );
+    assert_eq!(agents(&looping), vec![("bench", Priority::Medium)]);
+
+    // A big operation budget: the wall-clock deadline stops it.
+    let start = Instant::now();
+    let slow = d(rhai(
+        "slow",
+        "fn classify(event) { loop { } }",
+        "[limits]\nmax_operations = 100000000000\ntimeout_ms = 30",
+    ));
+    assert!(
+        matches!(failure(&slow, "slow"), RuleFailure::Timeout(m) if m.contains("30 ms")),
+        "{slow:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(2));
+
+    let deep = d(rhai(
+        "deep",
+        "fn dive(n) { dive(n + 1) }\nfn classify(event) { dive(0) }",
+        "",
+    ));
+    assert!(
+        matches!(failure(&deep, "deep"), RuleFailure::Trap(m) if m.contains("stack overflow")),
+        "{deep:?}"
+    );
+
+    let big = d(rhai(
+        "big",
+        "fn classify(event) { let s = \"xxxxxxxx\"; loop { s += s; } }",
+        "",
+    ));
+    assert!(
+        matches!(failure(&big, "big"), RuleFailure::Memory(_)),
+        "{big:?}"
+    );
+
+    let arr = d(rhai(
+        "arr",
+        "fn classify(event) { let a = []; loop { a.push(1); } }",
+        "[limits]\nmax_array_size = 100",
+    ));
+    assert!(
+        matches!(failure(&arr, "arr"), RuleFailure::Memory(_)),
+        "{arr:?}"
+    );
+}
+
+#[test]
+fn rhai_throw_is_a_guest_error_and_bad_answers_are_traps() {
+    let r = rhai(
+        "thrower",
+        "fn classify(event) { throw `cannot route ${event.kind}`; }",
+        "",
+    )
+    .unwrap();
+    let got = r.classify(&issues_opened());
+    assert!(
+        matches!(&got, Err(RuleFailure::Guest(m)) if m.starts_with("cannot route issues")),
+        "{got:?}"
+    );
+
+    for (script, want) in [
+        ("fn classify(event) { 42 }", "expected an array"),
+        (
+            "fn classify(event) { [#{ priority: \"high\" }] }",
+            "missing agent",
+        ),
+        (
+            "fn classify(event) { [#{ agent: \"a\", priority: \"urgent\" }] }",
+            "priority \"urgent\"",
+        ),
+        (
+            "fn classify(event) { [#{ agent: \"a\", agnet: \"b\" }] }",
+            "unknown key \"agnet\"",
+        ),
+        ("fn classify(event) { #{ routes: [] } }", "#{ignore"),
+    ] {
+        let r = rhai("bad", script, "").unwrap();
+        let got = r.classify(&issues_opened());
+        assert!(
+            matches!(&got, Err(RuleFailure::Trap(m)) if m.contains(want)),
+            "{script}: {got:?}"
+        );
+    }
+    let r = rhai("ign", "fn classify(event) { #{ ignore: \"nope\" } }", "").unwrap();
+    assert_eq!(
+        r.classify(&issues_opened()),
+        Ok(Verdict::Ignore("nope".into()))
+    );
+}
+
+#[test]
+fn rhai_sees_the_event_and_its_config() {
+    let script = r#"
+        fn classify(event) {
+            [#{
+                agent: config("agent"),
+                priority: "low",
+                workflow: (),
+                reason: `${event.provider}/${event.source}/${event.kind}/${event.action}/${event.header("X-GitHub-Event")}`,
+                labels: [
+                    `num:${event.get("/issue/number")}`,
+                    `login:${event.get("/issue/user").login}`,
+                    `missing:${event.get("/nope") == ()}`,
+                    `body:${event.body.len() > 1000}`,
+                    `id:${event.delivery_id.starts_with("sha256:")}`,
+                ],
+            }]
+        }
+    "#;
+    let r = rhai("reader", script, "[config]\nagent = \"from-config\"").unwrap();
+    let Ok(Verdict::Routes(rs)) = r.classify(&issues_opened()) else {
+        panic!()
+    };
+    assert_eq!(rs[0].agent, "from-config");
+    assert_eq!(rs[0].reason, "github/github/issues/opened/issues");
+    assert_eq!(
+        rs[0].labels,
+        vec![
+            "num:1",
+            "login:Codertocat",
+            "missing:true",
+            "body:true",
+            "id:true"
+        ]
+    );
+}
+
+#[test]
+fn rhai_scripts_get_no_eval_and_no_imports() {
+    let err = rhai("ev", "fn classify(event) { eval(\"1\") }", "")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rule ev (") && err.contains("ev.rhai"),
+        "{err}"
+    );
+    let r = rhai("imp", "fn classify(event) { import \"std\" as s; [] }", "");
+    match r {
+        Err(e) => assert!(e.to_string().contains("rule imp"), "{e}"),
+        Ok(rule) => assert!(matches!(
+            rule.classify(&issues_opened()),
+            Err(RuleFailure::Trap(_))
+        )),
+    }
+    let err = rhai("nofn", "fn other(x) { x }", "")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no `fn classify(event)`"), "{err}");
+    let err = rhai("syntax", "fn classify(event) { [ }", "")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rule syntax (") && err.contains("line 1"),
+        "{err}"
+    );
+}
+
+// ------------------------------------------------------- shipped rules
+
+type Expected = Vec<(&'static str, Priority)>;
+
+fn shipped() -> RuleSet {
+    let wasm = repo().join("rules/github-router.wasm");
+    assert!(
+        wasm.is_file(),
+        "{} is missing: run plugins/build.sh first (it copies the shipped component)",
+        wasm.display()
+    );
+    RuleSet::load(&RulesConfig::default(), &repo(), engine()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn shipped_gitlab_rules_route_the_corpus() {
+    let rules = shipped();
+    let names: Vec<_> = rules.rules().map(|r| r.name()).collect();
+    assert_eq!(names, vec!["github-router", "gitlab"], "file-name order");
+    let cases: Vec<(Arc<ParsedEvent>, Expected)> = vec![
+        (
+            gitlab("Push Hook", "push.json"),
+            vec![("ci-validation", Priority::Medium)],
+        ),
+        (
+            gitlab("Tag Push Hook", "tag_push.json"),
+            vec![("release-manager", Priority::High)],
+        ),
+        (
+            gitlab("Merge Request Hook", "merge_request.json"),
+            vec![("mr-reviewer", Priority::Medium)],
+        ),
+        (
+            gitlab("Merge Request Hook", "group_merge_request.json"),
+            vec![("mr-reviewer", Priority::Medium)],
+        ),
+        (
+            gitlab("Pipeline Hook", "pipeline.json"),
+            vec![("pipeline-monitor", Priority::Low)],
+        ),
+        (
+            gitlab_edited("Pipeline Hook", "pipeline.json", |v| {
+                v["object_attributes"]["status"] = "failed".into()
+            }),
+            vec![("pipeline-monitor", Priority::High)],
+        ),
+        (
+            gitlab("Issue Hook", "issue.json"),
+            vec![("issue-triage", Priority::Medium)],
+        ),
+        (
+            gitlab("Note Hook", "note_issue.json"),
+            vec![("comment-handler", Priority::Medium)],
+        ),
+        (
+            gitlab("Note Hook", "note_merge_request.json"),
+            vec![("comment-handler", Priority::Medium)],
+        ),
+        (
+            gitlab("Note Hook", "note_commit.json"),
+            vec![("comment-handler", Priority::Medium)],
+        ),
+        (
+            gitlab_edited("Push Hook", "push.json", |v| {
+                v["ref"] = "refs/heads/release/2.0".into()
+            }),
+            vec![
+                ("ci-validation", Priority::Medium),
+                ("release-manager", Priority::High),
+            ],
+        ),
+        (
+            gitlab_edited("Push Hook", "push.json", |v| {
+                v["after"] = "0".repeat(40).into()
+            }),
+            vec![],
+        ),
+        (gitlab("Job Hook", "job.json"), vec![]),
+    ];
+    for (ev, want) in cases {
+        let d = rules.route(&ev);
+        assert_eq!(
+            agents(&d),
+            want,
+            "{} {}: {d:#?}",
+            ev.event.kind,
+            String::from_utf8_lossy(&ev.event.body[..60])
+        );
+        assert_eq!(outcome(&d, "github-router"), &RuleOutcome::Skipped);
+        assert!(
+            d.rules
+                .iter()
+                .all(|r| !matches!(r.outcome, RuleOutcome::Failed(_))),
+            "{d:?}"
+        );
+    }
+    let d = rules.route(&gitlab("Push Hook", "push.json"));
+    let labels = &d.routes[0].labels;
+    assert!(labels.contains(&"branch:master".to_string()), "{labels:?}");
+    assert!(
+        labels.iter().any(|l| l.starts_with("project:")),
+        "{labels:?}"
+    );
+}
+
+#[test]
+fn shipped_github_router_routes_the_corpus() {
+    let rules = shipped();
+    let cases = [
+        (
+            "issues",
+            "issues/opened.payload.json",
+            vec![("issue-triage", Priority::Medium)],
+        ),
+        (
+            "pull_request",
+            "pull_request/ready_for_review.payload.json",
+            vec![("review-agent", Priority::High)],
+        ),
+        (
+            "pull_request",
+            "pull_request/review_requested.payload.json",
+            vec![("review-agent", Priority::High)],
+        ),
+        (
+            "pull_request",
+            "pull_request/opened.payload.json",
+            vec![("review-agent", Priority::Medium)],
+        ),
+        ("pull_request", "pull_request/labeled.payload.json", vec![]),
+        (
+            "workflow_run",
+            "workflow_run/completed.payload.json",
+            vec![],
+        ),
+        (
+            "issue_comment",
+            "issue_comment/created.payload.json",
+            vec![],
+        ),
+        ("star", "star/created.payload.json", vec![]),
+    ];
+    for (kind, file, want) in cases {
+        let d = rules.route(&github(kind, file));
+        assert_eq!(agents(&d), want, "{file}: {d:#?}");
+        assert_eq!(outcome(&d, "gitlab"), &RuleOutcome::Skipped);
+        assert!(
+            matches!(outcome(&d, "github-router"), RuleOutcome::Verdict(_)),
+            "{file}: {d:?}"
+        );
+    }
+    // The label that asks an agent to act, on a real payload with the label swapped in.
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&corpus("github/issues/labeled.payload.json")).unwrap();
+    v["label"]["name"] = "agent-execute".into();
+    let d = rules.route(&event(
+        Provider::Github,
+        "issues",
+        serde_json::to_vec(&v).unwrap(),
+    ));
+    assert_eq!(agents(&d), vec![("coordinator", Priority::Critical)]);
+}
+
+#[test]
+fn the_bench_rhai_twin_matches_the_component() {
+    let path = repo().join("rules/bench/three-fields.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let m = Manifest::parse(&path, &text).unwrap();
+    let twin = Rule::from_manifest(&m, &path, &text, &RulesConfig::default(), engine()).unwrap();
+    twin.check_tests(&m.tests, &path).unwrap();
+    for (kind, file) in [
+        ("issues", "issues/opened.payload.json"),
+        ("pull_request", "pull_request/closed.payload.json"),
+    ] {
+        let ev = github(kind, file);
+        assert_eq!(twin.classify(&ev), good().classify(&ev), "{file}");
+    }
+}
+
+// ------------------------------------------------------------ manifests
+
+fn manifest_err(text: &str) -> String {
+    Manifest::parse(Path::new("rules/x.toml"), text)
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn manifest_errors_name_the_file_and_key() {
+    let base = "name = \"x\"\nscript = \"x.rhai\"\n";
+    let e = manifest_err(&format!("{base}colour = \"red\""));
+    assert!(
+        e.starts_with("rules/x.toml: ") && e.contains("unknown field `colour`"),
+        "{e}"
+    );
+    let e = manifest_err(&format!("{base}[limits]\ntimeout_ms = \"soon\""));
+    assert!(e.starts_with("rules/x.toml: limits.timeout_ms: "), "{e}");
+    let e = manifest_err(&format!("{base}[limits]\nfuel = 3"));
+    assert!(
+        e.starts_with("rules/x.toml: limits") && e.contains("fuel"),
+        "{e}"
+    );
+    let e = manifest_err(&format!("{base}providers = [\"github\", \"gitbucket\"]"));
+    assert!(
+        e.starts_with("rules/x.toml: providers[1]: unknown provider \"gitbucket\""),
+        "{e}"
+    );
+    let e = manifest_err(&format!("{base}[grants]\nnetwork = true"));
+    assert!(
+        e.starts_with("rules/x.toml: grants") && e.contains("network"),
+        "{e}"
+    );
+    let e = manifest_err(&format!("{base}on_error = \"explode\""));
+    assert!(e.starts_with("rules/x.toml: on_error: "), "{e}");
+    let e = manifest_err(&format!(
+        "{base}[[test]]\nevent = \"a.json\"\nkind = \"issues\"\nexpect = [{{ agent = \"a\", priority = \"urgent\" }}]"
+    ));
+    assert!(
+        e.starts_with("rules/x.toml: test[0].expect[0].priority: "),
+        "{e}"
+    );
+    let e = manifest_err("name = \"x\"");
+    assert!(e.starts_with("rules/x.toml: component: missing"), "{e}");
+    let e = manifest_err("name = \"X Y\"\nscript = \"x.rhai\"");
+    assert!(e.starts_with("rules/x.toml: name: "), "{e}");
+    let e = manifest_err("name = \"x\"\nscript = \"x.rhai\"\nproviders = [");
+    assert!(
+        e.starts_with("rules/x.toml: ") && e.contains("line 3"),
+        "{e}"
+    );
+
+    let m = Manifest::parse(
+        Path::new("x.toml"),
+        &format!("{base}on_error = {{ default-agent = \"human\" }}"),
+    )
+    .unwrap();
+    assert_eq!(
+        m.on_error,
+        Some(FailurePolicy::DefaultAgent("human".into()))
+    );
+}
+
+#[test]
+fn rule_set_load_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    let load = || {
+        RuleSet::load(&RulesConfig::default(), dir.path(), engine())
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+
+    std::fs::write(rules.join("a.toml"), "name = \"a\"\nscript = \"a.rhai\"\n").unwrap();
+    let e = load();
+    assert!(
+        e.contains("rule a (") && e.contains("a.rhai): cannot read"),
+        "{e}"
+    );
+
+    std::fs::write(
+        rules.join("a.rhai"),
+        "fn classify(event) { [#{agent: \"a\"}] }",
+    )
+    .unwrap();
+    std::fs::write(rules.join("b.toml"), "name = \"a\"\nscript = \"a.rhai\"\n").unwrap();
+    let e = load();
+    assert!(e.contains("b.toml") && e.contains("also used by"), "{e}");
+
+    std::fs::write(
+        rules.join("b.toml"),
+        "name = \"b\"\nscript = \"a.rhai\"\n[limits]\ntimeout_ms = 0",
+    )
+    .unwrap();
+    let e = load();
+    assert!(e.contains("b.toml): limits.timeout_ms"), "{e}");
+
+    // A failing test vector stops the load, naming the vector.
+    std::fs::write(
+        rules.join("ev.json"),
+        corpus("github/issues/opened.payload.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        rules.join("b.toml"),
+        "name = \"b\"\nscript = \"a.rhai\"\nproviders = [\"github\"]\n[[test]]\nevent = \"ev.json\"\nkind = \"issues\"\nexpect = [{ agent = \"z\" }]",
+    )
+    .unwrap();
+    let e = load();
+    assert!(
+        e.contains("b.toml): test[0]: ev.json: expected routes [z], got routes [a (medium)]"),
+        "{e}"
+    );
+
+    std::fs::write(
+        rules.join("b.toml"),
+        "name = \"b\"\nscript = \"a.rhai\"\nproviders = [\"github\"]\n[[test]]\nevent = \"ev.json\"\nkind = \"issues\"\nexpect = [{ agent = \"a\", priority = \"medium\" }]",
+    )
+    .unwrap();
+    let set = RuleSet::load(&RulesConfig::default(), dir.path(), engine()).unwrap();
+    assert_eq!(
+        set.rules().map(|r| r.name()).collect::<Vec<_>>(),
+        vec!["a", "b"]
+    );
+
+    // An explicit list loads exactly those, in that order.
+    let config = RulesConfig {
+        load: Some(vec!["b".into(), "a".into()]),
+        ..RulesConfig::default()
+    };
+    let set = RuleSet::load(&config, dir.path(), engine()).unwrap();
+    assert_eq!(
+        set.rules().map(|r| r.name()).collect::<Vec<_>>(),
+        vec!["b", "a"]
+    );
+    let config = RulesConfig {
+        load: Some(vec!["c".into()]),
+        ..RulesConfig::default()
+    };
+    let e = RuleSet::load(&config, dir.path(), engine())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("c.toml") && e.contains("does not exist"), "{e}");
+}
+
+#[test]
+fn rules_config_defaults_and_rejects_unknown_keys() {
+    let c: RulesConfig = toml::from_str("").unwrap();
+    assert_eq!(c, RulesConfig::default());
+    let c: RulesConfig = toml::from_str(
+        "dir = \"r\"\nmerge = \"first\"\non_error = { default-agent = \"human\" }\nworkers = 4\n[limits]\ntimeout_ms = 20\n[breaker]\nfailures = 2",
+    )
+    .unwrap();
+    assert_eq!(c.merge, MergeMode::First);
+    assert_eq!(c.on_error, FailurePolicy::DefaultAgent("human".into()));
+    assert_eq!(
+        (
+            c.workers,
+            c.limits.timeout_ms,
+            c.limits.memory_mb,
+            c.breaker.failures
+        ),
+        (4, 20, 32, 2)
+    );
+    let e = toml::from_str::<RulesConfig>("wrokers = 4")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown field `wrokers`"), "{e}");
+    let e = toml::from_str::<RulesConfig>("on_error = \"dead-letter\"\nmerge = \"all\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown variant `all`"), "{e}");
+}
+
+#[test]
+fn the_compile_cache_is_used_on_the_next_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = WasmEngine::new(Some(dir.path().to_owned())).unwrap();
+    let text = format!(
+        "name = \"g\"\ncomponent = {:?}\n[grants]\nwasi = true",
+        component("bench-three-fields").display().to_string()
+    );
+    let path = repo().join("inline.toml");
+    let m = Manifest::parse(&path, &text).unwrap();
+    let start = Instant::now();
+    Rule::from_manifest(&m, &path, &text, &RulesConfig::default(), &engine).unwrap();
+    let cold = start.elapsed();
+    let cached: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    assert!(cached[0].extension().is_some_and(|x| x == "cwasm"));
+    let start = Instant::now();
+    let rule = Rule::from_manifest(&m, &path, &text, &RulesConfig::default(), &engine).unwrap();
+    let warm = start.elapsed();
+    assert!(
+        warm < cold,
+        "cache load {warm:?} not faster than compile {cold:?}"
+    );
+    assert!(matches!(
+        rule.classify(&issues_opened()),
+        Ok(Verdict::Routes(_))
+    ));
+    // A corrupt entry is ignored and rewritten, never trusted.
+    std::fs::write(&cached[0], b"garbage").unwrap();
+    let rule = Rule::from_manifest(&m, &path, &text, &RulesConfig::default(), &engine).unwrap();
+    assert!(matches!(
+        rule.classify(&issues_opened()),
+        Ok(Verdict::Routes(_))
+    ));
+    assert!(std::fs::metadata(&cached[0]).unwrap().len() > 1000);
+}
+
+// ---------------------------------------------------------------- CLI
+
+#[test]
+fn route_dry_run_prints_every_rule_and_the_merged_routes() {
+    let wasm = repo().join("rules/github-router.wasm");
+    assert!(
+        wasm.is_file(),
+        "{} is missing: run plugins/build.sh first",
+        wasm.display()
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let config = RulesConfig {
+        cache_dir: Some(cache.path().to_owned()),
+        ..RulesConfig::default()
+    };
+    let payload = repo().join("../shared/corpus/gitlab/webhooks/tag_push.json");
+    let report = sluice::cli::route::route_file(
+        &config,
+        &repo(),
+        cache.path(),
+        "gitlab",
+        Provider::Gitlab,
+        "Tag Push Hook",
+        None,
+        &payload,
+    )
+    .unwrap();
+    assert_eq!(
+        agents(&report.decision),
+        vec![("release-manager", Priority::High)]
+    );
+    let mut text = Vec::new();
+    sluice::cli::route::print(&report, false, &mut text).unwrap();
+    let text = String::from_utf8(text).unwrap();
+    assert!(
+        text.contains("github-router") && text.contains("skipped"),
+        "{text}"
+    );
+    assert!(text.contains("release-manager (high)"), "{text}");
+    let mut json = Vec::new();
+    sluice::cli::route::print(&report, true, &mut json).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(v["decision"]["routes"][0]["agent"], "release-manager");
+    assert_eq!(v["rule_set"].as_array().unwrap().len(), 2);
+    assert_eq!(v["decision"]["rules"][1]["rule"], "gitlab");
+
+    let e = sluice::cli::route::route_file(
+        &config,
+        &repo(),
+        cache.path(),
+        "gitlab",
+        Provider::Gitlab,
+        "x",
+        None,
+        Path::new("/nonexistent.json"),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("/nonexistent.json"), "{e}");
+}
+
+// --------------------------------------------------------------- router
+
+/// An in-memory work queue with the store's lease semantics, so the router's
+/// claim → route → complete/retry/dead-letter loop runs against real leases.
+#[derive(Default)]
+struct MemStore {
+    inner: Mutex<MemInner>,
+    notify: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct MemInner {
+    events: Vec<(Event, MemState)>,
+    decisions: HashMap<String, Decision>,
+    retries: Vec<(String, Duration, String)>,
+    dead: Vec<(String, String)>,
+    attempts: HashMap<String, u32>,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum MemState {
+    Ready(Instant),
+    Leased(Instant),
+    Routed,
+    Dead,
+}
+
+impl MemStore {
+    fn push(&self, ev: Event) {
+        self.inner
+            .lock()
+            .unwrap()
+            .events
+            .push((ev, MemState::Ready(Instant::now())));
+        self.notify.notify_waiters();
+    }
+    fn set(&self, id: &str, s: MemState) {
+        let mut g = self.inner.lock().unwrap();
+        let e = g.events.iter_mut().find(|(e, _)| e.id == id).unwrap();
+        e.1 = s;
+    }
+}
+
+#[async_trait]
+impl Store for MemStore {
+    async fn append(&self, _: NewEvent) -> Result<Appended, StoreError> {
+        Err(StoreError::Backend("not used by the router".into()))
+    }
+    async fn find_delivery(&self, _: &str, _: &str) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+    async fn get(&self, _: &str) -> Result<Option<EventRecord>, StoreError> {
+        Ok(None)
+    }
+    async fn list(&self, _: &ListFilter) -> Result<Vec<EventSummary>, StoreError> {
+        Ok(vec![])
+    }
+    async fn claim(
+        &self,
+        _: &str,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let now = Instant::now();
+        let mut g = self.inner.lock().unwrap();
+        let mut out = Vec::new();
+        let mut claimed_ids = Vec::new();
+        for (ev, st) in g.events.iter_mut() {
+            let free = matches!(*st, MemState::Ready(at) | MemState::Leased(at) if at <= now);
+            if free && out.len() < max {
+                *st = MemState::Leased(now + lease);
+                claimed_ids.push(ev.id.clone());
+                out.push(ev.clone());
+            }
+        }
+        let mut claims = Vec::new();
+        for ev in out {
+            let n = g.attempts.entry(ev.id.clone()).or_default();
+            *n += 1;
+            claims.push(Claimed {
+                event: ev,
+                attempt: *n,
+            });
+        }
+        Ok(claims)
+    }
+    async fn complete(&self, id: &str, decision: &Decision) -> Result<(), StoreError> {
+        self.inner
+            .lock()
+            .unwrap()
+            .decisions
+            .insert(id.into(), decision.clone());
+        self.set(id, MemState::Routed);
+        Ok(())
+    }
+    async fn retry_later(&self, id: &str, delay: Duration, error: &str) -> Result<(), StoreError> {
+        self.inner
+            .lock()
+            .unwrap()
+            .retries
+            .push((id.into(), delay, error.into()));
+        self.set(id, MemState::Ready(Instant::now() + delay));
+        Ok(())
+    }
+    async fn dead_letter(&self, id: &str, reason: &str) -> Result<(), StoreError> {
+        self.inner
+            .lock()
+            .unwrap()
+            .dead
+            .push((id.into(), reason.into()));
+        self.set(id, MemState::Dead);
+        Ok(())
+    }
+    async fn requeue(&self, _: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn queue_depth(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+    async fn ready(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn wait_for_work(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.notify.notified()).await;
+    }
+    async fn close(&self) {}
+}
+
+fn stored(id: &str, kind: &str, file: &str) -> Event {
+    let mut ev = Event::dry_run(
+        "gitlab",
+        Provider::Gitlab,
+        kind,
+        None,
+        corpus(&format!("gitlab/webhooks/{file}")).into(),
+    );
+    ev.id = id.into();
+    ev
+}
+
+async fn until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn options() -> RouterOptions {
+    RouterOptions {
+        workers: 2,
+        batch: 4,
+        lease: Duration::from_millis(300),
+        poll: Duration::from_millis(20),
+        max_attempts: 3,
+        retry_base: Duration::from_millis(5),
+        retry_max: Duration::from_millis(20),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_workers_route_stored_events_and_stop_on_shutdown() {
+    let store = Arc::new(MemStore::default());
+    let set = shipped();
+    let rules = Arc::new(ArcSwap::from_pointee(set));
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(router::run(
+        store.clone(),
+        rules.clone(),
+        options(),
+        shutdown,
+    ));
+
+    store.push(stored("evt_1", "Push Hook", "push.json"));
+    store.push(stored("evt_2", "Tag Push Hook", "tag_push.json"));
+    store.push(stored("evt_3", "Note Hook", "note_issue.json"));
+    until("three decisions", || {
+        store.inner.lock().unwrap().decisions.len() == 3
+    })
+    .await;
+    {
+        let g = store.inner.lock().unwrap();
+        assert_eq!(
+            agents(&g.decisions["evt_1"]),
+            vec![("ci-validation", Priority::Medium)]
+        );
+        assert_eq!(
+            agents(&g.decisions["evt_2"]),
+            vec![("release-manager", Priority::High)]
+        );
+        let gitlab = g.decisions["evt_3"]
+            .rules
+            .iter()
+            .find(|r| r.rule == "gitlab")
+            .unwrap();
+        assert_eq!(gitlab.version.len(), 16);
+    }
+
+    // A swapped rule set serves the next event.
+    rules.store(Arc::new(set_of_one(native_routes(
+        "swapped",
+        vec![route("new", Priority::Low, &[])],
+    ))));
+    store.push(stored("evt_4", "Push Hook", "push.json"));
+    until("the swapped set", || {
+        store.inner.lock().unwrap().decisions.contains_key("evt_4")
+    })
+    .await;
+    assert_eq!(
+        agents(&store.inner.lock().unwrap().decisions["evt_4"]),
+        vec![("new", Priority::Low)]
+    );
+
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("workers stop on shutdown")
+        .unwrap();
+}
+
+fn set_of_one(rule: Rule) -> RuleSet {
+    set(vec![rule])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_policy_retries_then_dead_letters() {
+    let store = Arc::new(MemStore::default());
+    let failing = native_failing("bad").with_policy(FailurePolicy::DeadLetter);
+    let rules = Arc::new(ArcSwap::from_pointee(set_of_one(failing)));
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(router::run(store.clone(), rules, options(), shutdown));
+    store.push(stored("evt_dl", "Push Hook", "push.json"));
+    until("dead letter", || {
+        !store.inner.lock().unwrap().dead.is_empty()
+    })
+    .await;
+    {
+        let g = store.inner.lock().unwrap();
+        assert_eq!(
+            g.retries.len(),
+            2,
+            "max_attempts 3 = two retries, then the DLQ: {:?}",
+            g.retries
+        );
+        assert!(
+            g.retries
+                .iter()
+                .all(|(_, d, e)| *d <= Duration::from_millis(20) && e.contains("rule bad failed"))
+        );
+        assert!(g.dead[0].1.contains("always fails"), "{:?}", g.dead);
+        assert!(g.decisions.is_empty());
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_claimed_by_a_crashed_worker_is_routed_after_its_lease() {
+    let store = Arc::new(MemStore::default());
+    store.push(stored("evt_crash", "Issue Hook", "issue.json"));
+    // A worker claims it and dies before deciding.
+    let claimed_at = Instant::now();
+    let claimed = store
+        .claim("crashed", 10, Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let rules = Arc::new(ArcSwap::from_pointee(shipped()));
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(router::run(store.clone(), rules, options(), shutdown));
+    until("the re-claimed event", || {
+        store
+            .inner
+            .lock()
+            .unwrap()
+            .decisions
+            .contains_key("evt_crash")
+    })
+    .await;
+    assert!(
+        claimed_at.elapsed() >= Duration::from_millis(200),
+        "routed before the lease expired"
+    );
+    assert_eq!(store.inner.lock().unwrap().attempts["evt_crash"], 2);
+    assert_eq!(
+        agents(&store.inner.lock().unwrap().decisions["evt_crash"]),
+        vec![("issue-triage", Priority::Medium)]
+    );
+    drop(stop); // dropping the sender also stops the workers
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_keep_routing_past_a_looping_rule() {
+    let store = Arc::new(MemStore::default());
+    // The trap fixture's panic message goes through WASI stderr (the empty
+    // context's sink) from a blocking thread inside the runtime.
+    let rules = set(vec![
+        wasm("loop", "[limits]\ntimeout_ms = 20"),
+        wasm("trap", ""),
+        good(),
+    ]);
+    let rules = Arc::new(ArcSwap::from_pointee(rules));
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(router::run(store.clone(), rules, options(), shutdown));
+    for i in 0..6 {
+        store.push(stored(&format!("evt_{i}"), "Push Hook", "push.json"));
+    }
+    until("six decisions", || {
+        store.inner.lock().unwrap().decisions.len() == 6
+    })
+    .await;
+    {
+        let g = store.inner.lock().unwrap();
+        let count = |f: fn(&RuleFailure) -> bool| {
+            g.decisions
+                .values()
+                .filter(|d| f(failure(d, "loop")))
+                .count()
+        };
+        let timeouts = count(|f| matches!(f, RuleFailure::Timeout(_)));
+        let disabled = count(|f| matches!(f, RuleFailure::Disabled(_)));
+        // The breaker opens after five consecutive timeouts; with two workers a
+        // sixth call may already be running when the fifth fails.
+        assert!(
+            timeouts >= 5 && timeouts + disabled == 6,
+            "{timeouts} timeouts, {disabled} disabled"
+        );
+        for d in g.decisions.values() {
+            assert!(matches!(
+                failure(d, "trap"),
+                RuleFailure::Trap(_) | RuleFailure::Disabled(_)
+            ));
+            assert_eq!(agents(d), vec![("bench", Priority::Medium)]);
+        }
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[test]
+fn rule_sets_serve_several_threads_at_once() {
+    let rules = Arc::new(set(vec![
+        wasm("trap", ""),
+        good(),
+        rhai("r", "fn classify(e) { [#{agent: e.kind}] }", "").unwrap(),
+    ]));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let rules = rules.clone();
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    let d = rules.route(&issues_opened());
+                    assert_eq!(
+                        agents(&d),
+                        vec![("bench", Priority::Medium), ("issues", Priority::Medium)]
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn backoff_grows_and_is_capped() {
+    let base = Duration::from_millis(100);
+    let max = Duration::from_secs(1);
+    for attempt in 1..30 {
+        let d = router::backoff(attempt, base, max);
+        assert!(d <= max);
+        assert!(d <= base * 2u32.pow((attempt - 1).min(20)));
+    }
+}
