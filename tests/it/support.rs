@@ -48,6 +48,8 @@ impl Env {
     /// A config with every provider and `extra` TOML appended to `[server]`-level text.
     pub fn new(extra: &str) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
+        // An empty rules directory: `serve` routes every event to nowhere.
+        std::fs::create_dir(dir.path().join("rules")).expect("rules dir");
         for (name, value) in SECRETS {
             std::fs::write(dir.path().join(name), value).expect("write secret");
         }
