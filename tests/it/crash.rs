@@ -45,12 +45,29 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event() {
     const CONCURRENCY: usize = 64;
     let env = Env::new("");
     let signer = env.signer("github");
-    let body = compact(&std::fs::read(corpus().join("github/issues/opened.payload.json")).unwrap());
+    let payload: serde_json::Value = serde_json::from_slice(&compact(
+        &std::fs::read(corpus().join("github/issues/opened.payload.json")).unwrap(),
+    ))
+    .unwrap();
+    // Every body differs, so a body read back from the wrong place cannot pass.
     let requests: Arc<Vec<_>> = Arc::new(
         (0..TOTAL)
-            .map(|_| signer.sign("issues", &body).unwrap())
+            .map(|i| {
+                let mut p = payload.clone();
+                p["issue"]["number"] = i.into();
+                signer
+                    .sign(
+                        "issues",
+                        &bytes::Bytes::from(serde_json::to_vec(&p).unwrap()),
+                    )
+                    .unwrap()
+            })
             .collect(),
     );
+    let sent_body: HashMap<String, bytes::Bytes> = requests
+        .iter()
+        .map(|r| (header(r, "x-github-delivery"), r.body.clone()))
+        .collect();
 
     let (mut child, base) = spawn(&env);
     let url = format!("{base}/hooks/github");
@@ -142,6 +159,13 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event() {
             by_delivery.get(delivery.as_str()),
             Some(&id.as_str()),
             "acknowledged delivery {delivery} lost"
+        );
+        let rec = sluice::store::sqlite::get_record(&conn, id)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            rec.event.body, sent_body[delivery],
+            "the body of {id} came back intact"
         );
     }
     assert!(rows.len() <= TOTAL);

@@ -6,12 +6,11 @@
 //! and that rejects malformed, non-UTF-8 and absurdly nested JSON.
 
 use std::fmt;
-use std::marker::PhantomData;
 
 use bytes::Bytes;
 use http::HeaderMap;
 use serde::Deserialize;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use sha2::{Digest, Sha256};
 
 use super::NewEvent;
@@ -69,7 +68,6 @@ pub fn normalize(
         return Err(NormalizeError::Empty);
     }
     let body = payload_document(provider, &headers, raw)?;
-    check_shape(&body)?;
     let probe: Probe =
         serde_json::from_slice(&body).map_err(|e| NormalizeError::NotJson(e.to_string()))?;
 
@@ -181,45 +179,6 @@ pub fn normalize(
     })
 }
 
-/// Deepest nesting accepted; the same as the JSON parser's own limit, so a
-/// stored payload always parses again when the router reads it.
-const MAX_DEPTH: usize = 128;
-
-/// Refuses what is not a JSON object and what nests deeper than [`MAX_DEPTH`].
-/// The probe below skips unneeded values without a depth limit, so depth is
-/// checked here in one pass over the bytes (outside strings).
-fn check_shape(body: &[u8]) -> Result<(), NormalizeError> {
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(NormalizeError::NotJson("expected a JSON object".into()));
-    }
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in body {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                if depth > MAX_DEPTH {
-                    return Err(NormalizeError::NotJson(format!(
-                        "nested deeper than {MAX_DEPTH} levels"
-                    )));
-                }
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 /// The JSON document inside the body: the body itself, or the `payload` field of
 /// a form-encoded body (GitHub's and Slack's `application/x-www-form-urlencoded`).
 /// A Slack slash command (a form with no `payload`) becomes a JSON object of its fields.
@@ -263,27 +222,146 @@ fn kept_headers(headers: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The few body fields normalisation needs. Every field is lenient: a value of
-/// another type than expected is ignored rather than failing the request.
-#[derive(Deserialize, Default)]
-#[serde(default)]
+/// The few body fields normalisation needs, read in one pass that also
+/// rejects what is not a JSON object and what nests deeper than the JSON
+/// parser's limit (128) — so a stored payload always parses again when the
+/// router reads it. Every skipped value goes through `deserialize_any`, which
+/// serde_json depth-checks (its `IgnoredAny` fast path does not). Fields are
+/// lenient: a value of another type than expected reads as absent.
+#[derive(Default)]
 struct Probe {
     action: Text,
-    #[serde(rename = "type")]
     type_: Text,
     id: Text,
     event_id: Text,
     command: Text,
-    event: Nested<Inner>,
-    object_attributes: Nested<Inner>,
+    event: Nested,
+    object_attributes: Nested,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct Inner {
-    action: Text,
-    #[serde(rename = "type")]
-    type_: Text,
+impl<'de> Deserialize<'de> for Probe {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(ProbeVisitor)
+    }
+}
+
+struct ProbeVisitor;
+
+impl<'de> Visitor<'de> for ProbeVisitor {
+    type Value = Probe;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Probe, A::Error> {
+        let mut p = Probe::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::Action => p.action = map.next_value()?,
+                Key::Type => p.type_ = map.next_value()?,
+                Key::Id => p.id = map.next_value()?,
+                Key::EventId => p.event_id = map.next_value()?,
+                Key::Command => p.command = map.next_value()?,
+                Key::Event => p.event = map.next_value()?,
+                Key::ObjectAttributes => p.object_attributes = map.next_value()?,
+                Key::Other => {
+                    map.next_value::<Skip>()?;
+                }
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// The object keys the probe reads; everything else is `Other`.
+enum Key {
+    Action,
+    Type,
+    Id,
+    EventId,
+    Command,
+    Event,
+    ObjectAttributes,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
+                Ok(match v {
+                    "action" => Key::Action,
+                    "type" => Key::Type,
+                    "id" => Key::Id,
+                    "event_id" => Key::EventId,
+                    "command" => Key::Command,
+                    "event" => Key::Event,
+                    "object_attributes" => Key::ObjectAttributes,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+/// Any JSON value, skipped, with the parser's depth check.
+struct Skip;
+
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Lenient(|| Skip))
+    }
+}
+
+/// A visitor that accepts any value: scalars give `absent()`, arrays and
+/// objects are skipped element by element through [`Skip`].
+struct Lenient<F>(F);
+
+macro_rules! absent_for {
+    ($($method:ident($ty:ty)),*) => {$(
+        fn $method<E: de::Error>(self, _: $ty) -> Result<T, E> {
+            Ok((self.0)())
+        }
+    )*};
+}
+
+impl<'de, T, F: FnOnce() -> T> Visitor<'de> for Lenient<F> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    absent_for!(
+        visit_bool(bool),
+        visit_i64(i64),
+        visit_u64(u64),
+        visit_f64(f64),
+        visit_str(&str)
+    );
+    fn visit_unit<E: de::Error>(self) -> Result<T, E> {
+        Ok((self.0)())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<T, A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok((self.0)())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
+        while map.next_entry::<Skip, Skip>()?.is_some() {}
+        Ok((self.0)())
+    }
+}
+
+/// Visitor methods that read a scalar of no interest as `$val`.
+macro_rules! absent {
+    ($ret:ty = $val:expr; $($method:ident($ty:ty)),*) => {$(
+        fn $method<E: de::Error>(self, _: $ty) -> Result<$ret, E> {
+            Ok($val)
+        }
+    )*};
 }
 
 /// A string field; any other JSON value reads as absent.
@@ -301,80 +379,46 @@ impl<'de> Deserialize<'de> for Text {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Text, E> {
                 Ok(Text(Some(v.to_string())))
             }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Text, E> {
-                Ok(Text(Some(v)))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Text, E> {
-                Ok(Text(None))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Text, E> {
-                Ok(Text(None))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Text, E> {
-                Ok(Text(None))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Text, E> {
-                Ok(Text(None))
-            }
+            absent!(Text = Text(None); visit_bool(bool), visit_i64(i64), visit_u64(u64), visit_f64(f64));
             fn visit_unit<E: de::Error>(self) -> Result<Text, E> {
                 Ok(Text(None))
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Text, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Text(None))
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Text, A::Error> {
+                Lenient(|| Text(None)).visit_seq(seq)
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Text, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Text(None))
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Text, A::Error> {
+                Lenient(|| Text(None)).visit_map(map)
             }
         }
         d.deserialize_any(V)
     }
 }
 
-/// An object field read as `T`; any other JSON value reads as absent.
-struct Nested<T>(Option<T>);
+/// A nested object read as a [`Probe`]; any other JSON value reads as absent.
+#[derive(Default)]
+struct Nested(Option<Box<Probe>>);
 
-impl<T> Default for Nested<T> {
-    fn default() -> Self {
-        Nested(None)
-    }
-}
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Nested<T> {
+impl<'de> Deserialize<'de> for Nested {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<T>(PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
-            type Value = Nested<T>;
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Nested;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("any JSON value")
             }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Nested<T>, A::Error> {
-                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(|t| Nested(Some(t)))
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Nested, A::Error> {
+                ProbeVisitor
+                    .visit_map(map)
+                    .map(|p| Nested(Some(Box::new(p))))
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Nested<T>, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Nested(None))
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Nested, A::Error> {
+                Lenient(|| Nested(None)).visit_seq(seq)
             }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Nested<T>, E> {
-                Ok(Nested(None))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Nested<T>, E> {
-                Ok(Nested(None))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Nested<T>, E> {
-                Ok(Nested(None))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Nested<T>, E> {
-                Ok(Nested(None))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Nested<T>, E> {
-                Ok(Nested(None))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Nested<T>, E> {
+            absent!(Nested = Nested(None); visit_str(&str), visit_bool(bool), visit_i64(i64), visit_u64(u64), visit_f64(f64));
+            fn visit_unit<E: de::Error>(self) -> Result<Nested, E> {
                 Ok(Nested(None))
             }
         }
-        d.deserialize_any(V(PhantomData))
+        d.deserialize_any(V)
     }
 }

@@ -10,6 +10,7 @@
 //! failures. A lease that expires (a worker crashed) makes the event claimable
 //! again, so a crash between claim and decision loses nothing.
 
+pub mod bodies;
 pub mod sqlite;
 
 use std::time::Duration;

@@ -6,7 +6,13 @@
 //! own savepoint, so one failing job does not undo the others, and its caller
 //! hears back only after the commit — an append is acknowledged only once it is
 //! durable. Reads use a separate connection and never wait for the writer.
+//!
+//! Payloads do not go into SQLite: they go to the body log (`bodies.rs`), one
+//! write and one `fdatasync` per batch, before the rows pointing at them
+//! commit. Appends are a job kind of their own so the writer can check
+//! duplicates, place bodies and write them once for the whole batch.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
@@ -17,6 +23,7 @@ use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{Notify, oneshot};
 
+use super::bodies::{self, BodyReader, BodyRef, BodyWriter};
 use super::{Appended, Claimed, EventRecord, EventSummary, ListFilter, Store, StoreError};
 use crate::decision::Decision;
 use crate::event::{Event, EventStatus, Provider};
@@ -33,7 +40,8 @@ CREATE TABLE IF NOT EXISTS events (
     delivery_id     TEXT NOT NULL,
     received_at_ms  INTEGER NOT NULL,
     headers         TEXT NOT NULL,
-    body            BLOB NOT NULL,
+    body_segment    INTEGER NOT NULL,
+    body_offset     INTEGER NOT NULL,
     size            INTEGER NOT NULL,
     status          TEXT NOT NULL DEFAULT 'pending',
     attempts        INTEGER NOT NULL DEFAULT 0,
@@ -60,15 +68,31 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 /// A job for the writer: runs inside the batch transaction (or, given `None`,
 /// does not run because the batch could not start), and returns whether it
 /// succeeded and what to tell its caller once the commit's outcome is known.
-type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Reply) + Send>;
+type RunJob = Box<dyn FnOnce(Option<&Connection>) -> (bool, Reply) + Send>;
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// What the writer thread takes.
+enum Job {
+    /// Append one event (deduplicated, body to the body log).
+    Append(NewEvent, oneshot::Sender<Result<Appended, StoreError>>),
+    /// Any other write, inside its own savepoint.
+    Run(RunJob),
+}
 
 /// The SQLite store. Cheap to share behind an `Arc`.
 pub struct SqliteStore {
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     reader: Arc<Mutex<Connection>>,
+    bodies: BodyReader,
     work: Arc<Notify>,
+}
+
+/// A read-only view of a store on disk (the CLI's `events` commands).
+#[derive(Debug)]
+pub struct ReadOnly {
+    conn: Connection,
+    bodies: BodyReader,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -103,6 +127,11 @@ impl SqliteStore {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         reader.busy_timeout(Duration::from_secs(10))?;
+        let body_dir = bodies::dir_for(path);
+        let body_writer = BodyWriter::open(&body_dir).map_err(|e| {
+            StoreError::Backend(format!("cannot open body log {}: {e}", body_dir.display()))
+        })?;
+        let body_reader = BodyReader::new(body_dir);
 
         let (tx, rx) = mpsc::channel::<Job>();
         let work = Arc::new(Notify::new());
@@ -110,22 +139,26 @@ impl SqliteStore {
         let batch_max = batch_max.max(1);
         let thread = std::thread::Builder::new()
             .name("sluice-store-writer".into())
-            .spawn(move || writer_loop(conn, rx, batch_max, &notify))
+            .spawn(move || writer_loop(conn, body_writer, rx, batch_max, &notify))
             .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
         Ok(SqliteStore {
             writer: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             reader: Arc::new(Mutex::new(reader)),
+            bodies: body_reader,
             work,
         })
     }
 
     /// Opens an existing database for reading only (the CLI's `events` commands).
-    pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+    pub fn open_read_only(path: &Path) -> Result<ReadOnly, StoreError> {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
         conn.busy_timeout(Duration::from_secs(10))?;
-        Ok(conn)
+        Ok(ReadOnly {
+            conn,
+            bodies: BodyReader::new(bodies::dir_for(path)),
+        })
     }
 
     /// Stops the writer after it has committed everything queued.
@@ -141,7 +174,7 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
+        let job: RunJob = Box::new(move |conn| {
             let result = match conn {
                 Some(conn) => f(conn),
                 None => Err(StoreError::Backend(
@@ -154,22 +187,26 @@ impl SqliteStore {
             });
             (ok, reply)
         });
-        let sender = self
-            .writer
+        let sender = self.sender()?;
+        sender.send(Job::Run(job)).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<Job>, StoreError> {
+        self.writer
             .lock()
             .expect("writer lock")
             .clone()
-            .ok_or(StoreError::Closed)?;
-        sender.send(job).map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+            .ok_or(StoreError::Closed)
     }
 
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&Connection, &BodyReader) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || f(&reader.lock().expect("reader lock")))
+        let bodies = self.bodies.clone();
+        tokio::task::spawn_blocking(move || f(&reader.lock().expect("reader lock"), &bodies))
             .await
             .map_err(|e| StoreError::Backend(format!("reader task failed: {e}")))?
     }
@@ -181,7 +218,13 @@ impl Drop for SqliteStore {
     }
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, batch_max: usize, work: &Notify) {
+fn writer_loop(
+    mut conn: Connection,
+    mut bodies: BodyWriter,
+    rx: mpsc::Receiver<Job>,
+    batch_max: usize,
+    work: &Notify,
+) {
     while let Ok(first) = rx.recv() {
         let mut jobs = Vec::with_capacity(64);
         jobs.push(first);
@@ -191,42 +234,145 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, batch_max: usize, 
                 Err(_) => break,
             }
         }
+        let (appends, runs): (Vec<_>, Vec<_>) =
+            jobs.into_iter().partition(|j| matches!(j, Job::Append(..)));
+        if let Err(e) = bodies.roll_if_full() {
+            tracing::error!(error = %e, "cannot start a new body log segment; continuing in the current one");
+        }
         let txn = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
             Ok(txn) => txn,
             Err(e) => {
                 let err = StoreError::Backend(format!("cannot begin transaction: {e}"));
-                for job in jobs {
-                    let (_, reply) = job(None);
-                    reply(Err(err.clone()));
+                for job in appends.into_iter().chain(runs) {
+                    match job {
+                        Job::Append(_, reply) => {
+                            let _ = reply.send(Err(err.clone()));
+                        }
+                        Job::Run(job) => job(None).1(Err(err.clone())),
+                    }
                 }
                 continue;
             }
         };
-        let replies: Vec<Reply> = jobs
+        let appended = append_batch(&txn, &mut bodies, appends);
+        let replies: Vec<Reply> = runs
             .into_iter()
+            .filter_map(|job| match job {
+                Job::Run(job) => Some(job),
+                Job::Append(..) => None,
+            })
             .map(|job| {
-                if txn.execute_batch("SAVEPOINT job").is_err() {
+                if savepoint(&txn, "SAVEPOINT job").is_err() {
                     return job(None).1;
                 }
                 let (ok, reply) = job(Some(&txn));
                 // A failed job's partial writes are undone; the others stay in the batch.
-                let end = if ok {
-                    "RELEASE job"
-                } else {
-                    "ROLLBACK TO job; RELEASE job"
-                };
-                let _ = txn.execute_batch(end);
+                if !ok {
+                    let _ = savepoint(&txn, "ROLLBACK TO job");
+                }
+                let _ = savepoint(&txn, "RELEASE job");
                 reply
             })
             .collect();
         let commit = txn
             .commit()
             .map_err(|e| StoreError::Backend(format!("commit failed: {e}")));
+        for (reply, result) in appended {
+            let _ = reply.send(commit.clone().and(result));
+        }
         for reply in replies {
             reply(commit.clone());
         }
         work.notify_waiters();
     }
+}
+
+fn savepoint(conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute([])
+}
+
+type AppendReply = oneshot::Sender<Result<Appended, StoreError>>;
+
+/// Deduplicates a batch of appends, writes the new bodies in one durable
+/// write, then inserts their rows. Returns each caller's answer, to be sent
+/// once the transaction's commit is known.
+fn append_batch(
+    conn: &Connection,
+    bodies: &mut BodyWriter,
+    appends: Vec<Job>,
+) -> Vec<(AppendReply, Result<Appended, StoreError>)> {
+    let mut answers = Vec::with_capacity(appends.len());
+    let mut fresh: Vec<(NewEvent, String, BodyRef, AppendReply)> = Vec::new();
+    let mut in_batch: HashMap<(String, String), String> = HashMap::new();
+    let mut buf: Vec<u8> = Vec::new();
+    for job in appends {
+        let Job::Append(ev, reply) = job else {
+            continue;
+        };
+        let key = (ev.source().to_string(), ev.delivery_id().to_string());
+        if let Some(id) = in_batch.get(&key) {
+            answers.push((reply, Ok(Appended::Duplicate(id.clone()))));
+            continue;
+        }
+        match existing_id(conn, ev.source(), ev.delivery_id()) {
+            Ok(Some(id)) => answers.push((reply, Ok(Appended::Duplicate(id)))),
+            Err(e) => answers.push((reply, Err(e))),
+            Ok(None) => {
+                let id = format!("evt_{}", uuid::Uuid::now_v7().simple());
+                let at = bodies.place(buf.len() as u64, ev.body().len());
+                buf.extend_from_slice(ev.body());
+                in_batch.insert(key, id.clone());
+                fresh.push((ev, id, at, reply));
+            }
+        }
+    }
+    if let Err(e) = bodies.append_durably(&buf) {
+        let err = StoreError::Backend(format!("cannot write the body log: {e}"));
+        answers.extend(
+            fresh
+                .into_iter()
+                .map(|(_, _, _, reply)| (reply, Err(err.clone()))),
+        );
+        return answers;
+    }
+    for (ev, id, at, reply) in fresh {
+        let result = insert_row(conn, &ev, &id, at).map(|()| Appended::Stored(id));
+        answers.push((reply, result));
+    }
+    answers
+}
+
+fn existing_id(
+    conn: &Connection,
+    source: &str,
+    delivery_id: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT id FROM events WHERE source = ?1 AND delivery_id = ?2")?
+        .query_row(params![source, delivery_id], |r| r.get(0))
+        .optional()?)
+}
+
+fn insert_row(conn: &Connection, ev: &NewEvent, id: &str, at: BodyRef) -> Result<(), StoreError> {
+    let headers = serde_json::to_string(ev.headers()).expect("headers serialise");
+    conn.prepare_cached(
+        "INSERT INTO events (id, source, provider, kind, action, delivery_id, received_at_ms, \
+         headers, body_segment, body_offset, size) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?
+    .execute(params![
+        id,
+        ev.source(),
+        ev.provider().as_str(),
+        ev.kind(),
+        ev.action(),
+        ev.delivery_id(),
+        ev.received_at_ms(),
+        headers,
+        at.segment,
+        at.offset as i64,
+        at.len,
+    ])?;
+    Ok(())
 }
 
 fn row_summary(row: &rusqlite::Row<'_>) -> rusqlite::Result<EventSummary> {
@@ -245,11 +391,16 @@ fn row_summary(row: &rusqlite::Row<'_>) -> rusqlite::Result<EventSummary> {
     })
 }
 
-fn row_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+/// An event row without its body, and where the body is.
+fn row_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Event, BodyRef)> {
     let provider: String = row.get("provider")?;
     let headers: String = row.get("headers")?;
-    let body: Vec<u8> = row.get("body")?;
-    Ok(Event {
+    let at = BodyRef {
+        segment: row.get("body_segment")?,
+        offset: row.get::<_, i64>("body_offset")? as u64,
+        len: row.get("size")?,
+    };
+    let event = Event {
         id: row.get("id")?,
         source: row.get("source")?,
         provider: Provider::parse(&provider).unwrap_or(Provider::None),
@@ -258,15 +409,41 @@ fn row_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
         delivery_id: row.get("delivery_id")?,
         received_at_ms: row.get("received_at_ms")?,
         headers: serde_json::from_str(&headers).unwrap_or_default(),
-        body: Bytes::from(body),
-    })
+        body: Bytes::new(),
+    };
+    Ok((event, at))
 }
 
-const EVENT_COLUMNS: &str = "id, source, provider, kind, action, delivery_id, received_at_ms, headers, body, \
-                             size, status, attempts, last_error";
+/// Reads the body a row points at.
+fn with_body(bodies: &BodyReader, (mut event, at): (Event, BodyRef)) -> Result<Event, StoreError> {
+    let body = bodies.read(at).map_err(|e| {
+        StoreError::Backend(format!(
+            "cannot read the body of {} from the body log: {e}",
+            event.id
+        ))
+    })?;
+    event.body = Bytes::from(body);
+    Ok(event)
+}
 
-/// `get` on a plain connection, shared with the CLI's read-only access.
-pub fn get_record(conn: &Connection, id: &str) -> Result<Option<EventRecord>, StoreError> {
+const EVENT_COLUMNS: &str = "id, source, provider, kind, action, delivery_id, received_at_ms, headers, \
+                             body_segment, body_offset, size, status, attempts, last_error";
+
+/// `get`, for the store and for the CLI's read-only access.
+pub fn get_record(ro: &ReadOnly, id: &str) -> Result<Option<EventRecord>, StoreError> {
+    record(&ro.conn, &ro.bodies, id)
+}
+
+/// `list`, for the store and for the CLI's read-only access.
+pub fn list_summaries(ro: &ReadOnly, filter: &ListFilter) -> Result<Vec<EventSummary>, StoreError> {
+    summaries(&ro.conn, filter)
+}
+
+fn record(
+    conn: &Connection,
+    bodies: &BodyReader,
+    id: &str,
+) -> Result<Option<EventRecord>, StoreError> {
     let row = conn
         .query_row(
             &format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = ?1"),
@@ -283,6 +460,7 @@ pub fn get_record(conn: &Connection, id: &str) -> Result<Option<EventRecord>, St
     let Some((summary, event, last_error)) = row else {
         return Ok(None);
     };
+    let event = with_body(bodies, event)?;
     let decision: Option<String> = conn
         .query_row(
             "SELECT decision FROM decisions WHERE event_id = ?1 ORDER BY seq DESC LIMIT 1",
@@ -299,11 +477,7 @@ pub fn get_record(conn: &Connection, id: &str) -> Result<Option<EventRecord>, St
     }))
 }
 
-/// `list` on a plain connection, shared with the CLI's read-only access.
-pub fn list_summaries(
-    conn: &Connection,
-    filter: &ListFilter,
-) -> Result<Vec<EventSummary>, StoreError> {
+fn summaries(conn: &Connection, filter: &ListFilter) -> Result<Vec<EventSummary>, StoreError> {
     let mut sql = String::from(
         "SELECT id, delivery_id, source, provider, kind, action, received_at_ms, size, status, attempts \
          FROM events WHERE 1 = 1",
@@ -335,36 +509,11 @@ pub fn list_summaries(
 #[async_trait]
 impl Store for SqliteStore {
     async fn append(&self, ev: NewEvent) -> Result<Appended, StoreError> {
-        self.write(move |conn| {
-            let id = format!("evt_{}", uuid::Uuid::now_v7().simple());
-            let headers = serde_json::to_string(ev.headers()).expect("headers serialise");
-            let inserted = conn
-                .prepare_cached(
-                    "INSERT INTO events (id, source, provider, kind, action, delivery_id, received_at_ms, \
-                     headers, body, size) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
-                     ON CONFLICT (source, delivery_id) DO NOTHING",
-                )?
-                .execute(params![
-                    id,
-                    ev.source(),
-                    ev.provider().as_str(),
-                    ev.kind(),
-                    ev.action(),
-                    ev.delivery_id(),
-                    ev.received_at_ms(),
-                    headers,
-                    ev.body().as_ref(),
-                    ev.body().len() as i64,
-                ])?;
-            if inserted == 1 {
-                return Ok(Appended::Stored(id));
-            }
-            let existing: String = conn
-                .prepare_cached("SELECT id FROM events WHERE source = ?1 AND delivery_id = ?2")?
-                .query_row(params![ev.source(), ev.delivery_id()], |r| r.get(0))?;
-            Ok(Appended::Duplicate(existing))
-        })
-        .await
+        let (tx, rx) = oneshot::channel();
+        self.sender()?
+            .send(Job::Append(ev, tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn find_delivery(
@@ -373,23 +522,19 @@ impl Store for SqliteStore {
         delivery_id: &str,
     ) -> Result<Option<String>, StoreError> {
         let (source, delivery_id) = (source.to_string(), delivery_id.to_string());
-        self.read(move |conn| {
-            Ok(conn
-                .prepare_cached("SELECT id FROM events WHERE source = ?1 AND delivery_id = ?2")?
-                .query_row(params![source, delivery_id], |r| r.get(0))
-                .optional()?)
-        })
-        .await
+        self.read(move |conn, _| existing_id(conn, &source, &delivery_id))
+            .await
     }
 
     async fn get(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {
         let id = id.to_string();
-        self.read(move |conn| get_record(conn, &id)).await
+        self.read(move |conn, bodies| record(conn, bodies, &id))
+            .await
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<EventSummary>, StoreError> {
         let filter = filter.clone();
-        self.read(move |conn| list_summaries(conn, &filter)).await
+        self.read(move |conn, _| summaries(conn, &filter)).await
     }
 
     async fn claim(
@@ -399,7 +544,7 @@ impl Store for SqliteStore {
         lease: Duration,
     ) -> Result<Vec<Claimed>, StoreError> {
         let worker = worker.to_string();
-        self.write(move |conn| {
+        let rows = self.write(move |conn| {
             let now = now_ms();
             let until = now + lease.as_millis() as i64;
             let mut stmt = conn.prepare_cached(&format!(
@@ -414,9 +559,25 @@ impl Store for SqliteStore {
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             rows.sort_by_key(|(seq, _, _)| *seq);
-            Ok(rows.into_iter().map(|(_, event, attempt)| Claimed { event, attempt }).collect())
+            Ok(rows)
+        })
+        .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let bodies = self.bodies.clone();
+        tokio::task::spawn_blocking(move || {
+            rows.into_iter()
+                .map(|(_, event, attempt)| {
+                    Ok(Claimed {
+                        event: with_body(&bodies, event)?,
+                        attempt,
+                    })
+                })
+                .collect()
         })
         .await
+        .map_err(|e| StoreError::Backend(format!("body read task failed: {e}")))?
     }
 
     async fn complete(&self, id: &str, decision: &Decision) -> Result<(), StoreError> {
@@ -493,7 +654,7 @@ impl Store for SqliteStore {
     }
 
     async fn queue_depth(&self) -> Result<u64, StoreError> {
-        self.read(|conn| {
+        self.read(|conn, _| {
             let n: i64 = conn.query_row(
                 "SELECT count(*) FROM events WHERE status = 'pending' \
                  OR (status = 'claimed' AND available_at_ms <= ?1)",
