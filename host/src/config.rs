@@ -17,11 +17,11 @@ use crate::event::Provider;
 use crate::rules::RulesConfig;
 
 /// The config the gateway runs on when no `--config` is given; also shipped as
-/// `examples/sluice.toml`.
-pub const EMBEDDED_DEFAULTS: &str = include_str!("../../examples/sluice.toml");
+/// `sluice.toml` at the top of the repository.
+pub const EMBEDDED_DEFAULTS: &str = include_str!("../../sluice.toml");
 
 /// The name errors use for the embedded defaults.
-pub const EMBEDDED_NAME: &str = "<embedded defaults: examples/sluice.toml>";
+pub const EMBEDDED_NAME: &str = "<embedded defaults: sluice.toml>";
 
 /// A config that could not be loaded; the message names the file and the key.
 #[derive(Debug, thiserror::Error)]

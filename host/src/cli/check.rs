@@ -1,8 +1,12 @@
-//! `sluice check`: validate the config and the secrets it names, serve nothing.
-//! It creates no files: a secret still to be generated is reported as such.
+//! `sluice check`: validate the config, the secrets it names and the rules it
+//! loads (compiling each and running its test vectors), serve nothing. It
+//! creates no files: a secret still to be generated is reported as such, and
+//! no compile cache is written.
 
 use super::ConfigArg;
 use crate::ingress::source::build_sources;
+use crate::rules::RuleSet;
+use crate::rules::wasm::WasmEngine;
 use crate::secret::{Generate, SecretOrigin};
 
 /// Arguments of `sluice check`.
@@ -35,6 +39,21 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
             };
             println!("  {}: {from}", r.key);
         }
+    }
+    let engine = WasmEngine::new(None)?;
+    let rules = RuleSet::load(&config.rules, &config.base_dir, &engine)?;
+    println!(
+        "rules from {} (merge = {:?})",
+        config.rules.rules_dir(&config.base_dir).display(),
+        format!("{:?}", rules.merge_mode()).to_lowercase()
+    );
+    for r in rules.rules() {
+        println!(
+            "  rule {} @{} from {}",
+            r.name(),
+            r.version(),
+            r.origin().display()
+        );
     }
     Ok(())
 }

@@ -22,7 +22,7 @@ pub struct Cli {
 /// The config file option every command shares.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConfigArg {
-    /// The config file (TOML). Without it, the embedded defaults (examples/sluice.toml).
+    /// The config file (TOML). Without it, the embedded defaults (sluice.toml).
     #[arg(long, short = 'c', env = "SLUICE_CONFIG")]
     pub config: Option<PathBuf>,
 }
