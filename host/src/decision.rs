@@ -91,6 +91,19 @@ pub enum RuleFailure {
     Disabled(String),
 }
 
+impl RuleFailure {
+    /// A short name for the failure's kind (for output and metric labels).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RuleFailure::Guest(_) => "guest",
+            RuleFailure::Timeout(_) => "timeout",
+            RuleFailure::Memory(_) => "memory",
+            RuleFailure::Trap(_) => "trap",
+            RuleFailure::Disabled(_) => "disabled",
+        }
+    }
+}
+
 /// What one rule did with one event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod decision;
 pub mod event;
 pub mod ingress;
+pub mod metrics;
 pub mod rules;
 pub mod secret;
 pub mod server;
@@ -57,6 +58,7 @@ impl std::fmt::Debug for AppState {
 impl AppState {
     /// Loads secrets (generating those the config allows), opens the store.
     pub fn build(config: Config) -> anyhow::Result<(Arc<AppState>, Vec<SecretReport>)> {
+        crate::metrics::handle();
         let (sources, reports) = build_sources(&config, Generate::IfMissing)?;
         let db = config.data_dir().join(&config.store.path);
         let store = SqliteStore::open(&db, config.store.batch_max)
@@ -78,6 +80,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/hooks/{source}", post(ingress::handler::receive))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
         .with_state(state)
 }
 
@@ -105,6 +108,10 @@ pub async fn serve(
     }
     state.store.close().await;
     served
+}
+
+async fn render_metrics(State(state): State<Arc<AppState>>) -> String {
+    crate::metrics::render(state.store.queue_depth().await.ok())
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {

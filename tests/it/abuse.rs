@@ -286,3 +286,64 @@ async fn allow_list_and_trusted_proxy() {
     );
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_outcomes_by_configured_source_only() {
+    let env = Env::new("");
+    let gw = Gateway::start(env.config()).await;
+    let signed = env
+        .signer("github")
+        .sign(
+            "ping",
+            &Bytes::from(format!(r#"{{"zen":"{}"}}"#, uuid::Uuid::new_v4())),
+        )
+        .unwrap();
+    assert_eq!(
+        gw.post_signed("github", &signed).await.0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(gw.post_signed("github", &signed).await.0, StatusCode::OK);
+    let unsigned = crate::support::with_header(&signed, "x-hub-signature-256", None);
+    assert_eq!(
+        gw.post_signed("github", &unsigned).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (s, _) = post(
+        &gw.client,
+        &gw.url("/hooks/made-up-name"),
+        &[],
+        Bytes::from_static(b"{}"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let req = http::Request::get(gw.url("/metrics"))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let resp = gw.client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    for needle in [
+        r#"sluice_ingress_requests_total{source="github",outcome="accepted"}"#,
+        r#"sluice_ingress_requests_total{source="github",outcome="duplicate"}"#,
+        r#"sluice_verification_failures_total{source="github",reason="missing_header"}"#,
+        r#"sluice_ingress_requests_total{source="unknown",outcome="unknown_source"}"#,
+        r#"sluice_dedup_hits_total{source="github",layer="cache"}"#,
+        "sluice_store_append_seconds_bucket",
+        "sluice_queue_depth",
+    ] {
+        assert!(text.contains(needle), "/metrics lacks {needle}:\n{text}");
+    }
+    assert!(
+        !text.contains("made-up-name"),
+        "request data must not become a label"
+    );
+    gw.stop().await;
+}

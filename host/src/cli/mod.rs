@@ -81,7 +81,7 @@ pub fn write_decision(
                     .collect();
                 format!("routes: {}", parts.join(", "))
             }
-            RuleOutcome::Failed(f) => format!("FAILED {}: {f}", route::failure_kind(f)),
+            RuleOutcome::Failed(f) => format!("FAILED {}: {f}", f.kind()),
         };
         writeln!(
             out,

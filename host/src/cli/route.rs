@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use super::ConfigArg;
-use crate::decision::{Decision, RuleFailure};
+use crate::decision::Decision;
 use crate::event::{Event, ParsedEvent, Provider};
 use crate::rules::RuleSet;
 use crate::rules::config::RulesConfig;
@@ -173,15 +173,4 @@ pub fn print(report: &DryRun, json: bool, out: &mut impl Write) -> anyhow::Resul
     )?;
     crate::cli::write_decision(&report.decision, out)?;
     Ok(())
-}
-
-/// A short name for a failure's kind.
-pub fn failure_kind(f: &RuleFailure) -> &'static str {
-    match f {
-        RuleFailure::Guest(_) => "guest error",
-        RuleFailure::Timeout(_) => "timeout",
-        RuleFailure::Memory(_) => "memory",
-        RuleFailure::Trap(_) => "trap",
-        RuleFailure::Disabled(_) => "disabled",
-    }
 }

@@ -92,22 +92,56 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+impl Refusal {
+    /// The outcome label for metrics.
+    fn outcome(&self) -> &'static str {
+        match self {
+            Refusal::UnknownSource => "unknown_source",
+            Refusal::Forbidden => "forbidden",
+            Refusal::RateLimited(_) => "rate_limited",
+            Refusal::TooLarge(_) => "too_large",
+            Refusal::BodyTimeout => "body_timeout",
+            Refusal::BadBody(_) => "bad_body",
+            Refusal::Unverified(_) => "unverified",
+            Refusal::Unusable(_) => "unusable",
+            Refusal::StoreDown => "store_unavailable",
+        }
+    }
+}
+
 /// The webhook endpoint.
 pub async fn receive(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     req: Request,
 ) -> Response {
-    match accept(&state, &name, req).await {
-        Ok(r) => r,
+    // Only configured names become labels; anything else is "unknown".
+    let label = state
+        .sources
+        .get_key_value(&name)
+        .map_or("unknown", |(k, _)| k.as_str())
+        .to_string();
+    let (outcome, response) = match accept(&state, &name, req).await {
+        Ok(done) => done,
         Err(refusal) => {
             tracing::debug!(source = %name, ?refusal, "request refused");
-            refusal.into_response()
+            if let Refusal::Unverified(e) = &refusal {
+                metrics::counter!("sluice_verification_failures_total", "source" => label.clone(), "reason" => e.class())
+                    .increment(1);
+            }
+            (refusal.outcome(), refusal.into_response())
         }
-    }
+    };
+    metrics::counter!("sluice_ingress_requests_total", "source" => label, "outcome" => outcome)
+        .increment(1);
+    response
 }
 
-async fn accept(state: &AppState, name: &str, req: Request) -> Result<Response, Refusal> {
+async fn accept(
+    state: &AppState,
+    name: &str,
+    req: Request,
+) -> Result<(&'static str, Response), Refusal> {
     // 1. Limits: the shield and the allow-list before anything costly.
     let peer = req
         .extensions()
@@ -166,30 +200,39 @@ async fn accept(state: &AppState, name: &str, req: Request) -> Result<Response, 
     )
     .map_err(Refusal::Unusable)?;
     if source.provider == Provider::Slack && event.kind() == "url_verification" {
-        return Ok(slack_challenge(event.body()));
+        return Ok(("challenge", slack_challenge(event.body())));
     }
 
     // 4. Dedup, in memory first; the store's unique key is the authority.
     if let Some(id) = state.dedup.get(&source.name, event.delivery_id()) {
-        return Ok(duplicate(&id));
+        metrics::counter!("sluice_dedup_hits_total", "source" => source.name.clone(), "layer" => "cache").increment(1);
+        return Ok(("duplicate", duplicate(&id)));
     }
     let delivery_id = event.delivery_id().to_string();
 
     // 5. Durable append; only now is the event acknowledged.
+    let started = std::time::Instant::now();
     let appended = state.store.append(event).await.map_err(|e| {
         tracing::error!(source = %source.name, error = %e, "append failed");
         Refusal::StoreDown
     })?;
+    metrics::histogram!("sluice_store_append_seconds").record(started.elapsed().as_secs_f64());
     state
         .dedup
         .insert(&source.name, &delivery_id, appended.id());
     Ok(match appended {
         Appended::Stored(id) => (
-            StatusCode::ACCEPTED,
-            Json(json!({"status": "accepted", "id": id})),
-        )
-            .into_response(),
-        Appended::Duplicate(id) => duplicate(&id),
+            "accepted",
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({"status": "accepted", "id": id})),
+            )
+                .into_response(),
+        ),
+        Appended::Duplicate(id) => {
+            metrics::counter!("sluice_dedup_hits_total", "source" => source.name.clone(), "layer" => "store").increment(1);
+            ("duplicate", duplicate(&id))
+        }
     })
 }
 

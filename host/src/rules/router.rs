@@ -150,6 +150,7 @@ impl Worker {
                 return;
             }
         };
+        record_metrics(&decision);
         if let Some(reason) = &decision.dead_letter {
             self.retry_or_dead_letter(&id, attempt, reason).await;
             return;
@@ -164,6 +165,7 @@ impl Worker {
     async fn retry_or_dead_letter(&self, id: &str, attempt: u32, reason: &str) {
         let result = if attempt >= self.options.max_attempts {
             tracing::warn!(event = %id, attempt, %reason, "dead-lettering event");
+            metrics::counter!("sluice_dead_letters_total").increment(1);
             self.store.dead_letter(id, reason).await
         } else {
             let delay = backoff(attempt, self.options.retry_base, self.options.retry_max);
@@ -174,6 +176,29 @@ impl Worker {
             tracing::error!(event = %id, error = %e, "cannot release the event; its lease will expire");
         }
     }
+}
+
+/// Per-rule latency and failures, and the event's outcome, for `/metrics`.
+fn record_metrics(decision: &crate::decision::Decision) {
+    use crate::decision::RuleOutcome;
+    for r in &decision.rules {
+        match &r.outcome {
+            RuleOutcome::Skipped => continue,
+            RuleOutcome::Failed(f) => {
+                let kind = f.kind();
+                metrics::counter!("sluice_rule_failures_total", "rule" => r.rule.clone(), "kind" => kind).increment(1);
+            }
+            RuleOutcome::Verdict(_) => {}
+        }
+        metrics::histogram!("sluice_rule_duration_seconds", "rule" => r.rule.clone())
+            .record(r.duration_us as f64 / 1e6);
+    }
+    let outcome = if decision.dead_letter.is_some() {
+        "failed"
+    } else {
+        "routed"
+    };
+    metrics::counter!("sluice_events_routed_total", "outcome" => outcome).increment(1);
 }
 
 /// Exponential backoff with full jitter: uniform in `[0, min(max, base * 2^(n-1))]`.
