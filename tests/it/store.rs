@@ -12,7 +12,7 @@ use sluice::event::{EventStatus, Provider};
 use sluice::ingress::NewEvent;
 use sluice::ingress::normalize::{Naming, normalize};
 use sluice::ingress::verify::Verifier;
-use sluice::store::{Appended, ListFilter, SqliteStore, Store};
+use sluice::store::{Appended, ListFilter, SqliteStore, Store, StoreError};
 
 fn event(source: &str, delivery: &str, kind: &str) -> NewEvent {
     let mut h = HeaderMap::new();
@@ -139,15 +139,33 @@ pub async fn conformance(store: Arc<dyn Store>) {
             .is_empty()
     );
 
-    // Complete records the decision.
-    store.complete(&id1, &decision()).await.unwrap();
+    // Complete records the decision, under the lease that claimed it.
+    let stale = sluice::store::Lease {
+        attempt: 7,
+        ..claimed[0].lease()
+    };
+    assert!(matches!(
+        store.complete(&stale, &decision()).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    store
+        .complete(&claimed[0].lease(), &decision())
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            store.complete(&claimed[0].lease(), &decision()).await,
+            Err(StoreError::LeaseLost(_))
+        ),
+        "a settled event cannot be settled again"
+    );
     let rec = store.get(&id1).await.unwrap().unwrap();
     assert_eq!(rec.summary.status, EventStatus::Routed);
     assert_eq!(rec.decision, Some(decision()));
 
     // Retry later: not claimable until the delay passes.
     store
-        .retry_later(&id2, Duration::from_millis(300), "agent down")
+        .retry_later(&second[0].lease(), Duration::from_millis(300), "agent down")
         .await
         .unwrap();
     assert!(
@@ -176,7 +194,10 @@ pub async fn conformance(store: Arc<dyn Store>) {
     );
 
     // Dead letter, then operator replay makes it routable again.
-    store.dead_letter(&id2, "gave up").await.unwrap();
+    store
+        .dead_letter(&again[0].lease(), "gave up")
+        .await
+        .unwrap();
     assert_eq!(
         store.get(&id2).await.unwrap().unwrap().summary.status,
         EventStatus::Dead
@@ -204,10 +225,11 @@ pub async fn conformance(store: Arc<dyn Store>) {
     let Appended::Stored(id3) = store.append(event("s1", "d3", "k1")).await.unwrap() else {
         panic!()
     };
-    let c = store
+    let crashed = store
         .claim("crashy", 10, Duration::from_millis(200))
         .await
         .unwrap();
+    let c = &crashed;
     assert_eq!(
         c.iter().map(|c| c.event.id.as_str()).collect::<Vec<_>>(),
         vec![id3.as_str()]
@@ -227,11 +249,46 @@ pub async fn conformance(store: Arc<dyn Store>) {
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].event.id, id3);
     assert_eq!(c[0].attempt, 2);
+    // The crashed worker comes back late: its outcome must not overwrite the new claim's.
+    let late = crashed[0].lease();
+    assert!(matches!(
+        store.retry_later(&late, Duration::ZERO, "late").await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    assert!(matches!(
+        store.dead_letter(&late, "late").await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    assert_eq!(
+        store.get(&id3).await.unwrap().unwrap().summary.status,
+        EventStatus::Claimed
+    );
+    store.complete(&c[0].lease(), &decision()).await.unwrap();
 
     // Unknown ids are errors, not silent no-ops.
-    assert!(store.complete("evt_missing", &decision()).await.is_err());
+    let missing = sluice::store::Lease {
+        event_id: "evt_missing".into(),
+        worker: "w1".into(),
+        attempt: 1,
+    };
+    assert!(store.complete(&missing, &decision()).await.is_err());
     assert!(store.requeue("evt_missing").await.is_err());
     store.ready().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_data_dir_serves_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = SqliteStore::open(&dir.path().join("s.db"), 8).unwrap();
+    let second = SqliteStore::open(&dir.path().join("s.db"), 8)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        second.contains("in use by another sluice process"),
+        "{second}"
+    );
+    first.close();
+    SqliteStore::open(&dir.path().join("s.db"), 8).expect("free again once the first closed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -137,6 +137,7 @@ kind_header = "X-Event"
 /// A gateway served in-process on a loopback port.
 pub struct Gateway {
     pub addr: SocketAddr,
+    state: std::sync::Arc<AppState>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     pub client: Client<HttpConnector, Full<Bytes>>,
@@ -148,11 +149,12 @@ impl Gateway {
         let addr = listener.local_addr().expect("addr");
         let (state, _) = AppState::build(config).expect("state builds");
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(sluice::run(state, listener, async move {
+        let task = tokio::spawn(sluice::run(state.clone(), listener, async move {
             let _ = rx.await;
         }));
         Gateway {
             addr,
+            state,
             stop: Some(tx),
             task: Some(task),
             client: client(),
@@ -167,6 +169,8 @@ impl Gateway {
             .await
             .expect("join")
             .expect("server ran cleanly");
+        // What `sluice::serve` does after intake stops: commit and close the store.
+        self.state.store.close().await;
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use crate::event::ParsedEvent;
 use crate::rules::SharedRuleSet;
 use crate::rules::config::RulesConfig;
-use crate::store::{Claimed, Store};
+use crate::store::{Claimed, Lease, Store, StoreError};
 
 /// How the workers lease, poll and retry (taken from [`RulesConfig`]).
 #[derive(Debug, Clone)]
@@ -136,8 +136,8 @@ impl Worker {
     }
 
     async fn route_one(&self, claimed: Claimed) {
-        let id = claimed.event.id.clone();
-        let attempt = claimed.attempt;
+        let lease = claimed.lease();
+        let id = lease.event_id.clone();
         let set = self.rules.load_full();
         let ev = Arc::new(ParsedEvent::new(claimed.event));
         let decision = match tokio::task::spawn_blocking(move || set.route(&ev)).await {
@@ -146,31 +146,37 @@ impl Worker {
                 // `RuleSet::route` catches rule panics; reaching here is a host bug.
                 let reason = format!("routing panicked: {e}");
                 tracing::error!(event = %id, %reason);
-                self.retry_or_dead_letter(&id, attempt, &reason).await;
+                self.retry_or_dead_letter(&lease, &reason).await;
                 return;
             }
         };
         record_metrics(&decision);
         if let Some(reason) = &decision.dead_letter {
-            self.retry_or_dead_letter(&id, attempt, reason).await;
+            self.retry_or_dead_letter(&lease, reason).await;
             return;
         }
         tracing::debug!(event = %id, routes = decision.routes.len(), "routed");
-        if let Err(e) = self.store.complete(&id, &decision).await {
+        match self.store.complete(&lease, &decision).await {
+            Ok(()) => {}
+            // Routing outlived the lease and another worker has the event now.
+            Err(e @ StoreError::LeaseLost(_)) => {
+                tracing::warn!(event = %id, error = %e, "decision dropped")
+            }
             // The lease will expire and the event be routed again.
-            tracing::error!(event = %id, error = %e, "cannot record the decision");
+            Err(e) => tracing::error!(event = %id, error = %e, "cannot record the decision"),
         }
     }
 
-    async fn retry_or_dead_letter(&self, id: &str, attempt: u32, reason: &str) {
+    async fn retry_or_dead_letter(&self, lease: &Lease, reason: &str) {
+        let (id, attempt) = (&lease.event_id, lease.attempt);
         let result = if attempt >= self.options.max_attempts {
             tracing::warn!(event = %id, attempt, %reason, "dead-lettering event");
             metrics::counter!("sluice_dead_letters_total").increment(1);
-            self.store.dead_letter(id, reason).await
+            self.store.dead_letter(lease, reason).await
         } else {
             let delay = backoff(attempt, self.options.retry_base, self.options.retry_max);
             tracing::info!(event = %id, attempt, ?delay, %reason, "routing failed; retrying later");
-            self.store.retry_later(id, delay, reason).await
+            self.store.retry_later(lease, delay, reason).await
         };
         if let Err(e) = result {
             tracing::error!(event = %id, error = %e, "cannot release the event; its lease will expire");

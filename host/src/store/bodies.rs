@@ -84,13 +84,32 @@ pub struct BodyWriter {
     segment: u32,
     file: File,
     len: u64,
+    /// Held for the writer's life: two processes appending to one body log
+    /// would hand out overlapping offsets.
+    _lock: Arc<File>,
 }
 
 impl BodyWriter {
     /// Opens the newest segment in `dir` (creating `dir` and the first segment
     /// if needed) and appends after whatever it holds.
     pub fn open(dir: &Path) -> std::io::Result<BodyWriter> {
-        std::fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            if let Some(parent) = dir.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+        }
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))?;
+        if let Err(e) = lock.try_lock() {
+            return Err(std::io::Error::other(format!(
+                "{} is in use by another sluice process ({e}); one data dir serves one process",
+                dir.display()
+            )));
+        }
         let newest = std::fs::read_dir(dir)?
             .filter_map(|e| {
                 e.ok()?
@@ -102,10 +121,10 @@ impl BodyWriter {
             })
             .max()
             .unwrap_or(1);
-        BodyWriter::open_segment(dir, newest)
+        BodyWriter::open_segment(dir, newest, Arc::new(lock))
     }
 
-    fn open_segment(dir: &Path, segment: u32) -> std::io::Result<BodyWriter> {
+    fn open_segment(dir: &Path, segment: u32, lock: Arc<File>) -> std::io::Result<BodyWriter> {
         let path = segment_path(dir, segment);
         let created = !path.exists();
         let file = OpenOptions::new()
@@ -123,6 +142,7 @@ impl BodyWriter {
             segment,
             file,
             len,
+            _lock: lock,
         })
     }
 
@@ -139,7 +159,7 @@ impl BodyWriter {
     /// Rolls over to a new segment if the current one is full. Call between batches.
     pub fn roll_if_full(&mut self) -> std::io::Result<()> {
         if self.len >= SEGMENT_BYTES {
-            *self = BodyWriter::open_segment(&self.dir, self.segment + 1)?;
+            *self = BodyWriter::open_segment(&self.dir, self.segment + 1, self._lock.clone())?;
         }
         Ok(())
     }

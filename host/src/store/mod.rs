@@ -36,6 +36,10 @@ pub enum StoreError {
     /// No event with this id.
     #[error("no event with id {0}")]
     NotFound(String),
+    /// The event is no longer held under this lease (it expired and the event
+    /// was claimed again, or it was settled already).
+    #[error("lease on {0} lost: the event was claimed again or already settled")]
+    LeaseLost(String),
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -107,6 +111,33 @@ pub struct Claimed {
     pub event: Event,
     /// Which claim this is for the event (1 for the first).
     pub attempt: u32,
+    /// The worker that holds it.
+    pub worker: String,
+}
+
+impl Claimed {
+    /// The lease this claim holds, to settle the event with.
+    pub fn lease(&self) -> Lease {
+        Lease {
+            event_id: self.event.id.clone(),
+            worker: self.worker.clone(),
+            attempt: self.attempt,
+        }
+    }
+}
+
+/// Proof that a worker holds an event. Settling an event (complete, retry,
+/// dead-letter) needs the current lease: a worker whose lease expired and whose
+/// event was claimed again gets [`StoreError::LeaseLost`] instead of
+/// overwriting the newer claim's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The event.
+    pub event_id: String,
+    /// The worker that claimed it.
+    pub worker: String,
+    /// The claim number.
+    pub attempt: u32,
 }
 
 /// Everything the store knows about one event.
@@ -153,13 +184,18 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Claimed>, StoreError>;
 
     /// Records the decision for a claimed event and releases it as routed.
-    async fn complete(&self, id: &str, decision: &Decision) -> Result<(), StoreError>;
+    async fn complete(&self, lease: &Lease, decision: &Decision) -> Result<(), StoreError>;
 
     /// Releases a claimed event to be routed again after `delay`.
-    async fn retry_later(&self, id: &str, delay: Duration, error: &str) -> Result<(), StoreError>;
+    async fn retry_later(
+        &self,
+        lease: &Lease,
+        delay: Duration,
+        error: &str,
+    ) -> Result<(), StoreError>;
 
     /// Moves an event to the dead-letter queue with a reason.
-    async fn dead_letter(&self, id: &str, reason: &str) -> Result<(), StoreError>;
+    async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), StoreError>;
 
     /// Makes a stored event routable again (operator replay).
     async fn requeue(&self, id: &str) -> Result<(), StoreError>;

@@ -24,7 +24,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{Notify, oneshot};
 
 use super::bodies::{self, BodyReader, BodyRef, BodyWriter};
-use super::{Appended, Claimed, EventRecord, EventSummary, ListFilter, Store, StoreError};
+use super::{Appended, Claimed, EventRecord, EventSummary, Lease, ListFilter, Store, StoreError};
 use crate::decision::Decision;
 use crate::event::{Event, EventStatus, Provider};
 use crate::ingress::NewEvent;
@@ -139,7 +139,18 @@ impl SqliteStore {
         let batch_max = batch_max.max(1);
         let thread = std::thread::Builder::new()
             .name("sluice-store-writer".into())
-            .spawn(move || writer_loop(conn, body_writer, rx, batch_max, &notify))
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| {
+                    writer_loop(conn, body_writer, rx, batch_max, &notify)
+                });
+                if std::panic::catch_unwind(run).is_err() {
+                    // Without its writer the gateway could only answer 503 and
+                    // lose what providers do not retry: stop, so a supervisor
+                    // restarts it on the same data (nothing acknowledged is lost).
+                    tracing::error!("the store writer panicked; aborting");
+                    std::process::abort();
+                }
+            })
             .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
         Ok(SqliteStore {
             writer: Mutex::new(Some(tx)),
@@ -303,15 +314,18 @@ fn append_batch(
 ) -> Vec<(AppendReply, Result<Appended, StoreError>)> {
     let mut answers = Vec::with_capacity(appends.len());
     let mut fresh: Vec<(NewEvent, String, BodyRef, AppendReply)> = Vec::new();
-    let mut in_batch: HashMap<(String, String), String> = HashMap::new();
+    // A copy of a delivery that is new in this very batch gets the same
+    // outcome as the first copy, decided only once that one is written.
+    let mut copies: Vec<(AppendReply, usize)> = Vec::new();
+    let mut in_batch: HashMap<(String, String), usize> = HashMap::new();
     let mut buf: Vec<u8> = Vec::new();
     for job in appends {
         let Job::Append(ev, reply) = job else {
             continue;
         };
         let key = (ev.source().to_string(), ev.delivery_id().to_string());
-        if let Some(id) = in_batch.get(&key) {
-            answers.push((reply, Ok(Appended::Duplicate(id.clone()))));
+        if let Some(&first) = in_batch.get(&key) {
+            copies.push((reply, first));
             continue;
         }
         match existing_id(conn, ev.source(), ev.delivery_id()) {
@@ -321,22 +335,28 @@ fn append_batch(
                 let id = format!("evt_{}", uuid::Uuid::now_v7().simple());
                 let at = bodies.place(buf.len() as u64, ev.body().len());
                 buf.extend_from_slice(ev.body());
-                in_batch.insert(key, id.clone());
+                in_batch.insert(key, fresh.len());
                 fresh.push((ev, id, at, reply));
             }
         }
     }
-    if let Err(e) = bodies.append_durably(&buf) {
-        let err = StoreError::Backend(format!("cannot write the body log: {e}"));
-        answers.extend(
-            fresh
-                .into_iter()
-                .map(|(_, _, _, reply)| (reply, Err(err.clone()))),
-        );
-        return answers;
-    }
+    let written = bodies
+        .append_durably(&buf)
+        .map_err(|e| StoreError::Backend(format!("cannot write the body log: {e}")));
+    let mut outcomes: Vec<Result<Appended, StoreError>> = Vec::with_capacity(fresh.len());
     for (ev, id, at, reply) in fresh {
-        let result = insert_row(conn, &ev, &id, at).map(|()| Appended::Stored(id));
+        let result = match &written {
+            Ok(()) => insert_row(conn, &ev, &id, at).map(|()| Appended::Stored(id)),
+            Err(e) => Err(e.clone()),
+        };
+        outcomes.push(result.clone());
+        answers.push((reply, result));
+    }
+    for (reply, first) in copies {
+        let result = match &outcomes[first] {
+            Ok(stored) => Ok(Appended::Duplicate(stored.id().to_string())),
+            Err(e) => Err(e.clone()),
+        };
         answers.push((reply, result));
     }
     answers
@@ -372,6 +392,35 @@ fn insert_row(conn: &Connection, ev: &NewEvent, id: &str, at: BodyRef) -> Result
         at.offset as i64,
         at.len,
     ])?;
+    Ok(())
+}
+
+/// The condition under which a lease still holds: `?1` id, `?2` worker, `?3` attempt.
+const HELD: &str = "WHERE id = ?1 AND status = 'claimed' AND claimed_by = ?2 AND attempts = ?3";
+
+/// Moves an event to the dead-letter queue; with a lease, only while it holds.
+fn mark_dead(
+    conn: &Connection,
+    id: &str,
+    reason: &str,
+    lease: Option<&Lease>,
+) -> Result<(), StoreError> {
+    let n = match lease {
+        Some(l) => conn
+            .prepare_cached(&format!("UPDATE events SET status = 'dead', claimed_by = NULL, last_error = ?4 {HELD}"))?
+            .execute(params![l.event_id, l.worker, l.attempt, reason])?,
+        None => conn
+            .prepare_cached("UPDATE events SET status = 'dead', claimed_by = NULL, last_error = ?2 WHERE id = ?1")?
+            .execute(params![id, reason])?,
+    };
+    if n == 0 {
+        return Err(StoreError::LeaseLost(id.to_string()));
+    }
+    conn.prepare_cached(
+        "INSERT INTO dead_letters (event_id, reason, at_ms) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (event_id) DO UPDATE SET reason = excluded.reason, at_ms = excluded.at_ms",
+    )?
+    .execute(params![id, reason, now_ms()])?;
     Ok(())
 }
 
@@ -544,6 +593,7 @@ impl Store for SqliteStore {
         lease: Duration,
     ) -> Result<Vec<Claimed>, StoreError> {
         let worker = worker.to_string();
+        let worker_name = worker.clone();
         let rows = self.write(move |conn| {
             let now = now_ms();
             let until = now + lease.as_millis() as i64;
@@ -566,74 +616,85 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let bodies = self.bodies.clone();
-        tokio::task::spawn_blocking(move || {
-            rows.into_iter()
-                .map(|(_, event, attempt)| {
-                    Ok(Claimed {
-                        event: with_body(&bodies, event)?,
+        let (claimed, unreadable) = tokio::task::spawn_blocking(move || {
+            let mut claimed = Vec::with_capacity(rows.len());
+            let mut unreadable: Vec<(String, String)> = Vec::new();
+            for (_, event, attempt) in rows {
+                let id = event.0.id.clone();
+                match with_body(&bodies, event) {
+                    Ok(event) => claimed.push(Claimed {
+                        event,
                         attempt,
-                    })
-                })
-                .collect()
+                        worker: worker_name.clone(),
+                    }),
+                    Err(e) => unreadable.push((id, e.to_string())),
+                }
+            }
+            (claimed, unreadable)
         })
         .await
-        .map_err(|e| StoreError::Backend(format!("body read task failed: {e}")))?
+        .map_err(|e| StoreError::Backend(format!("body read task failed: {e}")))?;
+        // An event whose body cannot be read would fail every claim forever:
+        // dead-letter it with the reason, and hand out the others.
+        for (id, reason) in unreadable {
+            tracing::error!(event = %id, %reason, "dead-lettering an event whose body cannot be read");
+            let _ = self
+                .write(move |conn| mark_dead(conn, &id, &reason, None))
+                .await;
+        }
+        Ok(claimed)
     }
 
-    async fn complete(&self, id: &str, decision: &Decision) -> Result<(), StoreError> {
-        let id = id.to_string();
+    async fn complete(&self, lease: &Lease, decision: &Decision) -> Result<(), StoreError> {
+        let lease = lease.clone();
         let json =
             serde_json::to_string(decision).map_err(|e| StoreError::Backend(e.to_string()))?;
         let at = decision.decided_at_ms;
         self.write(move |conn| {
             let n = conn
-                .prepare_cached(
-                    "UPDATE events SET status = 'routed', claimed_by = NULL, last_error = NULL WHERE id = ?1",
-                )?
-                .execute([&id])?;
+                .prepare_cached(&format!(
+                    "UPDATE events SET status = 'routed', claimed_by = NULL, last_error = NULL {HELD}"
+                ))?
+                .execute(params![lease.event_id, lease.worker, lease.attempt])?;
             if n == 0 {
-                return Err(StoreError::NotFound(id));
+                return Err(StoreError::LeaseLost(lease.event_id));
             }
             conn.prepare_cached("INSERT INTO decisions (event_id, decided_at_ms, decision) VALUES (?1, ?2, ?3)")?
-                .execute(params![id, at, json])?;
+                .execute(params![lease.event_id, at, json])?;
             Ok(())
         })
         .await
     }
 
-    async fn retry_later(&self, id: &str, delay: Duration, error: &str) -> Result<(), StoreError> {
-        let (id, error) = (id.to_string(), error.to_string());
+    async fn retry_later(
+        &self,
+        lease: &Lease,
+        delay: Duration,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        let (lease, error) = (lease.clone(), error.to_string());
         self.write(move |conn| {
             let n = conn
-                .prepare_cached(
-                    "UPDATE events SET status = 'pending', claimed_by = NULL, available_at_ms = ?2, \
-                     last_error = ?3 WHERE id = ?1",
-                )?
-                .execute(params![id, now_ms() + delay.as_millis() as i64, error])?;
-            if n == 0 { Err(StoreError::NotFound(id)) } else { Ok(()) }
+                .prepare_cached(&format!(
+                    "UPDATE events SET status = 'pending', claimed_by = NULL, available_at_ms = ?4, \
+                     last_error = ?5 {HELD}"
+                ))?
+                .execute(params![
+                    lease.event_id,
+                    lease.worker,
+                    lease.attempt,
+                    now_ms() + delay.as_millis() as i64,
+                    error
+                ])?;
+            if n == 0 { Err(StoreError::LeaseLost(lease.event_id)) } else { Ok(()) }
         })
         .await
     }
 
-    async fn dead_letter(&self, id: &str, reason: &str) -> Result<(), StoreError> {
-        let (id, reason) = (id.to_string(), reason.to_string());
-        self.write(move |conn| {
-            let n = conn
-                .prepare_cached(
-                    "UPDATE events SET status = 'dead', claimed_by = NULL, last_error = ?2 WHERE id = ?1",
-                )?
-                .execute(params![id, reason])?;
-            if n == 0 {
-                return Err(StoreError::NotFound(id));
-            }
-            conn.prepare_cached(
-                "INSERT INTO dead_letters (event_id, reason, at_ms) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (event_id) DO UPDATE SET reason = excluded.reason, at_ms = excluded.at_ms",
-            )?
-            .execute(params![id, reason, now_ms()])?;
-            Ok(())
-        })
-        .await
+    async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), StoreError> {
+        let (lease, reason) = (lease.clone(), reason.to_string());
+        self.write(move |conn| mark_dead(conn, &lease.event_id, &reason, Some(&lease)))
+            .await
     }
 
     async fn requeue(&self, id: &str) -> Result<(), StoreError> {
