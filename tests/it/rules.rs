@@ -1,25 +1,28 @@
 //! The rule runtime with real components (built by `plugins/build.sh`), real
 //! rhai scripts and real corpus payloads: hostile guests are contained and
 //! reported while the other rules keep serving, the breaker, merge modes,
-//! failure policies, manifests, the shipped routing tables, the router workers.
+//! failure policies, manifests, the shipped routing tables, and the router
+//! workers on the real SQLite store, fed through verify and normalize.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
 use sluice::decision::{Decision, Priority, Route, RuleFailure, RuleOutcome, Verdict};
-use sluice::event::{Event, ParsedEvent, Provider};
-use sluice::ingress::NewEvent;
+use sluice::event::{Event, EventStatus, ParsedEvent, Provider};
+use sluice::ingress::normalize::{Naming, normalize};
+use sluice::ingress::verify::Verifier;
 use sluice::rules::breaker::BreakerState;
 use sluice::rules::config::{BreakerConfig, FailurePolicy, MergeMode, RulesConfig};
 use sluice::rules::manifest::Manifest;
 use sluice::rules::router::{self, RouterOptions};
 use sluice::rules::wasm::WasmEngine;
 use sluice::rules::{LoadError, Rule, RuleCode, RuleSet};
-use sluice::store::{Appended, Claimed, EventRecord, EventSummary, ListFilter, Store, StoreError};
+use sluice::store::{Appended, EventRecord, ListFilter, SqliteStore, Store};
 
 // ---------------------------------------------------------------- helpers
 
@@ -1297,142 +1300,74 @@ fn route_dry_run_prints_every_rule_and_the_merged_routes() {
 
 // --------------------------------------------------------------- router
 
-/// An in-memory work queue with the store's lease semantics, so the router's
-/// claim → route → complete/retry/dead-letter loop runs against real leases.
-#[derive(Default)]
-struct MemStore {
-    inner: Mutex<MemInner>,
-    notify: tokio::sync::Notify,
+/// A fresh embedded store in `dir` (which must outlive it).
+fn sqlite(dir: &tempfile::TempDir) -> Arc<SqliteStore> {
+    Arc::new(SqliteStore::open(&dir.path().join("s.db"), 64).expect("open the store"))
 }
 
-#[derive(Default)]
-struct MemInner {
-    events: Vec<(Event, MemState)>,
-    decisions: HashMap<String, Decision>,
-    retries: Vec<(String, Duration, String)>,
-    dead: Vec<(String, String)>,
-    attempts: HashMap<String, u32>,
+fn now_ms() -> i64 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    i64::try_from(since.as_millis()).unwrap()
 }
 
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum MemState {
-    Ready(Instant),
-    Leased(Instant),
-    Routed,
-    Dead,
-}
-
-impl MemStore {
-    fn push(&self, ev: Event) {
-        self.inner
-            .lock()
-            .unwrap()
-            .events
-            .push((ev, MemState::Ready(Instant::now())));
-        self.notify.notify_waiters();
-    }
-    fn set(&self, id: &str, s: MemState) {
-        let mut g = self.inner.lock().unwrap();
-        let e = g.events.iter_mut().find(|(e, _)| e.id == id).unwrap();
-        e.1 = s;
-    }
-}
-
-#[async_trait]
-impl Store for MemStore {
-    async fn append(&self, _: NewEvent) -> Result<Appended, StoreError> {
-        Err(StoreError::Backend("not used by the router".into()))
-    }
-    async fn find_delivery(&self, _: &str, _: &str) -> Result<Option<String>, StoreError> {
-        Ok(None)
-    }
-    async fn get(&self, _: &str) -> Result<Option<EventRecord>, StoreError> {
-        Ok(None)
-    }
-    async fn list(&self, _: &ListFilter) -> Result<Vec<EventSummary>, StoreError> {
-        Ok(vec![])
-    }
-    async fn claim(
-        &self,
-        _: &str,
-        max: usize,
-        lease: Duration,
-    ) -> Result<Vec<Claimed>, StoreError> {
-        let now = Instant::now();
-        let mut g = self.inner.lock().unwrap();
-        let mut out = Vec::new();
-        let mut claimed_ids = Vec::new();
-        for (ev, st) in g.events.iter_mut() {
-            let free = matches!(*st, MemState::Ready(at) | MemState::Leased(at) if at <= now);
-            if free && out.len() < max {
-                *st = MemState::Leased(now + lease);
-                claimed_ids.push(ev.id.clone());
-                out.push(ev.clone());
-            }
-        }
-        let mut claims = Vec::new();
-        for ev in out {
-            let n = g.attempts.entry(ev.id.clone()).or_default();
-            *n += 1;
-            claims.push(Claimed {
-                event: ev,
-                attempt: *n,
-            });
-        }
-        Ok(claims)
-    }
-    async fn complete(&self, id: &str, decision: &Decision) -> Result<(), StoreError> {
-        self.inner
-            .lock()
-            .unwrap()
-            .decisions
-            .insert(id.into(), decision.clone());
-        self.set(id, MemState::Routed);
-        Ok(())
-    }
-    async fn retry_later(&self, id: &str, delay: Duration, error: &str) -> Result<(), StoreError> {
-        self.inner
-            .lock()
-            .unwrap()
-            .retries
-            .push((id.into(), delay, error.into()));
-        self.set(id, MemState::Ready(Instant::now() + delay));
-        Ok(())
-    }
-    async fn dead_letter(&self, id: &str, reason: &str) -> Result<(), StoreError> {
-        self.inner
-            .lock()
-            .unwrap()
-            .dead
-            .push((id.into(), reason.into()));
-        self.set(id, MemState::Dead);
-        Ok(())
-    }
-    async fn requeue(&self, _: &str) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn queue_depth(&self) -> Result<u64, StoreError> {
-        Ok(0)
-    }
-    async fn ready(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn wait_for_work(&self, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, self.notify.notified()).await;
-    }
-    async fn close(&self) {}
-}
-
-fn stored(id: &str, kind: &str, file: &str) -> Event {
-    let mut ev = Event::dry_run(
+/// Stores a GitLab corpus payload the only way an event enters the store: a
+/// verified request (the kind header, a fresh delivery id) normalised into a
+/// `NewEvent` and appended. Returns the store's id.
+async fn append_gitlab(store: &SqliteStore, kind: &str, file: &str) -> String {
+    static DELIVERIES: AtomicU64 = AtomicU64::new(1);
+    let delivery = format!("delivery-{}", DELIVERIES.fetch_add(1, Ordering::Relaxed));
+    let mut headers = HeaderMap::new();
+    headers.insert("x-gitlab-event", HeaderValue::from_str(kind).unwrap());
+    headers.insert("idempotency-key", HeaderValue::from_str(&delivery).unwrap());
+    let body = Bytes::from(corpus(&format!("gitlab/webhooks/{file}")));
+    let verified = Verifier::None
+        .verify_at(headers, body, now_ms())
+        .expect("an unsigned source verifies");
+    let new = normalize(
         "gitlab",
         Provider::Gitlab,
-        kind,
-        None,
-        corpus(&format!("gitlab/webhooks/{file}")).into(),
-    );
-    ev.id = id.into();
-    ev
+        &Naming::default(),
+        verified,
+        now_ms(),
+    )
+    .unwrap_or_else(|e| panic!("{file} normalises: {e}"));
+    match store.append(new).await.expect("append") {
+        Appended::Stored(id) => id,
+        dup => panic!("{delivery} is a fresh delivery: {dup:?}"),
+    }
+}
+
+async fn record(store: &SqliteStore, id: &str) -> EventRecord {
+    store
+        .get(id)
+        .await
+        .expect("get")
+        .unwrap_or_else(|| panic!("{id} is stored"))
+}
+
+/// Polls the store until `id` has `status` (at most 20 s); returns its record.
+async fn until_status(store: &SqliteStore, id: &str, status: EventStatus) -> EventRecord {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rec = record(store, id).await;
+        if rec.summary.status == status {
+            return rec;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {id} to be {status:?}: {:?} after {} attempts, last error {:?}",
+            rec.summary.status,
+            rec.summary.attempts,
+            rec.last_error
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn decision(rec: &EventRecord) -> &Decision {
+    rec.decision
+        .as_ref()
+        .unwrap_or_else(|| panic!("{} has no decision: {rec:?}", rec.summary.id))
 }
 
 async fn until(what: &str, f: impl Fn() -> bool) {
@@ -1457,9 +1392,9 @@ fn options() -> RouterOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_workers_route_stored_events_and_stop_on_shutdown() {
-    let store = Arc::new(MemStore::default());
-    let set = shipped();
-    let rules = Arc::new(ArcSwap::from_pointee(set));
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(&dir);
+    let rules = Arc::new(ArcSwap::from_pointee(shipped()));
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(router::run(
         store.clone(),
@@ -1468,24 +1403,28 @@ async fn router_workers_route_stored_events_and_stop_on_shutdown() {
         shutdown,
     ));
 
-    store.push(stored("evt_1", "Push Hook", "push.json"));
-    store.push(stored("evt_2", "Tag Push Hook", "tag_push.json"));
-    store.push(stored("evt_3", "Note Hook", "note_issue.json"));
-    until("three decisions", || {
-        store.inner.lock().unwrap().decisions.len() == 3
-    })
-    .await;
-    {
-        let g = store.inner.lock().unwrap();
-        assert_eq!(
-            agents(&g.decisions["evt_1"]),
-            vec![("ci-validation", Priority::Medium)]
-        );
-        assert_eq!(
-            agents(&g.decisions["evt_2"]),
-            vec![("release-manager", Priority::High)]
-        );
-        let gitlab = g.decisions["evt_3"]
+    let push = append_gitlab(&store, "Push Hook", "push.json").await;
+    let tag = append_gitlab(&store, "Tag Push Hook", "tag_push.json").await;
+    let note = append_gitlab(&store, "Note Hook", "note_issue.json").await;
+    let push = until_status(&store, &push, EventStatus::Routed).await;
+    let tag = until_status(&store, &tag, EventStatus::Routed).await;
+    let note = until_status(&store, &note, EventStatus::Routed).await;
+    assert_eq!(
+        agents(decision(&push)),
+        vec![("ci-validation", Priority::Medium)]
+    );
+    assert_eq!(
+        agents(decision(&tag)),
+        vec![("release-manager", Priority::High)]
+    );
+    assert_eq!(
+        agents(decision(&note)),
+        vec![("comment-handler", Priority::Medium)]
+    );
+    for rec in [&push, &tag, &note] {
+        assert_eq!(rec.summary.attempts, 1, "{rec:?}");
+        assert_eq!(rec.last_error, None);
+        let gitlab = decision(rec)
             .rules
             .iter()
             .find(|r| r.rule == "gitlab")
@@ -1498,15 +1437,9 @@ async fn router_workers_route_stored_events_and_stop_on_shutdown() {
         "swapped",
         vec![route("new", Priority::Low, &[])],
     ))));
-    store.push(stored("evt_4", "Push Hook", "push.json"));
-    until("the swapped set", || {
-        store.inner.lock().unwrap().decisions.contains_key("evt_4")
-    })
-    .await;
-    assert_eq!(
-        agents(&store.inner.lock().unwrap().decisions["evt_4"]),
-        vec![("new", Priority::Low)]
-    );
+    let next = append_gitlab(&store, "Push Hook", "push.json").await;
+    let next = until_status(&store, &next, EventStatus::Routed).await;
+    assert_eq!(agents(decision(&next)), vec![("new", Priority::Low)]);
 
     stop.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(5), task)
@@ -1521,66 +1454,110 @@ fn set_of_one(rule: Rule) -> RuleSet {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letter_policy_retries_then_dead_letters() {
-    let store = Arc::new(MemStore::default());
-    let failing = native_failing("bad").with_policy(FailurePolicy::DeadLetter);
-    let rules = Arc::new(ArcSwap::from_pointee(set_of_one(failing)));
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(router::run(store.clone(), rules, options(), shutdown));
-    store.push(stored("evt_dl", "Push Hook", "push.json"));
-    until("dead letter", || {
-        !store.inner.lock().unwrap().dead.is_empty()
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(&dir);
+    // The rule always fails; its third call waits for the test, so the state
+    // the two retries left behind can be read from the store mid-flight.
+    let calls = Arc::new(AtomicU32::new(0));
+    let gate = Arc::new(AtomicBool::new(false));
+    let failing = Rule::native("bad", {
+        let (calls, gate) = (calls.clone(), gate.clone());
+        move |_| {
+            if calls.fetch_add(1, Ordering::SeqCst) + 1 == 3 {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while !gate.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            Err(RuleFailure::Guest("always fails".into()))
+        }
     })
-    .await;
-    {
-        let g = store.inner.lock().unwrap();
-        assert_eq!(
-            g.retries.len(),
-            2,
-            "max_attempts 3 = two retries, then the DLQ: {:?}",
-            g.retries
-        );
-        assert!(
-            g.retries
-                .iter()
-                .all(|(_, d, e)| *d <= Duration::from_millis(20) && e.contains("rule bad failed"))
-        );
-        assert!(g.dead[0].1.contains("always fails"), "{:?}", g.dead);
-        assert!(g.decisions.is_empty());
-    }
+    .with_policy(FailurePolicy::DeadLetter);
+    let rules = Arc::new(ArcSwap::from_pointee(set_of_one(failing)));
+    // A lease far longer than the test: only `retry_later` can make the event
+    // claimable again, so every attempt after the first is a retry.
+    let options = RouterOptions {
+        lease: Duration::from_secs(600),
+        ..options()
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(router::run(store.clone(), rules, options, shutdown));
+    let id = append_gitlab(&store, "Push Hook", "push.json").await;
+
+    until("the third attempt", || calls.load(Ordering::SeqCst) == 3).await;
+    let mid = record(&store, &id).await;
+    assert_eq!(mid.summary.status, EventStatus::Claimed);
+    assert_eq!(
+        mid.summary.attempts, 3,
+        "max_attempts 3: two retries before the last attempt"
+    );
+    let retried = mid.last_error.as_deref().expect("the retry says why");
+    assert!(
+        retried.contains("rule bad failed") && retried.contains("always fails"),
+        "{retried}"
+    );
+    assert!(mid.decision.is_none());
+
+    gate.store(true, Ordering::SeqCst);
+    let dead = until_status(&store, &id, EventStatus::Dead).await;
+    assert_eq!(dead.summary.attempts, 3, "no attempt after the DLQ");
+    let reason = dead
+        .last_error
+        .as_deref()
+        .expect("the dead letter says why");
+    assert!(
+        reason.contains("rule bad failed") && reason.contains("always fails"),
+        "{reason}"
+    );
+    assert!(dead.decision.is_none());
+    let listed = store
+        .list(&ListFilter {
+            status: Some(EventStatus::Dead),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        vec![id.as_str()]
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
     stop.send(true).unwrap();
     task.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_claimed_by_a_crashed_worker_is_routed_after_its_lease() {
-    let store = Arc::new(MemStore::default());
-    store.push(stored("evt_crash", "Issue Hook", "issue.json"));
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(&dir);
+    let id = append_gitlab(&store, "Issue Hook", "issue.json").await;
     // A worker claims it and dies before deciding.
     let claimed_at = Instant::now();
     let claimed = store
         .claim("crashed", 10, Duration::from_millis(200))
         .await
         .unwrap();
-    assert_eq!(claimed.len(), 1);
+    assert_eq!(
+        claimed
+            .iter()
+            .map(|c| (c.event.id.as_str(), c.attempt))
+            .collect::<Vec<_>>(),
+        vec![(id.as_str(), 1)]
+    );
     let rules = Arc::new(ArcSwap::from_pointee(shipped()));
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(router::run(store.clone(), rules, options(), shutdown));
-    until("the re-claimed event", || {
-        store
-            .inner
-            .lock()
-            .unwrap()
-            .decisions
-            .contains_key("evt_crash")
-    })
-    .await;
+    let rec = until_status(&store, &id, EventStatus::Routed).await;
+    // The store keeps lease ends in whole milliseconds, so the lease may end
+    // up to 1 ms before 200 ms have passed on this clock.
     assert!(
-        claimed_at.elapsed() >= Duration::from_millis(200),
+        claimed_at.elapsed() >= Duration::from_millis(199),
         "routed before the lease expired"
     );
-    assert_eq!(store.inner.lock().unwrap().attempts["evt_crash"], 2);
+    assert_eq!(rec.summary.attempts, 2);
     assert_eq!(
-        agents(&store.inner.lock().unwrap().decisions["evt_crash"]),
+        agents(decision(&rec)),
         vec![("issue-triage", Priority::Medium)]
     );
     drop(stop); // dropping the sender also stops the workers
@@ -1592,7 +1569,8 @@ async fn an_event_claimed_by_a_crashed_worker_is_routed_after_its_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_keep_routing_past_a_looping_rule() {
-    let store = Arc::new(MemStore::default());
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(&dir);
     // The trap fixture's panic message goes through WASI stderr (the empty
     // context's sink) from a blocking thread inside the runtime.
     let rules = set(vec![
@@ -1603,36 +1581,31 @@ async fn workers_keep_routing_past_a_looping_rule() {
     let rules = Arc::new(ArcSwap::from_pointee(rules));
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(router::run(store.clone(), rules, options(), shutdown));
-    for i in 0..6 {
-        store.push(stored(&format!("evt_{i}"), "Push Hook", "push.json"));
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(append_gitlab(&store, "Push Hook", "push.json").await);
     }
-    until("six decisions", || {
-        store.inner.lock().unwrap().decisions.len() == 6
-    })
-    .await;
-    {
-        let g = store.inner.lock().unwrap();
-        let count = |f: fn(&RuleFailure) -> bool| {
-            g.decisions
-                .values()
-                .filter(|d| f(failure(d, "loop")))
-                .count()
-        };
-        let timeouts = count(|f| matches!(f, RuleFailure::Timeout(_)));
-        let disabled = count(|f| matches!(f, RuleFailure::Disabled(_)));
-        // The breaker opens after five consecutive timeouts; with two workers a
-        // sixth call may already be running when the fifth fails.
-        assert!(
-            timeouts >= 5 && timeouts + disabled == 6,
-            "{timeouts} timeouts, {disabled} disabled"
-        );
-        for d in g.decisions.values() {
-            assert!(matches!(
-                failure(d, "trap"),
-                RuleFailure::Trap(_) | RuleFailure::Disabled(_)
-            ));
-            assert_eq!(agents(d), vec![("bench", Priority::Medium)]);
-        }
+    let mut decisions = Vec::new();
+    for id in &ids {
+        let rec = until_status(&store, id, EventStatus::Routed).await;
+        decisions.push(decision(&rec).clone());
+    }
+    let count =
+        |f: fn(&RuleFailure) -> bool| decisions.iter().filter(|d| f(failure(d, "loop"))).count();
+    let timeouts = count(|f| matches!(f, RuleFailure::Timeout(_)));
+    let disabled = count(|f| matches!(f, RuleFailure::Disabled(_)));
+    // The breaker opens after five consecutive timeouts; with two workers a
+    // sixth call may already be running when the fifth fails.
+    assert!(
+        timeouts >= 5 && timeouts + disabled == 6,
+        "{timeouts} timeouts, {disabled} disabled"
+    );
+    for d in &decisions {
+        assert!(matches!(
+            failure(d, "trap"),
+            RuleFailure::Trap(_) | RuleFailure::Disabled(_)
+        ));
+        assert_eq!(agents(d), vec![("bench", Priority::Medium)]);
     }
     stop.send(true).unwrap();
     task.await.unwrap();

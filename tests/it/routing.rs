@@ -1,0 +1,183 @@
+//! End to end: signed corpus deliveries over loopback HTTP into `serve` with
+//! the shipped rules; the router workers route what intake stored, and the
+//! decisions are read back from the store, live and after shutdown.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::StatusCode;
+use sluice::AppState;
+use sluice::decision::{Priority, RuleOutcome};
+use sluice::event::EventStatus;
+use sluice::rules::RuleSet;
+use sluice::rules::wasm::WasmEngine;
+use sluice::store::{EventRecord, SqliteStore, Store};
+use tokio::net::TcpListener;
+
+use crate::support::{Env, client, corpus, post};
+
+/// Polls the store until `id` has `status` (at most 20 s); returns its record.
+async fn until_status(store: &dyn Store, id: &str, status: EventStatus) -> EventRecord {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rec = store
+            .get(id)
+            .await
+            .expect("get")
+            .unwrap_or_else(|| panic!("{id} is stored"));
+        if rec.summary.status == status {
+            return rec;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {id} to be {status:?}: {:?} after {} attempts, last error {:?}",
+            rec.summary.status,
+            rec.summary.attempts,
+            rec.last_error
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_deliveries_are_routed_by_the_shipped_rules() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let env = Env::new(&format!(
+        "\n[rules]\ndir = {:?}\ncache_dir = \"cache\"\n",
+        shipped.display().to_string()
+    ));
+    let config = env.config();
+    let cache = config.rules.cache_dir(&config.base_dir, config.data_dir());
+    assert!(cache.starts_with(env.dir.path()), "{}", cache.display());
+    let engine = WasmEngine::new(Some(cache)).expect("wasm engine");
+    let set =
+        RuleSet::load(&config.rules, &config.base_dir, &engine).unwrap_or_else(|e| panic!("{e}"));
+    let versions: Vec<(String, String)> = set
+        .rules()
+        .map(|r| (r.name().to_string(), r.version().to_string()))
+        .collect();
+    assert_eq!(
+        versions.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        vec!["github-router", "gitlab"]
+    );
+    let rules = Arc::new(ArcSwap::from_pointee(set));
+
+    let listener = TcpListener::bind(config.server.listen).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (state, _) = AppState::build(config).expect("state builds");
+    let store = state.store.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(sluice::serve(state, rules, listener, async move {
+        let _ = stopped.await;
+    }));
+
+    // (source, kind, corpus file, the rule that answers, the merged routes)
+    let cases = [
+        (
+            "github",
+            "issues",
+            "github/issues/opened.payload.json",
+            "github-router",
+            vec![("issue-triage", Priority::Medium)],
+        ),
+        (
+            "github",
+            "pull_request",
+            "github/pull_request/ready_for_review.payload.json",
+            "github-router",
+            vec![("review-agent", Priority::High)],
+        ),
+        (
+            "gitlab",
+            "Tag Push Hook",
+            "gitlab/webhooks/tag_push.json",
+            "gitlab",
+            vec![("release-manager", Priority::High)],
+        ),
+        (
+            "gitlab",
+            "Push Hook",
+            "gitlab/webhooks/push.json",
+            "gitlab",
+            vec![("ci-validation", Priority::Medium)],
+        ),
+    ];
+    let http = client();
+    let mut ids = Vec::new();
+    for (source, kind, file, _, _) in &cases {
+        let body = Bytes::from(std::fs::read(corpus().join(file)).expect("corpus payload"));
+        let signed = env.signer(source).sign(kind, &body).expect("sign");
+        let (status, resp) = post(
+            &http,
+            &format!("http://{addr}/hooks/{source}"),
+            &signed.headers,
+            signed.body.clone(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{file}: {resp}");
+        ids.push(
+            resp["id"]
+                .as_str()
+                .expect("the 202 names the event")
+                .to_string(),
+        );
+    }
+
+    let mut decided = Vec::new();
+    for (id, (_, kind, file, answering, want)) in ids.iter().zip(&cases) {
+        let rec = until_status(&*store, id, EventStatus::Routed).await;
+        assert_eq!(&rec.event.kind, kind);
+        assert_eq!(rec.summary.attempts, 1, "{file}");
+        assert_eq!(rec.last_error, None, "{file}");
+        let d = rec.decision.expect("a routed event has a decision");
+        let routes: Vec<_> = d
+            .routes
+            .iter()
+            .map(|r| (r.agent.as_str(), r.priority))
+            .collect();
+        assert_eq!(&routes, want, "{file}: {d:#?}");
+        let recorded: Vec<_> = d
+            .rules
+            .iter()
+            .map(|r| (r.rule.clone(), r.version.clone()))
+            .collect();
+        assert_eq!(recorded, versions, "{file}: every loaded rule, by version");
+        for r in &d.rules {
+            assert!(
+                r.version.len() == 16 && r.version.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{file}: {} version {:?}",
+                r.rule,
+                r.version
+            );
+            if r.rule == *answering {
+                assert!(
+                    matches!(r.outcome, RuleOutcome::Verdict(_)) && r.duration_us > 0,
+                    "{file}: {r:?}"
+                );
+            } else {
+                assert_eq!(r.outcome, RuleOutcome::Skipped, "{file}");
+                assert_eq!(r.duration_us, 0, "{file}: a skipped rule does not run");
+            }
+        }
+        decided.push(d);
+    }
+
+    stop.send(()).expect("server running");
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("serve returns after shutdown")
+        .expect("join")
+        .expect("serve ran cleanly");
+    drop(store);
+
+    // What the workers decided is on disk once `serve` has closed the store.
+    let reopened = SqliteStore::open(&env.db(), 64).expect("reopen the store");
+    for (id, d) in ids.iter().zip(&decided) {
+        let rec = reopened.get(id).await.expect("get").expect("stored");
+        assert_eq!(rec.summary.status, EventStatus::Routed);
+        assert_eq!(rec.decision.as_ref(), Some(d));
+    }
+}
