@@ -310,9 +310,21 @@ impl Config {
     /// Parses TOML text; `origin` names it in errors. No env overrides, no validation.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::parse(text)
-            .map_err(|e| ConfigError::new(origin, "(syntax)", one_line(&e)))?;
+            .map_err(|e| ConfigError::new(origin, "(syntax)", describe(text, &e)))?;
         let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
+            // Someone told that secrets stay out of the config may still paste one
+            // in place of `{ env = ... }`; serde's message would quote it back.
+            let under_secret = SECRET_KEYS
+                .iter()
+                .any(|k| key.split('.').any(|part| part.starts_with(k)));
+            let message = describe(text, e.inner());
+            // Unknown-field messages name only keys; any other could quote the value.
+            let message = if under_secret && !e.inner().message().starts_with("unknown field") {
+                SECRET_SHAPE.to_string()
+            } else {
+                message
+            };
             ConfigError::new(
                 origin,
                 if key == "." {
@@ -320,7 +332,7 @@ impl Config {
                 } else {
                     key
                 },
-                one_line(e.inner()),
+                message,
             )
         })?;
         config.origin = origin.to_string();
@@ -442,7 +454,9 @@ impl Config {
                     }
                 }
                 Provider::Gitlab => {
-                    let mode = src.mode.unwrap_or(if has_signing && !has_primary {
+                    let mode = src.mode.unwrap_or(if has_signing && has_primary {
+                        GitlabMode::Both
+                    } else if has_signing {
                         GitlabMode::Signature
                     } else {
                         GitlabMode::Token
@@ -524,9 +538,22 @@ impl Config {
     }
 }
 
-fn one_line(e: &dyn std::fmt::Display) -> String {
-    e.to_string()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
+/// Keys whose values name where a secret lives.
+const SECRET_KEYS: [&str; 3] = ["secret", "secrets", "signing_secrets"];
+
+/// What a secret key expects; said instead of echoing what was found there.
+const SECRET_SHAPE: &str = "expected { env = \"VAR\" }, { file = \"path\" }, { env = \"VAR\", generate = true } \
+                            or { generate = true } (a list of them for `secrets`); a secret's value never goes in the config";
+
+/// The parser's message on one line with the line number, without the excerpt
+/// of the file that toml's own `Display` adds (it could hold a pasted secret).
+fn describe(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("{message} (line {line})")
+        }
+        None => message,
+    }
 }

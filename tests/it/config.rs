@@ -147,3 +147,22 @@ fn a_malformed_standard_webhooks_secret_names_the_key_not_the_value() {
     );
     assert!(!e.contains("not-base64"), "the value leaked: {e}");
 }
+
+#[test]
+fn a_secret_pasted_into_the_config_is_not_echoed() {
+    for text in [
+        "[sources.gh]\nprovider = \"github\"\nsecret = \"hunter2-pasted-value\"\n",
+        "[sources.gh]\nprovider = \"github\"\nsecrets = [\"hunter2-pasted-value\"]\n",
+        "[sources.gh]\nprovider = \"github\"\nsecret = { env = \"hunter2-pasted-value\", generate = \"yes\" }\n",
+        "[sources.gh]\nprovider = \"github\"\nsecret = hunter2-pasted-value\n",
+    ] {
+        let e = err(text);
+        assert!(!e.contains("hunter2"), "the pasted value came back: {e}");
+        assert!(e.contains("sources.gh") || e.contains("(syntax)"), "{e}");
+    }
+    let e = err("[sources.gh]\nprovider = \"github\"\nsecret = \"hunter2-pasted-value\"\n");
+    assert!(
+        e.contains("sources.gh.secret") && e.contains("never goes in the config"),
+        "{e}"
+    );
+}

@@ -366,3 +366,46 @@ async fn gitlab_token_is_never_stored() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_with_unsigned_fresh_ids_are_still_caught() {
+    let env = Env::new("");
+    let gw = Gateway::start(env.config()).await;
+    // GitLab signing token: webhook-id is signed; a fresh Idempotency-Key is not.
+    let body = Bytes::from_static(br#"{"object_kind":"push","ref":"refs/heads/main"}"#);
+    let signed = env
+        .signer("gitlab-signed")
+        .sign("Push Hook", &body)
+        .unwrap();
+    let (s, first) = gw.post_signed("gitlab-signed", &signed).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{first}");
+    let replay = with_header(&signed, "idempotency-key", Some("a-fresh-unsigned-key"));
+    let replay = with_header(&replay, "x-gitlab-event-uuid", Some("another-fresh-one"));
+    let (s, again) = gw.post_signed("gitlab-signed", &replay).await;
+    assert_eq!((s, &again["id"]), (StatusCode::OK, &first["id"]), "{again}");
+
+    // Linear: a signed body without webhookTimestamp has no replay protection.
+    let linear = env.signer("linear");
+    let ok = linear
+        .sign(
+            "Issue",
+            &Bytes::from_static(br#"{"action":"create","type":"Issue"}"#),
+        )
+        .unwrap();
+    let mut doc: serde_json::Value = serde_json::from_slice(&ok.body).unwrap();
+    doc.as_object_mut().unwrap().remove("webhookTimestamp");
+    let stripped = Bytes::from(serde_json::to_vec(&doc).unwrap());
+    let key = std::fs::read(env.dir.path().join("linear.key")).unwrap();
+    let resigned = sluice::ingress::verify::Linear::new(
+        &[sluice::secret::Secret::new(key)],
+        std::time::Duration::from_secs(60),
+    )
+    .sign(&stripped)
+    .1;
+    let mut bare = with_header(&ok, "linear-signature", Some(&resigned));
+    bare.body = stripped;
+    let (s, b) = gw.post_signed("linear", &bare).await;
+    unauthorized(s, &b, "linear without webhookTimestamp");
+    assert_eq!(b["header"], "webhookTimestamp");
+    gw.stop().await;
+}

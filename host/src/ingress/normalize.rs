@@ -89,11 +89,14 @@ pub fn normalize(
             hdr("x-github-delivery")?,
         ),
         Provider::Gitlab => {
-            // Idempotency-Key stays the same across GitLab's retries; the event
-            // UUID is the fallback for older GitLab versions.
-            let delivery = hdr("idempotency-key")?
-                .or(hdr("x-gitlab-event-uuid")?)
-                .or(hdr("webhook-id")?);
+            // Idempotency-Key stays the same across GitLab's retries. With the
+            // signing token GitLab sends it again as `webhook-id`, which the
+            // signature covers, so that one wins: a replay with a fresh unsigned
+            // Idempotency-Key is still a duplicate. The event UUID is the
+            // fallback for GitLab versions before Idempotency-Key.
+            let delivery = hdr("webhook-id")?
+                .or(hdr("idempotency-key")?)
+                .or(hdr("x-gitlab-event-uuid")?);
             let action = probe
                 .object_attributes
                 .0

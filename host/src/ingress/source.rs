@@ -150,7 +150,10 @@ pub fn build_source(
             };
             let mode = sc
                 .mode
-                .unwrap_or(if signing.is_some() && secrets.is_empty() {
+                // Both configured and no mode: require both, never silently ignore one.
+                .unwrap_or(if signing.is_some() && !secrets.is_empty() {
+                    GitlabMode::Both
+                } else if signing.is_some() {
                     GitlabMode::Signature
                 } else {
                     GitlabMode::Token

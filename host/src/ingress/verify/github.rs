@@ -7,8 +7,11 @@ use crate::secret::Secret;
 
 const HEADER: &str = "x-hub-signature-256";
 
-/// GitHub's signature scheme. GitHub signs no timestamp; replays are caught by
-/// deduplication on `X-GitHub-Delivery`.
+/// GitHub's signature scheme. GitHub signs neither a timestamp nor the
+/// delivery id, so this scheme cannot tell a replayed delivery from a new one:
+/// deduplication on `X-GitHub-Delivery` catches honest redeliveries, and a
+/// replay under a fresh delivery id is a limit of GitHub's scheme (an
+/// allow-list of GitHub's hook addresses narrows who can try).
 #[derive(Debug)]
 pub struct Github {
     keys: MacKeys,

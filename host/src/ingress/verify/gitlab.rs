@@ -11,13 +11,23 @@ use crate::config::GitlabMode;
 use crate::secret::Secret;
 
 /// GitLab's verification, in the configured mode.
-#[derive(Debug)]
 pub struct Gitlab {
     mode: GitlabMode,
     /// SHA-256 of each accepted token: comparing fixed-size digests keeps the
     /// comparison constant-time whatever the token lengths.
     tokens: Vec<[u8; 32]>,
     signing: Option<StandardWebhooks>,
+}
+
+impl std::fmt::Debug for Gitlab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Token digests are unsalted: keep them out of debug output too.
+        f.debug_struct("Gitlab")
+            .field("mode", &self.mode)
+            .field("tokens", &format_args!("{} <redacted>", self.tokens.len()))
+            .field("signing", &self.signing)
+            .finish()
+    }
 }
 
 impl Gitlab {

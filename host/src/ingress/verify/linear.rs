@@ -2,7 +2,8 @@
 //! `webhookTimestamp` (milliseconds) within the tolerance window when present.
 //!
 //! Linear always sends `webhookTimestamp` and it is covered by the signature, so
-//! a replayed real delivery always carries its old timestamp and is refused.
+//! a replayed real delivery always carries its old timestamp and is refused; a
+//! body without it is refused too.
 
 use std::time::Duration;
 
@@ -47,12 +48,16 @@ impl Linear {
         if !self.keys.any_matches(&[body], &raw) {
             return Err(VerifyError::Mismatch("Linear-Signature"));
         }
-        // Only after the signature holds is the body worth parsing.
-        if let Ok(Stamp {
-            webhook_timestamp: Some(ms),
-        }) = serde_json::from_slice::<Stamp>(body)
-            && (now * 1000 - ms).unsigned_abs() > self.tolerance.as_millis() as u64
-        {
+        // Only after the signature holds is the body worth parsing. Linear
+        // always sends the timestamp (its SDK requires it): without it there is
+        // no replay protection, so its absence is refused.
+        let ms = match serde_json::from_slice::<Stamp>(body) {
+            Ok(Stamp {
+                webhook_timestamp: Some(ms),
+            }) => ms,
+            _ => return Err(VerifyError::MissingHeader("webhookTimestamp")),
+        };
+        if now.saturating_mul(1000).abs_diff(ms) > self.tolerance.as_millis() as u64 {
             return Err(VerifyError::Stale("webhookTimestamp"));
         }
         Ok(())

@@ -73,10 +73,22 @@ impl VerifyError {
 ///
 /// Only [`Verifier::verify`] builds one; normalisation and the store take
 /// nothing else, so an unverified body cannot be stored.
-#[derive(Debug)]
 pub struct Verified {
     headers: HeaderMap,
     body: Bytes,
+}
+
+impl std::fmt::Debug for Verified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Header values can be credentials (X-Gitlab-Token): names only.
+        f.debug_struct("Verified")
+            .field(
+                "headers",
+                &self.headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            )
+            .field("body_len", &self.body.len())
+            .finish()
+    }
 }
 
 impl Verified {
@@ -235,7 +247,7 @@ pub(crate) fn check_timestamp(
         .trim()
         .parse()
         .map_err(|_| VerifyError::Malformed(name))?;
-    if (now - ts).unsigned_abs() > tolerance.as_secs() {
+    if now.abs_diff(ts) > tolerance.as_secs() {
         return Err(VerifyError::Stale(name));
     }
     Ok(ts)
