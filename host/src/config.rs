@@ -395,29 +395,36 @@ impl Config {
             if src.secret.is_some() && src.secrets.is_some() {
                 return err(at("secrets"), "set either `secret` or `secrets`, not both");
             }
-            for (i, spec) in src
-                .secret_specs()
-                .iter()
-                .chain(src.signing_secrets.iter().flatten())
-                .enumerate()
-            {
-                if spec.env.is_some() && spec.file.is_some() {
-                    return err(
-                        at(&format!("secrets[{i}]")),
-                        "a secret comes from `env` or `file`, not both",
-                    );
-                }
-                if spec.env.is_none() && spec.file.is_none() && !spec.generate {
-                    return err(
-                        at(&format!("secrets[{i}]")),
-                        "expected `env = \"VAR\"`, `file = \"path\"` or `generate = true`",
-                    );
-                }
-                if spec.file.is_some() && spec.generate {
-                    return err(
-                        at(&format!("secrets[{i}]")),
-                        "`generate` goes with `env` (or alone), not with `file`",
-                    );
+            let named: Vec<(String, &SecretSpec)> = match (&src.secret, &src.secrets) {
+                (Some(one), _) => vec![("secret".to_string(), one)],
+                (None, Some(many)) => many
+                    .iter()
+                    .enumerate()
+                    .map(|(i, sp)| (format!("secrets[{i}]"), sp))
+                    .collect(),
+                (None, None) => Vec::new(),
+            }
+            .into_iter()
+            .chain(
+                src.signing_secrets
+                    .iter()
+                    .flatten()
+                    .enumerate()
+                    .map(|(i, sp)| (format!("signing_secrets[{i}]"), sp)),
+            )
+            .collect();
+            for (key, spec) in named {
+                let problem = if spec.env.is_some() && spec.file.is_some() {
+                    Some("a secret comes from `env` or `file`, not both")
+                } else if spec.env.is_none() && spec.file.is_none() && !spec.generate {
+                    Some("expected `env = \"VAR\"`, `file = \"path\"` or `generate = true`")
+                } else if spec.file.is_some() && spec.generate {
+                    Some("`generate` goes with `env` (or alone), not with `file`")
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    return err(at(&key), problem);
                 }
             }
             let has_primary = !src.secret_specs().is_empty();

@@ -284,6 +284,27 @@ async fn allow_list_and_trusted_proxy() {
         StatusCode::ACCEPTED,
         "client behind the trusted proxy is allowed: {b}"
     );
+    // The right-most untrusted hop counts, with or without a port; a spoofed
+    // left-most entry does not help a client outside the allow-list.
+    let fresh = env
+        .signer("github")
+        .sign("ping", &Bytes::from_static(br#"{"zen":"y"}"#))
+        .unwrap();
+    let with_port = crate::support::with_header(&fresh, "x-forwarded-for", Some("192.0.2.77:4711"));
+    assert_eq!(
+        gw.post_signed("github", &with_port).await.0,
+        StatusCode::ACCEPTED
+    );
+    let fresh = env
+        .signer("github")
+        .sign("ping", &Bytes::from_static(br#"{"zen":"z"}"#))
+        .unwrap();
+    let spoofed =
+        crate::support::with_header(&fresh, "x-forwarded-for", Some("192.0.2.10, 203.0.113.9"));
+    assert_eq!(
+        gw.post_signed("github", &spoofed).await.0,
+        StatusCode::FORBIDDEN
+    );
     gw.stop().await;
 }
 

@@ -59,7 +59,7 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> Ip
     for value in headers.get_all("x-forwarded-for").iter().rev() {
         let Ok(value) = value.to_str() else { break };
         for hop in value.rsplit(',') {
-            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+            let Some(ip) = parse_hop(hop.trim()) else {
                 return client;
             };
             client = ip.to_canonical();
@@ -69,4 +69,12 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> Ip
         }
     }
     client
+}
+
+/// One `X-Forwarded-For` hop: an address, or an address with a port
+/// (`203.0.113.9:4711`, `[2001:db8::1]:4711`), as some proxies write it.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
 }
