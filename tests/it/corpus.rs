@@ -9,7 +9,8 @@ use sluice::store::ListFilter;
 use sluice::store::sqlite::{SqliteStore, list_summaries};
 
 use crate::support::{
-    Env, Gateway, compact, github_payloads, gitlab_payloads, header, with_flipped_byte, with_header,
+    Env, Gateway, compact, github_payloads, gitlab_payloads, header, stored_events,
+    with_flipped_byte, with_header,
 };
 
 fn unauthorized(status: StatusCode, body: &serde_json::Value, what: &str) {
@@ -76,15 +77,7 @@ async fn github_corpus_accepted_when_signed_and_refused_otherwise() {
     gw.stop().await;
 
     // What was acknowledged is what is stored, normalised from the headers.
-    let conn = SqliteStore::open_read_only(&env.db()).unwrap();
-    let rows = list_summaries(
-        &conn,
-        &ListFilter {
-            limit: 0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let rows = stored_events(&env);
     assert_eq!(rows.len(), accepted);
     assert!(
         rows.iter()
@@ -294,15 +287,7 @@ async fn other_providers_sign_and_verify_end_to_end() {
     assert_eq!(b["reason"], "stale_timestamp");
     gw.stop().await;
 
-    let conn = SqliteStore::open_read_only(&env.db()).unwrap();
-    let rows = list_summaries(
-        &conn,
-        &ListFilter {
-            limit: 0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let rows = stored_events(&env);
     let kind_of = |src: &str| {
         rows.iter()
             .find(|r| r.source == src)

@@ -9,10 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use sluice::store::ListFilter;
-use sluice::store::sqlite::{SqliteStore, list_summaries};
+use sluice::store::sqlite::SqliteStore;
 
-use crate::support::{Env, client, compact, corpus, header, post};
+use crate::support::{Env, client, compact, corpus, header, post, stored_events};
 
 /// Starts `sluice serve` and reads the address it printed. Callers kill and wait.
 #[allow(clippy::zombie_processes)]
@@ -138,14 +137,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event() {
     // Restart on the same data; every acknowledged event is there, none doubled.
     let (mut child, base) = spawn(&env);
     let conn = SqliteStore::open_read_only(&env.db()).unwrap();
-    let rows = list_summaries(
-        &conn,
-        &ListFilter {
-            limit: 0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let rows = stored_events(&env);
     let mut by_delivery: HashMap<&str, &str> = HashMap::new();
     for r in &rows {
         assert!(
@@ -186,14 +178,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event() {
             assert!(s == StatusCode::ACCEPTED || s == StatusCode::OK, "{s}: {b}");
         }
     }
-    let rows = list_summaries(
-        &conn,
-        &ListFilter {
-            limit: 0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let rows = stored_events(&env);
     assert_eq!(
         rows.len(),
         TOTAL,

@@ -3,22 +3,11 @@
 
 use bytes::Bytes;
 use http::StatusCode;
-use sluice::store::ListFilter;
-use sluice::store::sqlite::{SqliteStore, list_summaries};
 
-use crate::support::{Env, Gateway};
+use crate::support::{Env, Gateway, stored_events};
 
 fn stored(env: &Env) -> usize {
-    let conn = SqliteStore::open_read_only(&env.db()).unwrap();
-    list_summaries(
-        &conn,
-        &ListFilter {
-            limit: 0,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .len()
+    stored_events(env).len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

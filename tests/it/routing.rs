@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -14,33 +14,10 @@ use sluice::decision::{Priority, RuleOutcome};
 use sluice::event::EventStatus;
 use sluice::rules::RuleSet;
 use sluice::rules::wasm::WasmEngine;
-use sluice::store::{EventRecord, SqliteStore, Store};
+use sluice::store::{SqliteStore, Store};
 use tokio::net::TcpListener;
 
-use crate::support::{Env, client, corpus, post};
-
-/// Polls the store until `id` has `status` (at most 20 s); returns its record.
-async fn until_status(store: &dyn Store, id: &str, status: EventStatus) -> EventRecord {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let rec = store
-            .get(id)
-            .await
-            .expect("get")
-            .unwrap_or_else(|| panic!("{id} is stored"));
-        if rec.summary.status == status {
-            return rec;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {id} to be {status:?}: {:?} after {} attempts, last error {:?}",
-            rec.summary.status,
-            rec.summary.attempts,
-            rec.last_error
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+use crate::support::{Env, client, corpus, post, until_status};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signed_deliveries_are_routed_by_the_shipped_rules() {

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::support::until_status;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
@@ -1345,25 +1346,6 @@ async fn record(store: &SqliteStore, id: &str) -> EventRecord {
         .unwrap_or_else(|| panic!("{id} is stored"))
 }
 
-/// Polls the store until `id` has `status` (at most 20 s); returns its record.
-async fn until_status(store: &SqliteStore, id: &str, status: EventStatus) -> EventRecord {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let rec = record(store, id).await;
-        if rec.summary.status == status {
-            return rec;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {id} to be {status:?}: {:?} after {} attempts, last error {:?}",
-            rec.summary.status,
-            rec.summary.attempts,
-            rec.last_error
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn decision(rec: &EventRecord) -> &Decision {
     rec.decision
         .as_ref()
@@ -1406,9 +1388,9 @@ async fn router_workers_route_stored_events_and_stop_on_shutdown() {
     let push = append_gitlab(&store, "Push Hook", "push.json").await;
     let tag = append_gitlab(&store, "Tag Push Hook", "tag_push.json").await;
     let note = append_gitlab(&store, "Note Hook", "note_issue.json").await;
-    let push = until_status(&store, &push, EventStatus::Routed).await;
-    let tag = until_status(&store, &tag, EventStatus::Routed).await;
-    let note = until_status(&store, &note, EventStatus::Routed).await;
+    let push = until_status(store.as_ref(), &push, EventStatus::Routed).await;
+    let tag = until_status(store.as_ref(), &tag, EventStatus::Routed).await;
+    let note = until_status(store.as_ref(), &note, EventStatus::Routed).await;
     assert_eq!(
         agents(decision(&push)),
         vec![("ci-validation", Priority::Medium)]
@@ -1438,7 +1420,7 @@ async fn router_workers_route_stored_events_and_stop_on_shutdown() {
         vec![route("new", Priority::Low, &[])],
     ))));
     let next = append_gitlab(&store, "Push Hook", "push.json").await;
-    let next = until_status(&store, &next, EventStatus::Routed).await;
+    let next = until_status(store.as_ref(), &next, EventStatus::Routed).await;
     assert_eq!(agents(decision(&next)), vec![("new", Priority::Low)]);
 
     stop.send(true).unwrap();
@@ -1499,7 +1481,7 @@ async fn dead_letter_policy_retries_then_dead_letters() {
     assert!(mid.decision.is_none());
 
     gate.store(true, Ordering::SeqCst);
-    let dead = until_status(&store, &id, EventStatus::Dead).await;
+    let dead = until_status(store.as_ref(), &id, EventStatus::Dead).await;
     assert_eq!(dead.summary.attempts, 3, "no attempt after the DLQ");
     let reason = dead
         .last_error
@@ -1548,7 +1530,7 @@ async fn an_event_claimed_by_a_crashed_worker_is_routed_after_its_lease() {
     let rules = Arc::new(ArcSwap::from_pointee(shipped()));
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(router::run(store.clone(), rules, options(), shutdown));
-    let rec = until_status(&store, &id, EventStatus::Routed).await;
+    let rec = until_status(store.as_ref(), &id, EventStatus::Routed).await;
     // The store keeps lease ends in whole milliseconds, so the lease may end
     // up to 1 ms before 200 ms have passed on this clock.
     assert!(
@@ -1587,7 +1569,7 @@ async fn workers_keep_routing_past_a_looping_rule() {
     }
     let mut decisions = Vec::new();
     for id in &ids {
-        let rec = until_status(&store, id, EventStatus::Routed).await;
+        let rec = until_status(store.as_ref(), id, EventStatus::Routed).await;
         decisions.push(decision(&rec).clone());
     }
     let count =

@@ -13,6 +13,9 @@ use hyper_util::rt::TokioExecutor;
 use sluice::AppState;
 use sluice::cli::send::{Signed, Signer};
 use sluice::config::Config;
+use sluice::event::EventStatus;
+use sluice::store::{EventRecord, Store};
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -301,4 +304,41 @@ pub fn gitlab_payloads() -> Vec<(String, PathBuf)> {
 pub fn compact(bytes: &[u8]) -> Bytes {
     let v: serde_json::Value = serde_json::from_slice(bytes).expect("corpus file is JSON");
     Bytes::from(serde_json::to_vec(&v).expect("serialise"))
+}
+
+/// Polls the store until `id` has `status` (at most 20 s); returns its record.
+pub async fn until_status(store: &dyn Store, id: &str, status: EventStatus) -> EventRecord {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rec = store
+            .get(id)
+            .await
+            .expect("get")
+            .unwrap_or_else(|| panic!("{id} is stored"));
+        if rec.summary.status == status {
+            return rec;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {id} to be {status:?}: {:?} after {} attempts, last error {:?}",
+            rec.summary.status,
+            rec.summary.attempts,
+            rec.last_error
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Every event in a test environment's store, newest first (read-only access).
+pub fn stored_events(env: &Env) -> Vec<sluice::store::EventSummary> {
+    let ro = sluice::store::sqlite::SqliteStore::open_read_only(&env.db())
+        .expect("store opens read-only");
+    sluice::store::sqlite::list_summaries(
+        &ro,
+        &sluice::store::ListFilter {
+            limit: 0,
+            ..Default::default()
+        },
+    )
+    .expect("list")
 }
