@@ -24,9 +24,11 @@ async fn still_serving(gw: &Gateway, env: &Env) {
 }
 
 /// Writes raw bytes and reads whatever comes back until close or `wait`.
+/// The server may answer (413, 431) and close before it has read everything,
+/// so a failed write is expected and what it answered is still read.
 async fn raw(gw: &Gateway, bytes: &[u8], wait: Duration) -> String {
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(bytes).await.unwrap();
+    let _ = s.write_all(bytes).await;
     let mut out = Vec::new();
     let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
@@ -39,11 +41,22 @@ async fn bad_bodies_get_clean_4xx() {
     let signer = env.signer("github");
 
     // Oversized, declared and chunked.
-    let big = Bytes::from(vec![b'a'; 1024 * 1024 + 1]);
-    let signed = signer.sign("issues", &big).unwrap();
-    let (s, b) = gw.post_signed("github", &signed).await;
-    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{b}");
-    assert_eq!(b["limit_bytes"], 1024 * 1024);
+    // (Over raw TCP: the server answers from Content-Length and closes without
+    // reading the body, which an HTTP client mid-upload reports as an error.)
+    let big = format!(
+        "POST /hooks/github HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nx-hub-signature-256: sha256=00\r\n\r\n{}",
+        1024 * 1024 + 1,
+        "a".repeat(64 * 1024)
+    );
+    let resp = raw(&gw, big.as_bytes(), Duration::from_secs(5)).await;
+    assert!(
+        resp.starts_with("HTTP/1.1 413"),
+        "declared oversize: {resp:.80}"
+    );
+    assert!(
+        resp.contains(r#""limit_bytes":1048576"#),
+        "names the limit: {resp}"
+    );
     let head = "POST /hooks/github HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nx-hub-signature-256: sha256=00\r\n\r\n";
     let mut req = head.as_bytes().to_vec();
     for _ in 0..20 {
