@@ -48,6 +48,7 @@ COMPONENTS=(
     "huge               hostile-huge          hostile"
     "trap               hostile-trap          hostile"
     "guest-error        hostile-guest-error   hostile"
+    "sleep              hostile-sleep         hostile"
     "ungranted          hostile-ungranted     ungranted"
     "wasi-probe         hostile-wasi-probe    wasip2"
 )

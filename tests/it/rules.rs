@@ -265,6 +265,31 @@ fn unbounded_recursion_is_a_stack_overflow_trap() {
 }
 
 #[test]
+fn a_rule_that_sleeps_traps_at_once_instead_of_holding_a_worker() {
+    // WASI's blocking calls run on the host, out of the epoch deadline's reach.
+    let rule = wasm("sleep", "[limits]\ntimeout_ms = 100");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let start = Instant::now();
+    std::thread::spawn(move || tx.send(rule.classify(&issues_opened())));
+    let r = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a sleeping rule held its thread for 10 s");
+    // The blocking trap on wasip2 builds; std's "cannot sleep" panic on the apt toolchain's.
+    assert!(
+        matches!(&r, Err(RuleFailure::Trap(m)) if m.contains("may not block") || m.contains("unreachable")),
+        "{r:?}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        start.elapsed()
+    );
+    contained(wasm("sleep", ""), |f| {
+        assert!(matches!(f, RuleFailure::Trap(_)), "{f:?}")
+    });
+}
+
+#[test]
 fn panicking_guest_is_a_trap_not_a_guest_error() {
     contained(wasm("trap", ""), |f| {
         assert!(
@@ -1550,6 +1575,53 @@ async fn an_event_claimed_by_a_crashed_worker_is_routed_after_its_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_whose_routing_never_finishes_is_dead_lettered_not_retried_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(&dir);
+    let id = append_gitlab(&store, "Issue Hook", "issue.json").await;
+    // Three workers in a row take it and die mid-route (as a host-crashing
+    // event would make them); max_attempts is 3.
+    for attempt in 1..=3 {
+        let c = store
+            .claim("crashed", 10, Duration::from_millis(30))
+            .await
+            .unwrap();
+        assert_eq!(
+            c.iter().map(|c| c.attempt).collect::<Vec<_>>(),
+            vec![attempt]
+        );
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let routed = Arc::new(AtomicU32::new(0));
+    let counter = routed.clone();
+    let watcher = Rule::native("watcher", move |_| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Ok(Verdict::Routes(vec![]))
+    });
+    let rules = Arc::new(ArcSwap::from_pointee(set(vec![watcher])));
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(router::run(store.clone(), rules, options(), shutdown));
+    let rec = until_status(store.as_ref(), &id, EventStatus::Dead).await;
+    assert!(
+        rec.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("never finished")),
+        "{rec:?}"
+    );
+    assert!(rec.decision.is_none());
+    assert_eq!(
+        routed.load(Ordering::SeqCst),
+        0,
+        "the rules did not run a fourth time"
+    );
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_keep_routing_past_a_looping_rule() {
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite(&dir);
@@ -1628,4 +1700,21 @@ fn backoff_grows_and_is_capped() {
         assert!(d <= max);
         assert!(d <= base * 2u32.pow((attempt - 1).min(20)));
     }
+}
+
+#[test]
+fn rhai_depth_limits_are_capped_so_a_manifest_cannot_overflow_the_host_stack() {
+    let mut config = RulesConfig::default();
+    config.limits.max_call_levels = 500;
+    let e = config.validate().unwrap_err();
+    assert!(
+        e.contains("rules.limits.max_call_levels") && e.contains("64"),
+        "{e}"
+    );
+    let mut config = RulesConfig::default();
+    config.limits.max_expr_depth = 10_000;
+    assert!(config.validate().unwrap_err().contains("max_expr_depth"));
+    let e = try_rule("name = \"deep\"\nscript = \"x.rhai\"\n[limits]\nmax_call_levels = 500\n")
+        .unwrap_err();
+    assert!(e.to_string().contains("max_call_levels"), "{e}");
 }

@@ -237,6 +237,11 @@ impl Limits {
         }
     }
 
+    /// Highest `max_call_levels` allowed (rhai calls recurse on the host stack).
+    pub const MAX_CALL_LEVELS: usize = 64;
+    /// Highest `max_expr_depth` allowed (rhai parses nested expressions recursively).
+    pub const MAX_EXPR_DEPTH: usize = 128;
+
     /// Checks the limits are usable, naming the offending key.
     pub fn validate(&self) -> Result<(), String> {
         if self.timeout_ms == 0 || self.timeout_ms > Self::MAX_TIMEOUT_MS {
@@ -251,16 +256,23 @@ impl Limits {
                 Self::MAX_MEMORY_MB
             ));
         }
-        for (key, v) in [
-            ("max_operations", self.max_operations as usize),
-            ("max_call_levels", self.max_call_levels),
-            ("max_string_size", self.max_string_size),
-            ("max_array_size", self.max_array_size),
-            ("max_map_size", self.max_map_size),
-            ("max_expr_depth", self.max_expr_depth),
+        // rhai recurses on the host's stack for calls and nested expressions:
+        // past these bounds a script could overflow a 2 MiB worker thread's
+        // stack and abort the process (measured: ~400 trivial call levels).
+        for (key, v, max) in [
+            ("max_operations", self.max_operations as usize, usize::MAX),
+            (
+                "max_call_levels",
+                self.max_call_levels,
+                Self::MAX_CALL_LEVELS,
+            ),
+            ("max_string_size", self.max_string_size, usize::MAX),
+            ("max_array_size", self.max_array_size, usize::MAX),
+            ("max_map_size", self.max_map_size, usize::MAX),
+            ("max_expr_depth", self.max_expr_depth, Self::MAX_EXPR_DEPTH),
         ] {
-            if v == 0 {
-                return Err(format!("{key}: must be at least 1"));
+            if v == 0 || v > max {
+                return Err(format!("{key}: must be between 1 and {max}"));
             }
         }
         Ok(())

@@ -138,6 +138,18 @@ impl Worker {
     async fn route_one(&self, claimed: Claimed) {
         let lease = claimed.lease();
         let id = lease.event_id.clone();
+        if lease.attempt > self.options.max_attempts {
+            // Earlier claims never settled: each worker that took the event died
+            // or lost its lease mid-route (a crash it may cause itself). Stop
+            // before running the rules again.
+            let reason = format!("routing never finished in {} claims", lease.attempt - 1);
+            tracing::error!(event = %id, %reason, "dead-lettering event");
+            metrics::counter!("sluice_dead_letters_total").increment(1);
+            if let Err(e) = self.store.dead_letter(&lease, &reason).await {
+                tracing::error!(event = %id, error = %e, "cannot dead-letter the event");
+            }
+            return;
+        }
         let set = self.rules.load_full();
         let ev = Arc::new(ParsedEvent::new(claimed.event));
         let decision = match tokio::task::spawn_blocking(move || set.route(&ev)).await {

@@ -128,6 +128,7 @@ impl WasmEngine {
         wasmtime_wasi::p2::add_to_linker_sync(&mut wasi_linker)
             .map_err(anyhow::Error::from)
             .context("linking WASI")?;
+        forbid_blocking(&mut wasi_linker).context("linking WASI")?;
 
         let mut hasher = std::hash::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -140,7 +141,41 @@ impl WasmEngine {
             compat,
         })
     }
+}
 
+/// The message of the trap a rule gets for blocking.
+pub const BLOCKING_TRAP: &str = "a rule may not block (wasi:io/poll): it has nothing to wait for";
+
+/// Replaces WASI's blocking calls with traps. The sync WASI bindings block on
+/// the host inside `pollable.block` and `poll`, where the epoch deadline is
+/// never checked: a granted rule could sleep for as long as it asks and hold a
+/// router worker. A rule has no I/O to wait for, so blocking is an error.
+fn forbid_blocking(linker: &mut Linker<RuleState>) -> anyhow::Result<()> {
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::p2::DynPollable;
+    linker.allow_shadowing(true);
+    let mut poll = linker
+        .instance("wasi:io/poll@0.2.12")
+        .map_err(anyhow::Error::from)?;
+    poll.func_wrap(
+        "[method]pollable.block",
+        |_, (_,): (Resource<DynPollable>,)| -> wasmtime::Result<()> {
+            Err(wasmtime::Error::msg(BLOCKING_TRAP))
+        },
+    )
+    .map_err(anyhow::Error::from)?;
+    poll.func_wrap(
+        "poll",
+        |_, (_,): (Vec<Resource<DynPollable>>,)| -> wasmtime::Result<(Vec<u32>,)> {
+            Err(wasmtime::Error::msg(BLOCKING_TRAP))
+        },
+    )
+    .map_err(anyhow::Error::from)?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+impl WasmEngine {
     /// The underlying wasmtime engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
@@ -364,6 +399,8 @@ impl WasmRule {
             limits: MemoryGuard {
                 inner: limits,
                 exceeded: false,
+                total: 0,
+                cap: self.memory_bytes,
             },
             wasi: None,
             info: self.info.clone(),
@@ -499,11 +536,17 @@ fn verdict(decision: wit_types::Decision) -> Result<Verdict, RuleFailure> {
 #[derive(Debug, Clone)]
 pub struct EventRef(Arc<ParsedEvent>);
 
-/// Records whether a memory limit stopped the guest, so the failure reads
-/// `Memory` rather than the trap the guest hit afterwards.
+/// Caps the sum of all of a store's linear memories (StoreLimits caps each
+/// memory alone, and a component may have several), and records whether a
+/// memory limit stopped the guest, so the failure reads `Memory` rather than
+/// the trap the guest hit afterwards.
 struct MemoryGuard {
     inner: StoreLimits,
     exceeded: bool,
+    /// Bytes of all linear memories together.
+    total: usize,
+    /// The rule's memory limit, for all memories together.
+    cap: usize,
 }
 
 impl ResourceLimiter for MemoryGuard {
@@ -513,9 +556,18 @@ impl ResourceLimiter for MemoryGuard {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let r = self.inner.memory_growing(current, desired, maximum);
-        if !matches!(r, Ok(true)) {
+        let total = self.total.saturating_sub(current).saturating_add(desired);
+        if total > self.cap {
             self.exceeded = true;
+            return Err(wasmtime::Error::msg(format!(
+                "linear memories would total {total} bytes, over the rule's limit of {} bytes",
+                self.cap
+            )));
+        }
+        let r = self.inner.memory_growing(current, desired, maximum);
+        match r {
+            Ok(true) => self.total = total,
+            _ => self.exceeded = true,
         }
         r
     }
