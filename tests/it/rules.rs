@@ -1262,6 +1262,22 @@ fn the_compile_cache_is_used_on_the_next_load() {
         Ok(Verdict::Routes(_))
     ));
     assert!(std::fs::metadata(&cached[0]).unwrap().len() > 1000);
+    // A torn entry with an intact wasmtime header (the code zeroed, as a crash
+    // could leave it) fails its checksum and is recompiled, not executed.
+    let mut torn = std::fs::read(&cached[0]).unwrap();
+    let mid = torn.len() / 2;
+    torn[mid..].fill(0);
+    std::fs::write(&cached[0], &torn).unwrap();
+    let rule = Rule::from_manifest(&m, &path, &text, &RulesConfig::default(), &engine).unwrap();
+    assert!(matches!(
+        rule.classify(&issues_opened()),
+        Ok(Verdict::Routes(_))
+    ));
+    assert_ne!(
+        std::fs::read(&cached[0]).unwrap(),
+        torn,
+        "the torn entry was rewritten"
+    );
 }
 
 // ---------------------------------------------------------------- CLI

@@ -229,15 +229,17 @@ impl WasmEngine {
             env!("CARGO_PKG_VERSION"),
             self.compat
         ));
-        if let Ok(cached) = std::fs::read(&path) {
+        if let Some(cached) = read_cache(&path) {
             // SAFETY: `deserialize` trusts its input to be a component this
             // engine configuration serialized. The bytes come from sluice's
             // own cache directory, from a file named by the SHA-256 of the
             // source component and the engine's compatibility hash that only
             // `write_cache` writes (whole, under a unique temporary name, then
             // renamed into place), so they are exactly as trusted as the sluice
-            // binary and its data directory. wasmtime still checks the header
-            // and rejects files from another version or configuration.
+            // binary and its data directory (created 0700). `read_cache` has
+            // checked the SHA-256 written beside them, so a torn or corrupted
+            // file is recompiled rather than run. wasmtime still checks the
+            // header and rejects files from another version or configuration.
             // The file is read into memory rather than mapped
             // (`deserialize_file`): a mapped file truncated or rewritten under
             // a running process would crash it with SIGBUS.
@@ -258,8 +260,27 @@ impl WasmEngine {
     }
 }
 
+/// A cache entry's serialized component, if its SHA-256 prefix matches.
+fn read_cache(path: &Path) -> Option<Vec<u8>> {
+    let file = std::fs::read(path).ok()?;
+    if file.len() < 32 {
+        return None;
+    }
+    let (digest, bytes) = file.split_at(32);
+    if Sha256::digest(bytes).as_slice() != digest {
+        tracing::warn!(path = %path.display(), "compile cache entry is corrupt; recompiling");
+        return None;
+    }
+    Some(bytes.to_vec())
+}
+
 fn write_cache(dir: &Path, path: &Path, component: &Component) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    use std::io::Write;
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     let bytes = component.serialize().map_err(anyhow::Error::from)?;
     // Unique per writer: two loads of the same component (two threads, two
     // processes) must never write into the same temporary file.
@@ -268,7 +289,15 @@ fn write_cache(dir: &Path, path: &Path, component: &Component) -> anyhow::Result
         std::process::id(),
         getrandom::u64()?
     ));
-    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    // The digest first, then the bytes, synced before the rename so a crash
+    // leaves either no entry or a whole one.
+    let result = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(&Sha256::digest(&bytes))?;
+            f.write_all(&bytes)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
