@@ -549,6 +549,41 @@ fn circuit_breaker_switches_a_failing_rule_off_and_lets_it_back() {
     let d = rules.route(&issues_opened());
     assert_eq!(agents(&d), vec![("ok", Priority::Low)]);
     assert_eq!(rules.breaker_state("flaky"), Some(BreakerState::Closed));
+
+    // Only one caller gets the trial: the other workers stay switched off meanwhile.
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let slow = Rule::native("slow", move |_| {
+        c.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(200));
+        Err(RuleFailure::Guest("still down".into()))
+    });
+    let one = BreakerConfig {
+        failures: 1,
+        cooldown_ms: 50,
+    };
+    let rules = Arc::new(RuleSet::new(
+        vec![slow],
+        MergeMode::Merge,
+        FailurePolicy::Skip,
+        &one,
+    ));
+    rules.route(&issues_opened());
+    std::thread::sleep(Duration::from_millis(80));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let rules = rules.clone();
+            std::thread::spawn(move || rules.route(&issues_opened()))
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "one trial call, not one per worker"
+    );
 }
 
 #[test]

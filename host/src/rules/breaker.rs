@@ -67,6 +67,30 @@ impl Breaker {
         }
     }
 
+    /// Asks to run the rule now. Like [`Breaker::state`], except that when the
+    /// cool-down is over exactly one caller gets `HalfOpen` (the trial call):
+    /// it pushes the reopening time a cool-down ahead, so the other workers see
+    /// `Open` until the trial's outcome closes or reopens the breaker.
+    pub fn admit(&self) -> BreakerState {
+        let until = self.open_until.load(Ordering::Acquire);
+        if until == 0 {
+            return BreakerState::Closed;
+        }
+        let now = now_ns();
+        if now < until {
+            return BreakerState::Open(Duration::from_nanos(until - now));
+        }
+        let next = now.saturating_add(u64::try_from(self.cooldown.as_nanos()).unwrap_or(u64::MAX));
+        match self
+            .open_until
+            .compare_exchange(until, next, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => BreakerState::HalfOpen,
+            Err(0) => BreakerState::Closed,
+            Err(other) => BreakerState::Open(Duration::from_nanos(other.saturating_sub(now))),
+        }
+    }
+
     /// Records a successful call: the breaker closes.
     pub fn success(&self) {
         self.consecutive.store(0, Ordering::Release);

@@ -509,7 +509,7 @@ impl RuleSet {
                 continue;
             }
             let start = Instant::now();
-            let result = match entry.breaker.state() {
+            let result = match entry.breaker.admit() {
                 BreakerState::Open(left) => Err(RuleFailure::Disabled(format!(
                     "{} consecutive failures; retried in {} s",
                     entry.breaker.consecutive_failures(),
