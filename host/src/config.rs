@@ -101,9 +101,10 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "127.0.0.1:3847".parse().expect("valid default address"),
             data_dir: PathBuf::from("./data"),
-            // GitHub caps payloads at 25 MB; most are far below 1 MB. 5 MiB keeps
-            // large pushes while bounding what one request can make us buffer.
-            max_body_bytes: 5 * 1024 * 1024,
+            // GitHub caps payloads at 25 MB and never retries a refused delivery:
+            // a lower cap would lose its largest pushes. Sources whose providers
+            // send small bodies can lower it with `sources.X.max_body_bytes`.
+            max_body_bytes: 25 * 1024 * 1024,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             max_connections: 2048,
