@@ -531,6 +531,21 @@ impl Config {
         Ok(())
     }
 
+    /// Loads the rule set the config names. A config that says nothing about
+    /// rules and has no `rules/` directory beside it routes with no rules (and
+    /// says so); a rules directory named in the config must exist.
+    pub fn load_rules(
+        &self,
+        engine: &crate::rules::wasm::WasmEngine,
+    ) -> Result<crate::rules::RuleSet, crate::rules::LoadError> {
+        let dir = self.rules.rules_dir(&self.base_dir);
+        if self.rules == RulesConfig::default() && !dir.exists() {
+            tracing::warn!(dir = %dir.display(), "no [rules] in {} and no rules directory: events are stored but not routed", self.origin);
+            return Ok(crate::rules::RuleSet::empty());
+        }
+        crate::rules::RuleSet::load(&self.rules, &self.base_dir, engine)
+    }
+
     /// The data directory (store, generated secrets, caches).
     pub fn data_dir(&self) -> &Path {
         &self.server.data_dir

@@ -5,7 +5,6 @@
 
 use super::ConfigArg;
 use crate::ingress::source::build_sources;
-use crate::rules::RuleSet;
 use crate::rules::wasm::WasmEngine;
 use crate::secret::{Generate, SecretOrigin};
 
@@ -41,12 +40,17 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
         }
     }
     let engine = WasmEngine::new(None)?;
-    let rules = RuleSet::load(&config.rules, &config.base_dir, &engine)?;
-    println!(
-        "rules from {} (merge = {:?})",
-        config.rules.rules_dir(&config.base_dir).display(),
-        format!("{:?}", rules.merge_mode()).to_lowercase()
-    );
+    let rules = config.load_rules(&engine)?;
+    let dir = config.rules.rules_dir(&config.base_dir);
+    if rules.rules().len() == 0 {
+        println!(
+            "rules: none in {} — events are stored but not routed",
+            dir.display()
+        );
+    } else {
+        let merge = format!("{:?}", rules.merge_mode()).to_lowercase();
+        println!("rules from {} (merge = {merge:?})", dir.display());
+    }
     for r in rules.rules() {
         println!(
             "  rule {} @{} from {}",

@@ -10,7 +10,6 @@ use super::ConfigArg;
 use crate::AppState;
 use crate::config::{Config, LogFormat};
 use crate::event::Provider;
-use crate::rules::RuleSet;
 use crate::rules::wasm::WasmEngine;
 use crate::secret::SecretOrigin;
 
@@ -62,7 +61,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .rules
             .cache_dir(&state.config.base_dir, state.config.data_dir()),
     ))?;
-    let rules = RuleSet::load(&state.config.rules, &state.config.base_dir, &engine)?;
+    let rules = state.config.load_rules(&engine)?;
     for r in rules.rules() {
         println!(
             "rule {} @{} from {}",
