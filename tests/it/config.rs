@@ -166,3 +166,23 @@ fn a_secret_pasted_into_the_config_is_not_echoed() {
         "{e}"
     );
 }
+
+#[test]
+fn rules_are_optional_unless_the_config_names_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = sluice::rules::wasm::WasmEngine::new(None).unwrap();
+    let mut c = Config::parse("", "test.toml").unwrap();
+    c.base_dir = dir.path().to_path_buf();
+    assert_eq!(
+        c.load_rules(&engine).unwrap().rules().len(),
+        0,
+        "no [rules], no rules/: no rules"
+    );
+    let mut c = Config::parse("[rules]\ndir = \"nope\"\n", "test.toml").unwrap();
+    c.base_dir = dir.path().to_path_buf();
+    let e = c.load_rules(&engine).unwrap_err().to_string();
+    assert!(
+        e.contains("nope"),
+        "a named rules directory must exist: {e}"
+    );
+}
