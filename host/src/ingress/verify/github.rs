@@ -2,7 +2,7 @@
 
 use http::HeaderMap;
 
-use super::{MacKeys, VerifyError, required};
+use super::{MacKeys, VerifyError, hex_mac, required};
 use crate::secret::Secret;
 
 const HEADER: &str = "x-hub-signature-256";
@@ -30,9 +30,7 @@ impl Github {
         let hex_sig = value
             .strip_prefix("sha256=")
             .ok_or(VerifyError::Malformed("X-Hub-Signature-256"))?;
-        let mut sig = [0u8; 32];
-        hex::decode_to_slice(hex_sig, &mut sig)
-            .map_err(|_| VerifyError::Malformed("X-Hub-Signature-256"))?;
+        let sig = hex_mac(hex_sig, "X-Hub-Signature-256")?;
         if self.keys.any_matches(&[body], &sig) {
             Ok(())
         } else {

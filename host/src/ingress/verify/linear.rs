@@ -10,7 +10,7 @@ use std::time::Duration;
 use http::HeaderMap;
 use serde::Deserialize;
 
-use super::{MacKeys, VerifyError, required};
+use super::{MacKeys, VerifyError, hex_mac, required};
 use crate::secret::Secret;
 
 /// Linear's scheme.
@@ -42,9 +42,7 @@ impl Linear {
         now: i64,
     ) -> Result<(), VerifyError> {
         let sig = required(headers, "linear-signature")?;
-        let mut raw = [0u8; 32];
-        hex::decode_to_slice(sig.trim(), &mut raw)
-            .map_err(|_| VerifyError::Malformed("Linear-Signature"))?;
+        let raw = hex_mac(sig, "Linear-Signature")?;
         if !self.keys.any_matches(&[body], &raw) {
             return Err(VerifyError::Mismatch("Linear-Signature"));
         }

@@ -228,6 +228,13 @@ pub(crate) fn header<'a>(
     }
 }
 
+/// A hex-encoded HMAC-SHA256 (upper or lower case); malformed names `header`.
+pub(crate) fn hex_mac(value: &str, header: &'static str) -> Result<[u8; 32], VerifyError> {
+    let mut mac = [0u8; 32];
+    hex::decode_to_slice(value.trim(), &mut mac).map_err(|_| VerifyError::Malformed(header))?;
+    Ok(mac)
+}
+
 /// A required header as a string.
 pub(crate) fn required<'a>(
     headers: &'a HeaderMap,

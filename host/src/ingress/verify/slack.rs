@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
-use super::{MacKeys, VerifyError, check_timestamp, required};
+use super::{MacKeys, VerifyError, check_timestamp, hex_mac, required};
 use crate::secret::Secret;
 
 /// Slack's v0 signing secret scheme.
@@ -35,9 +35,7 @@ impl Slack {
         let hex_sig = sig
             .strip_prefix("v0=")
             .ok_or(VerifyError::Malformed("X-Slack-Signature"))?;
-        let mut raw = [0u8; 32];
-        hex::decode_to_slice(hex_sig, &mut raw)
-            .map_err(|_| VerifyError::Malformed("X-Slack-Signature"))?;
+        let raw = hex_mac(hex_sig, "X-Slack-Signature")?;
         check_timestamp(ts, now, self.tolerance, "X-Slack-Request-Timestamp")?;
         if self
             .keys

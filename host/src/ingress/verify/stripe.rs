@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
-use super::{MacKeys, VerifyError, check_timestamp, required};
+use super::{MacKeys, VerifyError, check_timestamp, hex_mac, required};
 use crate::secret::Secret;
 
 const NAME: &str = "Stripe-Signature";
@@ -55,8 +55,7 @@ impl Stripe {
         let signed = [t.as_bytes(), b".", body];
         let mut ok = false;
         for s in sigs {
-            let mut sig = [0u8; 32];
-            if hex::decode_to_slice(s, &mut sig).is_ok() {
+            if let Ok(sig) = hex_mac(s, NAME) {
                 ok |= self.keys.any_matches(&signed, &sig);
             }
         }
