@@ -728,6 +728,22 @@ fn decisions_name_rule_versions_by_content_hash() {
         "same manifest and code, same version"
     );
     assert_ne!(a.version(), b.version(), "config is part of the version");
+    // The main config's default limits are part of it too.
+    let text = format!(
+        "name = \"g\"\ncomponent = {:?}\n[grants]\nwasi = true",
+        component("bench-three-fields").display().to_string()
+    );
+    let path = repo().join("inline.toml");
+    let m = Manifest::parse(&path, &text).unwrap();
+    let mut slower = RulesConfig::default();
+    slower.limits.timeout_ms += 1;
+    let v1 = Rule::from_manifest(&m, &path, &text, &RulesConfig::default(), engine()).unwrap();
+    let v2 = Rule::from_manifest(&m, &path, &text, &slower, engine()).unwrap();
+    assert_ne!(
+        v1.version(),
+        v2.version(),
+        "effective limits are part of the version"
+    );
     let d = set(vec![a]).route(&issues_opened());
     assert_eq!(d.rules[0].version, good().version());
     assert!(d.rules[0].duration_us > 0);

@@ -133,10 +133,15 @@ impl Rule {
         };
         let code_err = |message: String| LoadError::new(&code_path, Some(&manifest.name), message);
         let bytes = std::fs::read(&code_path).map_err(|e| code_err(format!("cannot read: {e}")))?;
+        // The version covers everything that decides behaviour: the manifest,
+        // the code, and the effective limits (the main config's defaults can
+        // change them without touching the manifest).
         let mut hash = Sha256::new();
         hash.update(manifest_text.as_bytes());
         hash.update([0]);
         hash.update(&bytes);
+        hash.update([0]);
+        hash.update(serde_json::to_vec(&limits).expect("limits serialise"));
         let version = hex::encode(&hash.finalize()[..8]);
         let code = match source {
             RuleSource::Component(_) => RuleCode::Wasm(Box::new(
