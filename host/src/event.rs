@@ -10,6 +10,15 @@ use std::sync::OnceLock;
 use bytes::Bytes;
 use serde::Serialize;
 
+/// Milliseconds since the Unix epoch: the one clock every timestamp sluice
+/// stores or checks is read from.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Which verification scheme (and so which normalisation) a source uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -201,10 +210,7 @@ impl Event {
             Provider::Gitlab => headers.push(("x-gitlab-event".to_owned(), kind.to_owned())),
             _ => {}
         }
-        let received_at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let received_at_ms = now_ms();
         Event {
             id: "evt_dry_run".to_owned(),
             source: source.to_owned(),

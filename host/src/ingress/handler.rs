@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::extract::{ConnectInfo, Path, Request, State};
@@ -20,7 +19,7 @@ use serde_json::json;
 use super::normalize::{NormalizeError, normalize};
 use super::shield::client_ip;
 use crate::AppState;
-use crate::event::Provider;
+use crate::event::{Provider, now_ms};
 use crate::store::Appended;
 
 /// Why a request was turned away before it became an event.
@@ -83,13 +82,6 @@ impl IntoResponse for Refusal {
         };
         (status, Json(body)).into_response()
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl Refusal {

@@ -25,13 +25,13 @@ use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
 use crate::decision::{Decision, Priority, Route, RuleFailure, RuleOutcome, RuleRecord, Verdict};
-use crate::event::{Event, ParsedEvent, Provider};
+use crate::event::{Event, ParsedEvent, Provider, now_ms};
 use crate::rules::breaker::{Breaker, BreakerState};
 use crate::rules::config::{BreakerConfig, FailurePolicy, MergeMode};
 use crate::rules::manifest::{Manifest, RuleSource, TestVector};
@@ -647,11 +647,4 @@ fn manifest_paths(config: &RulesConfig, dir: &Path) -> Result<Vec<PathBuf>, Load
     }
     paths.sort();
     Ok(paths)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

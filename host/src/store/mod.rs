@@ -162,13 +162,6 @@ pub trait Store: Send + Sync + 'static {
     /// Returns only after the write is durable.
     async fn append(&self, event: NewEvent) -> Result<Appended, StoreError>;
 
-    /// Looks up an already stored delivery (for a dedup check after a restart).
-    async fn find_delivery(
-        &self,
-        source: &str,
-        delivery_id: &str,
-    ) -> Result<Option<String>, StoreError>;
-
     /// One event with its decision.
     async fn get(&self, id: &str) -> Result<Option<EventRecord>, StoreError>;
 

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -26,7 +26,7 @@ use tokio::sync::{Notify, oneshot};
 use super::bodies::{self, BodyReader, BodyRef, BodyWriter};
 use super::{Appended, Claimed, EventRecord, EventSummary, Lease, ListFilter, Store, StoreError};
 use crate::decision::Decision;
-use crate::event::{Event, EventStatus, Provider};
+use crate::event::{Event, EventStatus, Provider, now_ms};
 use crate::ingress::NewEvent;
 
 const SCHEMA: &str = "
@@ -99,13 +99,6 @@ impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("SqliteStore")
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl SqliteStore {
@@ -563,16 +556,6 @@ impl Store for SqliteStore {
             .send(Job::Append(ev, tx))
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
-    }
-
-    async fn find_delivery(
-        &self,
-        source: &str,
-        delivery_id: &str,
-    ) -> Result<Option<String>, StoreError> {
-        let (source, delivery_id) = (source.to_string(), delivery_id.to_string());
-        self.read(move |conn, _| existing_id(conn, &source, &delivery_id))
-            .await
     }
 
     async fn get(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {

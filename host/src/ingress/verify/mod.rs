@@ -13,7 +13,7 @@ mod slack;
 mod standard;
 mod stripe;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
@@ -158,10 +158,7 @@ impl Verifier {
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    crate::event::now_ms() / 1000
 }
 
 /// A set of HMAC-SHA256 keys, keyed once at load so each request only clones.
