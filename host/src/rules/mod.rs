@@ -513,6 +513,9 @@ impl RuleSet {
                 });
                 continue;
             }
+            // The payload is parsed once per event, before the first rule that
+            // wants it starts, so no rule's deadline or duration pays for it.
+            ev.payload();
             let start = Instant::now();
             let result = match entry.breaker.admit() {
                 BreakerState::Open(left) => Err(RuleFailure::Disabled(format!(

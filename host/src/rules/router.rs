@@ -152,13 +152,7 @@ impl Worker {
         }
         let set = self.rules.load_full();
         let ev = Arc::new(ParsedEvent::new(claimed.event));
-        let decision = match tokio::task::spawn_blocking(move || {
-            // Parse once here, so no rule's deadline pays for it.
-            ev.payload();
-            set.route(&ev)
-        })
-        .await
-        {
+        let decision = match tokio::task::spawn_blocking(move || set.route(&ev)).await {
             Ok(d) => d,
             Err(e) => {
                 // `RuleSet::route` catches rule panics; reaching here is a host bug.
