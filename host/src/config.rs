@@ -311,7 +311,7 @@ impl Config {
     /// Parses TOML text; `origin` names it in errors. No env overrides, no validation.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::parse(text)
-            .map_err(|e| ConfigError::new(origin, "(syntax)", describe(text, &e)))?;
+            .map_err(|e| ConfigError::new(origin, "(syntax)", describe_toml_error(text, &e)))?;
         let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             // Someone told that secrets stay out of the config may still paste one
@@ -319,7 +319,7 @@ impl Config {
             let under_secret = SECRET_KEYS
                 .iter()
                 .any(|k| key.split('.').any(|part| part.starts_with(k)));
-            let message = describe(text, e.inner());
+            let message = describe_toml_error(text, e.inner());
             // Unknown-field messages name only keys; any other could quote the value.
             let message = if under_secret && !e.inner().message().starts_with("unknown field") {
                 SECRET_SHAPE.to_string()
@@ -570,7 +570,7 @@ const SECRET_SHAPE: &str = "expected { env = \"VAR\" }, { file = \"path\" }, { e
 
 /// The parser's message on one line with the line number, without the excerpt
 /// of the file that toml's own `Display` adds (it could hold a pasted secret).
-fn describe(text: &str, e: &toml::de::Error) -> String {
+pub(crate) fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
     match e.span() {
         Some(span) => {

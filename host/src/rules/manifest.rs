@@ -148,11 +148,12 @@ impl Manifest {
             key,
             message,
         };
-        let de = toml::Deserializer::parse(text).map_err(|e| err(None, toml_message(&e, text)))?;
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| err(None, crate::config::describe_toml_error(text, &e)))?;
         let manifest: Manifest = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let key = (key != ".").then_some(key);
-            err(key, toml_message(e.inner(), text))
+            err(key, crate::config::describe_toml_error(text, e.inner()))
         })?;
         manifest
             .validate()
@@ -233,17 +234,5 @@ impl Manifest {
             (None, Some(s)) => RuleSource::Script(manifest_dir.join(s)),
             (None, None) => unreachable!("validate() requires component or script"),
         }
-    }
-}
-
-/// The toml error message with its line number, without toml's multi-line
-/// snippet (the file name and key are added by the caller).
-fn toml_message(e: &toml::de::Error, text: &str) -> String {
-    match e.span() {
-        Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            format!("{} (line {line})", e.message().trim_end())
-        }
-        None => e.message().trim_end().to_owned(),
     }
 }
