@@ -2,8 +2,6 @@
 //! the same data — every event that got a 202 is there, none twice.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -11,32 +9,7 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 use sluice::store::sqlite::SqliteStore;
 
-use crate::support::{Env, client, compact, corpus, header, post, stored_events};
-
-/// Starts `sluice serve` and reads the address it printed. Callers kill and wait.
-#[allow(clippy::zombie_processes)]
-fn spawn(env: &Env) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--config"])
-        .arg(&env.config_path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn sluice");
-    let out = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(out).lines();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(Instant::now() < deadline, "sluice did not start");
-        let line = lines.next().expect("sluice printed its address").unwrap();
-        if let Some(addr) = line.strip_prefix("sluice listening on ") {
-            // Keep draining stdout so the child never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
-            return (child, addr.to_string());
-        }
-    }
-}
+use crate::support::{Env, ServeChild, client, compact, corpus, header, post, stored_events};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_no_acknowledged_event() {
@@ -68,7 +41,8 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event() {
         .map(|r| (header(r, "x-github-delivery"), r.body.clone()))
         .collect();
 
-    let (mut child, base) = spawn(&env);
+    let mut server = ServeChild::spawn(&env.config_path);
+    let base = server.base.clone();
     let url = format!("{base}/hooks/github");
     let next = Arc::new(AtomicUsize::new(0));
     let acked = Arc::new(AtomicUsize::new(0));
@@ -121,8 +95,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    child.kill().expect("SIGKILL");
-    child.wait().unwrap();
+    server.kill();
     let mut acknowledged: HashMap<String, String> = HashMap::new();
     for t in tasks {
         acknowledged.extend(t.await.unwrap());
@@ -135,7 +108,8 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event() {
     assert!(acknowledged.len() < TOTAL, "the kill must land mid-stream");
 
     // Restart on the same data; every acknowledged event is there, none doubled.
-    let (mut child, base) = spawn(&env);
+    let server = ServeChild::spawn(&env.config_path);
+    let base = server.base.clone();
     let conn = SqliteStore::open_read_only(&env.db()).unwrap();
     let rows = stored_events(&env);
     let mut by_delivery: HashMap<&str, &str> = HashMap::new();
@@ -184,6 +158,5 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event() {
         TOTAL,
         "after the retry, each delivery is stored exactly once"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(server);
 }

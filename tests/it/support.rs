@@ -1,8 +1,10 @@
 //! Shared test harness: temp configs with file secrets, an in-process gateway
 //! on port 0, a small HTTP client and corpus readers.
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, StatusCode};
@@ -341,4 +343,75 @@ pub fn stored_events(env: &Env) -> Vec<sluice::store::EventSummary> {
         },
     )
     .expect("list")
+}
+
+/// A `sluice serve` child process that is killed and reaped when dropped, so a
+/// failed assertion never leaves a server running after the test.
+pub struct ServeChild {
+    child: Child,
+    /// `http://127.0.0.1:PORT`, as the server printed it.
+    pub base: String,
+}
+
+impl ServeChild {
+    /// Starts `sluice serve --config PATH` and waits (at most 60 s) for the
+    /// address it prints. `RUST_LOG` is `warn`; stderr goes to the test's.
+    pub fn spawn(config: &Path) -> ServeChild {
+        ServeChild::spawn_with(config, &[])
+    }
+
+    /// As [`ServeChild::spawn`], with extra environment variables.
+    #[allow(clippy::zombie_processes)] // reaped in Drop
+    pub fn spawn_with(config: &Path, env: &[(&str, &str)]) -> ServeChild {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.args(["serve", "--config"])
+            .arg(config)
+            .env_remove("SLUICE_CONFIG")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn sluice");
+        let out = child.stdout.take().expect("piped stdout");
+        // From here on the guard owns the process: a panic below still kills it.
+        let mut guard = ServeChild {
+            child,
+            base: String::new(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            // Keep draining stdout so the child never blocks on a full pipe.
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if !sent && let Some(addr) = line.strip_prefix("sluice listening on ") {
+                    let _ = tx.send(addr.to_string());
+                    sent = true;
+                }
+            }
+        });
+        guard.base = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("sluice serve printed its address within 60 s");
+        guard
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILLs the server and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServeChild {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
