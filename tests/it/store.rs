@@ -63,6 +63,22 @@ async fn claim(store: &dyn Store, worker: &str) -> Vec<Claimed> {
         .unwrap()
 }
 
+/// Claims for `worker` until something is claimable (at most 20 s).
+async fn claim_when_ready(store: &dyn Store, worker: &str) -> Vec<Claimed> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = claim(store, worker).await;
+        if !got.is_empty() {
+            return got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing became claimable within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The behaviour every store backend must have.
 pub async fn conformance(store: Arc<dyn Store>) {
     // Append and dedup by (source, delivery id).
@@ -157,14 +173,19 @@ pub async fn conformance(store: Arc<dyn Store>) {
     assert_eq!(rec.summary.status, EventStatus::Routed);
     assert_eq!(rec.decision, Some(decision()));
 
-    // Retry later: not claimable until the delay passes.
+    // Retry later: not claimable until the delay passes. The delay is wide, so
+    // the check right after cannot outlive it on a loaded machine.
+    let retried_at = std::time::Instant::now();
     store
-        .retry_later(&second[0].lease(), Duration::from_millis(300), "agent down")
+        .retry_later(&second[0].lease(), Duration::from_secs(2), "agent down")
         .await
         .unwrap();
     assert!(claim(store.as_ref(), "w1").await.is_empty());
-    tokio::time::sleep(Duration::from_millis(350)).await;
-    let again = claim(store.as_ref(), "w1").await;
+    let again = claim_when_ready(store.as_ref(), "w1").await;
+    assert!(
+        retried_at.elapsed() >= Duration::from_millis(1_999),
+        "claimable before its delay"
+    );
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].attempt, 2);
     assert_eq!(
@@ -197,14 +218,20 @@ pub async fn conformance(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(dead.len(), 1);
     store.requeue(&id2).await.unwrap();
-    assert_eq!(claim(store.as_ref(), "w1").await.len(), 1);
+    let replayed = claim(store.as_ref(), "w1").await;
+    assert_eq!(
+        replayed.iter().map(|c| c.attempt).collect::<Vec<_>>(),
+        vec![1],
+        "a replay starts a fresh attempt count"
+    );
 
     // A crashed worker's lease expires and the event is claimed again.
     let Appended::Stored(id3) = store.append(event("s1", "d3", "k1")).await.unwrap() else {
         panic!()
     };
+    let crashed_at = std::time::Instant::now();
     let crashed = store
-        .claim("crashy", 10, Duration::from_millis(200))
+        .claim("crashy", 10, Duration::from_secs(2))
         .await
         .unwrap();
     assert_eq!(
@@ -215,8 +242,11 @@ pub async fn conformance(store: Arc<dyn Store>) {
         vec![id3.as_str()]
     );
     assert!(claim(store.as_ref(), "w1").await.is_empty());
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    let c = claim(store.as_ref(), "w1").await;
+    let c = claim_when_ready(store.as_ref(), "w1").await;
+    assert!(
+        crashed_at.elapsed() >= Duration::from_millis(1_999),
+        "claimable before the lease expired"
+    );
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].event.id, id3);
     assert_eq!(c[0].attempt, 2);
@@ -295,4 +325,42 @@ async fn sqlite_group_commit_takes_concurrent_appends() {
     }
     assert_eq!(stored, 250);
     assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 250);
+}
+
+/// Waiting workers are woken by new work, not by each other's empty claims
+/// (which kept an idle gateway's workers and writer waking each other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_workers_wake_for_new_work_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("s.db"), 64).unwrap());
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move { store.wait_for_work(Duration::from_secs(60)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..5 {
+        assert!(claim(store.as_ref(), "w").await.is_empty());
+        store.ready().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !waiter.is_finished(),
+        "empty claims and no-op writes woke a waiting worker"
+    );
+    // New work wakes it (appended until it does: it may have started waiting late).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    while !waiter.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "new events did not wake the waiting worker"
+        );
+        n += 1;
+        store
+            .append(event("s", &format!("wake-{n}"), "k"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    store.close();
 }

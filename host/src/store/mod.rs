@@ -190,7 +190,8 @@ pub trait Store: Send + Sync + 'static {
     /// Moves an event to the dead-letter queue with a reason.
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), StoreError>;
 
-    /// Makes a stored event routable again (operator replay).
+    /// Makes a stored event routable again (operator replay), with a fresh
+    /// attempt count: a replay is a new start, not one more retry.
     async fn requeue(&self, id: &str) -> Result<(), StoreError>;
 
     /// Number of events waiting to be routed (pending or with an expired lease).

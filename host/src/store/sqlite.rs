@@ -281,13 +281,21 @@ fn writer_loop(
         let commit = txn
             .commit()
             .map_err(|e| StoreError::Backend(format!("commit failed: {e}")));
+        // Wake the workers only for new work: a wake-up after every write
+        // (their own empty claims included) kept an idle gateway busy.
+        let new_work = commit.is_ok()
+            && appended
+                .iter()
+                .any(|(_, r)| matches!(r, Ok(Appended::Stored(_))));
         for (reply, result) in appended {
             let _ = reply.send(commit.clone().and(result));
         }
         for reply in replies {
             reply(commit.clone());
         }
-        work.notify_waiters();
+        if new_work {
+            work.notify_waiters();
+        }
     }
 }
 
@@ -685,16 +693,20 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             let n = conn
                 .prepare_cached(
-                    "UPDATE events SET status = 'pending', claimed_by = NULL, available_at_ms = 0 WHERE id = ?1",
+                    "UPDATE events SET status = 'pending', claimed_by = NULL, available_at_ms = 0, \
+                     attempts = 0 WHERE id = ?1",
                 )?
                 .execute([&id])?;
             if n == 0 {
                 return Err(StoreError::NotFound(id));
             }
-            conn.prepare_cached("DELETE FROM dead_letters WHERE event_id = ?1")?.execute([&id])?;
+            conn.prepare_cached("DELETE FROM dead_letters WHERE event_id = ?1")?
+                .execute([&id])?;
             Ok(())
         })
-        .await
+        .await?;
+        self.work.notify_waiters();
+        Ok(())
     }
 
     async fn queue_depth(&self) -> Result<u64, StoreError> {
