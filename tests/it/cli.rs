@@ -1,11 +1,10 @@
 //! The binary as a user runs it: `check` on good and broken configs, and
 //! `send` → `events ls` / `events show` against a running `serve`.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{Env, corpus};
+use crate::support::{Env, ServeChild, corpus};
 
 fn sluice(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -43,21 +42,8 @@ fn check_reports_ok_and_broken_configs_by_file_and_key() {
 fn send_then_events_ls_and_show() {
     let env = Env::new("");
     let path = env.config_path.to_str().unwrap().to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--config", &path])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let base = loop {
-        assert!(Instant::now() < deadline);
-        let line = lines.next().unwrap().unwrap();
-        if let Some(a) = line.strip_prefix("sluice listening on ") {
-            break a.to_string();
-        }
-    };
+    let server = ServeChild::spawn(&env.config_path);
+    let base = server.base.clone();
     let payload = corpus().join("github/issues/opened.payload.json");
     let url = format!("{base}/hooks/github");
     let sent = sluice(&[
@@ -128,6 +114,50 @@ fn send_then_events_ls_and_show() {
     assert!(String::from_utf8_lossy(&text.stdout).contains("x-github-event: issues"));
     let missing = sluice(&["events", "show", "--config", &path, "evt_nope"]);
     assert!(!missing.status.success());
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(server);
+}
+
+/// A server a test started goes away with the test, even when the test fails
+/// half-way: the guard kills and reaps it on drop (also while unwinding).
+#[test]
+fn a_started_server_is_killed_when_its_test_fails() {
+    let env = Env::new("");
+    let pid = std::sync::Mutex::new(0u32);
+    let failed = std::panic::catch_unwind(|| {
+        let server = ServeChild::spawn(&env.config_path);
+        *pid.lock().unwrap() = server.pid();
+        panic!("an assertion fails while the server runs");
+    });
+    assert!(failed.is_err());
+    let pid = *pid.lock().unwrap();
+    assert_ne!(pid, 0, "the server started");
+    // Reaped, not a zombie: the process entry is gone.
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "sluice serve (pid {pid}) outlived the failed test"
+    );
+}
+
+/// The README's test command (what CI runs) also runs the guest crates' own
+/// tests: the SDK and the routing tables are tested natively, not only as
+/// components.
+#[test]
+fn the_test_command_runs_the_guest_crates_tests() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = std::fs::read_to_string(repo.join("scripts/test")).unwrap();
+    let runs_guest_tests = script.lines().any(|l| {
+        let mut words = l.split_whitespace();
+        words.next() == Some("plugins/build.sh") && words.any(|w| w == "--test")
+    });
+    assert!(runs_guest_tests, "scripts/test:\n{script}");
+    let ci = std::fs::read_to_string(repo.join(".ci/run")).unwrap();
+    assert!(
+        ci.lines().any(|l| l.trim() == "scripts/test"),
+        ".ci/run calls the README's test command:\n{ci}"
+    );
+    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
+    assert!(
+        readme.contains("```sh\nscripts/test\n```"),
+        "README names it"
+    );
 }

@@ -9,6 +9,8 @@ mod corpus;
 mod crash;
 mod dedup;
 mod fuzz;
+mod idle;
+mod metrics;
 mod routing;
 mod rules;
 mod store;
