@@ -51,6 +51,8 @@ pub struct Env {
 
 impl Env {
     /// A config with every provider and `extra` TOML appended to `[server]`-level text.
+    /// Timeouts are generous (10 s), so a loaded machine never trips them;
+    /// a test of a timeout sets its own with [`Env::edit`].
     pub fn new(extra: &str) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         // An empty rules directory: `serve` routes every event to nowhere.
@@ -63,8 +65,8 @@ impl Env {
 [server]
 listen = "127.0.0.1:0"
 data_dir = "{data}"
-header_timeout = "1s"
-body_timeout = "1s"
+header_timeout = "10s"
+body_timeout = "10s"
 max_body_bytes = 1048576
 
 [shield]
@@ -121,6 +123,13 @@ kind_header = "X-Event"
         let config_path = dir.path().join("sluice.toml");
         std::fs::write(&config_path, text).expect("write config");
         Env { dir, config_path }
+    }
+
+    /// Replaces `from` with `to` in the config file (`from` must be there).
+    pub fn edit(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.config_path).expect("read config");
+        assert!(text.contains(from), "the test config has no {from:?}");
+        std::fs::write(&self.config_path, text.replacen(from, to, 1)).expect("write config");
     }
 
     /// The loaded config.
