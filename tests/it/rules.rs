@@ -92,7 +92,7 @@ fn gitlab_edited(
     event(Provider::Gitlab, kind, serde_json::to_vec(&v).unwrap())
 }
 
-fn issues_opened() -> Arc<ParsedEvent> {
+pub(crate) fn issues_opened() -> Arc<ParsedEvent> {
     github("issues", "issues/opened.payload.json")
 }
 
@@ -117,7 +117,7 @@ fn rule(text: &str) -> Rule {
 /// A fixture component rule. WASI is granted (with the host's empty context)
 /// because rustup-built guests import it through Rust's std; the grant tests
 /// below check what happens without it.
-fn wasm(name: &str, extra: &str) -> Rule {
+pub(crate) fn wasm(name: &str, extra: &str) -> Rule {
     rule(&format!(
         "name = \"{name}\"\ncomponent = {:?}\n[grants]\nwasi = true\n{extra}",
         component(name).display().to_string()
@@ -125,7 +125,7 @@ fn wasm(name: &str, extra: &str) -> Rule {
 }
 
 /// A rhai rule from inline script text.
-fn rhai(name: &str, script: &str, extra: &str) -> Result<Rule, LoadError> {
+pub(crate) fn rhai(name: &str, script: &str, extra: &str) -> Result<Rule, LoadError> {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("rhai-rules");
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join(format!("{name}.rhai"));
@@ -141,7 +141,7 @@ fn good() -> Rule {
     wasm("bench-three-fields", "")
 }
 
-fn set(rules: Vec<Rule>) -> RuleSet {
+pub(crate) fn set(rules: Vec<Rule>) -> RuleSet {
     RuleSet::new(
         rules,
         MergeMode::Merge,
@@ -150,7 +150,7 @@ fn set(rules: Vec<Rule>) -> RuleSet {
     )
 }
 
-fn agents(d: &Decision) -> Vec<(&str, Priority)> {
+pub(crate) fn agents(d: &Decision) -> Vec<(&str, Priority)> {
     d.routes
         .iter()
         .map(|r| (r.agent.as_str(), r.priority))
@@ -971,8 +971,23 @@ fn shipped_gitlab_rules_route_the_corpus() {
             vec![("issue-triage", Priority::Medium)],
         ),
         (
+            gitlab("Confidential Issue Hook", "issue.json"),
+            vec![("issue-triage", Priority::Medium)],
+        ),
+        (
             gitlab("Note Hook", "note_issue.json"),
             vec![("comment-handler", Priority::Medium)],
+        ),
+        (
+            gitlab("Confidential Note Hook", "note_issue.json"),
+            vec![("comment-handler", Priority::Medium)],
+        ),
+        // The agents' own accounts (the manifest's `agent_accounts`).
+        (
+            gitlab_edited("Note Hook", "note_issue.json", |v| {
+                v["user"]["username"] = "sluice-agent".into()
+            }),
+            vec![],
         ),
         (
             gitlab("Note Hook", "note_merge_request.json"),
@@ -1032,7 +1047,12 @@ fn shipped_github_router_routes_the_corpus() {
         (
             "issues",
             "issues/opened.payload.json",
-            vec![("issue-triage", Priority::Medium)],
+            vec![("issue-triage", Priority::High)],
+        ),
+        (
+            "issues",
+            "issues/assigned.payload.json",
+            vec![("issue-triage", Priority::High)],
         ),
         (
             "pull_request",
@@ -1047,8 +1067,14 @@ fn shipped_github_router_routes_the_corpus() {
         (
             "pull_request",
             "pull_request/opened.payload.json",
-            vec![("review-agent", Priority::Medium)],
+            vec![("review-agent", Priority::High)],
         ),
+        (
+            "push",
+            "push/with-new-branch.payload.json",
+            vec![("deployment", Priority::Medium)],
+        ),
+        ("push", "push/payload.json", vec![]),
         ("pull_request", "pull_request/labeled.payload.json", vec![]),
         (
             "workflow_run",
@@ -1081,6 +1107,35 @@ fn shipped_github_router_routes_the_corpus() {
         serde_json::to_vec(&v).unwrap(),
     ));
     assert_eq!(agents(&d), vec![("coordinator", Priority::Critical)]);
+}
+
+/// The Rust guest SDK clamps answers to its copy of the host's output limits
+/// (`plugins/sdk-rust/src/limits.rs`): each side keeps one definition, and
+/// this keeps the two equal.
+#[test]
+fn the_sdk_limits_are_the_hosts() {
+    use sluice::rules::output;
+    let path = repo().join("plugins/sdk-rust/src/limits.rs");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let sdk: std::collections::BTreeMap<&str, usize> = text
+        .lines()
+        .filter_map(|l| {
+            let (name, value) = l.strip_prefix("pub const ")?.split_once(": usize = ")?;
+            Some((
+                name,
+                value.trim_end_matches(';').replace('_', "").parse().ok()?,
+            ))
+        })
+        .collect();
+    let host = std::collections::BTreeMap::from([
+        ("MAX_ROUTES", output::MAX_ROUTES),
+        ("MAX_NAME", output::MAX_NAME),
+        ("MAX_REASON", output::MAX_REASON),
+        ("MAX_LABELS", output::MAX_LABELS),
+        ("MAX_LABEL", output::MAX_LABEL),
+        ("MAX_ERROR", output::MAX_ERROR),
+    ]);
+    assert_eq!(sdk, host, "{} and host/src/rules/output.rs", path.display());
 }
 
 #[test]
