@@ -10,6 +10,7 @@ mod crash;
 mod dedup;
 mod fuzz;
 mod routing;
+mod rule_logs;
 mod rules;
 mod store;
 mod support;

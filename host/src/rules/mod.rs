@@ -11,6 +11,7 @@
 
 pub mod breaker;
 pub mod config;
+pub mod log;
 pub mod manifest;
 pub mod output;
 pub mod rhai;
