@@ -1162,6 +1162,56 @@ fn manifest_err(text: &str) -> String {
         .to_string()
 }
 
+/// A vector's `set` edits a real payload by JSON pointer; a bad pointer is
+/// refused naming the vector and the pointer.
+#[test]
+fn test_vector_edits_reach_the_rule_and_bad_ones_name_the_pointer() {
+    let e = manifest_err(
+        "name = \"x\"\nscript = \"x.rhai\"\nproviders = [\"github\"]\n[[test]]\n\
+         event = \"e.json\"\nkind = \"issues\"\nset = { \"issue\" = 1 }",
+    );
+    assert!(
+        e.starts_with("rules/x.toml: test[0].set: ") && e.contains("\"issue\""),
+        "{e}"
+    );
+    let vector = |set: &str, agent: &str| {
+        format!(
+            "providers = [\"github\"]\n[[test]]\nevent = \"rules/tests/github-issues-opened.json\"\n\
+             kind = \"issues\"\nset = {{ {set} }}\nexpect = [{{ agent = \"{agent}\", labels = [\"n:7\"] }}]"
+        )
+    };
+    let script = "fn classify(event) { [#{ agent: event.get(\"/issue/title\"), \
+                  labels: [`n:${event.get(\"/issue/number\")}`] }] }";
+    rhai(
+        "setter",
+        script,
+        &vector(
+            "\"/issue/title\" = \"edited\", \"/issue/number\" = 7",
+            "edited",
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // Unedited, the real payload (issue #1) does not carry the label.
+    let e = rhai(
+        "setter",
+        script,
+        &vector("\"/issue/title\" = \"edited\"", "edited"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("expected routes [edited with labels [\"n:7\"]]"),
+        "{e}"
+    );
+    let e = rhai("setter", script, &vector("\"/nope/deeper\" = 1", "x"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("test[0]: set \"/nope/deeper\": the payload has no parent for it"),
+        "{e}"
+    );
+}
+
 #[test]
 fn manifest_errors_name_the_file_and_key() {
     let base = "name = \"x\"\nscript = \"x.rhai\"\n";
