@@ -174,7 +174,8 @@ fn rhai_print_and_debug_are_capped_per_call_and_per_rule() {
                 [#{{ agent: \"printer\" }}]
             }}"
         ),
-        "",
+        // A generous deadline: this is about logging, not about time.
+        "[limits]\ntimeout_ms = 5000",
     )
     .unwrap();
     check_capped(rule, per_call, "flood", "printer");
@@ -182,6 +183,10 @@ fn rhai_print_and_debug_are_capped_per_call_and_per_rule() {
 
 #[test]
 fn component_log_lines_are_capped_per_call_and_per_rule() {
-    let rule = wasm("logflood", "[config]\nlines = \"300\"");
+    // A generous deadline: this is about logging, not about time.
+    let rule = wasm(
+        "logflood",
+        "[config]\nlines = \"300\"\n[limits]\ntimeout_ms = 5000",
+    );
     check_capped(rule, 300, "flood line", "logflood");
 }

@@ -1,6 +1,6 @@
 //! Hostile fixture `logflood`: writes `lines` log lines per call (config,
-//! default 1,000), each with a 2 KiB message and 20 fields of 2 KiB, then routes the
-//! event to agent `logflood` as if nothing happened.
+//! default 1,000), each with a 2 KiB message and 20 fields of 300 bytes, then
+//! routes the event to agent `logflood` as if nothing happened.
 //!
 //! Proves the host bounds what a rule's logging costs it: lines past the
 //! per-call cap and past the rule's rate are dropped and counted, the host's
@@ -16,7 +16,7 @@ impl Rule for LogFlood {
         let lines: u32 = config::get_or("lines", "1000").parse().unwrap_or(1000);
         let filler = "x".repeat(2048);
         let fields: Vec<(String, String)> = (0..20)
-            .map(|i| (format!("field{i}"), filler.clone()))
+            .map(|i| (format!("field{i}"), filler[..300].to_owned()))
             .collect();
         let fields: Vec<(&str, &str)> = fields
             .iter()
