@@ -49,6 +49,7 @@ COMPONENTS=(
     "trap               hostile-trap          hostile"
     "guest-error        hostile-guest-error   hostile"
     "sleep              hostile-sleep         hostile"
+    "logflood           hostile-logflood      hostile"
     "ungranted          hostile-ungranted     ungranted"
     "wasi-probe         hostile-wasi-probe    wasip2"
 )

@@ -12,6 +12,7 @@ mod fuzz;
 mod idle;
 mod metrics;
 mod routing;
+mod rule_logs;
 mod rules;
 mod store;
 mod support;

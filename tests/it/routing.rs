@@ -13,6 +13,8 @@ use sluice::AppState;
 use sluice::decision::{Priority, RuleOutcome};
 use sluice::event::EventStatus;
 use sluice::rules::RuleSet;
+use sluice::rules::breaker::BreakerState;
+use sluice::rules::output;
 use sluice::rules::wasm::WasmEngine;
 use sluice::store::{SqliteStore, Store};
 use tokio::net::TcpListener;
@@ -58,7 +60,7 @@ async fn signed_deliveries_are_routed_by_the_shipped_rules() {
             "issues",
             "github/issues/opened.payload.json",
             "github-router",
-            vec![("issue-triage", Priority::Medium)],
+            vec![("issue-triage", Priority::High)],
         ),
         (
             "github",
@@ -157,4 +159,92 @@ async fn signed_deliveries_are_routed_by_the_shipped_rules() {
         assert_eq!(rec.summary.status, EventStatus::Routed);
         assert_eq!(rec.decision.as_ref(), Some(d));
     }
+}
+
+/// `/agent` and 300 characters, several times, through `serve` and the shipped
+/// component: each event keeps its coordinator route (the SDK clamps the
+/// labels and reason to the host's limits instead of the host failing the
+/// whole answer), and the rule's breaker never opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_agent_commands_keep_their_routes_and_the_breaker_closed() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let env = Env::new(&format!(
+        "\n[rules]\ndir = {:?}\ncache_dir = \"cache\"\n",
+        shipped.display().to_string()
+    ));
+    let config = env.config();
+    let cache = config.rules.cache_dir(&config.base_dir, config.data_dir());
+    let engine = WasmEngine::new(Some(cache)).expect("wasm engine");
+    let set =
+        RuleSet::load(&config.rules, &config.base_dir, &engine).unwrap_or_else(|e| panic!("{e}"));
+    let threshold = config.rules.breaker.failures as usize;
+    let rules = Arc::new(ArcSwap::from_pointee(set));
+
+    let listener = TcpListener::bind(config.server.listen).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (state, _) = AppState::build(config).expect("state builds");
+    let store = state.store.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(sluice::serve(state, rules.clone(), listener, async move {
+        let _ = stopped.await;
+    }));
+
+    let mut payload: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(corpus().join("github/issue_comment/created.payload.json")).unwrap(),
+    )
+    .unwrap();
+    let http = client();
+    let signer = env.signer("github");
+    let mut ids = Vec::new();
+    // Twice the breaker's threshold, so an answer the host refused would open it.
+    for i in 0..2 * threshold {
+        payload["comment"]["body"] = match i % 2 {
+            0 => format!("/agent fix {i} {}", "x".repeat(300)),
+            _ => format!("/agent {} {i}", "é".repeat(300)),
+        }
+        .into();
+        let body = Bytes::from(serde_json::to_vec(&payload).unwrap());
+        let signed = signer.sign("issue_comment", &body).expect("sign");
+        let (status, resp) = post(
+            &http,
+            &format!("http://{addr}/hooks/github"),
+            &signed.headers,
+            signed.body.clone(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{resp}");
+        ids.push(resp["id"].as_str().expect("an id").to_string());
+    }
+    for id in &ids {
+        let rec = until_status(&*store, id, EventStatus::Routed).await;
+        let d = rec.decision.expect("a routed event has a decision");
+        let rule = d.rules.iter().find(|r| r.rule == "github-router").unwrap();
+        assert!(
+            matches!(rule.outcome, RuleOutcome::Verdict(_)),
+            "{id}: {:?}",
+            rule.outcome
+        );
+        let routes: Vec<_> = d
+            .routes
+            .iter()
+            .map(|r| (r.agent.as_str(), r.priority))
+            .collect();
+        assert_eq!(routes, vec![("coordinator", Priority::Critical)], "{id}");
+        let route = &d.routes[0];
+        assert!(route.labels.iter().any(|l| l.starts_with("command:")));
+        for l in &route.labels {
+            assert!(l.len() <= output::MAX_LABEL, "{} bytes: {l}", l.len());
+        }
+    }
+    assert_eq!(
+        rules.load().breaker_state("github-router"),
+        Some(BreakerState::Closed)
+    );
+
+    stop.send(()).expect("server running");
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("serve returns after shutdown")
+        .expect("join")
+        .expect("serve ran cleanly");
 }

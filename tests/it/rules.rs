@@ -92,7 +92,7 @@ fn gitlab_edited(
     event(Provider::Gitlab, kind, serde_json::to_vec(&v).unwrap())
 }
 
-fn issues_opened() -> Arc<ParsedEvent> {
+pub(crate) fn issues_opened() -> Arc<ParsedEvent> {
     github("issues", "issues/opened.payload.json")
 }
 
@@ -117,7 +117,7 @@ fn rule(text: &str) -> Rule {
 /// A fixture component rule. WASI is granted (with the host's empty context)
 /// because rustup-built guests import it through Rust's std; the grant tests
 /// below check what happens without it.
-fn wasm(name: &str, extra: &str) -> Rule {
+pub(crate) fn wasm(name: &str, extra: &str) -> Rule {
     rule(&format!(
         "name = \"{name}\"\ncomponent = {:?}\n[grants]\nwasi = true\n{extra}",
         component(name).display().to_string()
@@ -125,7 +125,7 @@ fn wasm(name: &str, extra: &str) -> Rule {
 }
 
 /// A rhai rule from inline script text.
-fn rhai(name: &str, script: &str, extra: &str) -> Result<Rule, LoadError> {
+pub(crate) fn rhai(name: &str, script: &str, extra: &str) -> Result<Rule, LoadError> {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("rhai-rules");
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join(format!("{name}.rhai"));
@@ -141,7 +141,7 @@ fn good() -> Rule {
     wasm("bench-three-fields", "")
 }
 
-fn set(rules: Vec<Rule>) -> RuleSet {
+pub(crate) fn set(rules: Vec<Rule>) -> RuleSet {
     RuleSet::new(
         rules,
         MergeMode::Merge,
@@ -150,7 +150,7 @@ fn set(rules: Vec<Rule>) -> RuleSet {
     )
 }
 
-fn agents(d: &Decision) -> Vec<(&str, Priority)> {
+pub(crate) fn agents(d: &Decision) -> Vec<(&str, Priority)> {
     d.routes
         .iter()
         .map(|r| (r.agent.as_str(), r.priority))
@@ -974,8 +974,23 @@ fn shipped_gitlab_rules_route_the_corpus() {
             vec![("issue-triage", Priority::Medium)],
         ),
         (
+            gitlab("Confidential Issue Hook", "issue.json"),
+            vec![("issue-triage", Priority::Medium)],
+        ),
+        (
             gitlab("Note Hook", "note_issue.json"),
             vec![("comment-handler", Priority::Medium)],
+        ),
+        (
+            gitlab("Confidential Note Hook", "note_issue.json"),
+            vec![("comment-handler", Priority::Medium)],
+        ),
+        // The agents' own accounts (the manifest's `agent_accounts`).
+        (
+            gitlab_edited("Note Hook", "note_issue.json", |v| {
+                v["user"]["username"] = "sluice-agent".into()
+            }),
+            vec![],
         ),
         (
             gitlab("Note Hook", "note_merge_request.json"),
@@ -1035,7 +1050,12 @@ fn shipped_github_router_routes_the_corpus() {
         (
             "issues",
             "issues/opened.payload.json",
-            vec![("issue-triage", Priority::Medium)],
+            vec![("issue-triage", Priority::High)],
+        ),
+        (
+            "issues",
+            "issues/assigned.payload.json",
+            vec![("issue-triage", Priority::High)],
         ),
         (
             "pull_request",
@@ -1050,8 +1070,14 @@ fn shipped_github_router_routes_the_corpus() {
         (
             "pull_request",
             "pull_request/opened.payload.json",
-            vec![("review-agent", Priority::Medium)],
+            vec![("review-agent", Priority::High)],
         ),
+        (
+            "push",
+            "push/with-new-branch.payload.json",
+            vec![("deployment", Priority::Medium)],
+        ),
+        ("push", "push/payload.json", vec![]),
         ("pull_request", "pull_request/labeled.payload.json", vec![]),
         (
             "workflow_run",
@@ -1086,6 +1112,35 @@ fn shipped_github_router_routes_the_corpus() {
     assert_eq!(agents(&d), vec![("coordinator", Priority::Critical)]);
 }
 
+/// The Rust guest SDK clamps answers to its copy of the host's output limits
+/// (`plugins/sdk-rust/src/limits.rs`): each side keeps one definition, and
+/// this keeps the two equal.
+#[test]
+fn the_sdk_limits_are_the_hosts() {
+    use sluice::rules::output;
+    let path = repo().join("plugins/sdk-rust/src/limits.rs");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let sdk: std::collections::BTreeMap<&str, usize> = text
+        .lines()
+        .filter_map(|l| {
+            let (name, value) = l.strip_prefix("pub const ")?.split_once(": usize = ")?;
+            Some((
+                name,
+                value.trim_end_matches(';').replace('_', "").parse().ok()?,
+            ))
+        })
+        .collect();
+    let host = std::collections::BTreeMap::from([
+        ("MAX_ROUTES", output::MAX_ROUTES),
+        ("MAX_NAME", output::MAX_NAME),
+        ("MAX_REASON", output::MAX_REASON),
+        ("MAX_LABELS", output::MAX_LABELS),
+        ("MAX_LABEL", output::MAX_LABEL),
+        ("MAX_ERROR", output::MAX_ERROR),
+    ]);
+    assert_eq!(sdk, host, "{} and host/src/rules/output.rs", path.display());
+}
+
 #[test]
 fn the_bench_rhai_twin_matches_the_component() {
     let path = repo().join("rules/bench/three-fields.toml");
@@ -1108,6 +1163,56 @@ fn manifest_err(text: &str) -> String {
     Manifest::parse(Path::new("rules/x.toml"), text)
         .unwrap_err()
         .to_string()
+}
+
+/// A vector's `set` edits a real payload by JSON pointer; a bad pointer is
+/// refused naming the vector and the pointer.
+#[test]
+fn test_vector_edits_reach_the_rule_and_bad_ones_name_the_pointer() {
+    let e = manifest_err(
+        "name = \"x\"\nscript = \"x.rhai\"\nproviders = [\"github\"]\n[[test]]\n\
+         event = \"e.json\"\nkind = \"issues\"\nset = { \"issue\" = 1 }",
+    );
+    assert!(
+        e.starts_with("rules/x.toml: test[0].set: ") && e.contains("\"issue\""),
+        "{e}"
+    );
+    let vector = |set: &str, agent: &str| {
+        format!(
+            "providers = [\"github\"]\n[[test]]\nevent = \"rules/tests/github-issues-opened.json\"\n\
+             kind = \"issues\"\nset = {{ {set} }}\nexpect = [{{ agent = \"{agent}\", labels = [\"n:7\"] }}]"
+        )
+    };
+    let script = "fn classify(event) { [#{ agent: event.get(\"/issue/title\"), \
+                  labels: [`n:${event.get(\"/issue/number\")}`] }] }";
+    rhai(
+        "setter",
+        script,
+        &vector(
+            "\"/issue/title\" = \"edited\", \"/issue/number\" = 7",
+            "edited",
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // Unedited, the real payload (issue #1) does not carry the label.
+    let e = rhai(
+        "setter",
+        script,
+        &vector("\"/issue/title\" = \"edited\"", "edited"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("expected routes [edited with labels [\"n:7\"]]"),
+        "{e}"
+    );
+    let e = rhai("setter", script, &vector("\"/nope/deeper\" = 1", "x"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("test[0]: set \"/nope/deeper\": the payload has no parent for it"),
+        "{e}"
+    );
 }
 
 #[test]

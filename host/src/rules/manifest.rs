@@ -79,6 +79,11 @@ pub struct TestVector {
     /// The action, when the provider has one; read from the payload otherwise.
     #[serde(default)]
     pub action: Option<String>,
+    /// Fields to change in the payload before the rule sees it, by JSON
+    /// pointer (`"/pull_request/draft" = true`), so one real payload serves
+    /// the vectors of every condition on it. The pointer's parent must exist.
+    #[serde(default)]
+    pub set: BTreeMap<String, serde_json::Value>,
     /// The routes expected, in any order (agent and priority must match).
     #[serde(default)]
     pub expect: Vec<ExpectedRoute>,
@@ -99,6 +104,46 @@ pub struct ExpectedRoute {
     /// The workflow; any workflow matches when absent.
     #[serde(default)]
     pub workflow: Option<String>,
+    /// Labels the route must carry (it may carry others).
+    #[serde(default)]
+    pub labels: Vec<String>,
+}
+
+impl TestVector {
+    /// The payload the rule is given: `body` with the vector's [`set`]
+    /// changes applied. An error names the pointer at fault.
+    ///
+    /// [`set`]: TestVector::set
+    pub fn payload(&self, body: Vec<u8>) -> Result<Vec<u8>, String> {
+        if self.set.is_empty() {
+            return Ok(body);
+        }
+        let mut doc: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| format!("`set` needs a JSON payload: {e}"))?;
+        for (pointer, value) in &self.set {
+            let bad = |m: &str| format!("set {pointer:?}: {m}");
+            let (parent, last) = pointer
+                .rsplit_once('/')
+                .ok_or_else(|| bad("not a JSON pointer (it must start with '/')"))?;
+            let key = last.replace("~1", "/").replace("~0", "~");
+            match doc.pointer_mut(parent) {
+                Some(serde_json::Value::Object(map)) => {
+                    map.insert(key, value.clone());
+                }
+                Some(serde_json::Value::Array(items)) => {
+                    let slot = key
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|i| items.get_mut(i))
+                        .ok_or_else(|| bad("no such array element"))?;
+                    *slot = value.clone();
+                }
+                Some(_) => return Err(bad("its parent is not an object or array")),
+                None => return Err(bad("the payload has no parent for it")),
+            }
+        }
+        serde_json::to_vec(&doc).map_err(|e| format!("set: {e}"))
+    }
 }
 
 /// What a manifest points at.
@@ -215,6 +260,12 @@ impl Manifest {
                 return bad(
                     &format!("test[{i}].provider"),
                     "missing (the rule names no providers)".into(),
+                );
+            }
+            if let Some(p) = t.set.keys().find(|p| !p.starts_with('/')) {
+                return bad(
+                    &format!("test[{i}].set"),
+                    format!("{p:?} is not a JSON pointer (it must start with '/')"),
                 );
             }
             if t.expect_ignore && !t.expect.is_empty() {

@@ -11,6 +11,7 @@
 
 pub mod breaker;
 pub mod config;
+pub mod log;
 pub mod manifest;
 pub mod output;
 pub mod rhai;
@@ -260,7 +261,8 @@ impl Rule {
             };
             let path = dir.join(&t.event);
             let body = std::fs::read(&path)
-                .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+                .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))
+                .and_then(|body| t.payload(body).map_err(fail))?;
             let provider = t
                 .provider
                 .as_deref()
@@ -312,6 +314,7 @@ fn expect_matches(expect: &[manifest::ExpectedRoute], routes: &[Route]) -> bool 
                 && e.workflow
                     .as_ref()
                     .is_none_or(|w| r.workflow.as_ref() == Some(w))
+                && e.labels.iter().all(|l| r.labels.contains(l))
         });
         found.map(|(j, _)| used[j] = true).is_some()
     })
@@ -320,9 +323,16 @@ fn expect_matches(expect: &[manifest::ExpectedRoute], routes: &[Route]) -> bool 
 fn describe_expected(expect: &[manifest::ExpectedRoute]) -> String {
     let parts: Vec<_> = expect
         .iter()
-        .map(|e| match e.priority {
-            Some(p) => format!("{} ({})", e.agent, p.as_str()),
-            None => e.agent.clone(),
+        .map(|e| {
+            let route = match e.priority {
+                Some(p) => format!("{} ({})", e.agent, p.as_str()),
+                None => e.agent.clone(),
+            };
+            if e.labels.is_empty() {
+                route
+            } else {
+                format!("{route} with labels {:?}", e.labels)
+            }
         })
         .collect();
     if parts.is_empty() {
@@ -339,7 +349,10 @@ fn describe(v: &Verdict) -> String {
         Verdict::Routes(rs) => {
             let parts: Vec<_> = rs
                 .iter()
-                .map(|r| format!("{} ({})", r.agent, r.priority.as_str()))
+                .map(|r| match r.labels.as_slice() {
+                    [] => format!("{} ({})", r.agent, r.priority.as_str()),
+                    labels => format!("{} ({}) {labels:?}", r.agent, r.priority.as_str()),
+                })
                 .collect();
             format!("routes [{}]", parts.join(", "))
         }

@@ -10,7 +10,7 @@
 //! give a script `eval`, module imports, files or any host access beyond the
 //! event, its config values and logging.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,17 +24,19 @@ use rhai::{
 use crate::decision::{Priority, Route, RuleFailure, Verdict};
 use crate::event::ParsedEvent;
 use crate::rules::config::Limits;
+use crate::rules::log::{CallLog, RuleLog};
 use crate::rules::output::{self, truncate};
 
 /// How often (in operations) the wall-clock deadline is checked.
 const DEADLINE_CHECK_EVERY: u64 = 256;
-/// Longest `print`/`debug` line kept, in bytes.
-const MAX_LOG_MESSAGE: usize = 1024;
 
 thread_local! {
     /// The deadline of the call running on this thread (a rule call never
     /// leaves its thread, so the progress callback reads it here).
     static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// The log of the call running on this thread, which `print` and
+    /// `debug` write through.
+    static CALL_LOG: RefCell<Option<CallLog>> = const { RefCell::new(None) };
 }
 
 /// A compiled rhai rule.
@@ -42,6 +44,7 @@ pub struct RhaiRule {
     engine: rhai::Engine,
     ast: AST,
     limits: Limits,
+    log: Arc<RuleLog>,
 }
 
 impl std::fmt::Debug for RhaiRule {
@@ -64,7 +67,8 @@ impl RhaiRule {
         limits: &Limits,
         config: BTreeMap<String, String>,
     ) -> anyhow::Result<RhaiRule> {
-        let engine = build_engine(name, limits, config);
+        let log = RuleLog::new(name.into());
+        let engine = build_engine(&log, limits, config);
         let ast = match engine.compile(script) {
             Ok(ast) => ast,
             Err(e) => bail!("{e}"),
@@ -79,6 +83,7 @@ impl RhaiRule {
             engine,
             ast,
             limits: limits.clone(),
+            log,
         })
     }
 
@@ -86,6 +91,7 @@ impl RhaiRule {
     pub fn classify(&self, ev: &Arc<ParsedEvent>) -> Result<Verdict, RuleFailure> {
         let timeout = Duration::from_millis(self.limits.timeout_ms);
         DEADLINE.set(Some(Instant::now() + timeout));
+        CALL_LOG.set(Some(self.log.call()));
         let mut scope = Scope::new();
         // The top level is not re-run per event: a rule is its functions.
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
@@ -97,6 +103,8 @@ impl RhaiRule {
             (ScriptEvent(ev.clone()),),
         );
         DEADLINE.set(None);
+        // Dropping the call's log counts (and may report) what it dropped.
+        drop(CALL_LOG.take());
         match result {
             Ok(value) => verdict(value),
             Err(e) => Err(self.failure(*e)),
@@ -152,7 +160,11 @@ fn at(pos: Position) -> String {
 }
 
 /// A rhai engine with the rule's limits, its config values and the `Event` type.
-fn build_engine(name: &str, limits: &Limits, config: BTreeMap<String, String>) -> rhai::Engine {
+fn build_engine(
+    log: &Arc<RuleLog>,
+    limits: &Limits,
+    config: BTreeMap<String, String>,
+) -> rhai::Engine {
     let mut engine = rhai::Engine::new();
     engine
         .set_optimization_level(OptimizationLevel::Simple)
@@ -175,17 +187,12 @@ fn build_engine(name: &str, limits: &Limits, config: BTreeMap<String, String>) -
         }
         None
     });
-    let rule: Arc<str> = name.into();
-    let r = rule.clone();
-    engine.on_print(move |s| tracing::info!(rule = &*r, "{}", truncate(s, MAX_LOG_MESSAGE)));
-    let r = rule.clone();
+    let l = log.clone();
+    engine.on_print(move |s| write_log(&l, tracing::Level::INFO, s, &[]));
+    let l = log.clone();
     engine.on_debug(move |s, _src, pos| {
-        tracing::debug!(
-            rule = &*r,
-            line = pos.line().unwrap_or(0),
-            "{}",
-            truncate(s, MAX_LOG_MESSAGE)
-        )
+        let line = pos.line().unwrap_or(0).to_string();
+        write_log(&l, tracing::Level::DEBUG, s, &[("line", line.as_str())]);
     });
 
     let config = Arc::new(config);
@@ -232,6 +239,15 @@ fn build_engine(name: &str, limits: &Limits, config: BTreeMap<String, String>) -
                 .unwrap_or(Dynamic::UNIT)
         });
     engine
+}
+
+/// Writes a `print`/`debug` line through the running call's log (or, outside
+/// a call, through a log of its own).
+fn write_log(log: &Arc<RuleLog>, level: tracing::Level, message: &str, fields: &[(&str, &str)]) {
+    CALL_LOG.with_borrow_mut(|call| match call {
+        Some(call) => call.write(level, message, fields),
+        None => log.call().write(level, message, fields),
+    });
 }
 
 /// A JSON value as a rhai value: null → `()`, numbers → int or float,

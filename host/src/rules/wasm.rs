@@ -26,6 +26,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use crate::decision::{Priority, Route, RuleFailure, Verdict};
 use crate::event::ParsedEvent;
 use crate::rules::config::Limits;
+use crate::rules::log::{CallLog, RuleLog};
 use crate::rules::manifest::Grants;
 use crate::rules::output::{self, truncate};
 
@@ -51,12 +52,6 @@ const TICK: Duration = Duration::from_millis(1);
 const POOL_INSTANCES: u32 = 128;
 /// WebAssembly stack per call; deep recursion traps with a stack overflow.
 const MAX_WASM_STACK: usize = 512 << 10;
-/// Log lines one call may write before the rest are dropped.
-const MAX_LOG_LINES: u32 = 64;
-/// Longest log message kept, in bytes.
-const MAX_LOG_MESSAGE: usize = 1024;
-/// Log fields kept per line.
-const MAX_LOG_FIELDS: usize = 16;
 
 /// The process's WebAssembly engine and its policy: one per process.
 ///
@@ -211,6 +206,7 @@ impl WasmEngine {
             info: Arc::new(RuleInfo {
                 name: name.into(),
                 config,
+                log: RuleLog::new(name.into()),
             }),
             pre,
             timeout: Duration::from_millis(limits.timeout_ms),
@@ -368,6 +364,7 @@ fn also(wasi: Option<String>) -> String {
 struct RuleInfo {
     name: Arc<str>,
     config: BTreeMap<String, String>,
+    log: Arc<RuleLog>,
 }
 
 /// A compiled, linked component rule, ready to instantiate per event.
@@ -433,7 +430,7 @@ impl WasmRule {
             },
             wasi: None,
             info: self.info.clone(),
-            log_lines: 0,
+            log: self.info.log.call(),
         };
         let mut store = Store::new(self.pre.instance_pre().engine(), state);
         store.limiter(|s| &mut s.limits);
@@ -455,7 +452,7 @@ impl WasmRule {
         rule: &bindings::Rule,
         ev: &Arc<ParsedEvent>,
     ) -> Result<Verdict, RuleFailure> {
-        store.data_mut().log_lines = 0;
+        store.data_mut().log.finish();
         let handle = store
             .data_mut()
             .table
@@ -640,7 +637,7 @@ pub struct RuleState {
     /// never pay for it.
     wasi: Option<WasiCtx>,
     info: Arc<RuleInfo>,
-    log_lines: u32,
+    log: CallLog,
 }
 
 /// An empty WASI context: no files, environment, arguments, stdio or network.
@@ -746,31 +743,14 @@ impl wit_log::Host for RuleState {
         message: String,
         fields: Vec<(String, String)>,
     ) -> wasmtime::Result<()> {
-        self.log_lines += 1;
-        let rule = &*self.info.name;
-        if self.log_lines > MAX_LOG_LINES {
-            if self.log_lines == MAX_LOG_LINES + 1 {
-                tracing::warn!(
-                    rule,
-                    "rule wrote more than {MAX_LOG_LINES} log lines; dropping the rest of this call's"
-                );
-            }
-            return Ok(());
-        }
-        let message = truncate(&message, MAX_LOG_MESSAGE);
-        let fields = fields
-            .iter()
-            .take(MAX_LOG_FIELDS)
-            .map(|(k, v)| format!("{}={}", truncate(k, 64), truncate(v, 256)))
-            .collect::<Vec<_>>()
-            .join(" ");
-        match level {
-            wit_log::Level::Trace => tracing::trace!(rule, fields, "{message}"),
-            wit_log::Level::Debug => tracing::debug!(rule, fields, "{message}"),
-            wit_log::Level::Info => tracing::info!(rule, fields, "{message}"),
-            wit_log::Level::Warn => tracing::warn!(rule, fields, "{message}"),
-            wit_log::Level::Error => tracing::error!(rule, fields, "{message}"),
-        }
+        let level = match level {
+            wit_log::Level::Trace => tracing::Level::TRACE,
+            wit_log::Level::Debug => tracing::Level::DEBUG,
+            wit_log::Level::Info => tracing::Level::INFO,
+            wit_log::Level::Warn => tracing::Level::WARN,
+            wit_log::Level::Error => tracing::Level::ERROR,
+        };
+        self.log.write(level, &message, &fields);
         Ok(())
     }
 }

@@ -1,7 +1,8 @@
 //! Builders for what a rule returns: [`Route`], [`Decision`] and [`Priority`].
 //!
-//! These only construct the WIT records; merging routes across rules and
-//! enforcing limits on them is the host's job, never the guest's.
+//! These only construct the WIT records; merging routes across rules is the
+//! host's job. Keeping them inside the host's bounds is [`crate::limits`]'s,
+//! applied once where the answer leaves the component.
 
 use crate::{Decision, Priority, Route};
 

@@ -46,6 +46,7 @@ mod json;
 mod value;
 
 pub mod config;
+pub mod limits;
 pub mod log;
 
 /// The bindings `wit-bindgen` generates for world `sluice:router/rule@0.1.0`.
@@ -82,6 +83,14 @@ pub trait Rule {
     /// `Err` that the host records against the rule and handles by its failure
     /// policy. A panic traps the instance; return `Err` for expected failures.
     fn classify(ev: &impl EventView) -> Result<Decision, String>;
+
+    /// What the component hands the host for `ev`: [`Rule::classify`]'s
+    /// answer with its labels, reasons and error text clamped to the host's
+    /// [`limits`], so descriptive text that runs long never costs the event
+    /// its routes. [`export_rule!`] calls this; native tests can too.
+    fn answer(ev: &impl EventView) -> Result<Decision, String> {
+        limits::clamp_answer(Self::classify(ev))
+    }
 }
 
 /// Export a [`Rule`] as this component's `sluice:router/classifier@0.1.0`.
@@ -102,8 +111,9 @@ pub trait Rule {
 /// sluice_rule::export_rule!(IgnoreAll);
 /// ```
 ///
-/// It expands to nothing on native targets, so the crate still builds and tests
-/// with plain `cargo test`.
+/// The answer goes out through [`Rule::answer`], clamped to the host's
+/// [`limits`]. It expands to nothing on native targets, so the crate still
+/// builds and tests with plain `cargo test`.
 #[macro_export]
 macro_rules! export_rule {
     ($rule:ty) => {
@@ -117,7 +127,7 @@ macro_rules! export_rule {
                 ) -> ::core::result::Result<$crate::Decision, ::std::string::String> {
                     // `ev` is owned (see the WIT) and dropped here, which hands the
                     // resource back to the host before the call returns.
-                    <$rule as $crate::Rule>::classify(&ev)
+                    <$rule as $crate::Rule>::answer(&ev)
                 }
             }
 

@@ -50,4 +50,20 @@ impl Rule for Huge {
     }
 }
 
-export_rule!(Huge);
+// Exported by hand, not with `export_rule!`: that clamps labels and reasons
+// to the host's limits, and this fixture exists to prove the host's own
+// bounds on an unclamped answer.
+#[cfg(target_arch = "wasm32")]
+const _: () = {
+    use sluice_rule::bindings::exports::sluice::router::classifier::Guest;
+
+    struct Unclamped;
+
+    impl Guest for Unclamped {
+        fn classify(ev: sluice_rule::Event) -> Result<Decision, String> {
+            <Huge as Rule>::classify(&ev)
+        }
+    }
+
+    sluice_rule::bindings::__export_rule_world!(Unclamped with_types_in sluice_rule::bindings);
+};

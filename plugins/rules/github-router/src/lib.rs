@@ -1,29 +1,36 @@
 //! The GitHub routing table sluice ships (`rules/github-router.wasm`).
 //!
-//! | event                                                    | agent          | priority |
-//! |----------------------------------------------------------|----------------|----------|
-//! | `issues` `opened`                                        | `issue-triage` | medium   |
-//! | `issues` / `pull_request` `labeled` with `agent-execute` | `coordinator`  | critical |
-//! | `issue_comment` `created`, body `/agent <cmd> [args]`    | `coordinator`  | high     |
-//! | `pull_request` `ready_for_review`                        | `review-agent` | high     |
-//! | `pull_request` `review_requested`                        | `review-agent` | high     |
-//! | `pull_request` `opened`, not a draft                     | `review-agent` | medium   |
-//! | `pull_request` `closed`, merged into the default branch  | `deployment`   | high     |
-//! | `push` to `refs/heads/<default branch>`, not a deletion  | `deployment`   | high     |
-//! | `workflow_run` `completed`, `failure` or `timed_out`     | `escalation`   | high     |
-//! | anything else                                            | ignored, with a reason naming kind and action |
+//! | event                                        | condition                                   | agent          | priority |
+//! |----------------------------------------------|---------------------------------------------|----------------|----------|
+//! | `issues` `labeled`                           | label `agent-execute`                       | `coordinator`  | critical |
+//! | `issue_comment` / `pull_request_review_comment` `created` | body starts with `/agent <cmd> [args]`, outside a code block | `coordinator` | critical |
+//! | `issues` `opened`                            |                                             | `issue-triage` | high     |
+//! | `issues` `assigned`                          |                                             | `issue-triage` | high     |
+//! | `issues` `closed`                            |                                             | `issue-triage` | medium   |
+//! | `pull_request` `opened`                      | not a draft                                 | `review-agent` | high     |
+//! | `pull_request` `ready_for_review`            |                                             | `review-agent` | high     |
+//! | `pull_request` `review_requested`            | not a draft                                 | `review-agent` | high     |
+//! | `pull_request` `closed`                      | merged                                      | `deployment`   | medium   |
+//! | `push`                                       | to the default branch, not a deletion       | `deployment`   | medium   |
+//! | `workflow_run` `completed`                   | `failure`, `timed_out` or `startup_failure` | `guardian`     | high     |
+//! | anything else                                | ignored, with a reason naming kind and action |              |          |
 //!
-//! Why these priorities: `agent-execute` is a person with write access telling an
-//! agent to act now, so it is the only critical route. An explicit `/agent`
-//! command, a review somebody is waiting on (`review_requested`, or a PR its
-//! author just marked ready) and a broken default branch or deployment all have
-//! a person waiting: high. A freshly opened PR usually still has CI running, and
-//! a new issue needs triage, not a fire brigade: medium.
+//! The rows and priorities are the ones users asked for; every row has a
+//! positive and a negative test vector in `rules/github-router.toml`, which
+//! the host runs whenever it loads the rule.
 //!
-//! A merge into the default branch arrives twice, as `pull_request` `closed` and
-//! as `push`. Both go to `deployment`, each with a `sha:<commit>` label (the
-//! merge commit and the pushed head, which are the same commit), so the agent
-//! deduplicates by sha instead of this rule guessing which one to drop.
+//! A `/agent` command is the comment's first line, indented by at most three
+//! spaces: deeper indentation, a fence or a quote makes it Markdown code or a
+//! quotation, which shows a command rather than gives one. The command word
+//! becomes the label `command:<cmd>` (lower-cased) and the rest of the line
+//! `args:<args>`; the SDK clamps labels and reasons to the host's limits, so
+//! a long line costs some text, never the route.
+//!
+//! A merge arrives twice, as `pull_request` `closed` and, on the default
+//! branch, as `push`. Both go to `deployment`, each with a `ref:` and a
+//! `sha:<commit>` label (the merge commit and the pushed head are the same
+//! commit), so the agent deduplicates by sha instead of this rule guessing
+//! which one to drop.
 //!
 //! `/agent` commands are only taken from comment authors whose
 //! `author_association` is `OWNER`, `MEMBER` or `COLLABORATOR`, and never from
@@ -53,9 +60,8 @@ impl Rule for GithubRouter {
 
 export_rule!(GithubRouter);
 
-/// Longest `args:` label kept from a `/agent` command; the full comment is in
-/// the event for an agent that needs more.
-const MAX_ARGS_LEN: usize = 256;
+/// Workflow run conclusions that need a person (or the guardian agent).
+const FAILED_CONCLUSIONS: [&str; 3] = ["failure", "timed_out", "startup_failure"];
 
 /// Route one GitHub event (kind = the `X-GitHub-Event` header value).
 pub fn decide(ev: &impl EventView) -> Decision {
@@ -63,9 +69,9 @@ pub fn decide(ev: &impl EventView) -> Decision {
     let action = ev.action();
     let action = action.as_deref().unwrap_or("");
     match (kind.as_str(), action) {
-        ("issues", "opened") => issue_opened(ev),
-        ("issues" | "pull_request", "labeled") => labeled(ev, &kind),
-        ("issue_comment", "created") => comment_command(ev),
+        ("issues", "labeled") => labeled(ev),
+        ("issues", "opened" | "assigned" | "closed") => issue(ev, action),
+        ("issue_comment" | "pull_request_review_comment", "created") => comment_command(ev, &kind),
         ("pull_request", "opened" | "ready_for_review" | "review_requested") => review(ev, action),
         ("pull_request", "closed") => pull_request_closed(ev),
         ("push", _) => push(ev),
@@ -91,45 +97,50 @@ fn repo(ev: &impl EventView) -> String {
         .unwrap_or_else(|| "an unknown repository".to_owned())
 }
 
-fn issue_opened(ev: &impl EventView) -> Decision {
+fn issue(ev: &impl EventView, action: &str) -> Decision {
     let number = ev.int("/issue/number").unwrap_or_default();
-    Route::to(agent("triage_agent", "issue-triage"))
-        .priority(Priority::Medium)
-        .reason(format!("issue #{number} opened in {}", repo(ev)))
-        .into()
+    let priority = if action == "closed" {
+        Priority::Medium
+    } else {
+        Priority::High
+    };
+    let mut route = Route::to(agent("triage_agent", "issue-triage"))
+        .priority(priority)
+        .reason(format!("issue #{number} {action} in {}", repo(ev)))
+        .label_kv("trigger", action);
+    if action == "assigned"
+        && let Some(assignee) = ev.str("/assignee/login")
+    {
+        route = route.label_kv("assignee", &assignee);
+    }
+    route.into()
 }
 
-fn labeled(ev: &impl EventView, kind: &str) -> Decision {
+fn labeled(ev: &impl EventView) -> Decision {
     let wanted = config::get_or("execute_label", "agent-execute");
     let label = ev.str("/label/name").unwrap_or_default();
     if !label.eq_ignore_ascii_case(&wanted) {
-        return Decision::ignore(format!("{kind}.labeled with {label:?}, not {wanted:?}"));
+        return Decision::ignore(format!("issues.labeled with {label:?}, not {wanted:?}"));
     }
-    let (what, number) = match kind {
-        "issues" => ("issue", ev.int("/issue/number")),
-        _ => ("pull request", ev.int("/pull_request/number")),
-    };
     Route::to(agent("coordinator_agent", "coordinator"))
         .priority(Priority::Critical)
         .reason(format!(
-            "{what} #{} in {} labeled {label}",
-            number.unwrap_or_default(),
+            "issue #{} in {} labeled {label}",
+            ev.int("/issue/number").unwrap_or_default(),
             repo(ev)
         ))
         .label_kv("label", &label)
         .into()
 }
 
-fn comment_command(ev: &impl EventView) -> Decision {
+fn comment_command(ev: &impl EventView, kind: &str) -> Decision {
     let prefix = config::get_or("command_prefix", "/agent");
     let body = ev.str("/comment/body").unwrap_or_default();
     let Some((command, args)) = parse_command(&body, &prefix) else {
-        return Decision::ignore(format!("issue_comment.created without a {prefix} command"));
+        return Decision::ignore(format!("{kind}.created without a {prefix} command"));
     };
     if command.is_empty() {
-        return Decision::ignore(format!(
-            "issue_comment.created with an empty {prefix} command"
-        ));
+        return Decision::ignore(format!("{kind}.created with an empty {prefix} command"));
     }
     let author = ev.str("/comment/user/login").unwrap_or_default();
     if ev.str("/comment/user/type").as_deref() == Some("Bot")
@@ -145,25 +156,35 @@ fn comment_command(ev: &impl EventView) -> Decision {
             "{prefix} {command} from {author} ({association}) is not accepted"
         ));
     }
-    let number = ev.int("/issue/number").unwrap_or_default();
+    let number = ev
+        .int("/issue/number")
+        .or_else(|| ev.int("/pull_request/number"))
+        .unwrap_or_default();
     let mut route = Route::to(agent("coordinator_agent", "coordinator"))
-        .priority(Priority::High)
+        .priority(Priority::Critical)
         .reason(format!(
             "{prefix} {command} by {author} on #{number} in {}",
             repo(ev)
         ))
         .label_kv("command", &command);
     if !args.is_empty() {
-        route = route.label_kv("args", truncate(args, MAX_ARGS_LEN));
+        route = route.label_kv("args", args);
     }
     route.into()
 }
 
-/// `(command, args)` from the first line of `body` if it starts with `prefix`
-/// as a whole word; the command is ASCII-lower-cased, the args trimmed.
+/// `(command, args)` when `body` starts with `prefix` as a whole word, outside
+/// Markdown code: the first non-blank line, indented by at most three spaces
+/// (four spaces or a tab make an indented code block; a fence, quote or
+/// inline code does not start with the prefix at all). The command is
+/// ASCII-lower-cased and the args trimmed.
 pub fn parse_command<'a>(body: &'a str, prefix: &str) -> Option<(String, &'a str)> {
-    let line = body.trim_start().lines().next()?;
-    let rest = line.strip_prefix(prefix)?;
+    let line = body.lines().find(|l| !l.trim().is_empty())?;
+    let unindented = line.trim_start_matches(' ');
+    if line.len() - unindented.len() > 3 || unindented.starts_with('\t') {
+        return None;
+    }
+    let rest = unindented.strip_prefix(prefix)?;
     if !rest.is_empty() && !rest.starts_with(char::is_whitespace) {
         return None; // `/agents`, `/agent-x`: another command
     }
@@ -183,31 +204,15 @@ fn trusted(association: &str) -> bool {
             .any(|a| a.trim().eq_ignore_ascii_case(association))
 }
 
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 fn review(ev: &impl EventView, action: &str) -> Decision {
     let number = ev.int("/pull_request/number").unwrap_or_default();
-    if action == "opened" && ev.bool("/pull_request/draft") == Some(true) {
+    if action != "ready_for_review" && ev.bool("/pull_request/draft") == Some(true) {
         return Decision::ignore(format!(
-            "pull_request.opened: #{number} is a draft; review starts at ready_for_review"
+            "pull_request.{action}: #{number} is a draft; review starts at ready_for_review"
         ));
     }
-    let priority = if action == "opened" {
-        Priority::Medium
-    } else {
-        Priority::High
-    };
     let mut route = Route::to(agent("review_agent", "review-agent"))
-        .priority(priority)
+        .priority(Priority::High)
         .reason(format!("pull request #{number} {action} in {}", repo(ev)))
         .label_kv("trigger", action);
     if action == "review_requested" {
@@ -229,16 +234,8 @@ fn pull_request_closed(ev: &impl EventView) -> Decision {
         ));
     }
     let base = ev.str("/pull_request/base/ref").unwrap_or_default();
-    let Some(default_branch) = ev.str("/repository/default_branch") else {
-        return Decision::ignore("pull_request.closed: payload has no repository.default_branch");
-    };
-    if base != default_branch {
-        return Decision::ignore(format!(
-            "pull_request.closed: #{number} merged into {base}, not the default branch {default_branch}"
-        ));
-    }
     let mut route = Route::to(agent("deployment_agent", "deployment"))
-        .priority(Priority::High)
+        .priority(Priority::Medium)
         .reason(format!(
             "pull request #{number} merged into {base} in {}",
             repo(ev)
@@ -268,7 +265,7 @@ fn push(ev: &impl EventView) -> Decision {
         return Decision::ignore(format!("push deleting {git_ref}"));
     }
     let mut route = Route::to(agent("deployment_agent", "deployment"))
-        .priority(Priority::High)
+        .priority(Priority::Medium)
         .reason(format!("push to {branch} in {}", repo(ev)))
         .label("trigger:push")
         .label_kv("ref", branch);
@@ -285,12 +282,12 @@ fn workflow_run_completed(ev: &impl EventView) -> Decision {
         .filter(|n| !n.is_empty())
         .or_else(|| ev.str("/workflow_run/path"))
         .unwrap_or_default();
-    if conclusion != "failure" && conclusion != "timed_out" {
+    if !FAILED_CONCLUSIONS.contains(&conclusion.as_str()) {
         return Decision::ignore(format!(
             "workflow_run.completed: {name} concluded {conclusion:?}"
         ));
     }
-    let mut route = Route::to(agent("escalation_agent", "escalation"))
+    let mut route = Route::to(agent("escalation_agent", "guardian"))
         .priority(Priority::High)
         .reason(format!("workflow {name} {conclusion} in {}", repo(ev)))
         .label_kv("conclusion", &conclusion)

@@ -72,40 +72,51 @@ fn assert_ignored(d: &Decision, containing: &str) {
 #[test]
 fn whole_corpus() {
     let routed: &[(&str, &str, Priority)] = &[
-        (
-            "issues/opened.payload.json",
-            "issue-triage",
-            Priority::Medium,
-        ),
+        ("issues/opened.payload.json", "issue-triage", Priority::High),
         (
             "issues/opened.with-empty-body.payload.json",
             "issue-triage",
-            Priority::Medium,
+            Priority::High,
         ),
         (
             "issues/opened.with-organization.payload.json",
             "issue-triage",
-            Priority::Medium,
+            Priority::High,
         ),
         (
             "issues/opened.with-transfer.payload.json",
             "issue-triage",
-            Priority::Medium,
+            Priority::High,
+        ),
+        (
+            "issues/assigned.payload.json",
+            "issue-triage",
+            Priority::High,
+        ),
+        (
+            "issues/assigned.with-installation.payload.json",
+            "issue-triage",
+            Priority::High,
+        ),
+        (
+            "issues/assigned.with-organization.payload.json",
+            "issue-triage",
+            Priority::High,
         ),
         (
             "pull_request/opened.payload.json",
             "review-agent",
-            Priority::Medium,
+            Priority::High,
         ),
         (
             "pull_request/opened.with-null-body.json",
             "review-agent",
-            Priority::Medium,
+            Priority::High,
         ),
         (
             "pull_request/opened.with-organization.payload.json",
             "review-agent",
-            Priority::Medium,
+            Priority::High,
         ),
         (
             "pull_request/ready_for_review.payload.json",
@@ -130,12 +141,12 @@ fn whole_corpus() {
         (
             "push/with-new-branch.payload.json",
             "deployment",
-            Priority::High,
+            Priority::Medium,
         ),
         (
             "push/with-no-username-committer.payload.json",
             "deployment",
-            Priority::High,
+            Priority::Medium,
         ),
     ];
     let root = corpus().join("github");
@@ -184,24 +195,45 @@ fn whole_corpus() {
 #[test]
 fn issue_opened_names_issue_and_repo() {
     let d = decide(&load("issues/opened.payload.json"));
-    let r = assert_route(&d, "issue-triage", Priority::Medium);
+    let r = assert_route(&d, "issue-triage", Priority::High);
     assert_eq!(r.reason, "issue #1 opened in Codertocat/Hello-World");
-    assert!(r.labels.is_empty() && r.workflow.is_none());
+    assert_eq!(r.labels, ["trigger:opened"]);
+    assert!(r.workflow.is_none());
 }
 
 #[test]
-fn agent_execute_label_is_critical_for_issues_and_pull_requests() {
-    for rel in [
-        "issues/labeled.payload.json",
-        "pull_request/labeled.payload.json",
-    ] {
-        let d = decide(&with(rel, "/label/name", json!("agent-execute")));
-        let r = assert_route(&d, "coordinator", Priority::Critical);
-        assert_eq!(r.labels, ["label:agent-execute"]);
-        // GitHub label names are case-insensitive.
-        let d = decide(&with(rel, "/label/name", json!("Agent-Execute")));
-        assert_route(&d, "coordinator", Priority::Critical);
+fn issues_assigned_and_closed_go_to_the_issue_agent() {
+    let d = decide(&load("issues/assigned.payload.json"));
+    let r = assert_route(&d, "issue-triage", Priority::High);
+    assert_eq!(r.labels, ["trigger:assigned", "assignee:Codertocat"]);
+    // The corpus has no closed issue: the opened one, closed.
+    let d = decide(&load("issues/opened.payload.json").with_action(Some("closed")));
+    assert_eq!(
+        assert_route(&d, "issue-triage", Priority::Medium).labels,
+        ["trigger:closed"]
+    );
+    for ignored in ["unassigned", "reopened", "edited"] {
+        let d = decide(&load(&format!("issues/{ignored}.payload.json")));
+        assert_ignored(&d, &format!("issues.{ignored}"));
     }
+}
+
+#[test]
+fn agent_execute_label_on_an_issue_is_critical() {
+    let rel = "issues/labeled.payload.json";
+    let d = decide(&with(rel, "/label/name", json!("agent-execute")));
+    let r = assert_route(&d, "coordinator", Priority::Critical);
+    assert_eq!(r.labels, ["label:agent-execute"]);
+    // GitHub label names are case-insensitive.
+    let d = decide(&with(rel, "/label/name", json!("Agent-Execute")));
+    assert_route(&d, "coordinator", Priority::Critical);
+    // The table routes the label on issues only.
+    let d = decide(&with(
+        "pull_request/labeled.payload.json",
+        "/label/name",
+        json!("agent-execute"),
+    ));
+    assert_ignored(&d, "pull_request.labeled");
     assert_ignored(
         &decide(&load("issues/labeled.payload.json")),
         "issues.labeled",
@@ -223,17 +255,36 @@ fn agent_command_is_parsed_into_labels() {
         "/comment/body",
         json!("/agent Fix the flaky test\r\nThanks!"),
     ));
-    let r = assert_route(&d, "coordinator", Priority::High);
+    let r = assert_route(&d, "coordinator", Priority::Critical);
     assert_eq!(r.labels, ["command:fix", "args:the flaky test"]);
     assert_eq!(
         r.reason,
         "/agent fix by Codertocat on #1 in Codertocat/Hello-World"
     );
 
-    let d = decide(&with(rel, "/comment/body", json!("  /agent rebase")));
+    for body in ["  /agent rebase", "\n   /agent rebase"] {
+        let d = decide(&with(rel, "/comment/body", json!(body)));
+        assert_eq!(
+            assert_route(&d, "coordinator", Priority::Critical).labels,
+            ["command:rebase"],
+            "{body:?}"
+        );
+    }
+    // A review comment on a pull request's diff is a comment too.
+    let d = decide(&with(
+        "pull_request_review_comment/created.payload.json",
+        "/comment/body",
+        json!("/agent explain this line"),
+    ));
+    let r = assert_route(&d, "coordinator", Priority::Critical);
+    assert_eq!(r.labels, ["command:explain", "args:this line"]);
     assert_eq!(
-        assert_route(&d, "coordinator", Priority::High).labels,
-        ["command:rebase"]
+        r.reason,
+        "/agent explain by Codertocat on #2 in Codertocat/Hello-World"
+    );
+    assert_ignored(
+        &decide(&load("pull_request_review_comment/created.payload.json")),
+        "pull_request_review_comment.created",
     );
 
     for body in [
@@ -241,6 +292,13 @@ fn agent_command_is_parsed_into_labels() {
         "please /agent rebase",
         "/agent",
         "/agent   \nrebase",
+        // Markdown code and quotes show a command; they do not give one.
+        "    /agent rebase",
+        "\t/agent rebase",
+        "```\n/agent rebase\n```",
+        "~~~\n/agent rebase\n~~~",
+        "`/agent rebase`",
+        "> /agent rebase",
     ] {
         let d = decide(&with(rel, "/comment/body", json!(body)));
         assert_ignored(&d, "issue_comment.created");
@@ -256,16 +314,33 @@ fn agent_command_is_parsed_into_labels() {
     assert_ignored(&d, "issue_comment.edited");
 }
 
+/// `/agent` and 300 characters: the labels and reason the component emits
+/// fit the host's limits, and the route is still there.
 #[test]
-fn agent_command_args_are_capped() {
-    let long = format!("/agent say {}", "é".repeat(400));
-    let d = decide(&with(
-        "issue_comment/created.payload.json",
-        "/comment/body",
-        json!(long),
-    ));
-    let args = only_route(&d).label_value("args").unwrap();
-    assert!(args.len() <= MAX_ARGS_LEN && args.chars().all(|c| c == 'é'));
+fn long_commands_are_clamped_not_dropped() {
+    for body in [
+        format!("/agent {}", "x".repeat(300)),
+        format!("/agent fix {}", "é".repeat(300)),
+        format!("/agent {} {}", "c".repeat(300), "a".repeat(2_000)),
+    ] {
+        let ev = with(
+            "issue_comment/created.payload.json",
+            "/comment/body",
+            json!(body),
+        );
+        let d = GithubRouter::answer(&ev).unwrap();
+        let r = assert_route(&d, "coordinator", Priority::Critical);
+        assert!(r.reason.len() <= sluice_rule::limits::MAX_REASON, "{r:?}");
+        assert!(r.labels.len() <= sluice_rule::limits::MAX_LABELS, "{r:?}");
+        for l in &r.labels {
+            assert!(
+                l.len() <= sluice_rule::limits::MAX_LABEL,
+                "{} bytes: {l}",
+                l.len()
+            );
+        }
+        assert!(r.label_value("command").is_some(), "{r:?}");
+    }
 }
 
 #[test]
@@ -278,7 +353,7 @@ fn agent_command_needs_a_trusted_human() {
     ev.payload_mut()["comment"]["author_association"] = json!("NONE");
     assert_ignored(&decide(&ev), "is not accepted");
     config::set("command_associations", "*");
-    assert_route(&decide(&ev), "coordinator", Priority::High);
+    assert_route(&decide(&ev), "coordinator", Priority::Critical);
     config::clear();
 
     let mut ev = with(
@@ -289,7 +364,7 @@ fn agent_command_needs_a_trusted_human() {
     ev.payload_mut()["comment"]["user"]["type"] = json!("Bot");
     assert_ignored(&decide(&ev), "from bot");
     config::set("allow_bot_commands", "true");
-    assert_route(&decide(&ev), "coordinator", Priority::High);
+    assert_route(&decide(&ev), "coordinator", Priority::Critical);
     config::clear();
 }
 
@@ -301,6 +376,17 @@ fn pull_request_reviews() {
         json!(true),
     ));
     assert_ignored(&d, "draft");
+    let d = decide(&with(
+        "pull_request/review_requested.payload.json",
+        "/pull_request/draft",
+        json!(true),
+    ));
+    assert_ignored(&d, "pull_request.review_requested: #2 is a draft");
+    let d = decide(&load("pull_request/opened.payload.json"));
+    assert_eq!(
+        assert_route(&d, "review-agent", Priority::High).labels,
+        ["trigger:opened"]
+    );
     let d = decide(&load("pull_request/review_requested.payload.json"));
     let r = assert_route(&d, "review-agent", Priority::High);
     assert_eq!(r.labels, ["trigger:review_requested", "reviewer:octocat"]);
@@ -318,11 +404,11 @@ fn pull_request_reviews() {
 }
 
 #[test]
-fn merge_into_default_branch_deploys() {
+fn merged_pull_requests_deploy() {
     let rel = "pull_request/closed.payload.json";
     assert_ignored(&decide(&load(rel)), "closed without merging");
     let merged = with(rel, "/pull_request/merged", json!(true));
-    let r = assert_route(&decide(&merged), "deployment", Priority::High).clone();
+    let r = assert_route(&decide(&merged), "deployment", Priority::Medium).clone();
     assert_eq!(
         r.labels,
         [
@@ -331,15 +417,18 @@ fn merge_into_default_branch_deploys() {
             "sha:c4295bd74fb0f4fda03689c3df3f2803b658fd85"
         ]
     );
+    // Merged is the whole condition; the agent sees the branch in `ref:`.
     let mut other = merged;
     other.payload_mut()["pull_request"]["base"]["ref"] = json!("release-1.x");
-    assert_ignored(&decide(&other), "not the default branch master");
+    let d = decide(&other);
+    let r = assert_route(&d, "deployment", Priority::Medium);
+    assert_eq!(r.label_value("ref"), Some("release-1.x"));
 }
 
 #[test]
 fn push_to_default_branch_deploys() {
     let d = decide(&load("push/with-new-branch.payload.json"));
-    let r = assert_route(&d, "deployment", Priority::High);
+    let r = assert_route(&d, "deployment", Priority::Medium);
     assert_eq!(
         r.labels,
         [
@@ -377,9 +466,9 @@ fn push_to_default_branch_deploys() {
 fn failed_workflow_runs_escalate() {
     let rel = "workflow_run/completed.payload.json";
     assert_ignored(&decide(&load(rel)), "concluded \"success\"");
-    for conclusion in ["failure", "timed_out"] {
+    for conclusion in ["failure", "timed_out", "startup_failure"] {
         let d = decide(&with(rel, "/workflow_run/conclusion", json!(conclusion)));
-        let r = assert_route(&d, "escalation", Priority::High);
+        let r = assert_route(&d, "guardian", Priority::High);
         assert_eq!(
             r.labels,
             [
@@ -389,7 +478,14 @@ fn failed_workflow_runs_escalate() {
             ]
         );
     }
-    for conclusion in [json!("cancelled"), json!("skipped"), Json::Null] {
+    for conclusion in [
+        json!("success"),
+        json!("cancelled"),
+        json!("skipped"),
+        json!("neutral"),
+        json!("action_required"),
+        Json::Null,
+    ] {
         assert_ignored(
             &decide(&with(rel, "/workflow_run/conclusion", conclusion)),
             "workflow_run",
@@ -426,6 +522,7 @@ fn unknown_kinds_and_odd_payloads_never_panic() {
         "issues",
         "pull_request",
         "issue_comment",
+        "pull_request_review_comment",
         "push",
         "workflow_run",
         "x",
@@ -436,6 +533,7 @@ fn unknown_kinds_and_odd_payloads_never_panic() {
         "created",
         "closed",
         "completed",
+        "assigned",
         "ready_for_review",
         "review_requested",
         "",
@@ -475,6 +573,14 @@ fn command_parsing() {
         Some(("a".into(), "b  c"))
     );
     assert_eq!(parse_command("!bot go", "!bot"), Some(("go".into(), "")));
+    // Up to three spaces is a paragraph; four is an indented code block.
+    assert_eq!(
+        parse_command("   /agent go", "/agent"),
+        Some(("go".into(), ""))
+    );
+    assert_eq!(parse_command("    /agent go", "/agent"), None);
+    assert_eq!(parse_command(" \t/agent go", "/agent"), None);
+    assert_eq!(parse_command("```sh\n/agent go\n```", "/agent"), None);
 }
 
 /// The decision for every corpus payload, to read the table in action:
