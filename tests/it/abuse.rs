@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use bytes::Bytes;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -379,5 +380,44 @@ async fn metrics_count_outcomes_by_configured_source_only() {
         !text.contains("made-up-name"),
         "request data must not become a label"
     );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_signature_entries_are_refused_unhashed() {
+    let env = Env::new(
+        r#"
+[sources.standard-big]
+provider = "standard-webhooks"
+secret = { file = "standard.key" }
+max_body_bytes = 8388608
+"#,
+    );
+    let gw = Gateway::start(env.config()).await;
+    let body = Bytes::from(format!(
+        r#"{{"type":"big.event","pad":"{}"}}"#,
+        "a".repeat(4 * 1024 * 1024)
+    ));
+    let signed = env.signer("standard-big").sign("big.event", &body).unwrap();
+    let good = crate::support::header(&signed, "webhook-signature");
+    let fake = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode([0xAB; 32])
+    );
+    // ~62 KB of entries (under the 64 KiB head limit): refused as malformed,
+    // not hashed once per entry.
+    let hostile = vec![fake.as_str(); 1300].join(" ");
+    let req = crate::support::with_header(&signed, "webhook-signature", Some(&hostile));
+    let (s, b) = gw.post_signed("standard-big", &req).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
+    assert_eq!(b["reason"], "malformed_header", "{b}");
+    assert_eq!(b["header"], "webhook-signature", "{b}");
+    // A full header with the right entry among wrong ones still verifies
+    // (a 4 MiB body: verified off the async workers).
+    let mut entries = vec![fake.as_str(); 15];
+    entries.insert(7, good.as_str());
+    let req = crate::support::with_header(&signed, "webhook-signature", Some(&entries.join(" ")));
+    let (s, b) = gw.post_signed("standard-big", &req).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
     gw.stop().await;
 }

@@ -18,6 +18,7 @@ use serde_json::json;
 
 use super::normalize::{NormalizeError, normalize};
 use super::shield::client_ip;
+use super::source::Source;
 use crate::AppState;
 use crate::event::{Provider, now_ms};
 use crate::store::Appended;
@@ -170,9 +171,8 @@ async fn accept(
     };
 
     // 2. Verify on the raw bytes.
-    let verified = source
-        .verifier
-        .verify(parts.headers, body)
+    let verified = verify(source, parts.headers, body)
+        .await
         .map_err(Refusal::Unverified)?;
     if let Some(limiter) = &source.limiter {
         limiter.check().map_err(|nu| {
@@ -226,6 +226,26 @@ async fn accept(
             ("duplicate", duplicate(&id))
         }
     })
+}
+
+/// Bodies larger than this are verified on the blocking pool: hashing a large
+/// body would hold an async worker, and every connection it serves, meanwhile.
+const VERIFY_INLINE_MAX: usize = 64 * 1024;
+
+/// Verifies off the async workers when the body is large.
+async fn verify(
+    source: &Arc<Source>,
+    headers: http::HeaderMap,
+    body: Bytes,
+) -> Result<super::verify::Verified, super::verify::VerifyError> {
+    if body.len() <= VERIFY_INLINE_MAX {
+        return source.verifier.verify(headers, body);
+    }
+    let source = source.clone();
+    match tokio::task::spawn_blocking(move || source.verifier.verify(headers, body)).await {
+        Ok(verified) => verified,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 fn duplicate(id: &str) -> Response {
