@@ -421,3 +421,58 @@ max_body_bytes = 8388608
     assert_eq!(s, StatusCode::ACCEPTED, "{b}");
     gw.stop().await;
 }
+
+/// The test config with `from` replaced by `to` (it must be there).
+fn edit_config(env: &Env, edits: &[(&str, &str)]) {
+    let mut text = std::fs::read_to_string(&env.config_path).unwrap();
+    for (from, to) in edits {
+        assert!(text.contains(from), "test config lacks {from:?}");
+        text = text.replacen(from, to, 1);
+    }
+    std::fs::write(&env.config_path, text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_forwarded_for_is_never_the_proxy() {
+    let env = Env::new("");
+    edit_config(
+        &env,
+        &[
+            (
+                "max_body_bytes = 1048576\n",
+                "max_body_bytes = 1048576\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+            ),
+            (
+                "provider = \"github\"\n",
+                // The proxy's own address is allowed: only a client that really
+                // is the proxy may use that.
+                "provider = \"github\"\nallow_ips = [\"127.0.0.1/32\", \"192.0.2.0/24\"]\n",
+            ),
+        ],
+    );
+    let gw = Gateway::start(env.config()).await;
+    let signer = env.signer("github");
+    let sign = |zen: &str| {
+        signer
+            .sign("ping", &Bytes::from(format!(r#"{{"zen":"{zen}"}}"#)))
+            .unwrap()
+    };
+    for (n, bad) in [
+        "192.0.2.10\u{e9}",
+        "caf\u{e9}",
+        "not-an-address",
+        "192.0.2.10, junk",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let req =
+            crate::support::with_header(&sign(&format!("bad{n}")), "x-forwarded-for", Some(bad));
+        let (s, b) = gw.post_signed("github", &req).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "X-Forwarded-For {bad:?}: {b}");
+    }
+    let ok = crate::support::with_header(&sign("good"), "x-forwarded-for", Some("192.0.2.10"));
+    let (s, b) = gw.post_signed("github", &ok).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    gw.stop().await;
+}

@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 
 use super::normalize::{NormalizeError, normalize};
-use super::shield::client_ip;
+use super::shield::client;
 use super::source::Source;
 use crate::AppState;
 use crate::event::{Provider, now_ms};
@@ -141,10 +141,10 @@ async fn accept(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0)
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-    let ip = client_ip(peer, req.headers(), &state.config.server.trusted_proxies);
-    state.shield.check(ip).map_err(Refusal::RateLimited)?;
+    let client = client(peer, req.headers(), &state.config.server.trusted_proxies);
+    state.shield.check(client).map_err(Refusal::RateLimited)?;
     let source = state.sources.get(name).ok_or(Refusal::UnknownSource)?;
-    if !source.allow_ips.is_empty() && !source.allow_ips.iter().any(|n| n.contains(&ip)) {
+    if !source.allow_ips.is_empty() && !client.is_in(&source.allow_ips) {
         return Err(Refusal::Forbidden);
     }
     let (parts, body) = req.into_parts();
