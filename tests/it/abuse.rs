@@ -1,6 +1,8 @@
 //! Bad input gets a clean 4xx or a timeout, and the server keeps serving:
 //! oversized, truncated, non-UTF-8, deeply nested and empty bodies, absurd
-//! headers, slow-drip clients, unknown sources, and the per-IP shield.
+//! headers, slow-drip clients, unknown sources, and the per-IP shield; one
+//! client's share of connections and of the body bytes buffered before
+//! verification; hostile signature headers and `X-Forwarded-For` values.
 
 use std::time::{Duration, Instant};
 
@@ -474,5 +476,194 @@ async fn unreadable_forwarded_for_is_never_the_proxy() {
     let ok = crate::support::with_header(&sign("good"), "x-forwarded-for", Some("192.0.2.10"));
     let (s, b) = gw.post_signed("github", &ok).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    gw.stop().await;
+}
+
+/// A connection to `to` from the loopback address `from` (all of 127/8 is
+/// loopback on Linux, so each is another client).
+async fn connect_from(from: [u8; 4], to: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::from((from, 0))).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// Sends one request on `s` and reads its answer until close (or `wait`).
+async fn exchange(s: &mut TcpStream, request: &[u8], wait: Duration) -> String {
+    let _ = s.write_all(request).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An unsigned request the gateway answers at once (401), closing after.
+const UNSIGNED: &[u8] =
+    b"POST /hooks/github HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}";
+
+/// The first bytes the peer answers on `s` (empty when it closes).
+async fn read_one(s: &mut TcpStream) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// True when the peer closes `s` (or resets it) within `wait`.
+async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(wait, s.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_connection() {
+    let env = Env::new("");
+    edit_config(
+        &env,
+        &[
+            // Idle connections must stay open on their own for the whole test.
+            ("header_timeout = \"1s\"", "header_timeout = \"60s\""),
+            (
+                "max_body_bytes = 1048576\n",
+                "max_body_bytes = 1048576\nmax_connections_per_client = 4\n",
+            ),
+        ],
+    );
+    let gw = Gateway::start(env.config()).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect_from([127, 0, 0, 1], gw.addr).await);
+    }
+    // The fifth from the same address is closed unread (the kernel accepted it
+    // into the backlog; the gateway drops it).
+    let mut fifth = connect_from([127, 0, 0, 1], gw.addr).await;
+    assert!(
+        closed_within(&mut fifth, Duration::from_secs(20)).await,
+        "a fifth connection from one address was kept open"
+    );
+    // Another address is still served, and so are the four held ones.
+    let mut other = connect_from([127, 0, 0, 2], gw.addr).await;
+    let resp = exchange(&mut other, UNSIGNED, Duration::from_secs(20)).await;
+    assert!(resp.starts_with("HTTP/1.1 401"), "127.0.0.2: {resp:.80}");
+    let resp = exchange(&mut held[0], UNSIGNED, Duration::from_secs(20)).await;
+    assert!(resp.starts_with("HTTP/1.1 401"), "held: {resp:.80}");
+    // Once they close, the address may connect again.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut again = connect_from([127, 0, 0, 1], gw.addr).await;
+        let resp = exchange(&mut again, UNSIGNED, Duration::from_secs(5)).await;
+        if resp.starts_with("HTTP/1.1 401") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slots never came back: {resp:.80}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_budget_spent_answers_503_before_reading() {
+    let env = Env::new("");
+    edit_config(
+        &env,
+        &[
+            ("body_timeout = \"1s\"", "body_timeout = \"60s\""),
+            (
+                "max_body_bytes = 1048576\n",
+                "max_body_bytes = 1048576\nbody_budget_bytes = 1048576\n",
+            ),
+        ],
+    );
+    let gw = Gateway::start(env.config()).await;
+    // Two requests each declaring 700 kB and sending none of it: the budget
+    // holds one of them; the other must be turned away at once.
+    let head = b"POST /hooks/github HTTP/1.1\r\nhost: x\r\ncontent-length: 700000\r\n\r\n";
+    let mut a = connect_from([127, 0, 0, 1], gw.addr).await;
+    let mut b = connect_from([127, 0, 0, 1], gw.addr).await;
+    a.write_all(head).await.unwrap();
+    b.write_all(head).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::select! {
+            r = read_one(&mut a) => r,
+            r = read_one(&mut b) => r,
+        }
+    })
+    .await
+    .expect("neither request was answered: both bodies were waited for");
+    assert!(first.starts_with("HTTP/1.1 503"), "{first:.200}");
+    let retry = first
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .expect("Retry-After");
+    assert!(retry.trim().parse::<u64>().unwrap() >= 1, "{first}");
+    // The budget comes back when the held request ends.
+    drop((a, b));
+    let full = [
+        &b"POST /hooks/github HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 700000\r\n\r\n"[..],
+        &vec![b'a'; 700_000],
+    ]
+    .concat();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = raw(&gw, &full, Duration::from_secs(5)).await;
+        if resp.starts_with("HTTP/1.1 401") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "budget never came back: {resp:.80}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    still_serving(&gw, &env).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_payload_providers_default_to_one_mib() {
+    let env = Env::new(
+        r#"
+[sources.stripe-big]
+provider = "stripe"
+secret = { file = "stripe.key" }
+max_body_bytes = 4194304
+"#,
+    );
+    edit_config(
+        &env,
+        &[("max_body_bytes = 1048576\n", "max_body_bytes = 26214400\n")],
+    );
+    let gw = Gateway::start(env.config()).await;
+    let two_mib = 2 * 1024 * 1024;
+    for source in ["stripe", "slack", "linear"] {
+        // Declared: answered from Content-Length without reading the body.
+        let req = format!(
+            "POST /hooks/{source} HTTP/1.1\r\nhost: x\r\ncontent-length: {two_mib}\r\n\r\n{}",
+            "a".repeat(1024)
+        );
+        let resp = raw(&gw, req.as_bytes(), Duration::from_secs(10)).await;
+        assert!(resp.starts_with("HTTP/1.1 413"), "{source}: {resp:.80}");
+        assert!(
+            resp.contains(r#""limit_bytes":1048576"#),
+            "{source}: {resp}"
+        );
+    }
+    // GitHub keeps the server's 25 MiB; an explicit max_body_bytes wins.
+    for source in ["github", "stripe-big"] {
+        let req = [
+            format!(
+                "POST /hooks/{source} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {two_mib}\r\n\r\n"
+            )
+            .into_bytes(),
+            vec![b'a'; two_mib],
+        ]
+        .concat();
+        let resp = raw(&gw, &req, Duration::from_secs(20)).await;
+        assert!(resp.starts_with("HTTP/1.1 401"), "{source}: {resp:.80}");
+    }
     gw.stop().await;
 }
