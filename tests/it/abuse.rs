@@ -424,34 +424,45 @@ max_body_bytes = 8388608
     gw.stop().await;
 }
 
-/// The test config with `from` replaced by `to` (it must be there).
-fn edit_config(env: &Env, edits: &[(&str, &str)]) {
-    let mut text = std::fs::read_to_string(&env.config_path).unwrap();
-    for (from, to) in edits {
-        assert!(text.contains(from), "test config lacks {from:?}");
-        text = text.replacen(from, to, 1);
+/// Sets `[server]` keys of the test config (replacing the line, or adding it).
+fn set_server(env: &Env, keys: &[(&str, &str)]) {
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let start = lines
+        .iter()
+        .position(|l| l == "[server]")
+        .expect("[server]")
+        + 1;
+    let end = start
+        + lines[start..]
+            .iter()
+            .position(|l| l.starts_with('['))
+            .unwrap_or(lines.len() - start);
+    for (key, value) in keys {
+        let line = format!("{key} = {value}");
+        match lines[start..end]
+            .iter()
+            .position(|l| l.split('=').next().map(str::trim) == Some(*key))
+        {
+            Some(i) => lines[start + i] = line,
+            None => lines.insert(start, line),
+        }
     }
-    std::fs::write(&env.config_path, text).unwrap();
+    std::fs::write(&env.config_path, lines.join("\n") + "\n").unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_forwarded_for_is_never_the_proxy() {
     let env = Env::new("");
-    edit_config(
-        &env,
-        &[
-            (
-                "max_body_bytes = 1048576\n",
-                "max_body_bytes = 1048576\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
-            ),
-            (
-                "provider = \"github\"\n",
-                // The proxy's own address is allowed: only a client that really
-                // is the proxy may use that.
-                "provider = \"github\"\nallow_ips = [\"127.0.0.1/32\", \"192.0.2.0/24\"]\n",
-            ),
-        ],
+    set_server(&env, &[("trusted_proxies", r#"["127.0.0.1/32"]"#)]);
+    // The proxy's own address is allowed: only a client that really is the
+    // proxy may use that.
+    let text = std::fs::read_to_string(&env.config_path).unwrap().replacen(
+        "provider = \"github\"\n",
+        "provider = \"github\"\nallow_ips = [\"127.0.0.1/32\", \"192.0.2.0/24\"]\n",
+        1,
     );
+    std::fs::write(&env.config_path, text).unwrap();
     let gw = Gateway::start(env.config()).await;
     let signer = env.signer("github");
     let sign = |zen: &str| {
@@ -518,15 +529,12 @@ async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_cannot_take_every_connection() {
     let env = Env::new("");
-    edit_config(
+    set_server(
         &env,
         &[
             // Idle connections must stay open on their own for the whole test.
-            ("header_timeout = \"1s\"", "header_timeout = \"60s\""),
-            (
-                "max_body_bytes = 1048576\n",
-                "max_body_bytes = 1048576\nmax_connections_per_client = 4\n",
-            ),
+            ("header_timeout", r#""60s""#),
+            ("max_connections_per_client", "4"),
         ],
     );
     let gw = Gateway::start(env.config()).await;
@@ -568,14 +576,12 @@ async fn one_address_cannot_take_every_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_budget_spent_answers_503_before_reading() {
     let env = Env::new("");
-    edit_config(
+    set_server(
         &env,
         &[
-            ("body_timeout = \"1s\"", "body_timeout = \"60s\""),
-            (
-                "max_body_bytes = 1048576\n",
-                "max_body_bytes = 1048576\nbody_budget_bytes = 1048576\n",
-            ),
+            ("body_timeout", r#""60s""#),
+            ("max_body_bytes", "1048576"),
+            ("body_budget_bytes", "1048576"),
         ],
     );
     let gw = Gateway::start(env.config()).await;
@@ -633,10 +639,7 @@ secret = { file = "stripe.key" }
 max_body_bytes = 4194304
 "#,
     );
-    edit_config(
-        &env,
-        &[("max_body_bytes = 1048576\n", "max_body_bytes = 26214400\n")],
-    );
+    set_server(&env, &[("max_body_bytes", "26214400")]);
     let gw = Gateway::start(env.config()).await;
     let two_mib = 2 * 1024 * 1024;
     for source in ["stripe", "slack", "linear"] {
