@@ -7,6 +7,12 @@
 //! the median, rather than read back from criterion's files: those live
 //! wherever `CRITERION_HOME` points and do not exist in `--test` mode.
 //!
+//! A second table is the pre-auth worst case: a 4 MiB body whose signature
+//! header holds as many wrong entries as are read (16) or far more (1,300),
+//! no secret needed to send it. Its cost is given in MACs of the body: the
+//! hostile request's time over one bare HMAC of the same body, in the same run.
+//! It should be about one per configured key.
+//!
 //! `cargo bench --bench verify` for figures; `cargo test --release --benches`
 //! runs each once as a smoke test.
 
@@ -331,6 +337,160 @@ fn ratio_table(cases: &[Case], bare: &Bare, now: i64, rounds: usize, iters: usiz
     }
 }
 
+/// The hostile body: large, so the MAC dominates the cost.
+const HOSTILE_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// One unauthenticated request built to cost as much as it can.
+struct Hostile {
+    name: &'static str,
+    keys: usize,
+    verifier: Verifier,
+    headers: HeaderMap,
+}
+
+fn whsec(n: u8) -> Secret {
+    Secret::new(
+        format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode([n; 32])
+        )
+        .as_bytes(),
+    )
+}
+
+fn hostile_cases(now: i64) -> Vec<Hostile> {
+    let one = [whsec(7)];
+    let two = [whsec(7), whsec(8)];
+    let b64 = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode([0xAB; 32])
+    );
+    let standard_headers = |n: usize| {
+        headers([
+            ("webhook-id", "msg_hostile".to_string()),
+            ("webhook-timestamp", now.to_string()),
+            ("webhook-signature", vec![b64.as_str(); n].join(" ")),
+        ])
+    };
+    let stripe_sig = format!(
+        "t={now},{}",
+        vec![format!("v1={}", hex::encode([0xAB; 32])); 16].join(",")
+    );
+    let standard = |keys: &[Secret]| StandardWebhooks::new(keys, DEFAULT_TOLERANCE).expect("keys");
+    vec![
+        Hostile {
+            name: "standard, 16 entries",
+            keys: 1,
+            verifier: Verifier::Standard(standard(&one)),
+            headers: standard_headers(16),
+        },
+        Hostile {
+            name: "standard, 1300 entries",
+            keys: 1,
+            verifier: Verifier::Standard(standard(&one)),
+            headers: standard_headers(1300),
+        },
+        Hostile {
+            name: "standard, 16 entries",
+            keys: 2,
+            verifier: Verifier::Standard(standard(&two)),
+            headers: standard_headers(16),
+        },
+        Hostile {
+            name: "stripe, 16 entries",
+            keys: 1,
+            verifier: Verifier::Stripe(Stripe::new(&one, DEFAULT_TOLERANCE)),
+            headers: headers([("stripe-signature", stripe_sig)]),
+        },
+        Hostile {
+            name: "gitlab-signing, 16 entries",
+            keys: 1,
+            verifier: Verifier::Gitlab(Gitlab::new(
+                GitlabMode::Signature,
+                &[],
+                Some(standard(&one)),
+            )),
+            headers: standard_headers(16),
+        },
+    ]
+}
+
+fn criterion_hostile(c: &mut Criterion, body: &Bytes, now: i64) {
+    let bare = Bare::new(body);
+    let mut group = c.benchmark_group("pre-auth-worst-case");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.bench_function("bare hmac of the body", |b| {
+        b.iter(|| assert!(black_box(&bare).check()))
+    });
+    for case in hostile_cases(now) {
+        group.bench_function(format!("{}, {} key(s)", case.name, case.keys), |b| {
+            b.iter_batched(
+                || case.headers.clone(),
+                |h| {
+                    case.verifier
+                        .verify_at(h, black_box(body.clone()), now)
+                        .expect_err("hostile")
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+fn time_hostile(case: &Hostile, body: &Bytes, iters: usize, now: i64) -> f64 {
+    let inputs: Vec<HeaderMap> = (0..iters).map(|_| case.headers.clone()).collect();
+    let start = Instant::now();
+    for h in inputs {
+        let r = case.verifier.verify_at(h, black_box(body.clone()), now);
+        assert!(r.is_err(), "{}: a hostile request verified", case.name);
+    }
+    start.elapsed().as_nanos() as f64 / iters as f64
+}
+
+/// The pre-auth worst case in MACs of the body, interleaved round by round
+/// with a bare HMAC of the same body.
+fn hostile_table(body: &Bytes, now: i64, rounds: usize, iters: usize) {
+    let bare = Bare::new(body);
+    let cases = hostile_cases(now);
+    let mut bare_ns = Vec::with_capacity(rounds);
+    let mut case_ns = vec![Vec::with_capacity(rounds); cases.len()];
+    for _ in 0..rounds {
+        bare_ns.push(time_bare(&bare, iters));
+        for (case, ns) in cases.iter().zip(&mut case_ns) {
+            ns.push(time_hostile(case, body, iters, now));
+        }
+    }
+    let base = median(bare_ns);
+    println!();
+    println!(
+        "pre-auth worst case: {} MiB body, wrong signatures, no secret; median of {rounds} interleaved rounds of {iters} calls",
+        body.len() / (1024 * 1024)
+    );
+    println!(
+        "{:<28} {:>4} {:>12}  {:>14}",
+        "request", "keys", "ms/request", "MACs of body"
+    );
+    println!(
+        "{:<28} {:>4} {:>12.2}  {:>14.2}",
+        "bare hmac of the body",
+        1,
+        base / 1e6,
+        1.0
+    );
+    for (case, ns) in cases.iter().zip(case_ns) {
+        let ns = median(ns);
+        println!(
+            "{:<28} {:>4} {:>12.2}  {:>14.2}",
+            case.name,
+            case.keys,
+            ns / 1e6,
+            ns / base
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let bench_mode = args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test");
@@ -341,8 +501,10 @@ fn main() {
     let cases = cases(&body, now);
     let bare = Bare::new(&body);
 
+    let big = Bytes::from(vec![b'x'; HOSTILE_BODY_BYTES]);
     let mut c = Criterion::default().configure_from_args();
     criterion_groups(&mut c, &cases, &bare, now);
+    criterion_hostile(&mut c, &big, now);
     c.final_summary();
 
     if listing {
@@ -351,4 +513,6 @@ fn main() {
     // In test mode only prove the table code runs.
     let (rounds, iters) = if bench_mode { (15, 3000) } else { (1, 10) };
     ratio_table(&cases, &bare, now, rounds, iters);
+    let (rounds, iters) = if bench_mode { (9, 5) } else { (1, 1) };
+    hostile_table(&big, now, rounds, iters);
 }

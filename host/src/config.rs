@@ -80,7 +80,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Where the store, generated secrets and caches live; env `SLUICE_DATA` overrides.
     pub data_dir: PathBuf,
-    /// Largest accepted body, in bytes (413 beyond). Sources may lower or raise it.
+    /// Largest accepted body, in bytes (413 beyond). Sources may lower or raise it;
+    /// Stripe, Slack and Linear sources default to 1 MiB.
     pub max_body_bytes: usize,
     /// Time a client has to send its request headers.
     #[serde(deserialize_with = "duration")]
@@ -90,6 +91,12 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     /// Most connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Most connections one client (an IPv4 address, an IPv6 /64) may hold at
+    /// once; beyond it a new connection is closed unread. Trusted proxies are exempt.
+    pub max_connections_per_client: usize,
+    /// Body bytes all requests together may hold before verification; a request
+    /// that does not fit answers 503 with `Retry-After` instead of being buffered.
+    pub body_budget_bytes: usize,
     /// Proxies whose `X-Forwarded-For` is believed (CIDR), e.g. a tunnel on loopback.
     pub trusted_proxies: Vec<IpNet>,
     /// `text` or `json`; env `SLUICE_LOG_FORMAT` overrides.
@@ -108,6 +115,8 @@ impl Default for ServerConfig {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             max_connections: 2048,
+            max_connections_per_client: 64,
+            body_budget_bytes: 256 * 1024 * 1024,
             trusted_proxies: Vec::new(),
             log_format: LogFormat::Text,
         }
@@ -249,7 +258,7 @@ pub struct SourceConfig {
     pub delivery_header: Option<String>,
     /// Generic HMAC: the header carrying the event kind.
     pub kind_header: Option<String>,
-    /// Overrides `server.max_body_bytes` for this source.
+    /// Overrides the provider's default body cap (see [`SourceConfig::max_body`]).
     pub max_body_bytes: Option<usize>,
     /// Only these client networks may post here (CIDR).
     pub allow_ips: Option<Vec<IpNet>>,
@@ -258,7 +267,22 @@ pub struct SourceConfig {
     pub rate_limit: Option<RateLimit>,
 }
 
+/// The body cap of providers whose payloads are small (Stripe, Slack, Linear).
+pub const SMALL_BODY_BYTES: usize = 1024 * 1024;
+
 impl SourceConfig {
+    /// The largest body this source accepts: its own `max_body_bytes`, else 1 MiB
+    /// for providers that send small payloads (Stripe, Slack, Linear: a large
+    /// body there can only be hostile), else `server.max_body_bytes`.
+    pub fn max_body(&self, server: &ServerConfig) -> usize {
+        self.max_body_bytes.unwrap_or(match self.provider {
+            Provider::Stripe | Provider::Slack | Provider::Linear => {
+                SMALL_BODY_BYTES.min(server.max_body_bytes)
+            }
+            _ => server.max_body_bytes,
+        })
+    }
+
     /// The primary secrets, `secret` or `secrets`, whichever is set.
     pub fn secret_specs(&self) -> Vec<SecretSpec> {
         match (&self.secret, &self.secrets) {
@@ -374,6 +398,21 @@ impl Config {
         let err = |key: String, msg: &str| Err(ConfigError::new(&self.origin, key, msg));
         if self.server.max_body_bytes == 0 {
             return err("server.max_body_bytes".into(), "must be greater than 0");
+        }
+        if self.server.max_connections_per_client == 0 {
+            return err(
+                "server.max_connections_per_client".into(),
+                "must be greater than 0",
+            );
+        }
+        if self.server.body_budget_bytes == 0 {
+            return err("server.body_budget_bytes".into(), "must be greater than 0");
+        }
+        if self.server.body_budget_bytes > u32::MAX as usize {
+            return err(
+                "server.body_budget_bytes".into(),
+                "must be at most 4294967295 (4 GiB)",
+            );
         }
         if self.shield.enabled && (self.shield.per_second == 0 || self.shield.burst == 0) {
             return err(
@@ -518,6 +557,16 @@ impl Config {
             }
             if src.max_body_bytes == Some(0) {
                 return err(at("max_body_bytes"), "must be greater than 0");
+            }
+            if src.max_body(&self.server) > self.server.body_budget_bytes {
+                return err(
+                    "server.body_budget_bytes".into(),
+                    &format!(
+                        "must be at least the largest body a source accepts ({} bytes for sources.{name}): \
+                         its largest deliveries could never be received",
+                        src.max_body(&self.server)
+                    ),
+                );
             }
             if let Some(rl) = &src.rate_limit
                 && (rl.per_second == 0 || rl.burst == 0)

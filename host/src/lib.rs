@@ -23,6 +23,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 
 use crate::config::Config;
+use crate::ingress::budget::BodyBudget;
 use crate::ingress::dedup::Dedup;
 use crate::ingress::shield::Shield;
 use crate::ingress::source::{SecretReport, Sources, build_sources};
@@ -39,8 +40,10 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Sources by name, with their verifiers and loaded secrets.
     pub sources: Sources,
-    /// The per-IP shield.
+    /// The per-client shield.
     pub shield: Shield,
+    /// Body bytes all requests together may hold before verification.
+    pub body_budget: BodyBudget,
     /// The in-memory dedup cache.
     pub dedup: Dedup,
     /// The durable event log.
@@ -65,6 +68,7 @@ impl AppState {
             .map_err(|e| anyhow::anyhow!("{}: store.path: {e}", config.origin))?;
         let state = AppState {
             shield: Shield::new(&config.shield),
+            body_budget: BodyBudget::new(config.server.body_budget_bytes),
             dedup: Dedup::new(config.store.dedup_capacity, config.store.dedup_ttl),
             sources,
             store: Arc::new(store),

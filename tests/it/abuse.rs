@@ -1,9 +1,12 @@
 //! Bad input gets a clean 4xx or a timeout, and the server keeps serving:
 //! oversized, truncated, non-UTF-8, deeply nested and empty bodies, absurd
-//! headers, slow-drip clients, unknown sources, and the per-IP shield.
+//! headers, slow-drip clients, unknown sources, and the per-IP shield; one
+//! client's share of connections and of the body bytes buffered before
+//! verification; hostile signature headers and `X-Forwarded-For` values.
 
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use bytes::Bytes;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -44,10 +47,7 @@ async fn raw(gw: &Gateway, bytes: &[u8], wait: Duration) -> String {
 
 /// Sets both read timeouts to 1 s, for tests of what they cut off.
 fn short_timeouts(env: &Env) {
-    env.edit(
-        "header_timeout = \"10s\"\nbody_timeout = \"10s\"",
-        "header_timeout = \"1s\"\nbody_timeout = \"1s\"",
-    );
+    env.set_server(&[("header_timeout", r#""1s""#), ("body_timeout", r#""1s""#)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,5 +339,258 @@ async fn allow_list_and_trusted_proxy() {
         gw.post_signed("github", &spoofed).await.0,
         StatusCode::FORBIDDEN
     );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_signature_entries_are_refused_unhashed() {
+    let env = Env::new(
+        r#"
+[sources.standard-big]
+provider = "standard-webhooks"
+secret = { file = "standard.key" }
+max_body_bytes = 8388608
+"#,
+    );
+    let gw = Gateway::start(env.config()).await;
+    let body = Bytes::from(format!(
+        r#"{{"type":"big.event","pad":"{}"}}"#,
+        "a".repeat(4 * 1024 * 1024)
+    ));
+    let signed = env.signer("standard-big").sign("big.event", &body).unwrap();
+    let good = crate::support::header(&signed, "webhook-signature");
+    let fake = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode([0xAB; 32])
+    );
+    // ~62 KB of entries (under the 64 KiB head limit): refused as malformed,
+    // not hashed once per entry.
+    let hostile = vec![fake.as_str(); 1300].join(" ");
+    let req = crate::support::with_header(&signed, "webhook-signature", Some(&hostile));
+    let (s, b) = gw.post_signed("standard-big", &req).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
+    assert_eq!(b["reason"], "malformed_header", "{b}");
+    assert_eq!(b["header"], "webhook-signature", "{b}");
+    // A full header with the right entry among wrong ones still verifies
+    // (a 4 MiB body: verified off the async workers).
+    let mut entries = vec![fake.as_str(); 15];
+    entries.insert(7, good.as_str());
+    let req = crate::support::with_header(&signed, "webhook-signature", Some(&entries.join(" ")));
+    let (s, b) = gw.post_signed("standard-big", &req).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_forwarded_for_is_never_the_proxy() {
+    let env = Env::new("");
+    env.set_server(&[("trusted_proxies", r#"["127.0.0.1/32"]"#)]);
+    // The proxy's own address is allowed: only a client that really is the
+    // proxy may use that.
+    let text = std::fs::read_to_string(&env.config_path).unwrap().replacen(
+        "provider = \"github\"\n",
+        "provider = \"github\"\nallow_ips = [\"127.0.0.1/32\", \"192.0.2.0/24\"]\n",
+        1,
+    );
+    std::fs::write(&env.config_path, text).unwrap();
+    let gw = Gateway::start(env.config()).await;
+    let signer = env.signer("github");
+    let sign = |zen: &str| {
+        signer
+            .sign("ping", &Bytes::from(format!(r#"{{"zen":"{zen}"}}"#)))
+            .unwrap()
+    };
+    for (n, bad) in [
+        "192.0.2.10\u{e9}",
+        "caf\u{e9}",
+        "not-an-address",
+        "192.0.2.10, junk",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let req =
+            crate::support::with_header(&sign(&format!("bad{n}")), "x-forwarded-for", Some(bad));
+        let (s, b) = gw.post_signed("github", &req).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "X-Forwarded-For {bad:?}: {b}");
+    }
+    let ok = crate::support::with_header(&sign("good"), "x-forwarded-for", Some("192.0.2.10"));
+    let (s, b) = gw.post_signed("github", &ok).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    gw.stop().await;
+}
+
+/// A connection to `to` from the loopback address `from` (all of 127/8 is
+/// loopback on Linux, so each is another client).
+async fn connect_from(from: [u8; 4], to: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::from((from, 0))).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// Sends one request on `s` and reads its answer until close (or `wait`).
+async fn exchange(s: &mut TcpStream, request: &[u8], wait: Duration) -> String {
+    let _ = s.write_all(request).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An unsigned request the gateway answers at once (401), closing after.
+const UNSIGNED: &[u8] =
+    b"POST /hooks/github HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}";
+
+/// The first bytes the peer answers on `s` (empty when it closes).
+async fn read_one(s: &mut TcpStream) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// True when the peer closes `s` (or resets it) within `wait`.
+async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(wait, s.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_connection() {
+    let env = Env::new("");
+    env.set_server(&[
+        // Idle connections must stay open on their own for the whole test.
+        ("header_timeout", r#""60s""#),
+        ("max_connections_per_client", "4"),
+    ]);
+    let gw = Gateway::start(env.config()).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect_from([127, 0, 0, 1], gw.addr).await);
+    }
+    // The fifth from the same address is closed unread (the kernel accepted it
+    // into the backlog; the gateway drops it).
+    let mut fifth = connect_from([127, 0, 0, 1], gw.addr).await;
+    assert!(
+        closed_within(&mut fifth, Duration::from_secs(20)).await,
+        "a fifth connection from one address was kept open"
+    );
+    // Another address is still served, and so are the four held ones.
+    let mut other = connect_from([127, 0, 0, 2], gw.addr).await;
+    let resp = exchange(&mut other, UNSIGNED, Duration::from_secs(20)).await;
+    assert!(resp.starts_with("HTTP/1.1 401"), "127.0.0.2: {resp:.80}");
+    let resp = exchange(&mut held[0], UNSIGNED, Duration::from_secs(20)).await;
+    assert!(resp.starts_with("HTTP/1.1 401"), "held: {resp:.80}");
+    // Once they close, the address may connect again.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut again = connect_from([127, 0, 0, 1], gw.addr).await;
+        let resp = exchange(&mut again, UNSIGNED, Duration::from_secs(5)).await;
+        if resp.starts_with("HTTP/1.1 401") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slots never came back: {resp:.80}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_budget_spent_answers_503_before_reading() {
+    let env = Env::new("");
+    env.set_server(&[
+        ("body_timeout", r#""60s""#),
+        ("max_body_bytes", "1048576"),
+        ("body_budget_bytes", "1048576"),
+    ]);
+    let gw = Gateway::start(env.config()).await;
+    // Two requests each declaring 700 kB and sending none of it: the budget
+    // holds one of them; the other must be turned away at once.
+    let head = b"POST /hooks/github HTTP/1.1\r\nhost: x\r\ncontent-length: 700000\r\n\r\n";
+    let mut a = connect_from([127, 0, 0, 1], gw.addr).await;
+    let mut b = connect_from([127, 0, 0, 1], gw.addr).await;
+    a.write_all(head).await.unwrap();
+    b.write_all(head).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::select! {
+            r = read_one(&mut a) => r,
+            r = read_one(&mut b) => r,
+        }
+    })
+    .await
+    .expect("neither request was answered: both bodies were waited for");
+    assert!(first.starts_with("HTTP/1.1 503"), "{first:.200}");
+    let retry = first
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .expect("Retry-After");
+    assert!(retry.trim().parse::<u64>().unwrap() >= 1, "{first}");
+    // The budget comes back when the held request ends.
+    drop((a, b));
+    let full = [
+        &b"POST /hooks/github HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 700000\r\n\r\n"[..],
+        &vec![b'a'; 700_000],
+    ]
+    .concat();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = raw(&gw, &full, Duration::from_secs(5)).await;
+        if resp.starts_with("HTTP/1.1 401") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "budget never came back: {resp:.80}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    still_serving(&gw, &env).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_payload_providers_default_to_one_mib() {
+    let env = Env::new(
+        r#"
+[sources.stripe-big]
+provider = "stripe"
+secret = { file = "stripe.key" }
+max_body_bytes = 4194304
+"#,
+    );
+    env.set_server(&[("max_body_bytes", "26214400")]);
+    let gw = Gateway::start(env.config()).await;
+    let two_mib = 2 * 1024 * 1024;
+    for source in ["stripe", "slack", "linear"] {
+        // Declared: answered from Content-Length without reading the body.
+        let req = format!(
+            "POST /hooks/{source} HTTP/1.1\r\nhost: x\r\ncontent-length: {two_mib}\r\n\r\n{}",
+            "a".repeat(1024)
+        );
+        let resp = raw(&gw, req.as_bytes(), Duration::from_secs(10)).await;
+        assert!(resp.starts_with("HTTP/1.1 413"), "{source}: {resp:.80}");
+        assert!(
+            resp.contains(r#""limit_bytes":1048576"#),
+            "{source}: {resp}"
+        );
+    }
+    // GitHub keeps the server's 25 MiB; an explicit max_body_bytes wins.
+    for source in ["github", "stripe-big"] {
+        let req = [
+            format!(
+                "POST /hooks/{source} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {two_mib}\r\n\r\n"
+            )
+            .into_bytes(),
+            vec![b'a'; two_mib],
+        ]
+        .concat();
+        let resp = raw(&gw, &req, Duration::from_secs(20)).await;
+        assert!(resp.starts_with("HTTP/1.1 401"), "{source}: {resp:.80}");
+    }
     gw.stop().await;
 }

@@ -71,6 +71,30 @@ fn wrong_values_say_what_was_expected() {
 }
 
 #[test]
+fn intake_limits_are_validated_by_key() {
+    let e = err("[server]\nmax_connections_per_client = 0\n");
+    assert!(e.contains("server.max_connections_per_client"), "{e}");
+    let e = err("[server]\nbody_budget_bytes = 0\n");
+    assert!(e.contains("server.body_budget_bytes"), "{e}");
+    // A budget below a source's cap could never admit that source's largest body.
+    let e = err("[server]\nbody_budget_bytes = 2000000\n\
+         [sources.big]\nprovider = \"stripe\"\nsecret = { env = \"X\" }\nmax_body_bytes = 3000000\n");
+    assert!(
+        e.contains("server.body_budget_bytes") && e.contains("sources.big"),
+        "{e}"
+    );
+    // Stripe, Slack and Linear default to 1 MiB, inside a 2 MB budget; GitHub does not.
+    let ok = "[server]\nbody_budget_bytes = 2000000\n\
+              [sources.s]\nprovider = \"slack\"\nsecret = { env = \"X\" }\n";
+    let c = Config::parse(ok, "test.toml").unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.sources["s"].max_body(&c.server), 1024 * 1024);
+    let e = err("[server]\nbody_budget_bytes = 2000000\n\
+                 [sources.g]\nprovider = \"github\"\nsecret = { env = \"X\" }\n");
+    assert!(e.contains("sources.g"), "{e}");
+}
+
+#[test]
 fn a_named_secret_that_is_missing_is_an_error_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(

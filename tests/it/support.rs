@@ -52,7 +52,7 @@ pub struct Env {
 impl Env {
     /// A config with every provider and `extra` TOML appended to `[server]`-level text.
     /// Timeouts are generous (10 s), so a loaded machine never trips them;
-    /// a test of a timeout sets its own with [`Env::edit`].
+    /// a test of a timeout sets its own with [`Env::set_server`].
     pub fn new(extra: &str) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         // An empty rules directory: `serve` routes every event to nowhere.
@@ -125,11 +125,31 @@ kind_header = "X-Event"
         Env { dir, config_path }
     }
 
-    /// Replaces `from` with `to` in the config file (`from` must be there).
-    pub fn edit(&self, from: &str, to: &str) {
-        let text = std::fs::read_to_string(&self.config_path).expect("read config");
-        assert!(text.contains(from), "the test config has no {from:?}");
-        std::fs::write(&self.config_path, text.replacen(from, to, 1)).expect("write config");
+    /// Sets `[server]` keys of the test config (replacing the line, or adding it).
+    pub fn set_server(&self, keys: &[(&str, &str)]) {
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let start = lines
+            .iter()
+            .position(|l| l == "[server]")
+            .expect("[server]")
+            + 1;
+        let end = start
+            + lines[start..]
+                .iter()
+                .position(|l| l.starts_with('['))
+                .unwrap_or(lines.len() - start);
+        for (key, value) in keys {
+            let line = format!("{key} = {value}");
+            match lines[start..end]
+                .iter()
+                .position(|l| l.split('=').next().map(str::trim) == Some(*key))
+            {
+                Some(i) => lines[start + i] = line,
+                None => lines.insert(start, line),
+            }
+        }
+        std::fs::write(&self.config_path, lines.join("\n") + "\n").unwrap();
     }
 
     /// The loaded config.

@@ -13,11 +13,14 @@ use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use bytes::BytesMut;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 
+use super::budget::Reservation;
 use super::normalize::{NormalizeError, normalize};
-use super::shield::client_ip;
+use super::shield::client;
+use super::source::Source;
 use crate::AppState;
 use crate::event::{Provider, now_ms};
 use crate::store::Appended;
@@ -29,6 +32,7 @@ enum Refusal {
     Forbidden,
     RateLimited(std::time::Duration),
     TooLarge(usize),
+    OverBudget,
     BodyTimeout,
     BadBody(String),
     Unverified(super::verify::VerifyError),
@@ -53,6 +57,18 @@ impl IntoResponse for Refusal {
                     .into_response();
                 r.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                return r;
+            }
+            Refusal::OverBudget => {
+                let mut r = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"error": "too many bodies in flight, retry later"})),
+                )
+                    .into_response();
+                r.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(OVER_BUDGET_RETRY_SECS),
+                );
                 return r;
             }
             Refusal::TooLarge(limit) => (
@@ -92,6 +108,7 @@ impl Refusal {
             Refusal::Forbidden => "forbidden",
             Refusal::RateLimited(_) => "rate_limited",
             Refusal::TooLarge(_) => "too_large",
+            Refusal::OverBudget => "over_budget",
             Refusal::BodyTimeout => "body_timeout",
             Refusal::BadBody(_) => "bad_body",
             Refusal::Unverified(_) => "unverified",
@@ -140,10 +157,10 @@ async fn accept(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0)
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-    let ip = client_ip(peer, req.headers(), &state.config.server.trusted_proxies);
-    state.shield.check(ip).map_err(Refusal::RateLimited)?;
+    let client = client(peer, req.headers(), &state.config.server.trusted_proxies);
+    state.shield.check(client).map_err(Refusal::RateLimited)?;
     let source = state.sources.get(name).ok_or(Refusal::UnknownSource)?;
-    if !source.allow_ips.is_empty() && !source.allow_ips.iter().any(|n| n.contains(&ip)) {
+    if !source.allow_ips.is_empty() && !client.is_in(&source.allow_ips) {
         return Err(Refusal::Forbidden);
     }
     let (parts, body) = req.into_parts();
@@ -155,25 +172,24 @@ async fn accept(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(Refusal::TooLarge(limit));
     }
-    let body: Bytes = match tokio::time::timeout(
+    // A declared length is reserved whole before a byte is read.
+    let declared = declared.map_or(0, |n| n as usize);
+    let mut reserved = state
+        .body_budget
+        .reserve(declared)
+        .ok_or(Refusal::OverBudget)?;
+    let body = tokio::time::timeout(
         state.config.server.body_timeout,
-        Limited::new(body, limit).collect(),
+        read_body(body, limit, declared, &mut reserved),
     )
     .await
-    {
-        Err(_) => return Err(Refusal::BodyTimeout),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return Err(Refusal::TooLarge(limit));
-        }
-        Ok(Err(e)) => return Err(Refusal::BadBody(e.to_string())),
-        Ok(Ok(c)) => c.to_bytes(),
-    };
+    .map_err(|_| Refusal::BodyTimeout)??;
 
     // 2. Verify on the raw bytes.
-    let verified = source
-        .verifier
-        .verify(parts.headers, body)
+    let verified = verify(source, parts.headers, body)
+        .await
         .map_err(Refusal::Unverified)?;
+    drop(reserved);
     if let Some(limiter) = &source.limiter {
         limiter.check().map_err(|nu| {
             Refusal::RateLimited(nu.wait_time_from(governor::clock::Clock::now(
@@ -226,6 +242,56 @@ async fn accept(
             ("duplicate", duplicate(&id))
         }
     })
+}
+
+/// Seconds a request refused for want of body budget is told to wait.
+const OVER_BUDGET_RETRY_SECS: u64 = 2;
+
+/// Bodies larger than this are verified on the blocking pool: hashing a large
+/// body would hold an async worker, and every connection it serves, meanwhile.
+const VERIFY_INLINE_MAX: usize = 64 * 1024;
+
+/// Reads the body up to `limit`, holding budget for every byte read.
+async fn read_body(
+    body: axum::body::Body,
+    limit: usize,
+    declared: usize,
+    reserved: &mut Reservation,
+) -> Result<Bytes, Refusal> {
+    let mut body = Limited::new(body, limit);
+    let mut buf = BytesMut::with_capacity(declared.min(limit));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            if e.downcast_ref::<LengthLimitError>().is_some() {
+                Refusal::TooLarge(limit)
+            } else {
+                Refusal::BadBody(e.to_string())
+            }
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if !reserved.grow_to(buf.len() + data.len()) {
+                return Err(Refusal::OverBudget);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Verifies off the async workers when the body is large.
+async fn verify(
+    source: &Arc<Source>,
+    headers: http::HeaderMap,
+    body: Bytes,
+) -> Result<super::verify::Verified, super::verify::VerifyError> {
+    if body.len() <= VERIFY_INLINE_MAX {
+        return source.verifier.verify(headers, body);
+    }
+    let source = source.clone();
+    match tokio::task::spawn_blocking(move || source.verifier.verify(headers, body)).await {
+        Ok(verified) => verified,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 fn duplicate(id: &str) -> Response {

@@ -4,6 +4,7 @@
 //! and the types enforce it: only [`verify::Verified`] can be normalised into a
 //! [`NewEvent`], and only a `NewEvent` can be appended to the store.
 
+pub mod budget;
 pub mod dedup;
 pub mod handler;
 pub mod normalize;

@@ -206,7 +206,7 @@ pub fn build_source(
         provider: sc.provider,
         verifier,
         naming,
-        max_body_bytes: sc.max_body_bytes.unwrap_or(config.server.max_body_bytes),
+        max_body_bytes: sc.max_body(&config.server),
         allow_ips: sc.allow_ips.clone().unwrap_or_default(),
         limiter,
     })

@@ -31,7 +31,7 @@ impl Github {
             .strip_prefix("sha256=")
             .ok_or(VerifyError::Malformed("X-Hub-Signature-256"))?;
         let sig = hex_mac(hex_sig, "X-Hub-Signature-256")?;
-        if self.keys.any_matches(&[body], &sig) {
+        if self.keys.any_matches(&[body], &[&sig]) {
             Ok(())
         } else {
             Err(VerifyError::Mismatch("X-Hub-Signature-256"))

@@ -51,7 +51,7 @@ impl GenericHmac {
                 .map_err(|_| hex::FromHexError::InvalidStringLength),
         }
         .map_err(|_| VerifyError::Malformed(name))?;
-        if self.keys.any_matches(&[body], &sig) {
+        if self.keys.any_matches(&[body], &[&sig]) {
             Ok(())
         } else {
             Err(VerifyError::Mismatch(name))

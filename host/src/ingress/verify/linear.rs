@@ -43,7 +43,7 @@ impl Linear {
     ) -> Result<(), VerifyError> {
         let sig = required(headers, "linear-signature")?;
         let raw = hex_mac(sig, "Linear-Signature")?;
-        if !self.keys.any_matches(&[body], &raw) {
+        if !self.keys.any_matches(&[body], &[&raw]) {
             return Err(VerifyError::Mismatch("Linear-Signature"));
         }
         // Only after the signature holds is the body worth parsing. Linear

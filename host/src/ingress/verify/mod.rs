@@ -19,6 +19,7 @@ use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http::HeaderMap;
 use sha2::Sha256;
+use subtle::{Choice, ConstantTimeEq};
 
 pub use github::Github;
 pub use gitlab::Gitlab;
@@ -161,6 +162,9 @@ pub fn unix_now() -> i64 {
     crate::event::now_ms() / 1000
 }
 
+/// Most signature entries read from one header; a header with more is malformed.
+pub(crate) const MAX_SIGNATURES: usize = 16;
+
 /// A set of HMAC-SHA256 keys, keyed once at load so each request only clones.
 #[derive(Clone)]
 pub(crate) struct MacKeys(Vec<Hmac<Sha256>>);
@@ -186,19 +190,29 @@ impl MacKeys {
         MacKeys::new(secrets.iter().map(Secret::expose))
     }
 
-    /// True when `sig` is the MAC of the concatenated `parts` under any key.
-    /// `verify_slice` compares in constant time.
-    pub(crate) fn any_matches(&self, parts: &[&[u8]], sig: &[u8]) -> bool {
-        let mut ok = false;
+    /// True when any of `candidates` is the MAC of the concatenated `parts`
+    /// under any key. Each key's MAC is computed once, however many candidates
+    /// there are (at most [`MAX_SIGNATURES`]: the header parsers refuse more),
+    /// so a request costs one MAC of the body per key. Every key is compared
+    /// with every candidate in constant time with no early exit, so timing
+    /// reveals neither which key nor which candidate matched.
+    pub(crate) fn any_matches(&self, parts: &[&[u8]], candidates: &[&[u8]]) -> bool {
+        debug_assert!(candidates.len() <= MAX_SIGNATURES);
+        let mut ok = Choice::from(0);
         for key in &self.0 {
+            #[cfg(test)]
+            tests::count_mac();
             let mut mac = key.clone();
             for p in parts {
                 mac.update(p);
             }
-            // No early exit: every key is tried, so timing does not reveal which matched.
-            ok |= mac.verify_slice(sig).is_ok();
+            let mac = mac.finalize().into_bytes();
+            for c in candidates {
+                // Unequal lengths compare false (lengths are not secret).
+                ok |= mac.as_slice().ct_eq(c);
+            }
         }
-        ok
+        ok.into()
     }
 
     /// The MAC of `parts` under the first key (for signing test requests).
@@ -259,3 +273,127 @@ pub(crate) fn check_timestamp(
 
 /// The default replay window for timestamped schemes.
 pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(300);
+
+#[cfg(test)]
+mod tests {
+    //! What one hostile request costs, counted in MACs of its body.
+
+    use std::cell::Cell;
+
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as B64;
+
+    use super::*;
+
+    thread_local! {
+        static MACS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// Called wherever a MAC over the signed content (and so the body) is computed.
+    pub(super) fn count_mac() {
+        MACS.with(|c| c.set(c.get() + 1));
+    }
+
+    /// The MACs of the body one `verify_at` computes (verification runs on this thread).
+    fn macs_for(
+        v: &Verifier,
+        headers: HeaderMap,
+        body: &Bytes,
+        now: i64,
+    ) -> (usize, Result<(), VerifyError>) {
+        MACS.with(|c| c.set(0));
+        let r = v.verify_at(headers, body.clone(), now).map(|_| ());
+        (MACS.with(Cell::get), r)
+    }
+
+    fn headers(pairs: &[(&'static str, String)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().expect("header value"));
+        }
+        h
+    }
+
+    const NOW: i64 = 1_700_000_000;
+
+    fn whsec(n: u8) -> Secret {
+        Secret::new(format!("whsec_{}", B64.encode([n; 32])).as_bytes())
+    }
+
+    /// Each scheme with two keys (a rotation), and a header holding `n` wrong
+    /// `v1` entries: what that header looks like, per scheme.
+    fn hostile(n: usize) -> Vec<(&'static str, Verifier, HeaderMap)> {
+        let keys = [whsec(1), whsec(2)];
+        let fake_b64 = B64.encode([0xAB; 32]);
+        let fake_hex = hex::encode([0xAB; 32]);
+        let standard_sig = vec![format!("v1,{fake_b64}"); n].join(" ");
+        let standard_headers = headers(&[
+            ("webhook-id", "msg_1".into()),
+            ("webhook-timestamp", NOW.to_string()),
+            ("webhook-signature", standard_sig),
+        ]);
+        let stripe_sig = format!("t={NOW},{}", vec![format!("v1={fake_hex}"); n].join(","));
+        let standard = || StandardWebhooks::new(&keys, DEFAULT_TOLERANCE).expect("keys");
+        vec![
+            (
+                "standard",
+                Verifier::Standard(standard()),
+                standard_headers.clone(),
+            ),
+            (
+                "stripe",
+                Verifier::Stripe(Stripe::new(&keys, DEFAULT_TOLERANCE)),
+                headers(&[("stripe-signature", stripe_sig)]),
+            ),
+            (
+                "gitlab-signing",
+                Verifier::Gitlab(Gitlab::new(
+                    crate::config::GitlabMode::Signature,
+                    &[],
+                    Some(standard()),
+                )),
+                standard_headers,
+            ),
+        ]
+    }
+
+    #[test]
+    fn a_full_header_costs_one_body_mac_per_key() {
+        let body = Bytes::from(vec![b'x'; 4096]);
+        for (name, v, h) in hostile(MAX_SIGNATURES) {
+            let (macs, r) = macs_for(&v, h, &body, NOW);
+            assert!(matches!(r, Err(VerifyError::Mismatch(_))), "{name}: {r:?}");
+            assert_eq!(macs, 2, "{name}: {MAX_SIGNATURES} entries, two keys");
+        }
+    }
+
+    #[test]
+    fn thirteen_hundred_entries_cost_no_more_than_one_mac_per_key() {
+        let body = Bytes::from(vec![b'x'; 4096]);
+        for (name, v, h) in hostile(1300) {
+            let (macs, r) = macs_for(&v, h, &body, NOW);
+            // More entries than the cap: refused as malformed before any MAC.
+            assert!(matches!(r, Err(VerifyError::Malformed(_))), "{name}: {r:?}");
+            assert!(
+                macs <= 2,
+                "{name}: 1,300 entries cost {macs} MACs of the body"
+            );
+        }
+    }
+
+    #[test]
+    fn the_right_signature_among_wrong_ones_still_verifies() {
+        let body = Bytes::from_static(br#"{"type":"x"}"#);
+        let keys = [whsec(1), whsec(2)];
+        let v = StandardWebhooks::new(&keys, DEFAULT_TOLERANCE).expect("keys");
+        let mut signed = v.sign("msg_1", NOW, &body);
+        let good = signed.pop().expect("signature").1;
+        let fake = format!("v1,{}", B64.encode([0xAB; 32]));
+        let value = format!("{fake} {fake} {good} {fake}");
+        let mut h = headers(&signed);
+        h.insert("webhook-signature", value.parse().expect("value"));
+        let (macs, r) = macs_for(&Verifier::Standard(v), h, &body, NOW);
+        assert_eq!(r, Ok(()));
+        assert_eq!(macs, 2);
+    }
+}

@@ -39,7 +39,7 @@ impl Slack {
         check_timestamp(ts, now, self.tolerance, "X-Slack-Request-Timestamp")?;
         if self
             .keys
-            .any_matches(&[b"v0:", ts.trim().as_bytes(), b":", body], &raw)
+            .any_matches(&[b"v0:", ts.trim().as_bytes(), b":", body], &[&raw])
         {
             Ok(())
         } else {

@@ -2,7 +2,8 @@
 //!
 //! The key is the base64 part of a `whsec_` secret; the signed content is
 //! `{id}.{timestamp}.{body}`; the signature header holds space-separated
-//! `v1,<base64>` entries, any of which may match. `svix-*` headers are accepted
+//! `v1,<base64>` entries, any of which may match (at most [`MAX_SIGNATURES`]
+//! entries; a header with more is malformed). `svix-*` headers are accepted
 //! as aliases, since Svix senders still use them.
 
 use std::time::Duration;
@@ -11,7 +12,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use http::HeaderMap;
 
-use super::{MacKeys, VerifyError, check_timestamp, header};
+use super::{MAX_SIGNATURES, MacKeys, VerifyError, check_timestamp, header};
 use crate::secret::Secret;
 
 /// A Standard Webhooks secret that is not `whsec_` + base64.
@@ -90,21 +91,30 @@ impl StandardWebhooks {
             b".",
             body,
         ];
+        // Parse every entry first, then MAC once: the body is hashed once per
+        // key however many entries the header holds.
         let mut saw_v1 = false;
-        for entry in h.signature.split_ascii_whitespace() {
+        let mut sigs: Vec<[u8; 32]> = Vec::new();
+        for (n, entry) in h.signature.split_ascii_whitespace().enumerate() {
+            if n == MAX_SIGNATURES {
+                return Err(VerifyError::Malformed("webhook-signature"));
+            }
             let Some(b64) = entry.strip_prefix("v1,") else {
                 continue;
             };
             saw_v1 = true;
-            let Ok(sig) = B64.decode(b64) else { continue };
-            if sig.len() == 32 && self.keys.any_matches(&signed, &sig) {
-                return Ok(());
+            if let Some(sig) = B64.decode(b64).ok().and_then(|s| s.try_into().ok()) {
+                sigs.push(sig);
             }
         }
-        if saw_v1 {
-            Err(VerifyError::Mismatch("webhook-signature"))
+        if !saw_v1 {
+            return Err(VerifyError::Malformed("webhook-signature"));
+        }
+        let candidates: Vec<&[u8]> = sigs.iter().map(|s| s.as_slice()).collect();
+        if !candidates.is_empty() && self.keys.any_matches(&signed, &candidates) {
+            Ok(())
         } else {
-            Err(VerifyError::Malformed("webhook-signature"))
+            Err(VerifyError::Mismatch("webhook-signature"))
         }
     }
 

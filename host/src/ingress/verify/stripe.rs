@@ -2,13 +2,14 @@
 //!
 //! The key is the whole `whsec_…` string as bytes (Stripe does not decode it);
 //! the signed content is `{t}.{body}`. Several `v1` entries may be present
-//! during Stripe's own secret rotation; any match is enough.
+//! during Stripe's own secret rotation; any match is enough. At most
+//! [`MAX_SIGNATURES`] signature entries are read: a header with more is malformed.
 
 use std::time::Duration;
 
 use http::HeaderMap;
 
-use super::{MacKeys, VerifyError, check_timestamp, hex_mac, required};
+use super::{MAX_SIGNATURES, MacKeys, VerifyError, check_timestamp, hex_mac, required};
 use crate::secret::Secret;
 
 const NAME: &str = "Stripe-Signature";
@@ -38,11 +39,20 @@ impl Stripe {
         let value = required(headers, "stripe-signature")?;
         let mut t = None;
         let mut sigs = Vec::new();
+        let mut entries = 0;
         for item in value.split(',') {
             match item.trim().split_once('=') {
                 Some(("t", v)) => t = Some(v),
-                Some(("v1", v)) => sigs.push(v),
-                Some(_) => {}
+                Some((scheme, v)) => {
+                    // Every signature entry counts toward the cap, whatever its scheme.
+                    entries += 1;
+                    if entries > MAX_SIGNATURES {
+                        return Err(VerifyError::Malformed(NAME));
+                    }
+                    if scheme == "v1" {
+                        sigs.push(v);
+                    }
+                }
                 // Stripe's own libraries skip items they cannot split.
                 None => {}
             }
@@ -52,14 +62,14 @@ impl Stripe {
             return Err(VerifyError::Malformed(NAME));
         }
         check_timestamp(t, now, self.tolerance, NAME)?;
-        let signed = [t.as_bytes(), b".", body];
-        let mut ok = false;
-        for s in sigs {
-            if let Ok(sig) = hex_mac(s, NAME) {
-                ok |= self.keys.any_matches(&signed, &sig);
-            }
-        }
-        if ok {
+        // Decode every entry, then MAC once: one MAC of the body per key.
+        let sigs: Vec<[u8; 32]> = sigs.iter().filter_map(|s| hex_mac(s, NAME).ok()).collect();
+        let candidates: Vec<&[u8]> = sigs.iter().map(|s| s.as_slice()).collect();
+        if !candidates.is_empty()
+            && self
+                .keys
+                .any_matches(&[t.as_bytes(), b".", body], &candidates)
+        {
             Ok(())
         } else {
             Err(VerifyError::Mismatch(NAME))
