@@ -345,6 +345,9 @@ struct EpochGate {
 #[derive(Debug, Default)]
 struct GateState {
     in_flight: usize,
+    /// The ticker waits on the condition variable (only then is it notified:
+    /// a call that finds it awake costs no system call).
+    parked: bool,
     /// Set when the engine goes: the ticker thread ends.
     closed: bool,
 }
@@ -355,7 +358,8 @@ impl EpochGate {
     fn enter(self: &Arc<Self>) -> InFlight {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.in_flight += 1;
-        if state.in_flight == 1 {
+        if state.parked {
+            state.parked = false;
             self.wake.notify_one();
         }
         InFlight(self.clone())
@@ -368,11 +372,12 @@ impl EpochGate {
 
     /// Blocks while no call is in flight; false once the engine is gone.
     fn wait_for_calls(&self) -> bool {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let state = self
-            .wake
-            .wait_while(state, |s| s.in_flight == 0 && !s.closed)
-            .unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while state.in_flight == 0 && !state.closed {
+            state.parked = true;
+            state = self.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.parked = false;
         !state.closed
     }
 }
