@@ -2126,3 +2126,45 @@ fn the_pool_ceilings_are_config_and_a_manifest_asking_for_more_is_refused() {
     );
     RulesConfig::default().validate().unwrap();
 }
+
+#[test]
+fn the_epoch_advances_only_while_a_guest_call_is_in_flight() {
+    // An engine of its own: the shared one serves the other tests' calls.
+    let engine = WasmEngine::new(None).unwrap();
+    let path = component("loop");
+    let manifest_path = repo().join("epoch-test.toml");
+    let text = format!(
+        "name = \"loop\"\ncomponent = {:?}\n[grants]\nwasi = true\n[limits]\ntimeout_ms = 50",
+        path.display().to_string()
+    );
+    let m = Manifest::parse(&manifest_path, &text).unwrap();
+    let rule =
+        Rule::from_manifest(&m, &manifest_path, &text, &RulesConfig::default(), &engine).unwrap();
+    let idle = |what: &str| {
+        // A tick already under way when the last call ended may still land.
+        let mut before = engine.epoch_ticks();
+        loop {
+            std::thread::sleep(Duration::from_millis(20));
+            let now = engine.epoch_ticks();
+            if now == before {
+                break;
+            }
+            before = now;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(
+            engine.epoch_ticks(),
+            before,
+            "{what}: the epoch advanced with no call in flight"
+        );
+    };
+    idle("before any call");
+    let before = engine.epoch_ticks();
+    let r = rule.classify(&issues_opened());
+    assert!(matches!(r, Err(RuleFailure::Timeout(_))), "{r:?}");
+    assert!(
+        engine.epoch_ticks() - before >= 50,
+        "a 50 ms deadline needs 50 ticks"
+    );
+    idle("after the call");
+}
