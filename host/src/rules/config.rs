@@ -178,7 +178,8 @@ pub struct Limits {
     /// Wall-clock budget of one call, in milliseconds (epoch deadline for
     /// components, a progress check for scripts).
     pub timeout_ms: u64,
-    /// Linear memory a component may grow to, in MiB.
+    /// Linear memory a component may grow to, in MiB (at most
+    /// `rules.pool.max_memory_mb`).
     pub memory_mb: u64,
     /// rhai: operations one call may run.
     pub max_operations: u64,
@@ -291,7 +292,9 @@ impl Limits {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
-    /// Consecutive failures that switch a rule off.
+    /// Consecutive failures that switch a rule off (traps, timeouts and
+    /// memory exhaustion; a rule's own error values and over-limit answers
+    /// do not count).
     pub failures: u32,
     /// How long a switched-off rule stays off, in milliseconds.
     pub cooldown_ms: u64,
