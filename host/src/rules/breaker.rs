@@ -147,3 +147,51 @@ impl Breaker {
         self.consecutive.load(Ordering::Acquire)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker(failures: u32, cooldown_ms: u64) -> Breaker {
+        Breaker::new(&BreakerConfig {
+            failures,
+            cooldown_ms,
+        })
+    }
+
+    #[test]
+    fn a_trial_in_flight_keeps_the_breaker_open_past_its_cool_down() {
+        // No cool-down at all: only the trial in flight keeps others out.
+        let b = breaker(1, 0);
+        assert!(b.record(Outcome::Broke, false));
+        assert_eq!(b.admit(), BreakerState::HalfOpen);
+        for _ in 0..3 {
+            assert!(matches!(b.admit(), BreakerState::Open(_)));
+        }
+        b.record(Outcome::Ran, true);
+        assert_eq!(b.admit(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_trial_that_did_not_run_lets_the_next_caller_try() {
+        let b = breaker(1, 0);
+        b.record(Outcome::Broke, false);
+        assert_eq!(b.admit(), BreakerState::HalfOpen);
+        assert!(!b.record(Outcome::NotRun, true));
+        assert_eq!(b.admit(), BreakerState::HalfOpen);
+        // A failed trial reopens at once, whatever the count.
+        assert!(b.record(Outcome::Broke, true));
+    }
+
+    #[test]
+    fn only_sandbox_breaks_count() {
+        let b = breaker(2, 60_000);
+        for _ in 0..5 {
+            assert!(!b.record(Outcome::Ran, false));
+            assert!(!b.record(Outcome::NotRun, false));
+        }
+        assert!(!b.record(Outcome::Broke, false));
+        assert!(b.record(Outcome::Broke, false));
+        assert!(matches!(b.admit(), BreakerState::Open(_)));
+    }
+}
