@@ -353,8 +353,8 @@ struct GateState {
 }
 
 impl EpochGate {
-    /// Marks a call in flight until the guard drops; wakes the ticker for the
-    /// first one.
+    /// Marks a call in flight until the guard drops; wakes the ticker if it
+    /// is parked.
     fn enter(self: &Arc<Self>) -> InFlight {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.in_flight += 1;
