@@ -1,6 +1,7 @@
 //! What rules cost the host, measured on a real `sluice serve` child: a
-//! hostile answer's memory (its peak resident set, VmHWM) and the epoch
-//! ticker's wake-ups while nothing runs. The guests are hand-written WAT
+//! hostile answer's memory (its peak resident set, VmHWM), the epoch
+//! ticker's wake-ups while nothing runs, and the events a switched-off rule
+//! never saw (found again with `events ls`). The guests are hand-written WAT
 //! components implementing `sluice:router/classifier@0.1.0`.
 
 use std::io::{BufRead, BufReader};
@@ -310,4 +311,53 @@ async fn the_epoch_ticks_only_while_a_guest_runs() {
         "the ticker ran {ran} ticks for a 300 ms deadline"
     );
     idle("after the call");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_ls_finds_the_events_a_switched_off_rule_never_saw() {
+    let env = Env::new("[rules.breaker]\nfailures = 1\ncooldown_ms = 600000");
+    install_rule(&env, "trapper", &classifier(1, "(unreachable)"), "");
+    let server = Server::start(&env);
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let (status, id) = post_issue(&env, &server.base, n).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        let id = id.unwrap();
+        decided(&env, &id).await;
+        ids.push(id);
+    }
+    // The first event ran the rule (a trap, which switched it off); the
+    // next two met the open breaker.
+    assert!(matches!(
+        rule_failure(&decided(&env, &ids[0]).await, "trapper"),
+        RuleFailure::Trap(_)
+    ));
+    let ls = |rule: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args([
+                "events",
+                "ls",
+                "--json",
+                "--rule-disabled",
+                rule,
+                "--config",
+            ])
+            .arg(&env.config_path)
+            .env_remove("SLUICE_CONFIG")
+            .output()
+            .expect("run sluice events ls");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ls("trapper"), vec![ids[2].clone(), ids[1].clone()]);
+    assert!(ls("other").is_empty());
 }
