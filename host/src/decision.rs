@@ -83,12 +83,21 @@ pub enum RuleFailure {
     /// The rule tried to take more memory than it may.
     #[error("rule exceeded its memory limit: {0}")]
     Memory(String),
-    /// The rule trapped or otherwise broke (stack overflow, panic, bad output).
+    /// The rule trapped or otherwise broke (stack overflow, panic, a malformed answer).
     #[error("rule trapped: {0}")]
     Trap(String),
+    /// The rule's answer (or a log line) went over the output limits: too
+    /// many routes, an over-long name or label, or more bytes than the host
+    /// copies out of a sandbox in one call.
+    #[error("rule answered over the output limits: {0}")]
+    Output(String),
     /// The rule is switched off by its circuit breaker.
     #[error("rule is switched off after repeated failures: {0}")]
     Disabled(String),
+    /// The host had no capacity to run the rule (its instance pool was
+    /// exhausted). Not the rule's failure: the event is routed again later.
+    #[error("no capacity to run the rule: {0}")]
+    Capacity(String),
 }
 
 impl RuleFailure {
@@ -99,9 +108,33 @@ impl RuleFailure {
             RuleFailure::Timeout(_) => "timeout",
             RuleFailure::Memory(_) => "memory",
             RuleFailure::Trap(_) => "trap",
+            RuleFailure::Output(_) => "output",
             RuleFailure::Disabled(_) => "disabled",
+            RuleFailure::Capacity(_) => "capacity",
         }
     }
+
+    /// Whether the failure counts toward the rule's circuit breaker: only a
+    /// rule that breaks the sandbox's bounds (trap, timeout, memory) does. An
+    /// error value or an over-limit answer concerns one event's shape, and
+    /// must not switch the rule off for every event.
+    pub fn counts_toward_breaker(&self) -> bool {
+        matches!(
+            self,
+            RuleFailure::Trap(_) | RuleFailure::Timeout(_) | RuleFailure::Memory(_)
+        )
+    }
+}
+
+/// An event to route again later without counting an attempt: a rule it
+/// needs is switched off (and its policy is `dead-letter`), or the host had
+/// no capacity to run it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deferral {
+    /// How long to wait: the breaker's remaining open time, or a short pause.
+    pub delay: std::time::Duration,
+    /// Why, for the event's `last_error` and the log.
+    pub reason: String,
 }
 
 /// What one rule did with one event.
@@ -139,6 +172,10 @@ pub struct Decision {
     /// Set when the failure policy sent the event to the dead-letter queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<String>,
+    /// Set when the event must be routed again later, not recorded: a
+    /// deferral is never stored and never counts as an attempt.
+    #[serde(skip)]
+    pub defer: Option<Deferral>,
     /// When the decision was made, in milliseconds since the Unix epoch.
     pub decided_at_ms: i64,
 }

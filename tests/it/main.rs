@@ -6,6 +6,7 @@ mod abuse;
 mod cli;
 mod config;
 mod corpus;
+mod costs;
 mod crash;
 mod dedup;
 mod fuzz;

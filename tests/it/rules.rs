@@ -18,7 +18,7 @@ use sluice::event::{Event, EventStatus, ParsedEvent, Provider};
 use sluice::ingress::normalize::{Naming, normalize};
 use sluice::ingress::verify::Verifier;
 use sluice::rules::breaker::BreakerState;
-use sluice::rules::config::{BreakerConfig, FailurePolicy, MergeMode, RulesConfig};
+use sluice::rules::config::{BreakerConfig, FailurePolicy, MergeMode, PoolConfig, RulesConfig};
 use sluice::rules::manifest::Manifest;
 use sluice::rules::router::{self, RouterOptions};
 use sluice::rules::wasm::WasmEngine;
@@ -320,19 +320,23 @@ fn huge_answers_are_bounded() {
             "{f:?}"
         )
     });
-    // Enough memory to build 100,000 routes: the host refuses the answer.
+    // Enough memory to build 100,000 routes: the host refuses the answer
+    // before copying it (more bytes than the output limits could ever keep),
+    // as an output-limit failure, not a trap.
+    let over_fuel = |f: &RuleFailure| {
+        assert!(
+            matches!(f, RuleFailure::Output(m) if m.contains("bytes out of the sandbox")),
+            "{f:?}"
+        )
+    };
     contained(
         wasm(
             "huge",
             "[limits]\ntimeout_ms = 5000\nmemory_mb = 128\n[config]\ncount = \"100000\"",
         ),
-        |f| {
-            assert!(
-                matches!(f, RuleFailure::Trap(m) if m.contains("100000 routes")),
-                "{f:?}"
-            )
-        },
+        over_fuel,
     );
+    // Small enough to copy, but over the label limit.
     contained(
         wasm(
             "huge",
@@ -340,32 +344,19 @@ fn huge_answers_are_bounded() {
         ),
         |f| {
             assert!(
-                matches!(f, RuleFailure::Trap(m) if m.contains("1000 labels")),
+                matches!(f, RuleFailure::Output(m) if m.contains("1000 labels")),
                 "{f:?}"
             )
         },
     );
-    // A 4 MiB reason is accepted, truncated to the reason limit.
-    let rule = wasm(
-        "huge",
-        "[limits]\ntimeout_ms = 5000\n[config]\nshape = \"reason\"\nmib = \"4\"",
-    );
-    let Ok(Verdict::Routes(rs)) = rule.classify(&issues_opened()) else {
-        panic!()
-    };
-    assert!(
-        rs[0].reason.len() <= sluice::rules::output::MAX_REASON,
-        "{}",
-        rs[0].reason.len()
-    );
-    let rule = wasm(
-        "huge",
-        "[limits]\ntimeout_ms = 5000\n[config]\nshape = \"ignore\"\nmib = \"4\"",
-    );
-    let Ok(Verdict::Ignore(reason)) = rule.classify(&issues_opened()) else {
-        panic!()
-    };
-    assert!(reason.len() <= sluice::rules::output::MAX_REASON);
+    // A 4 MiB reason or ignore is more than the host copies out of a sandbox.
+    for shape in ["reason", "ignore"] {
+        let rule = wasm(
+            "huge",
+            &format!("[limits]\ntimeout_ms = 5000\n[config]\nshape = \"{shape}\"\nmib = \"4\""),
+        );
+        over_fuel(&rule.classify(&issues_opened()).unwrap_err());
+    }
 }
 
 #[test]
@@ -531,7 +522,7 @@ fn circuit_breaker_switches_a_failing_rule_off_and_lets_it_back() {
     let f = flaky_fails.clone();
     let flaky = Rule::native("flaky", move |_| {
         if f.load(std::sync::atomic::Ordering::SeqCst) {
-            Err(RuleFailure::Guest("down".into()))
+            Err(RuleFailure::Trap("down".into()))
         } else {
             Ok(Verdict::Routes(vec![route("ok", Priority::Low, &[])]))
         }
@@ -552,13 +543,23 @@ fn circuit_breaker_switches_a_failing_rule_off_and_lets_it_back() {
     assert_eq!(agents(&d), vec![("ok", Priority::Low)]);
     assert_eq!(rules.breaker_state("flaky"), Some(BreakerState::Closed));
 
-    // Only one caller gets the trial: the other workers stay switched off meanwhile.
+    // Only one caller gets the trial, however long it runs: callers that
+    // arrive after the cool-down has passed again, while the trial is still
+    // in flight, stay switched off.
     let calls = Arc::new(AtomicU32::new(0));
-    let c = calls.clone();
-    let slow = Rule::native("slow", move |_| {
-        c.fetch_add(1, Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(200));
-        Err(RuleFailure::Guest("still down".into()))
+    let release = Arc::new(AtomicBool::new(false));
+    let slow = Rule::native("slow", {
+        let (calls, release) = (calls.clone(), release.clone());
+        move |_| {
+            if calls.fetch_add(1, Ordering::SeqCst) == 1 {
+                // The trial: held until the test lets it go.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !release.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            Err(RuleFailure::Trap("still down".into()))
+        }
     });
     let one = BreakerConfig {
         failures: 1,
@@ -571,7 +572,21 @@ fn circuit_breaker_switches_a_failing_rule_off_and_lets_it_back() {
         &one,
     ));
     rules.route(&issues_opened());
-    std::thread::sleep(Duration::from_millis(80));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rules.breaker_state("slow") != Some(BreakerState::HalfOpen) {
+        assert!(Instant::now() < deadline, "the cool-down never ended");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let trial = {
+        let rules = rules.clone();
+        std::thread::spawn(move || rules.route(&issues_opened()))
+    };
+    while calls.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "the trial never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Three cool-downs pass with the trial still running.
+    std::thread::sleep(Duration::from_millis(150));
     let workers: Vec<_> = (0..4)
         .map(|_| {
             let rules = rules.clone();
@@ -579,13 +594,68 @@ fn circuit_breaker_switches_a_failing_rule_off_and_lets_it_back() {
         })
         .collect();
     for w in workers {
-        w.join().unwrap();
+        let d = w.join().unwrap();
+        assert!(
+            matches!(failure(&d, "slow"), RuleFailure::Disabled(_)),
+            "{d:?}"
+        );
     }
     assert_eq!(
         calls.load(Ordering::SeqCst),
         2,
-        "one trial call, not one per worker"
+        "one trial call in flight, not a second one"
     );
+    release.store(true, Ordering::SeqCst);
+    let d = trial.join().unwrap();
+    assert!(matches!(failure(&d, "slow"), RuleFailure::Trap(_)));
+    // The failed trial switched the rule off again for a whole cool-down.
+    assert!(matches!(
+        rules.breaker_state("slow"),
+        Some(BreakerState::Open(_))
+    ));
+}
+
+#[test]
+fn guest_errors_and_over_limit_answers_do_not_switch_a_rule_off() {
+    let breaker = BreakerConfig {
+        failures: 2,
+        cooldown_ms: 60_000,
+    };
+    let erring = Rule::native("erring", |_| {
+        Err(RuleFailure::Guest("no such field".into()))
+    });
+    let wide = native_routes(
+        "wide",
+        (0..100)
+            .map(|i| route(&format!("agent-{i}"), Priority::Low, &[]))
+            .collect(),
+    );
+    let rules = RuleSet::new(
+        vec![erring, wide, wasm("trap", "")],
+        MergeMode::Merge,
+        FailurePolicy::Skip,
+        &breaker,
+    );
+    for round in 0..5 {
+        let d = rules.route(&issues_opened());
+        assert!(
+            matches!(failure(&d, "erring"), RuleFailure::Guest(_)),
+            "round {round}: {d:?}"
+        );
+        let over = failure(&d, "wide");
+        assert!(
+            matches!(over, RuleFailure::Output(m) if m.contains("100 routes")),
+            "round {round}: {over:?}"
+        );
+        assert_eq!(over.kind(), "output");
+    }
+    assert_eq!(rules.breaker_state("erring"), Some(BreakerState::Closed));
+    assert_eq!(rules.breaker_state("wide"), Some(BreakerState::Closed));
+    // Traps count: two of them switch the rule off.
+    assert!(matches!(
+        rules.breaker_state("trap"),
+        Some(BreakerState::Open(_))
+    ));
 }
 
 #[test]
@@ -1957,4 +2027,317 @@ fn rhai_depth_limits_are_capped_so_a_manifest_cannot_overflow_the_host_stack() {
     let e = try_rule("name = \"deep\"\nscript = \"x.rhai\"\n[limits]\nmax_call_levels = 500\n")
         .unwrap_err();
     assert!(e.to_string().contains("max_call_levels"), "{e}");
+}
+
+// ------------------------------------------------ policies, leases and the pool
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_defers_dead_letter_events_without_counting_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(&dir);
+    // The rule traps once (switching itself off for the cool-down), then works.
+    let calls = Arc::new(AtomicU32::new(0));
+    let flaky = Rule::native("flaky", {
+        let calls = calls.clone();
+        move |_| {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err(RuleFailure::Trap("down".into()))
+            } else {
+                Ok(Verdict::Routes(vec![route("ok", Priority::Low, &[])]))
+            }
+        }
+    })
+    .with_policy(FailurePolicy::DeadLetter);
+    let breaker = BreakerConfig {
+        failures: 1,
+        cooldown_ms: 1_500,
+    };
+    let rules = Arc::new(ArcSwap::from_pointee(RuleSet::new(
+        vec![flaky],
+        MergeMode::Merge,
+        FailurePolicy::DeadLetter,
+        &breaker,
+    )));
+    // Retries far shorter than the cool-down: counted, they would run out
+    // and dead-letter the event before the rule could run again.
+    let options = RouterOptions {
+        lease: Duration::from_secs(600),
+        ..options()
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(router::run(store.clone(), rules, options, shutdown));
+    let id = append_gitlab(&store, "Push Hook", "push.json").await;
+
+    let routed = until_status(store.as_ref(), &id, EventStatus::Routed).await;
+    assert_eq!(agents(decision(&routed)), vec![("ok", Priority::Low)]);
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "the trap, then the trial");
+    assert_eq!(
+        routed.summary.attempts, 2,
+        "the claims that met the open breaker are not attempts"
+    );
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_an_open_breaker_skipped_are_listed_for_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(&dir);
+    let bad = Rule::native("bad", |_| Err(RuleFailure::Trap("down".into())));
+    let ok = native_routes("ok", vec![route("ok", Priority::Low, &[])]);
+    let breaker = BreakerConfig {
+        failures: 1,
+        cooldown_ms: 600_000,
+    };
+    let rules = Arc::new(ArcSwap::from_pointee(RuleSet::new(
+        vec![bad, ok],
+        MergeMode::Merge,
+        FailurePolicy::Skip,
+        &breaker,
+    )));
+    let options = RouterOptions {
+        workers: 1,
+        ..options()
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(router::run(store.clone(), rules, options, shutdown));
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let id = append_gitlab(&store, "Push Hook", "push.json").await;
+        until_status(store.as_ref(), &id, EventStatus::Routed).await;
+        ids.push(id);
+    }
+    let listed = |rule: &str| {
+        let store = store.clone();
+        let rule = rule.to_owned();
+        async move {
+            store
+                .list(&ListFilter {
+                    rule_disabled: Some(rule),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|s| s.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    // The first event ran the rule (a trap); the next two met the open breaker.
+    assert_eq!(listed("bad").await, vec![ids[2].clone(), ids[1].clone()]);
+    assert!(listed("ok").await.is_empty());
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[test]
+fn an_exhausted_instance_pool_defers_the_event_and_spares_the_breaker() {
+    let pool = PoolConfig {
+        instances: 1,
+        ..PoolConfig::default()
+    };
+    let engine = WasmEngine::with_pool(None, &pool).unwrap();
+    let path = component("bench-three-fields");
+    let manifest = format!(
+        "name = \"bench\"\ncomponent = {:?}\n[grants]\nwasi = true",
+        path.display().to_string()
+    );
+    let manifest_path = repo().join("pool-test.toml");
+    let m = Manifest::parse(&manifest_path, &manifest).unwrap();
+    let rule = Rule::from_manifest(
+        &m,
+        &manifest_path,
+        &manifest,
+        &RulesConfig::default(),
+        &engine,
+    )
+    .unwrap();
+    let breaker = BreakerConfig {
+        failures: 1,
+        cooldown_ms: 60_000,
+    };
+    let rules = RuleSet::new(vec![rule], MergeMode::Merge, FailurePolicy::Skip, &breaker);
+    let RuleCode::Wasm(w) = rules.rules().next().unwrap().code() else {
+        panic!("a component")
+    };
+    // The pool's only instance is taken.
+    let held = w.reused_instance().unwrap();
+    let d = rules.route(&issues_opened());
+    let defer = d.defer.as_ref().expect("deferred");
+    assert!(defer.reason.contains("concurrent limit"), "{defer:?}");
+    assert_eq!(rules.breaker_state("bench"), Some(BreakerState::Closed));
+    drop(held);
+    let d = rules.route(&issues_opened());
+    assert!(d.defer.is_none(), "{d:?}");
+    assert_eq!(agents(&d), vec![("bench", Priority::Medium)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_keeps_its_leases_while_routed_one_event_after_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(&dir);
+    // Five events of 600 ms each take 3 s, under one lease of 2 s: without
+    // renewal the last ones expire mid-batch and the other worker takes them.
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(append_gitlab(&store, "Push Hook", "push.json").await);
+    }
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let slow = Rule::native("slow", {
+        let seen = seen.clone();
+        move |ev| {
+            seen.lock().unwrap().push(ev.event.id.clone());
+            std::thread::sleep(Duration::from_millis(600));
+            Ok(Verdict::Routes(vec![route("ok", Priority::Low, &[])]))
+        }
+    });
+    let rules = Arc::new(ArcSwap::from_pointee(set_of_one(slow)));
+    let options = RouterOptions {
+        workers: 2,
+        batch: 5,
+        lease: Duration::from_secs(2),
+        ..options()
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(router::run(store.clone(), rules, options, shutdown));
+    for id in &ids {
+        let rec = until_status(store.as_ref(), id, EventStatus::Routed).await;
+        assert_eq!(rec.summary.attempts, 1, "{id} was claimed again");
+    }
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(seen, want, "each event routed exactly once");
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[test]
+fn a_rule_set_whose_worst_case_outlives_the_lease_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    std::fs::write(rules.join("a.rhai"), "fn classify(event) { [] }").unwrap();
+    for (name, timeout) in [("first", 700), ("second", 600)] {
+        std::fs::write(
+            rules.join(format!("{name}.toml")),
+            format!("name = \"{name}\"\nscript = \"a.rhai\"\n[limits]\ntimeout_ms = {timeout}"),
+        )
+        .unwrap();
+    }
+    let config = RulesConfig {
+        lease_ms: 1_200,
+        ..RulesConfig::default()
+    };
+    let e = RuleSet::load(&config, dir.path(), engine())
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("rules.lease_ms = 1200")
+            && e.contains("1300 ms")
+            && e.contains("limits.timeout_ms")
+            && e.contains("first 700 ms")
+            && e.contains("second 600 ms"),
+        "{e}"
+    );
+    let config = RulesConfig {
+        lease_ms: 1_400,
+        ..RulesConfig::default()
+    };
+    let set = RuleSet::load(&config, dir.path(), engine()).unwrap();
+    assert_eq!(set.worst_case(), Duration::from_millis(1_300));
+}
+
+#[test]
+fn the_pool_ceilings_are_config_and_a_manifest_asking_for_more_is_refused() {
+    let config: RulesConfig =
+        toml::from_str("[pool]\ninstances = 4\nmax_memory_mb = 64\ntable_elements = 30000")
+            .unwrap();
+    assert_eq!(
+        config.pool,
+        PoolConfig {
+            instances: 4,
+            max_memory_mb: 64,
+            table_elements: 30_000
+        }
+    );
+    let engine = WasmEngine::with_pool(None, &config.pool).unwrap();
+    let path = component("bench-three-fields");
+    let manifest_path = repo().join("pool-test.toml");
+    let load = |memory: u64| {
+        let text = format!(
+            "name = \"bench\"\ncomponent = {:?}\n[grants]\nwasi = true\n[limits]\nmemory_mb = {memory}",
+            path.display().to_string()
+        );
+        let m = Manifest::parse(&manifest_path, &text).unwrap();
+        Rule::from_manifest(&m, &manifest_path, &text, &config, &engine).map(|_| ())
+    };
+    let e = load(128).unwrap_err().to_string();
+    assert!(
+        e.contains("pool-test.toml")
+            && e.contains("limits.memory_mb = 128")
+            && e.contains("rules.pool.max_memory_mb = 64"),
+        "{e}"
+    );
+    load(64).unwrap();
+    // The defaults agree with each other, and the config's own limits must
+    // fit the pool too.
+    let e = RulesConfig {
+        pool: PoolConfig {
+            max_memory_mb: 16,
+            ..PoolConfig::default()
+        },
+        ..RulesConfig::default()
+    }
+    .validate()
+    .unwrap_err();
+    assert!(
+        e.contains("rules.limits.memory_mb = 32") && e.contains("rules.pool.max_memory_mb = 16"),
+        "{e}"
+    );
+    RulesConfig::default().validate().unwrap();
+}
+
+#[test]
+fn the_epoch_advances_only_while_a_guest_call_is_in_flight() {
+    // An engine of its own: the shared one serves the other tests' calls.
+    let engine = WasmEngine::new(None).unwrap();
+    let path = component("loop");
+    let manifest_path = repo().join("epoch-test.toml");
+    let text = format!(
+        "name = \"loop\"\ncomponent = {:?}\n[grants]\nwasi = true\n[limits]\ntimeout_ms = 50",
+        path.display().to_string()
+    );
+    let m = Manifest::parse(&manifest_path, &text).unwrap();
+    let rule =
+        Rule::from_manifest(&m, &manifest_path, &text, &RulesConfig::default(), &engine).unwrap();
+    let idle = |what: &str| {
+        // A tick already under way when the last call ended may still land.
+        let mut before = engine.epoch_ticks();
+        loop {
+            std::thread::sleep(Duration::from_millis(20));
+            let now = engine.epoch_ticks();
+            if now == before {
+                break;
+            }
+            before = now;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(
+            engine.epoch_ticks(),
+            before,
+            "{what}: the epoch advanced with no call in flight"
+        );
+    };
+    idle("before any call");
+    let before = engine.epoch_ticks();
+    let r = rule.classify(&issues_opened());
+    assert!(matches!(r, Err(RuleFailure::Timeout(_))), "{r:?}");
+    assert!(
+        engine.epoch_ticks() - before >= 50,
+        "a 50 ms deadline needs 50 ticks"
+    );
+    idle("after the call");
 }

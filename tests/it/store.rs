@@ -51,6 +51,7 @@ fn decision() -> Decision {
         }],
         routes: vec![route],
         dead_letter: None,
+        defer: None,
         decided_at_ms: 1,
     }
 }

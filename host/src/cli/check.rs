@@ -39,7 +39,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
             println!("  {}: {from}", r.key);
         }
     }
-    let engine = WasmEngine::new(None)?;
+    let engine = WasmEngine::with_pool(None, &config.rules.pool)?;
     let rules = config.load_rules(&engine)?;
     let dir = config.rules.rules_dir(&config.base_dir);
     if rules.rules().len() == 0 {

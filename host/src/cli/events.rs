@@ -30,6 +30,11 @@ pub enum EventsCommand {
         /// Only this status (pending, claimed, routed, dead).
         #[arg(long)]
         status: Option<String>,
+        /// Only events this rule did not see because its circuit breaker had
+        /// switched it off (their latest decision records it as disabled), to
+        /// replay them once the rule is fixed.
+        #[arg(long, value_name = "RULE")]
+        rule_disabled: Option<String>,
         /// At most this many.
         #[arg(long, default_value_t = 20)]
         limit: usize,
@@ -74,6 +79,7 @@ pub fn run(cmd: EventsCommand) -> anyhow::Result<()> {
             source,
             kind,
             status,
+            rule_disabled,
             limit,
             json,
         } => {
@@ -91,6 +97,7 @@ pub fn run(cmd: EventsCommand) -> anyhow::Result<()> {
                     source,
                     kind,
                     status,
+                    rule_disabled,
                     limit,
                 },
             )?;

@@ -116,5 +116,13 @@ pub fn write_decision(
     if let Some(reason) = &d.dead_letter {
         writeln!(out, "dead-letter: {reason}")?;
     }
+    if let Some(defer) = &d.defer {
+        writeln!(
+            out,
+            "deferred {} ms (not an attempt): {}",
+            defer.delay.as_millis(),
+            defer.reason
+        )?;
+    }
     Ok(())
 }

@@ -55,12 +55,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let engine = WasmEngine::new(Some(
-        state
-            .config
-            .rules
-            .cache_dir(&state.config.base_dir, state.config.data_dir()),
-    ))?;
+    let engine = WasmEngine::with_pool(
+        Some(
+            state
+                .config
+                .rules
+                .cache_dir(&state.config.base_dir, state.config.data_dir()),
+        ),
+        &state.config.rules.pool,
+    )?;
     let rules = state.config.load_rules(&engine)?;
     for r in rules.rules() {
         println!(

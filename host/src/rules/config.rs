@@ -36,11 +36,17 @@ pub struct RulesConfig {
     pub limits: Limits,
     /// The per-rule circuit breaker.
     pub breaker: BreakerConfig,
+    /// The ceilings of the WebAssembly instance pool, fixed when the engine
+    /// is built (at start): a manifest asking for more is refused.
+    pub pool: PoolConfig,
     /// Number of router worker tasks.
     pub workers: usize,
     /// Events a worker leases per claim.
     pub batch: usize,
     /// How long a claim lasts before another worker may take the event, in ms.
+    /// A worker renews the leases of its batch as it routes it; one event's
+    /// worst case (the sum of the rules' `timeout_ms`) must be shorter, or
+    /// the rule set is refused.
     pub lease_ms: u64,
     /// How long an idle worker waits for new work before polling again, in ms.
     pub poll_ms: u64,
@@ -62,6 +68,7 @@ impl Default for RulesConfig {
             cache_dir: None,
             limits: Limits::default(),
             breaker: BreakerConfig::default(),
+            pool: PoolConfig::default(),
             workers: 2,
             batch: 16,
             lease_ms: 30_000,
@@ -171,7 +178,8 @@ pub struct Limits {
     /// Wall-clock budget of one call, in milliseconds (epoch deadline for
     /// components, a progress check for scripts).
     pub timeout_ms: u64,
-    /// Linear memory a component may grow to, in MiB.
+    /// Linear memory a component may grow to, in MiB (at most
+    /// `rules.pool.max_memory_mb`).
     pub memory_mb: u64,
     /// rhai: operations one call may run.
     pub max_operations: u64,
@@ -284,7 +292,9 @@ impl Limits {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
-    /// Consecutive failures that switch a rule off.
+    /// Consecutive failures that switch a rule off (traps, timeouts and
+    /// memory exhaustion; a rule's own error values and over-limit answers
+    /// do not count).
     pub failures: u32,
     /// How long a switched-off rule stays off, in milliseconds.
     pub cooldown_ms: u64,
@@ -296,6 +306,66 @@ impl Default for BreakerConfig {
             failures: 5,
             cooldown_ms: 30_000,
         }
+    }
+}
+
+/// The ceilings of the pooling allocator every component instance comes
+/// from. The pool reserves (virtual) memory for all of it when the engine is
+/// built, so these are fixed for the life of the process; rules' limits must
+/// fit inside them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Component instances alive at once (one per rule call in flight); at
+    /// least `rules.workers`. A call that finds the pool full is routed again
+    /// later, not counted as a failure.
+    pub instances: u32,
+    /// The largest linear memory of any instance, in MiB: the ceiling of
+    /// every rule's `limits.memory_mb`.
+    pub max_memory_mb: u64,
+    /// The most elements of any table, in the pool and in each store's limits.
+    pub table_elements: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            instances: 128,
+            max_memory_mb: Limits::MAX_MEMORY_MB,
+            table_elements: 20_000,
+        }
+    }
+}
+
+impl PoolConfig {
+    /// Checks the ceilings are usable, naming the key under `rules.pool.`.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.instances == 0 || self.instances > 10_000 {
+            return Err("rules.pool.instances: must be between 1 and 10000".into());
+        }
+        if self.max_memory_mb == 0 || self.max_memory_mb > Limits::MAX_MEMORY_MB {
+            return Err(format!(
+                "rules.pool.max_memory_mb: must be between 1 and {}",
+                Limits::MAX_MEMORY_MB
+            ));
+        }
+        if self.table_elements == 0 || self.table_elements > 10_000_000 {
+            return Err("rules.pool.table_elements: must be between 1 and 10000000".into());
+        }
+        Ok(())
+    }
+
+    /// Checks that rule limits fit inside the pool, naming both values.
+    /// `key` is where the limits come from (`rules.limits`, `limits`).
+    pub fn admits(&self, limits: &Limits, key: &str) -> Result<(), String> {
+        if limits.memory_mb > self.max_memory_mb {
+            return Err(format!(
+                "{key}.memory_mb = {} is over the instance pool's ceiling, \
+                 rules.pool.max_memory_mb = {}",
+                limits.memory_mb, self.max_memory_mb
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -319,11 +389,20 @@ impl RulesConfig {
         self.limits
             .validate()
             .map_err(|e| format!("rules.limits.{e}"))?;
+        self.pool.validate()?;
+        self.pool.admits(&self.limits, "rules.limits")?;
         if self.breaker.failures == 0 {
             return Err("rules.breaker.failures: must be at least 1".into());
         }
         if self.workers == 0 {
             return Err("rules.workers: must be at least 1".into());
+        }
+        if self.workers > self.pool.instances as usize {
+            return Err(format!(
+                "rules.workers = {} is more than rules.pool.instances = {}: \
+                 each worker runs one instance at a time",
+                self.workers, self.pool.instances
+            ));
         }
         if self.batch == 0 {
             return Err("rules.batch: must be at least 1".into());

@@ -32,9 +32,10 @@ pub const BURST: u32 = 200;
 pub const MAX_MESSAGE: usize = 1024;
 /// Fields kept per line.
 pub const MAX_FIELDS: usize = 16;
-/// Longest field name and value kept, in bytes.
-const MAX_FIELD_KEY: usize = 64;
-const MAX_FIELD_VALUE: usize = 256;
+/// Longest field name kept, in bytes.
+pub const MAX_FIELD_KEY: usize = 64;
+/// Longest field value kept, in bytes.
+pub const MAX_FIELD_VALUE: usize = 256;
 /// How often, at most, a rule's dropped lines are reported.
 pub const REPORT_EVERY: Duration = Duration::from_secs(10);
 

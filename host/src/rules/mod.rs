@@ -26,18 +26,23 @@ use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
-use crate::decision::{Decision, Priority, Route, RuleFailure, RuleOutcome, RuleRecord, Verdict};
+use crate::decision::{
+    Decision, Deferral, Priority, Route, RuleFailure, RuleOutcome, RuleRecord, Verdict,
+};
 use crate::event::{Event, ParsedEvent, Provider, now_ms};
-use crate::rules::breaker::{Breaker, BreakerState};
+use crate::rules::breaker::{Breaker, BreakerState, Outcome as BreakerOutcome};
 use crate::rules::config::{BreakerConfig, FailurePolicy, MergeMode};
 use crate::rules::manifest::{Manifest, RuleSource, TestVector};
 use crate::rules::rhai::RhaiRule;
 use crate::rules::wasm::WasmRule;
+
+/// How long an event waits when the host had no capacity to run a rule.
+const CAPACITY_RETRY: Duration = Duration::from_secs(1);
 
 /// The rule set currently serving, swapped whole on reload.
 pub type SharedRuleSet = Arc<ArcSwap<RuleSet>>;
@@ -74,6 +79,8 @@ pub struct Rule {
     providers: Vec<Provider>,
     kinds: Vec<String>,
     on_error: Option<FailurePolicy>,
+    /// The longest one call may run (`limits.timeout_ms`); none for native rules.
+    timeout: Option<Duration>,
     code: RuleCode,
 }
 
@@ -91,6 +98,7 @@ impl Rule {
             providers: Vec::new(),
             kinds: Vec::new(),
             on_error: None,
+            timeout: None,
             code: RuleCode::Native(Arc::new(f)),
         }
     }
@@ -129,6 +137,12 @@ impl Rule {
             LoadError::new(manifest_path, Some(&manifest.name), format!("limits.{e}"))
         })?;
         let source = manifest.source(dir);
+        if matches!(source, RuleSource::Component(_)) {
+            engine
+                .pool()
+                .admits(&limits, "limits")
+                .map_err(|e| LoadError::new(manifest_path, Some(&manifest.name), e))?;
+        }
         let code_path = match &source {
             RuleSource::Component(p) | RuleSource::Script(p) => p.clone(),
         };
@@ -183,6 +197,7 @@ impl Rule {
                 .collect(),
             kinds: manifest.kinds.clone(),
             on_error: manifest.on_error.clone(),
+            timeout: Some(Duration::from_millis(limits.timeout_ms)),
             code,
         })
     }
@@ -216,6 +231,12 @@ impl Rule {
     /// Its own failure policy, if it sets one.
     pub fn on_error(&self) -> Option<&FailurePolicy> {
         self.on_error.as_ref()
+    }
+
+    /// The longest one call may run (`limits.timeout_ms`); `None` for native
+    /// rules, which are sluice's own code.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
     }
 
     /// The code behind it (benchmarks use this to reach a component directly).
@@ -481,14 +502,22 @@ impl RuleSet {
             }
             let rule = Rule::from_manifest(&manifest, &path, &text, config, engine)?;
             rule.check_tests(&manifest.tests, &path)?;
-            rules.push(rule);
+            rules.push((rule, path));
         }
+        check_lease(config, base_dir, &rules)?;
+        let rules = rules.into_iter().map(|(rule, _)| rule).collect();
         Ok(RuleSet::new(
             rules,
             config.merge,
             config.on_error.clone(),
             &config.breaker,
         ))
+    }
+
+    /// The longest one event may take to route: the sum of the rules'
+    /// timeouts, as they run one after another (native rules count as none).
+    pub fn worst_case(&self) -> Duration {
+        self.entries.iter().filter_map(|e| e.rule.timeout).sum()
     }
 
     /// The rules, in order.
@@ -511,10 +540,14 @@ impl RuleSet {
 
     /// Runs every rule that wants the event and merges their answers. Never
     /// fails: a rule's failure is recorded against it and handled by its policy.
+    /// When a rule cannot run now (switched off under `dead-letter`, or no
+    /// instance free), the decision carries a [`Deferral`] instead: the event
+    /// is to be routed again later, and the rest of the decision is moot.
     pub fn route(&self, ev: &Arc<ParsedEvent>) -> Decision {
         let mut records = Vec::with_capacity(self.entries.len());
         let mut routes: Vec<Route> = Vec::new();
         let mut dead_letter = None;
+        let mut defer = None;
         for entry in &self.entries {
             let rule = &entry.rule;
             if !rule.wants(&ev.event) {
@@ -531,25 +564,49 @@ impl RuleSet {
             ev.payload();
             let start = Instant::now();
             let result = match entry.breaker.admit() {
-                BreakerState::Open(left) => Err(RuleFailure::Disabled(format!(
-                    "{} consecutive failures; retried in {} s",
-                    entry.breaker.consecutive_failures(),
-                    left.as_secs() + 1
-                ))),
-                BreakerState::Closed | BreakerState::HalfOpen => {
+                BreakerState::Open(left) => {
+                    let failures = entry.breaker.consecutive_failures();
+                    if entry.policy == FailurePolicy::DeadLetter {
+                        // Not a counted attempt: the retries would run out long
+                        // before the cool-down does, dead-lettering events the
+                        // rule never saw. Try again once it may run.
+                        defer = Some(Deferral {
+                            delay: left,
+                            reason: format!(
+                                "rule {} is switched off after {failures} consecutive failures",
+                                rule.name
+                            ),
+                        });
+                        break;
+                    }
+                    Err(RuleFailure::Disabled(format!(
+                        "{failures} consecutive failures; retried in {} s",
+                        left.as_secs() + 1
+                    )))
+                }
+                state @ (BreakerState::Closed | BreakerState::HalfOpen) => {
+                    let trial = state == BreakerState::HalfOpen;
                     let r = rule.classify(ev);
-                    match &r {
-                        Ok(_) => entry.breaker.success(),
-                        Err(_) => {
-                            if entry.breaker.failure() {
-                                tracing::warn!(
-                                    rule = %rule.name,
-                                    version = %rule.version,
-                                    failures = entry.breaker.consecutive_failures(),
-                                    "rule switched off by its circuit breaker"
-                                );
-                            }
-                        }
+                    let outcome = match &r {
+                        Err(RuleFailure::Capacity(_)) => BreakerOutcome::NotRun,
+                        Err(f) if f.counts_toward_breaker() => BreakerOutcome::Broke,
+                        _ => BreakerOutcome::Ran,
+                    };
+                    if entry.breaker.record(outcome, trial) {
+                        tracing::warn!(
+                            rule = %rule.name,
+                            version = %rule.version,
+                            failures = entry.breaker.consecutive_failures(),
+                            "rule switched off by its circuit breaker"
+                        );
+                    }
+                    if let Err(RuleFailure::Capacity(why)) = &r {
+                        // A host limit, not the rule's failure: no policy applies.
+                        defer = Some(Deferral {
+                            delay: CAPACITY_RETRY,
+                            reason: format!("rule {}: {why}", rule.name),
+                        });
+                        break;
                     }
                     r
                 }
@@ -604,6 +661,7 @@ impl RuleSet {
             rules: records,
             routes,
             dead_letter,
+            defer,
             decided_at_ms: now_ms(),
         }
     }
@@ -629,6 +687,39 @@ fn merge_route(routes: &mut Vec<Route>, new: Route) {
         }
         None => routes.push(new),
     }
+}
+
+/// Refuses a rule set whose worst case for one event (every rule at its
+/// timeout, one after another) would outlive the lease the event is routed
+/// under: another worker would claim it mid-route. Names the keys to change.
+fn check_lease(
+    config: &RulesConfig,
+    base_dir: &Path,
+    rules: &[(Rule, PathBuf)],
+) -> Result<(), LoadError> {
+    let worst: Duration = rules.iter().filter_map(|(r, _)| r.timeout).sum();
+    let lease = Duration::from_millis(config.lease_ms);
+    if worst < lease {
+        return Ok(());
+    }
+    let parts: Vec<_> = rules
+        .iter()
+        .filter_map(|(r, path)| {
+            r.timeout
+                .map(|t| format!("{} {} ms ({})", r.name, t.as_millis(), path.display()))
+        })
+        .collect();
+    Err(LoadError::new(
+        base_dir,
+        None,
+        format!(
+            "rules.lease_ms = {} is not longer than one event's worst case, {} ms: the sum of \
+             the rules' limits.timeout_ms ({}); raise rules.lease_ms or lower the timeouts",
+            config.lease_ms,
+            worst.as_millis(),
+            parts.join(", ")
+        ),
+    ))
 }
 
 fn manifest_paths(config: &RulesConfig, dir: &Path) -> Result<Vec<PathBuf>, LoadError> {

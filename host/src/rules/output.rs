@@ -37,20 +37,21 @@ pub fn truncate(s: &str, max: usize) -> Cow<'_, str> {
 /// Checks a rule's routes against the bounds: too many routes, an empty or
 /// over-long agent or workflow name, or too many or over-long labels make the
 /// answer a failure (routing on a silently cut answer would be wrong);
-/// over-long reasons are only truncated.
+/// over-long reasons are only truncated. Such an answer is its own failure
+/// kind, [`RuleFailure::Output`], not a trap.
 pub fn bound(mut routes: Vec<Route>) -> Result<Vec<Route>, RuleFailure> {
     if routes.len() > MAX_ROUTES {
-        return Err(RuleFailure::Trap(format!(
+        return Err(RuleFailure::Output(format!(
             "answer too large: {} routes (the limit is {MAX_ROUTES})",
             routes.len()
         )));
     }
     for (i, r) in routes.iter_mut().enumerate() {
         if r.agent.trim().is_empty() {
-            return Err(RuleFailure::Trap(format!("route {i}: empty agent name")));
+            return Err(RuleFailure::Output(format!("route {i}: empty agent name")));
         }
         if r.agent.len() > MAX_NAME {
-            return Err(RuleFailure::Trap(format!(
+            return Err(RuleFailure::Output(format!(
                 "route {i}: agent name of {} bytes (the limit is {MAX_NAME})",
                 r.agent.len()
             )));
@@ -58,19 +59,19 @@ pub fn bound(mut routes: Vec<Route>) -> Result<Vec<Route>, RuleFailure> {
         if let Some(w) = &r.workflow
             && (w.is_empty() || w.len() > MAX_NAME)
         {
-            return Err(RuleFailure::Trap(format!(
+            return Err(RuleFailure::Output(format!(
                 "route {i}: workflow name of {} bytes (1 to {MAX_NAME} allowed)",
                 w.len()
             )));
         }
         if r.labels.len() > MAX_LABELS {
-            return Err(RuleFailure::Trap(format!(
+            return Err(RuleFailure::Output(format!(
                 "route {i}: {} labels (the limit is {MAX_LABELS})",
                 r.labels.len()
             )));
         }
         if let Some(l) = r.labels.iter().find(|l| l.len() > MAX_LABEL) {
-            return Err(RuleFailure::Trap(format!(
+            return Err(RuleFailure::Output(format!(
                 "route {i}: a label of {} bytes (the limit is {MAX_LABEL})",
                 l.len()
             )));

@@ -3,14 +3,16 @@
 //!
 //! A worker claims a batch with a lease, routes each event on a blocking
 //! thread (rules are synchronous and CPU-bound), then completes it, retries it
-//! later, or dead-letters it as the failure policy says. It never acknowledges
+//! later, or dead-letters it as the failure policy says; an event whose rule
+//! cannot run now (switched off, no capacity) is deferred without counting an
+//! attempt. It renews the batch's leases as it goes. It never acknowledges
 //! an event before its decision is stored, so a crash between claim and
 //! decision leaves the event to be claimed again when the lease expires.
 //! Workers never touch ingress and never hold a rule set across events: each
 //! event loads the set current when it starts.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -111,12 +113,7 @@ impl Worker {
                 }
                 Ok(claimed) => {
                     store_errors = 0;
-                    for c in claimed {
-                        if self.stopping() {
-                            break;
-                        }
-                        self.route_one(c).await;
-                    }
+                    self.route_batch(claimed).await;
                 }
                 Err(e) => {
                     store_errors = store_errors.saturating_add(1);
@@ -132,6 +129,42 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+
+    /// Routes a claimed batch one event after another. All its leases were
+    /// taken at once, so before each event the worker renews those still to
+    /// route whenever what is left of the lease might not cover this event's
+    /// worst case (the rule set refuses a worst case longer than the lease)
+    /// with room to spare: no event of the batch expires while it waits its
+    /// turn, and none is routed twice.
+    async fn route_batch(&self, claimed: Vec<Claimed>) {
+        let leases: Vec<Lease> = claimed.iter().map(Claimed::lease).collect();
+        let mut expires = Instant::now() + self.options.lease;
+        let mut held = vec![true; claimed.len()];
+        for (i, c) in claimed.into_iter().enumerate() {
+            if self.stopping() {
+                break;
+            }
+            let worst = self.rules.load().worst_case();
+            let margin = worst + self.options.lease / 2;
+            if expires.saturating_duration_since(Instant::now()) < margin {
+                let renewed_at = Instant::now();
+                match self.store.extend(&leases[i..], self.options.lease).await {
+                    Ok(still) => {
+                        held[i..].copy_from_slice(&still);
+                        expires = renewed_at + self.options.lease;
+                    }
+                    Err(e) => {
+                        tracing::warn!(worker = %self.name, error = %e, "cannot renew leases");
+                    }
+                }
+            }
+            if !held[i] {
+                tracing::warn!(event = %leases[i].event_id, "lease lost before routing; another worker has the event");
+                continue;
+            }
+            self.route_one(c).await;
         }
     }
 
@@ -162,6 +195,14 @@ impl Worker {
                 return;
             }
         };
+        if let Some(defer) = &decision.defer {
+            tracing::info!(event = %id, delay = ?defer.delay, reason = %defer.reason, "routing deferred; not an attempt");
+            metrics::counter!("sluice_routing_deferred_total").increment(1);
+            if let Err(e) = self.store.defer(&lease, defer.delay, &defer.reason).await {
+                tracing::error!(event = %id, error = %e, "cannot release the event; its lease will expire");
+            }
+            return;
+        }
         record_metrics(&decision);
         if let Some(reason) = &decision.dead_letter {
             self.retry_or_dead_letter(&lease, reason).await;

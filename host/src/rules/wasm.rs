@@ -11,7 +11,8 @@
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -25,8 +26,8 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::decision::{Priority, Route, RuleFailure, Verdict};
 use crate::event::ParsedEvent;
-use crate::rules::config::Limits;
-use crate::rules::log::{CallLog, RuleLog};
+use crate::rules::config::{Limits, PoolConfig};
+use crate::rules::log::{self, CallLog, RuleLog};
 use crate::rules::manifest::Grants;
 use crate::rules::output::{self, truncate};
 
@@ -45,11 +46,8 @@ pub mod bindings {
 
 use bindings::sluice::router::{config as wit_config, log as wit_log, types as wit_types};
 
-/// How often the epoch ticker advances the engine's epoch.
+/// How often the epoch ticker advances the engine's epoch while a call runs.
 const TICK: Duration = Duration::from_millis(1);
-/// Component instances (and so stores running at once) the pool holds; the
-/// router runs one store per worker at a time, so this is far above need.
-const POOL_INSTANCES: u32 = 128;
 /// WebAssembly stack per call; deep recursion traps with a stack overflow.
 const MAX_WASM_STACK: usize = 512 << 10;
 
@@ -60,6 +58,9 @@ const MAX_WASM_STACK: usize = 512 << 10;
 /// compile cache directory.
 pub struct WasmEngine {
     engine: Engine,
+    /// Calls in flight; the epoch ticker runs only while there are any.
+    epoch: Arc<EpochGate>,
+    pool: PoolConfig,
     /// Links only what every rule may import: `sluice:router` log, config, types.
     linker: Linker<RuleState>,
     /// The same plus WASI preview 2 with an empty context, for rules granted `wasi`.
@@ -77,15 +78,27 @@ impl std::fmt::Debug for WasmEngine {
 }
 
 impl WasmEngine {
-    /// Builds the engine; compiled components are cached under `cache_dir`
-    /// (created on first use) when given.
+    /// Builds the engine with the default pool ceilings; compiled components
+    /// are cached under `cache_dir` (created on first use) when given.
     pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<WasmEngine> {
+        WasmEngine::with_pool(cache_dir, &PoolConfig::default())
+    }
+
+    /// Builds the engine with these pool ceilings (`[rules.pool]`), fixed
+    /// for the engine's life.
+    pub fn with_pool(
+        cache_dir: Option<PathBuf>,
+        ceilings: &PoolConfig,
+    ) -> anyhow::Result<WasmEngine> {
+        ceilings.validate().map_err(anyhow::Error::msg)?;
+        let instances = ceilings.instances;
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(POOL_INSTANCES)
-            .total_core_instances(POOL_INSTANCES * 8)
-            .total_memories(POOL_INSTANCES * 2)
-            .total_tables(POOL_INSTANCES * 8)
-            .max_memory_size(usize::try_from(Limits::MAX_MEMORY_MB << 20).unwrap_or(usize::MAX));
+        pool.total_component_instances(instances)
+            .total_core_instances(instances.saturating_mul(8))
+            .total_memories(instances.saturating_mul(2))
+            .total_tables(instances.saturating_mul(8))
+            .table_elements(ceilings.table_elements)
+            .max_memory_size(usize::try_from(ceilings.max_memory_mb << 20).unwrap_or(usize::MAX));
         // Resetting a slot after each event is most of a fresh instance's
         // cost (page faults on the next use, `madvise` on release). With
         // Linux's PAGEMAP_SCAN, wasmtime resets only the pages a guest dirtied
@@ -110,7 +123,8 @@ impl WasmEngine {
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
             .context("creating the wasm engine")?;
-        spawn_ticker(&engine)?;
+        let epoch = Arc::new(EpochGate::default());
+        spawn_ticker(&engine, epoch.clone())?;
 
         let mut linker = Linker::new(&engine);
         bindings::Rule::add_to_linker::<_, HasSelf<RuleState>>(&mut linker, |s| s)
@@ -130,6 +144,8 @@ impl WasmEngine {
         let compat = format!("{:016x}", hasher.finish());
         Ok(WasmEngine {
             engine,
+            epoch,
+            pool: ceilings.clone(),
             linker,
             wasi_linker,
             cache_dir,
@@ -176,6 +192,11 @@ impl WasmEngine {
         &self.engine
     }
 
+    /// The pool ceilings the engine was built with.
+    pub fn pool(&self) -> &PoolConfig {
+        &self.pool
+    }
+
     /// Compiles (or loads from the cache), checks and links one component.
     ///
     /// Fails when the component imports anything the manifest did not grant,
@@ -189,6 +210,9 @@ impl WasmEngine {
         config: BTreeMap<String, String>,
         limits: &Limits,
     ) -> anyhow::Result<WasmRule> {
+        self.pool
+            .admits(limits, "limits")
+            .map_err(anyhow::Error::msg)?;
         let component = self.compile(bytes)?;
         check_imports(&self.engine, &component, grants)?;
         let linker = if grants.wasi {
@@ -209,8 +233,10 @@ impl WasmEngine {
                 log: RuleLog::new(name.into()),
             }),
             pre,
+            epoch: self.epoch.clone(),
             timeout: Duration::from_millis(limits.timeout_ms),
             memory_bytes: usize::try_from(limits.memory_mb << 20).unwrap_or(usize::MAX),
+            table_elements: self.pool.table_elements,
         })
     }
 
@@ -300,14 +326,94 @@ fn write_cache(dir: &Path, path: &Path, component: &Component) -> anyhow::Result
     Ok(result?)
 }
 
-/// Advances the epoch every [`TICK`] while the engine lives.
-fn spawn_ticker(engine: &Engine) -> anyhow::Result<()> {
+/// Counts the guest calls in flight, so the epoch ticker runs only while a
+/// deadline can matter: an idle gateway has no thread waking every [`TICK`].
+/// A call's deadline is counted in ticks from its start, and ticks come only
+/// while some call runs, so every running call still sees them.
+#[derive(Debug, Default)]
+struct EpochGate {
+    state: Mutex<GateState>,
+    wake: Condvar,
+    /// Epoch increments so far (for tests and diagnostics).
+    ticks: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    in_flight: usize,
+    /// The ticker waits on the condition variable (only then is it notified:
+    /// a call that finds it awake costs no system call).
+    parked: bool,
+    /// Set when the engine goes: the ticker thread ends.
+    closed: bool,
+}
+
+impl EpochGate {
+    /// Marks a call in flight until the guard drops; wakes the ticker if it
+    /// is parked.
+    fn enter(self: &Arc<Self>) -> InFlight {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.in_flight += 1;
+        if state.parked {
+            state.parked = false;
+            self.wake.notify_one();
+        }
+        InFlight(self.clone())
+    }
+
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.wake.notify_one();
+    }
+
+    /// Blocks while no call is in flight; false once the engine is gone.
+    fn wait_for_calls(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while state.in_flight == 0 && !state.closed {
+            state.parked = true;
+            state = self.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.parked = false;
+        !state.closed
+    }
+}
+
+/// A guest call in flight (see [`EpochGate`]).
+struct InFlight(Arc<EpochGate>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.in_flight -= 1;
+    }
+}
+
+impl Drop for WasmEngine {
+    fn drop(&mut self) {
+        self.epoch.close();
+    }
+}
+
+impl WasmEngine {
+    /// How many times the epoch has advanced since the engine was built. It
+    /// advances only while a guest call is in flight.
+    pub fn epoch_ticks(&self) -> u64 {
+        self.epoch.ticks.load(Ordering::Relaxed)
+    }
+}
+
+/// Advances the epoch every [`TICK`] while a guest call is in flight, and
+/// sleeps otherwise. Holds only a weak engine handle, and ends when the
+/// engine goes.
+fn spawn_ticker(engine: &Engine, gate: Arc<EpochGate>) -> anyhow::Result<()> {
     let weak = engine.weak();
     std::thread::Builder::new()
         .name("sluice-epoch".into())
         .spawn(move || {
-            while let Some(engine) = weak.upgrade() {
+            while gate.wait_for_calls() {
+                let Some(engine) = weak.upgrade() else { break };
                 engine.increment_epoch();
+                gate.ticks.fetch_add(1, Ordering::Relaxed);
                 drop(engine);
                 std::thread::sleep(TICK);
             }
@@ -371,8 +477,10 @@ struct RuleInfo {
 pub struct WasmRule {
     info: Arc<RuleInfo>,
     pre: bindings::RulePre<RuleState>,
+    epoch: Arc<EpochGate>,
     timeout: Duration,
     memory_bytes: usize,
+    table_elements: usize,
 }
 
 impl std::fmt::Debug for WasmRule {
@@ -385,8 +493,16 @@ impl std::fmt::Debug for WasmRule {
 }
 
 impl WasmRule {
+    /// The wall-clock budget of one call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Classifies one event in a fresh store and instance.
     pub fn classify(&self, ev: &Arc<ParsedEvent>) -> Result<Verdict, RuleFailure> {
+        // Instantiation runs guest code too (start functions), under the
+        // same deadline.
+        let _in_flight = self.epoch.enter();
         let mut store = self.new_store();
         let rule = match self.pre.instantiate(&mut store) {
             Ok(rule) => rule,
@@ -398,6 +514,7 @@ impl WasmRule {
     /// An instance kept alive across calls. Only for benchmarks: it gives up
     /// the isolation between events that `classify` guarantees.
     pub fn reused_instance(&self) -> Result<ReusedInstance<'_>, RuleFailure> {
+        let _in_flight = self.epoch.enter();
         let mut store = self.new_store();
         match self.pre.instantiate(&mut store) {
             Ok(instance) => Ok(ReusedInstance {
@@ -414,7 +531,7 @@ impl WasmRule {
     fn new_store(&self) -> Store<RuleState> {
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.memory_bytes)
-            .table_elements(100_000)
+            .table_elements(self.table_elements)
             .instances(64)
             .tables(64)
             .memories(8)
@@ -434,6 +551,7 @@ impl WasmRule {
         };
         let mut store = Store::new(self.pre.instance_pre().engine(), state);
         store.limiter(|s| &mut s.limits);
+        store.set_hostcall_fuel(hostcall_fuel());
         store.set_epoch_deadline(self.deadline_ticks());
         store.epoch_deadline_trap();
         store
@@ -472,6 +590,15 @@ impl WasmRule {
 
     /// Maps a wasmtime error to what the rule did wrong.
     fn failure(&self, store: &Store<RuleState>, e: wasmtime::Error) -> RuleFailure {
+        if e.is::<wasmtime::PoolConcurrencyLimitError>() {
+            return RuleFailure::Capacity(e.to_string());
+        }
+        if is_hostcall_fuel_exhausted(&e) {
+            return RuleFailure::Output(format!(
+                "the answer or a log call copies more than {} bytes out of the sandbox",
+                hostcall_fuel()
+            ));
+        }
         let trap = e.downcast_ref::<Trap>().copied();
         if trap == Some(Trap::Interrupt) {
             return RuleFailure::Timeout(format!(
@@ -519,16 +646,49 @@ impl ReusedInstance<'_> {
                 "instance failed earlier; not reused".into(),
             ));
         }
+        let _in_flight = self.rule.epoch.enter();
         self.store.set_epoch_deadline(self.rule.deadline_ticks());
         let out = self.rule.call(&mut self.store, &self.instance, ev);
         if matches!(
             out,
-            Err(RuleFailure::Trap(_) | RuleFailure::Timeout(_) | RuleFailure::Memory(_))
+            Err(RuleFailure::Trap(_)
+                | RuleFailure::Timeout(_)
+                | RuleFailure::Memory(_)
+                | RuleFailure::Output(_))
         ) {
             self.poisoned = true;
         }
         out
     }
+}
+
+/// The most bytes one lift may copy out of a sandbox (wasmtime's "hostcall
+/// fuel", set per store): the largest answer the output limits allow — every
+/// route at its longest agent, workflow, reason and labels, counted as
+/// wasmtime counts (string bytes, and each list element at the size of its
+/// host type) — or the largest log call kept, whichever is more. A hostile
+/// answer (a list of routes all pointing at one large region of guest memory)
+/// then costs the host at most this much before it fails, instead of the
+/// 128 MiB wasmtime allows by default; anything over it is past what the host
+/// would keep anyway. About 0.7 MB.
+pub fn hostcall_fuel() -> usize {
+    use std::mem::size_of;
+    let labels = output::MAX_LABELS * (size_of::<String>() + output::MAX_LABEL);
+    let route = size_of::<wit_types::Route>() + 2 * output::MAX_NAME + output::MAX_REASON + labels;
+    let answer = size_of::<Result<wit_types::Decision, String>>() + output::MAX_ROUTES * route;
+    let field = size_of::<(String, String)>() + log::MAX_FIELD_KEY + log::MAX_FIELD_VALUE;
+    let log = log::MAX_MESSAGE + log::MAX_FIELDS * field;
+    answer.max(log)
+}
+
+/// Whether wasmtime refused to lift more than [`hostcall_fuel`]. Its error
+/// type for this is private, so it is known by its message (pinned by the
+/// hostile-answer test in `tests/it/costs.rs`).
+fn is_hostcall_fuel_exhausted(e: &wasmtime::Error) -> bool {
+    e.chain().any(|c| {
+        c.to_string()
+            .contains("fuel allocated for hostcalls has been exhausted")
+    })
 }
 
 /// Converts the guest's decision to the host's, enforcing the output limits.

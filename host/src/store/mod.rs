@@ -7,7 +7,8 @@
 //!
 //! Router workers use it as a work queue: `claim` leases pending events,
 //! `complete` records the decision, `retry_later` and `dead_letter` handle
-//! failures. A lease that expires (a worker crashed) makes the event claimable
+//! failures, `defer` releases without counting an attempt, and `extend`
+//! renews leases while a batch is being routed. A lease that expires (a worker crashed) makes the event claimable
 //! again, so a crash between claim and decision loses nothing.
 
 pub mod bodies;
@@ -100,6 +101,9 @@ pub struct ListFilter {
     pub kind: Option<String>,
     /// Only this status.
     pub status: Option<EventStatus>,
+    /// Only events whose latest decision records this rule as switched off
+    /// by its circuit breaker (`RuleFailure::Disabled`).
+    pub rule_disabled: Option<String>,
     /// At most this many rows, newest first.
     pub limit: usize,
 }
@@ -186,6 +190,17 @@ pub trait Store: Send + Sync + 'static {
         delay: Duration,
         error: &str,
     ) -> Result<(), StoreError>;
+
+    /// Releases a claimed event to be routed again after `delay` without
+    /// counting the claim as an attempt: the event could not be routed for a
+    /// reason that is not its own (a rule switched off, no capacity).
+    async fn defer(&self, lease: &Lease, delay: Duration, reason: &str) -> Result<(), StoreError>;
+
+    /// Renews claims still being worked on for another `lease` from now (a
+    /// heartbeat), so a batch routed one event after another keeps every
+    /// event it holds. Returns, in order, whether each lease still held;
+    /// a lease that had expired and was claimed again is not renewed.
+    async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<Vec<bool>, StoreError>;
 
     /// Moves an event to the dead-letter queue with a reason.
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), StoreError>;

@@ -545,6 +545,16 @@ fn summaries(conn: &Connection, filter: &ListFilter) -> Result<Vec<EventSummary>
         args.push(st.as_str().to_string());
         sql.push_str(&format!(" AND status = ?{}", args.len()));
     }
+    if let Some(rule) = &filter.rule_disabled {
+        args.push(rule.clone());
+        sql.push_str(&format!(
+            " AND EXISTS (SELECT 1 FROM json_each((SELECT decision FROM decisions \
+             WHERE event_id = events.id ORDER BY seq DESC LIMIT 1), '$.rules') AS r \
+             WHERE json_extract(r.value, '$.rule') = ?{} \
+             AND json_extract(r.value, '$.outcome.failed.kind') = 'disabled')",
+            args.len()
+        ));
+    }
     let limit = if filter.limit == 0 {
         i64::MAX
     } else {
@@ -678,6 +688,41 @@ impl Store for SqliteStore {
                     error
                 ])?;
             if n == 0 { Err(StoreError::LeaseLost(lease.event_id)) } else { Ok(()) }
+        })
+        .await
+    }
+
+    async fn defer(&self, lease: &Lease, delay: Duration, reason: &str) -> Result<(), StoreError> {
+        let (lease, reason) = (lease.clone(), reason.to_string());
+        self.write(move |conn| {
+            // The claim counted an attempt; this one gives it back.
+            let n = conn
+                .prepare_cached(&format!(
+                    "UPDATE events SET status = 'pending', claimed_by = NULL, available_at_ms = ?4, \
+                     last_error = ?5, attempts = max(attempts - 1, 0) {HELD}"
+                ))?
+                .execute(params![
+                    lease.event_id,
+                    lease.worker,
+                    lease.attempt,
+                    now_ms() + delay.as_millis() as i64,
+                    reason
+                ])?;
+            if n == 0 { Err(StoreError::LeaseLost(lease.event_id)) } else { Ok(()) }
+        })
+        .await
+    }
+
+    async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<Vec<bool>, StoreError> {
+        let leases = leases.to_vec();
+        self.write(move |conn| {
+            let until = now_ms() + lease.as_millis() as i64;
+            let mut stmt =
+                conn.prepare_cached(&format!("UPDATE events SET available_at_ms = ?4 {HELD}"))?;
+            leases
+                .iter()
+                .map(|l| Ok(stmt.execute(params![l.event_id, l.worker, l.attempt, until])? == 1))
+                .collect()
         })
         .await
     }
