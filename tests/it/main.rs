@@ -9,6 +9,7 @@ mod corpus;
 mod crash;
 mod dedup;
 mod fuzz;
+mod regression;
 mod routing;
 mod rules;
 mod store;

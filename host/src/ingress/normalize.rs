@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::NewEvent;
 use super::verify::Verified;
-use crate::event::Provider;
+use crate::event::{IdOrigin, Provider};
 
 /// Headers never stored: they carry credentials.
 const DROPPED_HEADERS: [&str; 4] = [
@@ -63,6 +63,8 @@ pub fn normalize(
     verified: Verified,
     received_at_ms: i64,
 ) -> Result<NewEvent, NormalizeError> {
+    let signed_id = verified.signed_id().map(str::to_string);
+    let body_signed = verified.body_signed();
     let (headers, raw) = verified.into_parts();
     if raw.is_empty() {
         return Err(NormalizeError::Empty);
@@ -81,22 +83,38 @@ pub fn normalize(
         }
     };
     let need = |name: &'static str| hdr(name)?.ok_or(NormalizeError::MissingHeader(name));
+    // An id the signature covered, from the verifier, or one read from a
+    // header nobody signed; an id inside a signed body is signed.
+    let signed = |id: Option<String>| id.map(|d| (d, IdOrigin::Signed));
+    let unsigned = |id: Option<String>| id.map(|d| (d, IdOrigin::Unsigned));
+    let from_body = |id: Option<String>| {
+        id.map(|d| {
+            let origin = if body_signed {
+                IdOrigin::Signed
+            } else {
+                IdOrigin::Unsigned
+            };
+            (d, origin)
+        })
+    };
 
     let (kind, action, delivery) = match provider {
         Provider::Github => (
             need("x-github-event")?,
             probe.action.0,
-            hdr("x-github-delivery")?,
+            unsigned(hdr("x-github-delivery")?),
         ),
         Provider::Gitlab => {
             // Idempotency-Key stays the same across GitLab's retries. With the
             // signing token GitLab sends it again as `webhook-id`, which the
-            // signature covers, so that one wins: a replay with a fresh unsigned
-            // Idempotency-Key is still a duplicate. The event UUID is the
-            // fallback for GitLab versions before Idempotency-Key.
-            let delivery = hdr("webhook-id")?
-                .or(hdr("idempotency-key")?)
-                .or(hdr("x-gitlab-event-uuid")?);
+            // signature covers: the verifier hands that one over, so a replay
+            // with a fresh unsigned Idempotency-Key is still a duplicate. The
+            // event UUID is the fallback for GitLab versions before
+            // Idempotency-Key.
+            let delivery = match signed(signed_id) {
+                Some(d) => Some(d),
+                None => unsigned(hdr("idempotency-key")?.or(hdr("x-gitlab-event-uuid")?)),
+            };
             let action = probe
                 .object_attributes
                 .0
@@ -105,7 +123,10 @@ pub fn normalize(
             (need("x-gitlab-event")?, action, delivery)
         }
         Provider::StandardWebhooks => {
-            let delivery = hdr("webhook-id")?.or(hdr("svix-id")?);
+            let delivery = match signed(signed_id) {
+                Some(d) => Some(d),
+                None => unsigned(hdr("webhook-id")?.or(hdr("svix-id")?)),
+            };
             (
                 probe.type_.0.unwrap_or_else(|| "unknown".into()),
                 None,
@@ -115,7 +136,7 @@ pub fn normalize(
         Provider::Stripe => (
             probe.type_.0.unwrap_or_else(|| "unknown".into()),
             None,
-            probe.id.0,
+            from_body(probe.id.0),
         ),
         Provider::Slack => {
             let inner = probe.event.0.and_then(|e| e.type_.0);
@@ -126,13 +147,13 @@ pub fn normalize(
                 (None, _) if probe.command.0.is_some() => "slash_command".into(),
                 (None, _) => "unknown".into(),
             };
-            (kind, None, probe.event_id.0)
+            (kind, None, from_body(probe.event_id.0))
         }
         Provider::Linear => {
             let kind = hdr("linear-event")?
                 .or(probe.type_.0)
                 .unwrap_or_else(|| "unknown".into());
-            (kind, probe.action.0, hdr("linear-delivery")?)
+            (kind, probe.action.0, unsigned(hdr("linear-delivery")?))
         }
         Provider::Hmac | Provider::None => {
             let kind = match &naming.kind_header {
@@ -152,14 +173,16 @@ pub fn normalize(
             (
                 kind.or(probe.type_.0).unwrap_or_else(|| "unknown".into()),
                 probe.action.0,
-                delivery,
+                unsigned(delivery),
             )
         }
     };
-    let delivery_id = match delivery.filter(|d| !d.is_empty() && d.len() <= MAX_NAME_LEN) {
-        Some(d) => d,
-        None => format!("sha256:{}", hex::encode(Sha256::digest(&body))),
-    };
+    let body_sha256 = hex::encode(Sha256::digest(&body));
+    let (delivery_id, id_origin) =
+        match delivery.filter(|(d, _)| !d.is_empty() && d.len() <= MAX_NAME_LEN) {
+            Some(d) => d,
+            None => (format!("sha256:{body_sha256}"), IdOrigin::Body),
+        };
     let action = action.filter(|a| !a.is_empty() && a.len() <= MAX_NAME_LEN);
     let kind = if kind.is_empty() {
         "unknown".to_string()
@@ -176,6 +199,8 @@ pub fn normalize(
         kind,
         action,
         delivery_id,
+        id_origin,
+        body_sha256,
         received_at_ms,
         headers: kept_headers(&headers),
         body,
