@@ -1,8 +1,8 @@
 //! Regressions, one test per bug, named for the defect it pins down.
 //!
 //! Intake, "who an event is": which delivery ids the signature covers, what
-//! makes two deliveries the same one, and how long a body hash stays a
-//! duplicate.
+//! makes two deliveries the same one, how long a body hash stays a duplicate,
+//! and which bytes decide how a signed body is read.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -263,6 +263,74 @@ async fn gitlab_signing_mode_dedups_on_the_signed_id_and_refuses_svix_names() {
         .verify(header_map(&s), s.body.clone())
         .unwrap();
     assert_eq!((v.signed_id(), v.body_signed()), (None, true));
+}
+
+/// Issue 7, item 5: `Content-Type` (unsigned) chose form decoding, so a
+/// signed JSON body whose string holds `&payload=…` was read as a form
+/// carrying other JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_bytes_decide_how_a_body_is_read() {
+    let env = Env::new("");
+    let gw = Gateway::start(env.config()).await;
+    let body = Bytes::from_static(
+        br#"{"action":"opened","note":"&payload=%7B%22action%22%3A%22deleted%22%7D&"}"#,
+    );
+    let signed = env.signer("github").sign("issues", &body).unwrap();
+    let as_form = with_header(
+        &signed,
+        "content-type",
+        Some("application/x-www-form-urlencoded"),
+    );
+    let (s, json_body) = gw.post_signed("github", &as_form).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{json_body}");
+
+    // GitHub's real form deliveries still decode.
+    let form = Bytes::from(format!(
+        "payload={}",
+        form_urlencoded::byte_serialize(br#"{"action":"labeled"}"#).collect::<String>()
+    ));
+    let signed = env.signer("github").sign("issues", &form).unwrap();
+    let signed = with_header(
+        &signed,
+        "content-type",
+        Some("application/x-www-form-urlencoded"),
+    );
+    let (s, form_body) = gw.post_signed("github", &signed).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{form_body}");
+
+    // A provider that never sends forms gets none decoded.
+    let form = Bytes::from_static(b"payload=%7B%22type%22%3A%22a.b%22%7D");
+    let signed = env.signer("standard").sign("a.b", &form).unwrap();
+    let signed = with_header(
+        &signed,
+        "content-type",
+        Some("application/x-www-form-urlencoded"),
+    );
+    let (s, b) = gw.post_signed("standard", &signed).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    gw.stop().await;
+
+    let rec = record(&env, &id_of(&json_body));
+    assert_eq!(rec.event.action.as_deref(), Some("opened"));
+    assert_eq!(rec.event.body, body);
+    let rec = record(&env, &id_of(&form_body));
+    assert_eq!(rec.event.action.as_deref(), Some("labeled"));
+}
+
+/// Issue 7, item 5: Linear signs the body, whose `type` is the kind; the
+/// `Linear-Event` header is not signed and must not choose it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linear_kind_comes_from_the_signed_body() {
+    let env = Env::new("");
+    let gw = Gateway::start(env.config()).await;
+    let body = Bytes::from_static(br#"{"action":"create","type":"Issue","data":{"id":"x"}}"#);
+    // The signer sends `Linear-Event: Comment`, as a tampered request would.
+    let signed = env.signer("linear").sign("Comment", &body).unwrap();
+    assert_eq!(header(&signed, "linear-event"), "Comment");
+    let (s, b) = gw.post_signed("linear", &signed).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    gw.stop().await;
+    assert_eq!(record(&env, &id_of(&b)).event.kind, "Issue");
 }
 
 /// Issue 7, item 7: a source without delivery ids deduplicated on the body

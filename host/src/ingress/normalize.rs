@@ -69,7 +69,7 @@ pub fn normalize(
     if raw.is_empty() {
         return Err(NormalizeError::Empty);
     }
-    let body = payload_document(provider, &headers, raw)?;
+    let body = payload_document(provider, raw)?;
     let probe: Probe =
         serde_json::from_slice(&body).map_err(|e| NormalizeError::NotJson(e.to_string()))?;
 
@@ -150,9 +150,9 @@ pub fn normalize(
             (kind, None, from_body(probe.event_id.0))
         }
         Provider::Linear => {
-            let kind = hdr("linear-event")?
-                .or(probe.type_.0)
-                .unwrap_or_else(|| "unknown".into());
+            // Linear signs the body, whose `type` names the kind; the
+            // `Linear-Event` header says the same unsigned, so it is not read.
+            let kind = probe.type_.0.unwrap_or_else(|| "unknown".into());
             (kind, probe.action.0, unsigned(hdr("linear-delivery")?))
         }
         Provider::Hmac | Provider::None => {
@@ -207,22 +207,18 @@ pub fn normalize(
     })
 }
 
-/// The JSON document inside the body: the body itself, or the `payload` field of
-/// a form-encoded body (GitHub's and Slack's `application/x-www-form-urlencoded`).
-/// A Slack slash command (a form with no `payload`) becomes a JSON object of its fields.
-fn payload_document(
-    provider: Provider,
-    headers: &HeaderMap,
-    raw: Bytes,
-) -> Result<Bytes, NormalizeError> {
-    let is_form = headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            ct.trim_start()
-                .starts_with("application/x-www-form-urlencoded")
-        });
-    if !is_form {
+/// The JSON document inside the body. The signed bytes decide how they are
+/// read, never an unsigned header: a body that is a JSON object is JSON
+/// whatever `Content-Type` says (so a string holding `&payload=…` cannot turn
+/// it into a form carrying other JSON). Only providers that send forms have
+/// them decoded: GitHub's `payload=` form and Slack's interactivity
+/// (`payload=`) and slash commands (a form of fields, made a JSON object).
+fn payload_document(provider: Provider, raw: Bytes) -> Result<Bytes, NormalizeError> {
+    let json_object = raw
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'{');
+    if json_object || !matches!(provider, Provider::Github | Provider::Slack) {
         return Ok(raw);
     }
     let mut fields = serde_json::Map::new();
@@ -232,13 +228,13 @@ fn payload_document(
         }
         fields.insert(k.into_owned(), serde_json::Value::String(v.into_owned()));
     }
-    if provider == Provider::Slack && !fields.is_empty() {
+    if provider == Provider::Slack && fields.contains_key("command") {
         return Ok(Bytes::from(
             serde_json::to_vec(&fields).expect("a map of strings serialises"),
         ));
     }
     Err(NormalizeError::NotJson(
-        "form-encoded body without a `payload` field".into(),
+        "neither a JSON object nor a form with a `payload` (or Slack `command`) field".into(),
     ))
 }
 
