@@ -1,9 +1,12 @@
 //! Normalisation: provider, kind, action and delivery id from a verified request.
 //!
-//! Kinds and delivery ids come from the provider's headers where it sends them,
-//! not from guesses; the body is read once, by a small borrowing probe that
-//! pulls out the few fields needed (action, type, id) without building a tree,
-//! and that rejects malformed, non-UTF-8 and absurdly nested JSON.
+//! Kinds and delivery ids come from what the provider sends, not from guesses,
+//! and signed bytes win over unsigned headers: the delivery id is marked
+//! signed only where the signature covered it (see [`crate::event::IdOrigin`]),
+//! and the body decides whether it is JSON or a form. The body is read once,
+//! by a small borrowing probe that pulls out the few fields needed (action,
+//! type, id) without building a tree, and that rejects malformed, non-UTF-8
+//! and absurdly nested JSON.
 
 use std::fmt;
 
