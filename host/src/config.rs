@@ -163,7 +163,9 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// Most appends committed in one transaction (one fsync).
     pub batch_max: usize,
-    /// How long the in-memory dedup cache remembers a delivery id.
+    /// How long a delivery known only by its body hash stays a duplicate (the
+    /// store holds this window); also how long the in-memory dedup cache
+    /// remembers a delivery.
     #[serde(deserialize_with = "duration")]
     pub dedup_ttl: Duration,
     /// Most delivery ids the in-memory dedup cache holds.

@@ -80,6 +80,70 @@ impl std::fmt::Display for Provider {
     }
 }
 
+/// Where an event's delivery id came from. It decides what makes two
+/// deliveries the same one (see [`dedup_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdOrigin {
+    /// The provider's id, covered by the signature (Standard Webhooks'
+    /// `webhook-id`, GitLab's signed `webhook-id`, Stripe's event `id` and
+    /// Slack's `event_id` in the signed body): nobody without the secret can
+    /// reuse it for another body.
+    Signed,
+    /// The provider's id from a header the signature does not cover
+    /// (`X-GitHub-Delivery`, `Linear-Delivery`, GitLab's `Idempotency-Key` in
+    /// token mode, a generic source's `delivery_header`): anyone who saw one
+    /// signed body can send it again under any id.
+    Unsigned,
+    /// No id was sent; the delivery id is `sha256:` + the body's hash.
+    Body,
+}
+
+impl IdOrigin {
+    /// The name stored in the database and printed by the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdOrigin::Signed => "signed",
+            IdOrigin::Unsigned => "unsigned",
+            IdOrigin::Body => "body",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<IdOrigin> {
+        [IdOrigin::Signed, IdOrigin::Unsigned, IdOrigin::Body]
+            .into_iter()
+            .find(|o| o.as_str() == s)
+    }
+
+    /// True when deliveries are the same only within the dedup window (a body
+    /// hash: two identical alerts an hour apart are two events); a provider's
+    /// id names one delivery for good.
+    pub fn expires(self) -> bool {
+        self == IdOrigin::Body
+    }
+}
+
+/// The one formula for "the same delivery", shared by every store backend
+/// (and fit to be a JetStream `Nats-Msg-Id`):
+///
+/// - signed id: `{source}:id:{delivery id}`;
+/// - unsigned id: `{source}:idb:{body sha256}:{delivery id}` — the same id
+///   with another body is another delivery (an id conflict, stored and
+///   marked), so a replayed body under a chosen id cannot shadow the real one;
+/// - no id: `{source}:b:{body sha256}`, a duplicate only within the store's
+///   dedup window ([`IdOrigin::expires`]).
+///
+/// Source names hold no `:` and the hash has a fixed length, so the key is
+/// unambiguous with the free-form delivery id last.
+pub fn dedup_key(source: &str, origin: IdOrigin, delivery_id: &str, body_sha256: &str) -> String {
+    match origin {
+        IdOrigin::Signed => format!("{source}:id:{delivery_id}"),
+        IdOrigin::Unsigned => format!("{source}:idb:{body_sha256}:{delivery_id}"),
+        IdOrigin::Body => format!("{source}:b:{body_sha256}"),
+    }
+}
+
 /// Where an event is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -64,8 +64,12 @@ impl AppState {
         crate::metrics::handle();
         let (sources, reports) = build_sources(&config, Generate::IfMissing)?;
         let db = config.data_dir().join(&config.store.path);
-        let store = SqliteStore::open(&db, config.store.batch_max)
-            .map_err(|e| anyhow::anyhow!("{}: store.path: {e}", config.origin))?;
+        let store = SqliteStore::open_with_dedup_window(
+            &db,
+            config.store.batch_max,
+            config.store.dedup_ttl,
+        )
+        .map_err(|e| anyhow::anyhow!("{}: store.path: {e}", config.origin))?;
         let state = AppState {
             shield: Shield::new(&config.shield),
             body_budget: BodyBudget::new(config.server.body_budget_bytes),

@@ -65,25 +65,41 @@ async fn racing_copies_of_one_delivery_yield_one_event() {
     assert_eq!(stored(&env), 1);
 }
 
+/// A second generic source, signed and named like the first.
+const SECOND_HMAC: &str = r#"
+[sources.hmac-b]
+provider = "hmac"
+secret = { file = "hmac.key" }
+header = "X-Signature"
+prefix = "sha256="
+encoding = "hex"
+delivery_header = "X-Delivery"
+kind_header = "X-Event"
+"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_delivery_id_on_two_sources_is_two_events() {
-    let env = Env::new("");
+    let env = Env::new(SECOND_HMAC);
     let gw = Gateway::start(env.config()).await;
     let body = Bytes::from_static(br#"{"type":"a.b"}"#);
-    // Without a delivery header the id is the body hash: the same on both sources.
+    // The very same request (id, body, signature) on two sources: only the
+    // source tells them apart.
     let a = env.signer("hmac").sign("a.b", &body).unwrap();
-    let a = crate::support::with_header(&a, "x-delivery", None);
-    let (s, _) = gw.post_signed("hmac", &a).await;
-    assert_eq!(s, StatusCode::ACCEPTED);
+    let a = crate::support::with_header(&a, "x-delivery", Some("shared-delivery-1"));
+    let (s, first) = gw.post_signed("hmac", &a).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{first}");
     let (s, b) = gw.post_signed("hmac", &a).await;
     assert_eq!(
         (s, b["status"].as_str()),
         (StatusCode::OK, Some("duplicate")),
-        "body-hash id dedups"
+        "the same id and body on one source dedups"
     );
-    let std = env.signer("standard").sign("a.b", &body).unwrap();
-    let (s, _) = gw.post_signed("standard", &std).await;
-    assert_eq!(s, StatusCode::ACCEPTED);
+    let (s, other) = gw.post_signed("hmac-b", &a).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{other}");
+    assert_ne!(other["id"], first["id"]);
+    assert!(other.get("conflict_with").is_none(), "{other}");
     gw.stop().await;
-    assert_eq!(stored(&env), 2);
+    let rows = stored_events(&env);
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r.delivery_id == "shared-delivery-1"));
 }

@@ -12,6 +12,7 @@ mod dedup;
 mod fuzz;
 mod idle;
 mod metrics;
+mod regression;
 mod routing;
 mod rule_logs;
 mod rules;

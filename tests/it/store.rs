@@ -8,10 +8,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use sluice::decision::{Decision, Priority, Route, RuleOutcome, RuleRecord, Verdict};
-use sluice::event::{EventStatus, Provider};
+use sluice::event::{EventStatus, IdOrigin, Provider};
 use sluice::ingress::NewEvent;
 use sluice::ingress::normalize::{Naming, normalize};
-use sluice::ingress::verify::Verifier;
+use sluice::ingress::verify::{StandardWebhooks, Verifier};
 use sluice::store::{Appended, Claimed, ListFilter, SqliteStore, Store, StoreError};
 
 fn event(source: &str, delivery: &str, kind: &str) -> NewEvent {
@@ -364,4 +364,140 @@ async fn waiting_workers_wake_for_new_work_only() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     store.close();
+}
+
+/// An event of the generic provider with `body`, its id (when given) from an
+/// unsigned header.
+fn hmac_event(source: &str, delivery: Option<&str>, body: &'static [u8]) -> NewEvent {
+    let mut h = HeaderMap::new();
+    if let Some(d) = delivery {
+        h.insert("x-delivery", HeaderValue::from_str(d).unwrap());
+    }
+    let naming = Naming {
+        delivery_header: Some(HeaderName::from_static("x-delivery")),
+        kind_header: None,
+    };
+    let verified = Verifier::None
+        .verify_at(h, Bytes::from_static(body), 0)
+        .unwrap();
+    normalize(
+        source,
+        Provider::Hmac,
+        &naming,
+        verified,
+        sluice::event::now_ms(),
+    )
+    .unwrap()
+}
+
+/// A Standard Webhooks event whose id the signature covers.
+fn signed_event(id: &str, body: &'static [u8]) -> NewEvent {
+    let secret = [sluice::secret::Secret::new(
+        b"whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".to_vec(),
+    )];
+    let scheme = StandardWebhooks::new(&secret, Duration::from_secs(300)).unwrap();
+    let now = sluice::ingress::verify::unix_now();
+    let mut h = HeaderMap::new();
+    for (k, v) in scheme.sign(id, now, body) {
+        h.insert(k, HeaderValue::from_str(&v).unwrap());
+    }
+    let verified = Verifier::Standard(scheme)
+        .verify_at(h, Bytes::from_static(body), now)
+        .unwrap();
+    let ev = normalize(
+        "std",
+        Provider::StandardWebhooks,
+        &Naming::default(),
+        verified,
+        sluice::event::now_ms(),
+    )
+    .unwrap();
+    assert_eq!(ev.id_origin(), IdOrigin::Signed);
+    ev
+}
+
+/// What "the same delivery" means, for every backend: an unsigned id is the
+/// same delivery only with the same body (another body is stored, marked as
+/// a conflict); a signed id is the same delivery whatever the body; a body
+/// hash is the same delivery only within the dedup window.
+pub async fn dedup_conformance(store: Arc<dyn Store>, window: Duration) {
+    let a = store
+        .append(hmac_event("u", Some("d1"), br#"{"n":1}"#))
+        .await
+        .unwrap();
+    let Appended::Stored(first) = a.clone() else {
+        panic!("first append stores: {a:?}")
+    };
+    assert_eq!(
+        store
+            .append(hmac_event("u", Some("d1"), br#"{"n":1}"#))
+            .await
+            .unwrap(),
+        Appended::Duplicate(first.clone())
+    );
+    let other = store
+        .append(hmac_event("u", Some("d1"), br#"{"n":2}"#))
+        .await
+        .unwrap();
+    let Appended::IdConflict { id, conflict_with } = other.clone() else {
+        panic!("another body under the same unsigned id is its own event: {other:?}")
+    };
+    assert_eq!(conflict_with, first);
+    let rec = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(rec.summary.conflict_with.as_deref(), Some(first.as_str()));
+    assert_eq!(rec.summary.id_origin, IdOrigin::Unsigned);
+
+    let Appended::Stored(signed) = store
+        .append(signed_event("msg_1", br#"{"type":"a"}"#))
+        .await
+        .unwrap()
+    else {
+        panic!("a new signed id stores")
+    };
+    assert_eq!(
+        store
+            .append(signed_event("msg_1", br#"{"type":"b"}"#))
+            .await
+            .unwrap(),
+        Appended::Duplicate(signed)
+    );
+
+    let started = std::time::Instant::now();
+    let Appended::Stored(hashed) = store
+        .append(hmac_event("h", None, br#"{"alert":1}"#))
+        .await
+        .unwrap()
+    else {
+        panic!("a new body stores")
+    };
+    let deadline = started + window + Duration::from_secs(30);
+    loop {
+        match store
+            .append(hmac_event("h", None, br#"{"alert":1}"#))
+            .await
+            .unwrap()
+        {
+            Appended::Duplicate(id) => {
+                assert_eq!(id, hashed);
+                assert!(std::time::Instant::now() < deadline, "window never ended");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Appended::Stored(id) => {
+                assert_ne!(id, hashed);
+                assert!(started.elapsed() >= window, "new inside the window");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_dedups_by_what_the_signature_covers() {
+    let dir = tempfile::tempdir().unwrap();
+    let window = Duration::from_millis(1500);
+    let store = Arc::new(
+        SqliteStore::open_with_dedup_window(&dir.path().join("s.db"), 64, window).unwrap(),
+    );
+    dedup_conformance(store.clone(), window).await;
 }

@@ -125,7 +125,12 @@ pub fn run(cmd: EventsCommand) -> anyhow::Result<()> {
             } else {
                 let s = &rec.summary;
                 println!("id           {}", s.id);
-                println!("delivery id  {}", s.delivery_id);
+                println!("delivery id  {} ({})", s.delivery_id, s.id_origin.as_str());
+                if let Some(earlier) = &s.conflict_with {
+                    println!(
+                        "id conflict  the same delivery id came earlier with another body: {earlier}"
+                    );
+                }
                 println!("source       {} ({})", s.source, s.provider);
                 println!("kind         {}", s.kind);
                 println!("action       {}", s.action.as_deref().unwrap_or("-"));

@@ -1,16 +1,21 @@
-//! The in-memory front of deduplication: recently seen `(source, delivery id)`
-//! pairs, with a TTL. The store's unique key stays the authority (it survives
-//! restarts); this cache only saves a store round trip for hot duplicates.
-//! An id is inserted only after the store committed it.
+//! The in-memory front of deduplication: recently committed dedup keys
+//! ([`crate::event::dedup_key`]) and the events holding them, with a TTL. The
+//! store's dedup table stays the authority (it survives restarts); this cache
+//! only saves a store round trip for hot duplicates. A key is inserted only
+//! after the store committed it, and a body-hash key carries the store's own
+//! deadline, so the cache never calls a copy a duplicate the store would take.
 
 use std::time::Duration;
 
 use moka::sync::Cache;
 
+use crate::event::now_ms;
+
 /// Recently committed deliveries.
 #[derive(Clone)]
 pub struct Dedup {
-    seen: Cache<String, String>,
+    /// Dedup key → (event id, deadline in ms since the epoch, if any).
+    seen: Cache<String, (String, Option<i64>)>,
 }
 
 impl std::fmt::Debug for Dedup {
@@ -19,16 +24,8 @@ impl std::fmt::Debug for Dedup {
     }
 }
 
-fn key(source: &str, delivery_id: &str) -> String {
-    let mut k = String::with_capacity(source.len() + delivery_id.len() + 1);
-    k.push_str(source);
-    k.push('\0');
-    k.push_str(delivery_id);
-    k
-}
-
 impl Dedup {
-    /// A cache holding at most `capacity` ids, each for `ttl`.
+    /// A cache holding at most `capacity` keys, each for at most `ttl`.
     pub fn new(capacity: u64, ttl: Duration) -> Self {
         Dedup {
             seen: Cache::builder()
@@ -38,14 +35,21 @@ impl Dedup {
         }
     }
 
-    /// The stored event id for a delivery seen recently.
-    pub fn get(&self, source: &str, delivery_id: &str) -> Option<String> {
-        self.seen.get(&key(source, delivery_id))
+    /// The stored event id for a dedup key seen recently and still held.
+    pub fn get(&self, key: &str) -> Option<String> {
+        let (id, until) = self.seen.get(key)?;
+        match until {
+            Some(until) if until <= now_ms() => {
+                self.seen.invalidate(key);
+                None
+            }
+            _ => Some(id),
+        }
     }
 
-    /// Remembers a delivery the store has committed.
-    pub fn insert(&self, source: &str, delivery_id: &str, event_id: &str) {
-        self.seen
-            .insert(key(source, delivery_id), event_id.to_string());
+    /// Remembers a key the store has committed, held until `until_ms` (or,
+    /// with `None`, for as long as the cache keeps it).
+    pub fn insert(&self, key: String, event_id: &str, until_ms: Option<i64>) {
+        self.seen.insert(key, (event_id.to_string(), until_ms));
     }
 }

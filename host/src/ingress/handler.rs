@@ -211,12 +211,14 @@ async fn accept(
         return Ok(("challenge", slack_challenge(event.body())));
     }
 
-    // 4. Dedup, in memory first; the store's unique key is the authority.
-    if let Some(id) = state.dedup.get(&source.name, event.delivery_id()) {
+    // 4. Dedup, in memory first; the store's dedup table is the authority.
+    let key = event.dedup_key();
+    if let Some(id) = state.dedup.get(&key) {
         metrics::counter!("sluice_dedup_hits_total", "source" => source.name.clone(), "layer" => "cache").increment(1);
         return Ok(("duplicate", duplicate(&id)));
     }
     let delivery_id = event.delivery_id().to_string();
+    let until = event.dedup_until_ms(state.config.store.dedup_ttl);
 
     // 5. Durable append; only now is the event acknowledged.
     let started = std::time::Instant::now();
@@ -225,9 +227,12 @@ async fn accept(
         Refusal::StoreDown
     })?;
     metrics::histogram!("sluice_store_append_seconds").record(started.elapsed().as_secs_f64());
-    state
-        .dedup
-        .insert(&source.name, &delivery_id, appended.id());
+    match (&appended, until) {
+        // A copy of a body-hash delivery is held only until the first copy's
+        // deadline, which the store keeps: not cached under this copy's.
+        (Appended::Duplicate(_), Some(_)) => {}
+        _ => state.dedup.insert(key, appended.id(), until),
+    }
     Ok(match appended {
         Appended::Stored(id) => (
             "accepted",
@@ -237,6 +242,28 @@ async fn accept(
             )
                 .into_response(),
         ),
+        Appended::IdConflict { id, conflict_with } => {
+            // The same unsigned id came with another body: one of the two is
+            // a replay under a chosen id, or the sender reused it. Both are
+            // kept and routed; this one is marked.
+            tracing::warn!(
+                source = %source.name,
+                delivery_id = %delivery_id,
+                event = %id,
+                conflict_with = %conflict_with,
+                "delivery id already used by another event with a different body; stored as its own event"
+            );
+            metrics::counter!("sluice_id_conflicts_total", "source" => source.name.clone())
+                .increment(1);
+            (
+                "accepted",
+                (
+                    StatusCode::ACCEPTED,
+                    Json(json!({"status": "accepted", "id": id, "conflict_with": conflict_with})),
+                )
+                    .into_response(),
+            )
+        }
         Appended::Duplicate(id) => {
             metrics::counter!("sluice_dedup_hits_total", "source" => source.name.clone(), "layer" => "store").increment(1);
             ("duplicate", duplicate(&id))

@@ -1,9 +1,12 @@
 //! Normalisation: provider, kind, action and delivery id from a verified request.
 //!
-//! Kinds and delivery ids come from the provider's headers where it sends them,
-//! not from guesses; the body is read once, by a small borrowing probe that
-//! pulls out the few fields needed (action, type, id) without building a tree,
-//! and that rejects malformed, non-UTF-8 and absurdly nested JSON.
+//! Kinds and delivery ids come from what the provider sends, not from guesses,
+//! and signed bytes win over unsigned headers: the delivery id is marked
+//! signed only where the signature covered it (see [`crate::event::IdOrigin`]),
+//! and the body decides whether it is JSON or a form. The body is read once,
+//! by a small borrowing probe that pulls out the few fields needed (action,
+//! type, id) without building a tree, and that rejects malformed, non-UTF-8
+//! and absurdly nested JSON.
 
 use std::fmt;
 
@@ -15,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::NewEvent;
 use super::verify::Verified;
-use crate::event::Provider;
+use crate::event::{IdOrigin, Provider};
 
 /// Headers never stored: they carry credentials.
 const DROPPED_HEADERS: [&str; 4] = [
@@ -63,11 +66,13 @@ pub fn normalize(
     verified: Verified,
     received_at_ms: i64,
 ) -> Result<NewEvent, NormalizeError> {
+    let signed_id = verified.signed_id().map(str::to_string);
+    let body_signed = verified.body_signed();
     let (headers, raw) = verified.into_parts();
     if raw.is_empty() {
         return Err(NormalizeError::Empty);
     }
-    let body = payload_document(provider, &headers, raw)?;
+    let body = payload_document(provider, raw)?;
     let probe: Probe =
         serde_json::from_slice(&body).map_err(|e| NormalizeError::NotJson(e.to_string()))?;
 
@@ -81,22 +86,38 @@ pub fn normalize(
         }
     };
     let need = |name: &'static str| hdr(name)?.ok_or(NormalizeError::MissingHeader(name));
+    // An id the signature covered, from the verifier, or one read from a
+    // header nobody signed; an id inside a signed body is signed.
+    let signed = |id: Option<String>| id.map(|d| (d, IdOrigin::Signed));
+    let unsigned = |id: Option<String>| id.map(|d| (d, IdOrigin::Unsigned));
+    let from_body = |id: Option<String>| {
+        id.map(|d| {
+            let origin = if body_signed {
+                IdOrigin::Signed
+            } else {
+                IdOrigin::Unsigned
+            };
+            (d, origin)
+        })
+    };
 
     let (kind, action, delivery) = match provider {
         Provider::Github => (
             need("x-github-event")?,
             probe.action.0,
-            hdr("x-github-delivery")?,
+            unsigned(hdr("x-github-delivery")?),
         ),
         Provider::Gitlab => {
             // Idempotency-Key stays the same across GitLab's retries. With the
             // signing token GitLab sends it again as `webhook-id`, which the
-            // signature covers, so that one wins: a replay with a fresh unsigned
-            // Idempotency-Key is still a duplicate. The event UUID is the
-            // fallback for GitLab versions before Idempotency-Key.
-            let delivery = hdr("webhook-id")?
-                .or(hdr("idempotency-key")?)
-                .or(hdr("x-gitlab-event-uuid")?);
+            // signature covers: the verifier hands that one over, so a replay
+            // with a fresh unsigned Idempotency-Key is still a duplicate. The
+            // event UUID is the fallback for GitLab versions before
+            // Idempotency-Key.
+            let delivery = match signed(signed_id) {
+                Some(d) => Some(d),
+                None => unsigned(hdr("idempotency-key")?.or(hdr("x-gitlab-event-uuid")?)),
+            };
             let action = probe
                 .object_attributes
                 .0
@@ -105,7 +126,10 @@ pub fn normalize(
             (need("x-gitlab-event")?, action, delivery)
         }
         Provider::StandardWebhooks => {
-            let delivery = hdr("webhook-id")?.or(hdr("svix-id")?);
+            let delivery = match signed(signed_id) {
+                Some(d) => Some(d),
+                None => unsigned(hdr("webhook-id")?.or(hdr("svix-id")?)),
+            };
             (
                 probe.type_.0.unwrap_or_else(|| "unknown".into()),
                 None,
@@ -115,7 +139,7 @@ pub fn normalize(
         Provider::Stripe => (
             probe.type_.0.unwrap_or_else(|| "unknown".into()),
             None,
-            probe.id.0,
+            from_body(probe.id.0),
         ),
         Provider::Slack => {
             let inner = probe.event.0.and_then(|e| e.type_.0);
@@ -126,13 +150,13 @@ pub fn normalize(
                 (None, _) if probe.command.0.is_some() => "slash_command".into(),
                 (None, _) => "unknown".into(),
             };
-            (kind, None, probe.event_id.0)
+            (kind, None, from_body(probe.event_id.0))
         }
         Provider::Linear => {
-            let kind = hdr("linear-event")?
-                .or(probe.type_.0)
-                .unwrap_or_else(|| "unknown".into());
-            (kind, probe.action.0, hdr("linear-delivery")?)
+            // Linear signs the body, whose `type` names the kind; the
+            // `Linear-Event` header says the same unsigned, so it is not read.
+            let kind = probe.type_.0.unwrap_or_else(|| "unknown".into());
+            (kind, probe.action.0, unsigned(hdr("linear-delivery")?))
         }
         Provider::Hmac | Provider::None => {
             let kind = match &naming.kind_header {
@@ -152,14 +176,16 @@ pub fn normalize(
             (
                 kind.or(probe.type_.0).unwrap_or_else(|| "unknown".into()),
                 probe.action.0,
-                delivery,
+                unsigned(delivery),
             )
         }
     };
-    let delivery_id = match delivery.filter(|d| !d.is_empty() && d.len() <= MAX_NAME_LEN) {
-        Some(d) => d,
-        None => format!("sha256:{}", hex::encode(Sha256::digest(&body))),
-    };
+    let body_sha256 = hex::encode(Sha256::digest(&body));
+    let (delivery_id, id_origin) =
+        match delivery.filter(|(d, _)| !d.is_empty() && d.len() <= MAX_NAME_LEN) {
+            Some(d) => d,
+            None => (format!("sha256:{body_sha256}"), IdOrigin::Body),
+        };
     let action = action.filter(|a| !a.is_empty() && a.len() <= MAX_NAME_LEN);
     let kind = if kind.is_empty() {
         "unknown".to_string()
@@ -176,28 +202,26 @@ pub fn normalize(
         kind,
         action,
         delivery_id,
+        id_origin,
+        body_sha256,
         received_at_ms,
         headers: kept_headers(&headers),
         body,
     })
 }
 
-/// The JSON document inside the body: the body itself, or the `payload` field of
-/// a form-encoded body (GitHub's and Slack's `application/x-www-form-urlencoded`).
-/// A Slack slash command (a form with no `payload`) becomes a JSON object of its fields.
-fn payload_document(
-    provider: Provider,
-    headers: &HeaderMap,
-    raw: Bytes,
-) -> Result<Bytes, NormalizeError> {
-    let is_form = headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            ct.trim_start()
-                .starts_with("application/x-www-form-urlencoded")
-        });
-    if !is_form {
+/// The JSON document inside the body. The signed bytes decide how they are
+/// read, never an unsigned header: a body that is a JSON object is JSON
+/// whatever `Content-Type` says (so a string holding `&payload=…` cannot turn
+/// it into a form carrying other JSON). Only providers that send forms have
+/// them decoded: GitHub's `payload=` form and Slack's interactivity
+/// (`payload=`) and slash commands (a form of fields, made a JSON object).
+fn payload_document(provider: Provider, raw: Bytes) -> Result<Bytes, NormalizeError> {
+    let json_object = raw
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'{');
+    if json_object || !matches!(provider, Provider::Github | Provider::Slack) {
         return Ok(raw);
     }
     let mut fields = serde_json::Map::new();
@@ -207,13 +231,13 @@ fn payload_document(
         }
         fields.insert(k.into_owned(), serde_json::Value::String(v.into_owned()));
     }
-    if provider == Provider::Slack && !fields.is_empty() {
+    if provider == Provider::Slack && fields.contains_key("command") {
         return Ok(Bytes::from(
             serde_json::to_vec(&fields).expect("a map of strings serialises"),
         ));
     }
     Err(NormalizeError::NotJson(
-        "form-encoded body without a `payload` field".into(),
+        "neither a JSON object nor a form with a `payload` (or Slack `command`) field".into(),
     ))
 }
 

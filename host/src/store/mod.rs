@@ -1,9 +1,12 @@
 //! The durable event log: one trait, implemented by the embedded SQLite store
 //! (and, for scale-out, by a NATS JetStream store).
 //!
-//! The store owns durability and deduplication by `(source, delivery id)`: an
-//! append returns only after the write is durable, and a second append of the
-//! same delivery returns the first event's id. It never interprets payloads.
+//! The store owns durability and deduplication by the event's dedup key
+//! ([`crate::event::dedup_key`]): an append returns only after the write is
+//! durable, and a second append of the same delivery returns the first
+//! event's id — for good where the provider named the delivery, within the
+//! store's dedup window where only the body hash did. It never interprets
+//! payloads.
 //!
 //! Router workers use it as a work queue: `claim` leases pending events,
 //! `complete` records the decision, `retry_later` and `dead_letter` handle
@@ -20,7 +23,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use crate::decision::Decision;
-use crate::event::{Event, EventStatus};
+use crate::event::{Event, EventStatus, IdOrigin};
 use crate::ingress::NewEvent;
 
 pub use sqlite::SqliteStore;
@@ -56,6 +59,16 @@ pub enum Appended {
     Stored(String),
     /// This delivery was already stored, under this id.
     Duplicate(String),
+    /// Newly stored under `id`, though an earlier event of the same source
+    /// came with the same unsigned delivery id and another body: one of them
+    /// reused the id (a replayed body under a chosen id, or a sender's bug).
+    /// Both are kept; this one is marked.
+    IdConflict {
+        /// The new event.
+        id: String,
+        /// The earlier event with the same delivery id.
+        conflict_with: String,
+    },
 }
 
 impl Appended {
@@ -63,6 +76,7 @@ impl Appended {
     pub fn id(&self) -> &str {
         match self {
             Appended::Stored(id) | Appended::Duplicate(id) => id,
+            Appended::IdConflict { id, .. } => id,
         }
     }
 }
@@ -74,6 +88,11 @@ pub struct EventSummary {
     pub id: String,
     /// The provider's delivery id.
     pub delivery_id: String,
+    /// Whether the signature covered the delivery id, or there was none.
+    pub id_origin: IdOrigin,
+    /// An earlier event of the same source with this (unsigned) delivery id
+    /// and another body, when there is one.
+    pub conflict_with: Option<String>,
     /// The configured source.
     pub source: String,
     /// The provider name.
@@ -162,7 +181,7 @@ pub struct EventRecord {
 /// The durable event log and work queue.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Durably appends a verified event, deduplicated by `(source, delivery id)`.
+    /// Durably appends a verified event, deduplicated by its dedup key.
     /// Returns only after the write is durable.
     async fn append(&self, event: NewEvent) -> Result<Appended, StoreError>;
 

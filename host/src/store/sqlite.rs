@@ -11,6 +11,14 @@
 //! write and one `fdatasync` per batch, before the rows pointing at them
 //! commit. Appends are a job kind of their own so the writer can check
 //! duplicates, place bodies and write them once for the whole batch.
+//!
+//! Deduplication is the `dedup` table: one row per dedup key
+//! ([`crate::event::dedup_key`]) naming the event that holds it. A provider's
+//! id holds its key for good (`expires_at_ms` NULL); a body hash holds it until
+//! `received_at_ms` + the dedup window, a deadline stored with the row, so the
+//! window survives a restart, and a later copy past it takes the key over as
+//! a new event. The schema's version is SQLite's `user_version`; a database
+//! of another version is refused with a message, never half-read.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,8 +34,12 @@ use tokio::sync::{Notify, oneshot};
 use super::bodies::{self, BodyReader, BodyRef, BodyWriter};
 use super::{Appended, Claimed, EventRecord, EventSummary, Lease, ListFilter, Store, StoreError};
 use crate::decision::Decision;
-use crate::event::{Event, EventStatus, Provider, now_ms};
+use crate::event::{Event, EventStatus, IdOrigin, Provider, now_ms};
 use crate::ingress::NewEvent;
+
+/// The schema this build reads and writes, kept in `PRAGMA user_version`
+/// (0: the first store, deduplicating on a unique `(source, delivery_id)`).
+const SCHEMA_VERSION: i64 = 1;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -38,6 +50,9 @@ CREATE TABLE IF NOT EXISTS events (
     kind            TEXT NOT NULL,
     action          TEXT,
     delivery_id     TEXT NOT NULL,
+    id_origin       TEXT NOT NULL,
+    body_sha256     TEXT NOT NULL,
+    conflict_with   TEXT,
     received_at_ms  INTEGER NOT NULL,
     headers         TEXT NOT NULL,
     body_segment    INTEGER NOT NULL,
@@ -47,10 +62,15 @@ CREATE TABLE IF NOT EXISTS events (
     attempts        INTEGER NOT NULL DEFAULT 0,
     available_at_ms INTEGER NOT NULL DEFAULT 0,
     claimed_by      TEXT,
-    last_error      TEXT,
-    UNIQUE (source, delivery_id)
+    last_error      TEXT
 );
 CREATE INDEX IF NOT EXISTS events_work ON events (status, available_at_ms);
+CREATE INDEX IF NOT EXISTS events_delivery ON events (source, delivery_id);
+CREATE TABLE IF NOT EXISTS dedup (
+    key           TEXT PRIMARY KEY,
+    event_id      TEXT NOT NULL,
+    expires_at_ms INTEGER
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS decisions (
     seq        INTEGER PRIMARY KEY,
     event_id   TEXT NOT NULL,
@@ -102,8 +122,21 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path`.
+    /// Opens (creating if needed) the database at `path`, with the default
+    /// dedup window for body-hash ids (`store.dedup_ttl`'s default).
     pub fn open(path: &Path, batch_max: usize) -> Result<SqliteStore, StoreError> {
+        let window = crate::config::StoreConfig::default().dedup_ttl;
+        SqliteStore::open_with_dedup_window(path, batch_max, window)
+    }
+
+    /// Opens (creating if needed) the database at `path`. A delivery known only
+    /// by its body hash is a duplicate for `dedup_window` after the first copy
+    /// was received; a provider's id stays a duplicate for good.
+    pub fn open_with_dedup_window(
+        path: &Path,
+        batch_max: usize,
+        dedup_window: Duration,
+    ) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| {
                 StoreError::Backend(format!("cannot create {}: {e}", dir.display()))
@@ -114,7 +147,15 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(Duration::from_secs(10))?;
+        check_schema(&conn, path)?;
         conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        // Expired body-hash keys are overwritten when their body comes again;
+        // the rest are dropped here.
+        conn.execute(
+            "DELETE FROM dedup WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?1",
+            [now_ms()],
+        )?;
         let reader = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -134,7 +175,7 @@ impl SqliteStore {
             .name("sluice-store-writer".into())
             .spawn(move || {
                 let run = std::panic::AssertUnwindSafe(|| {
-                    writer_loop(conn, body_writer, rx, batch_max, &notify)
+                    writer_loop(conn, body_writer, rx, batch_max, dedup_window, &notify)
                 });
                 if std::panic::catch_unwind(run).is_err() {
                     // Without its writer the gateway could only answer 503 and
@@ -159,6 +200,7 @@ impl SqliteStore {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
         conn.busy_timeout(Duration::from_secs(10))?;
+        check_schema(&conn, path)?;
         Ok(ReadOnly {
             conn,
             bodies: BodyReader::new(bodies::dir_for(path)),
@@ -222,11 +264,36 @@ impl Drop for SqliteStore {
     }
 }
 
+/// Refuses a database written with another schema, naming the file.
+fn check_schema(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let has_events: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'events'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_events && version != SCHEMA_VERSION {
+        let by = if version < SCHEMA_VERSION {
+            "an older"
+        } else {
+            "a newer"
+        };
+        return Err(StoreError::Backend(format!(
+            "{}: written by {by} sluice (store schema {version}; this build reads schema \
+             {SCHEMA_VERSION}); move it and its .bodies directory aside to start an empty store, \
+             or run the sluice that wrote it",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 fn writer_loop(
     mut conn: Connection,
     mut bodies: BodyWriter,
     rx: mpsc::Receiver<Job>,
     batch_max: usize,
+    dedup_window: Duration,
     work: &Notify,
 ) {
     while let Ok(first) = rx.recv() {
@@ -258,7 +325,7 @@ fn writer_loop(
                 continue;
             }
         };
-        let appended = append_batch(&txn, &mut bodies, appends);
+        let appended = append_batch(&txn, &mut bodies, appends, dedup_window);
         let replies: Vec<Reply> = runs
             .into_iter()
             .filter_map(|job| match job {
@@ -306,38 +373,56 @@ fn savepoint(conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
 type AppendReply = oneshot::Sender<Result<Appended, StoreError>>;
 
 /// Deduplicates a batch of appends, writes the new bodies in one durable
-/// write, then inserts their rows. Returns each caller's answer, to be sent
-/// once the transaction's commit is known.
+/// write, then inserts their rows and dedup keys. Returns each caller's
+/// answer, to be sent once the transaction's commit is known.
 fn append_batch(
     conn: &Connection,
     bodies: &mut BodyWriter,
     appends: Vec<Job>,
+    dedup_window: Duration,
 ) -> Vec<(AppendReply, Result<Appended, StoreError>)> {
     let mut answers = Vec::with_capacity(appends.len());
-    let mut fresh: Vec<(NewEvent, String, BodyRef, AppendReply)> = Vec::new();
+    let mut fresh: Vec<Fresh> = Vec::new();
     // A copy of a delivery that is new in this very batch gets the same
     // outcome as the first copy, decided only once that one is written.
     let mut copies: Vec<(AppendReply, usize)> = Vec::new();
-    let mut in_batch: HashMap<(String, String), usize> = HashMap::new();
+    let mut in_batch: HashMap<String, usize> = HashMap::new();
+    // Unsigned ids first seen in this batch, for conflicts within it.
+    let mut ids_in_batch: HashMap<(String, String), String> = HashMap::new();
     let mut buf: Vec<u8> = Vec::new();
+    let now = now_ms();
     for job in appends {
         let Job::Append(ev, reply) = job else {
             continue;
         };
-        let key = (ev.source().to_string(), ev.delivery_id().to_string());
+        let key = ev.dedup_key();
         if let Some(&first) = in_batch.get(&key) {
             copies.push((reply, first));
             continue;
         }
-        match existing_id(conn, ev.source(), ev.delivery_id()) {
-            Ok(Some(id)) => answers.push((reply, Ok(Appended::Duplicate(id)))),
+        match seen(conn, &ev, &key, now, &ids_in_batch) {
+            Ok(Seen::Duplicate(id)) => answers.push((reply, Ok(Appended::Duplicate(id)))),
             Err(e) => answers.push((reply, Err(e))),
-            Ok(None) => {
+            Ok(Seen::New { conflict_with }) => {
                 let id = format!("evt_{}", uuid::Uuid::now_v7().simple());
                 let at = bodies.place(buf.len() as u64, ev.body().len());
                 buf.extend_from_slice(ev.body());
-                in_batch.insert(key, fresh.len());
-                fresh.push((ev, id, at, reply));
+                in_batch.insert(key.clone(), fresh.len());
+                if ev.id_origin() == IdOrigin::Unsigned {
+                    ids_in_batch
+                        .entry((ev.source().to_string(), ev.delivery_id().to_string()))
+                        .or_insert_with(|| id.clone());
+                }
+                let until = ev.dedup_until_ms(dedup_window);
+                fresh.push(Fresh {
+                    ev,
+                    id,
+                    at,
+                    key,
+                    until,
+                    conflict_with,
+                    reply,
+                });
             }
         }
     }
@@ -345,13 +430,19 @@ fn append_batch(
         .append_durably(&buf)
         .map_err(|e| StoreError::Backend(format!("cannot write the body log: {e}")));
     let mut outcomes: Vec<Result<Appended, StoreError>> = Vec::with_capacity(fresh.len());
-    for (ev, id, at, reply) in fresh {
+    for f in fresh {
         let result = match &written {
-            Ok(()) => insert_row(conn, &ev, &id, at).map(|()| Appended::Stored(id)),
+            Ok(()) => insert_row(conn, &f).map(|()| match f.conflict_with {
+                None => Appended::Stored(f.id),
+                Some(conflict_with) => Appended::IdConflict {
+                    id: f.id,
+                    conflict_with,
+                },
+            }),
             Err(e) => Err(e.clone()),
         };
         outcomes.push(result.clone());
-        answers.push((reply, result));
+        answers.push((f.reply, result));
     }
     for (reply, first) in copies {
         let result = match &outcomes[first] {
@@ -363,36 +454,109 @@ fn append_batch(
     answers
 }
 
-fn existing_id(
+/// An append that is new: its id, where its body goes and its dedup key.
+struct Fresh {
+    ev: NewEvent,
+    id: String,
+    at: BodyRef,
+    key: String,
+    until: Option<i64>,
+    conflict_with: Option<String>,
+    reply: AppendReply,
+}
+
+/// What the store already holds of a delivery.
+enum Seen {
+    /// The same delivery, stored as this event.
+    Duplicate(String),
+    /// Not this delivery; with an unsigned id, maybe an earlier event that
+    /// came with the same id and another body.
+    New { conflict_with: Option<String> },
+}
+
+fn seen(
     conn: &Connection,
-    source: &str,
-    delivery_id: &str,
-) -> Result<Option<String>, StoreError> {
+    ev: &NewEvent,
+    key: &str,
+    now: i64,
+    ids_in_batch: &HashMap<(String, String), String>,
+) -> Result<Seen, StoreError> {
+    if let Some(id) = holder(conn, key, now)? {
+        return Ok(Seen::Duplicate(id));
+    }
+    if ev.id_origin() != IdOrigin::Unsigned {
+        return Ok(Seen::New {
+            conflict_with: None,
+        });
+    }
+    // The same id and body under another origin (GitLab's Idempotency-Key
+    // after the same delivery came signed) is still the same delivery.
+    let earlier = conn
+        .prepare_cached(
+            "SELECT id, body_sha256 = ?3 FROM events WHERE source = ?1 AND delivery_id = ?2 \
+             ORDER BY body_sha256 = ?3 DESC, seq LIMIT 1",
+        )?
+        .query_row(
+            params![ev.source(), ev.delivery_id(), ev.body_sha256()],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)),
+        )
+        .optional()?;
+    Ok(match earlier {
+        Some((id, true)) => Seen::Duplicate(id),
+        Some((id, false)) => Seen::New {
+            conflict_with: Some(id),
+        },
+        None => Seen::New {
+            conflict_with: ids_in_batch
+                .get(&(ev.source().to_string(), ev.delivery_id().to_string()))
+                .cloned(),
+        },
+    })
+}
+
+/// The event holding a dedup key at `now`, if any (an expired body-hash key
+/// holds nothing).
+fn holder(conn: &Connection, key: &str, now: i64) -> Result<Option<String>, StoreError> {
     Ok(conn
-        .prepare_cached("SELECT id FROM events WHERE source = ?1 AND delivery_id = ?2")?
-        .query_row(params![source, delivery_id], |r| r.get(0))
+        .prepare_cached(
+            "SELECT event_id FROM dedup WHERE key = ?1 \
+             AND (expires_at_ms IS NULL OR expires_at_ms > ?2)",
+        )?
+        .query_row(params![key, now], |r| r.get(0))
         .optional()?)
 }
 
-fn insert_row(conn: &Connection, ev: &NewEvent, id: &str, at: BodyRef) -> Result<(), StoreError> {
+fn insert_row(conn: &Connection, f: &Fresh) -> Result<(), StoreError> {
+    let ev = &f.ev;
     let headers = serde_json::to_string(ev.headers()).expect("headers serialise");
     conn.prepare_cached(
-        "INSERT INTO events (id, source, provider, kind, action, delivery_id, received_at_ms, \
-         headers, body_segment, body_offset, size) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        "INSERT INTO events (id, source, provider, kind, action, delivery_id, id_origin, \
+         body_sha256, conflict_with, received_at_ms, headers, body_segment, body_offset, size) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
     .execute(params![
-        id,
+        f.id,
         ev.source(),
         ev.provider().as_str(),
         ev.kind(),
         ev.action(),
         ev.delivery_id(),
+        ev.id_origin().as_str(),
+        ev.body_sha256(),
+        f.conflict_with,
         ev.received_at_ms(),
         headers,
-        at.segment,
-        at.offset as i64,
-        at.len,
+        f.at.segment,
+        f.at.offset as i64,
+        f.at.len,
     ])?;
+    // Only an expired key can be taken over; a live one was caught above.
+    conn.prepare_cached(
+        "INSERT INTO dedup (key, event_id, expires_at_ms) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (key) DO UPDATE SET event_id = excluded.event_id, \
+         expires_at_ms = excluded.expires_at_ms",
+    )?
+    .execute(params![f.key, f.id, f.until])?;
     Ok(())
 }
 
@@ -430,6 +594,8 @@ fn row_summary(row: &rusqlite::Row<'_>) -> rusqlite::Result<EventSummary> {
     Ok(EventSummary {
         id: row.get("id")?,
         delivery_id: row.get("delivery_id")?,
+        id_origin: IdOrigin::parse(&row.get::<_, String>("id_origin")?).unwrap_or(IdOrigin::Body),
+        conflict_with: row.get("conflict_with")?,
         source: row.get("source")?,
         provider: row.get("provider")?,
         kind: row.get("kind")?,
@@ -476,8 +642,9 @@ fn with_body(bodies: &BodyReader, (mut event, at): (Event, BodyRef)) -> Result<E
     Ok(event)
 }
 
-const EVENT_COLUMNS: &str = "id, source, provider, kind, action, delivery_id, received_at_ms, headers, \
-                             body_segment, body_offset, size, status, attempts, last_error";
+const EVENT_COLUMNS: &str = "id, source, provider, kind, action, delivery_id, id_origin, \
+                             conflict_with, received_at_ms, headers, body_segment, body_offset, \
+                             size, status, attempts, last_error";
 
 /// `get`, for the store and for the CLI's read-only access.
 pub fn get_record(ro: &ReadOnly, id: &str) -> Result<Option<EventRecord>, StoreError> {
@@ -529,8 +696,8 @@ fn record(
 
 fn summaries(conn: &Connection, filter: &ListFilter) -> Result<Vec<EventSummary>, StoreError> {
     let mut sql = String::from(
-        "SELECT id, delivery_id, source, provider, kind, action, received_at_ms, size, status, attempts \
-         FROM events WHERE 1 = 1",
+        "SELECT id, delivery_id, id_origin, conflict_with, source, provider, kind, action, \
+         received_at_ms, size, status, attempts FROM events WHERE 1 = 1",
     );
     let mut args: Vec<String> = Vec::new();
     if let Some(s) = &filter.source {

@@ -1,12 +1,14 @@
 //! GitLab: the `X-Gitlab-Token` secret token, and/or the signing token, which
 //! signs the Standard Webhooks way (`webhook-id` equals `Idempotency-Key`).
+//! Only the `webhook-*` names are read: the `svix-*` aliases are refused, so
+//! the id the signature covers is always the `webhook-id` the request carries.
 
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::standard::{Headers, StandardWebhooks};
-use super::{VerifyError, header};
+use super::standard::{Headers, Names, StandardWebhooks};
+use super::{Proof, VerifyError, header};
 use crate::config::GitlabMode;
 use crate::secret::Secret;
 
@@ -57,29 +59,34 @@ impl Gitlab {
         }
     }
 
+    /// Checks the signature; on success the proof covers the signed `webhook-id`.
     fn check_signature(
         &self,
         h: Option<&Headers<'_>>,
         body: &[u8],
         now: i64,
-    ) -> Result<(), VerifyError> {
+    ) -> Result<Proof, VerifyError> {
         let (Some(signing), Some(h)) = (&self.signing, h) else {
             return Err(VerifyError::MissingHeader("webhook-signature"));
         };
-        signing.check_parts(h, body, now)
+        signing.check_parts(h, body, now)?;
+        Ok(Proof::BodyAndId(h.id.to_string()))
     }
 
+    /// Checks a request in the configured mode; says what the proof covered
+    /// (a token alone covers nothing: its ids are unsigned).
     pub(super) fn check(
         &self,
         headers: &HeaderMap,
         body: &[u8],
         now: i64,
-    ) -> Result<(), VerifyError> {
+    ) -> Result<Proof, VerifyError> {
         let token = header(headers, "x-gitlab-token")?;
-        let signed = Headers::read(headers)?;
+        let signed = Headers::read(headers, Names::WebhookOnly)?;
+        let token_only = |t: &str| self.check_token(t).map(|()| Proof::Nothing);
         match self.mode {
             GitlabMode::Token => {
-                self.check_token(token.ok_or(VerifyError::MissingHeader("X-Gitlab-Token"))?)
+                token_only(token.ok_or(VerifyError::MissingHeader("X-Gitlab-Token"))?)
             }
             GitlabMode::Signature => self.check_signature(signed.as_ref(), body, now),
             GitlabMode::Both => {
@@ -90,13 +97,13 @@ impl Gitlab {
                 // A proof that is present must be right; at least one must be present.
                 match (token, signed.as_ref()) {
                     (None, None) => Err(VerifyError::MissingHeader("X-Gitlab-Token")),
-                    (Some(t), None) => self.check_token(t),
+                    (Some(t), None) => token_only(t),
                     (None, Some(_)) => self.check_signature(signed.as_ref(), body, now),
                     (Some(t), Some(_)) if !self.tokens.is_empty() && self.signing.is_some() => {
                         self.check_token(t)?;
                         self.check_signature(signed.as_ref(), body, now)
                     }
-                    (Some(t), Some(_)) if self.signing.is_none() => self.check_token(t),
+                    (Some(t), Some(_)) if self.signing.is_none() => token_only(t),
                     (Some(_), Some(_)) => self.check_signature(signed.as_ref(), body, now),
                 }
             }

@@ -58,6 +58,11 @@ impl GenericHmac {
         }
     }
 
+    /// The header that carries the signature.
+    pub(super) fn header_name(&self) -> &HeaderName {
+        &self.header
+    }
+
     /// The header a sender would add for `body`.
     pub fn sign(&self, body: &[u8]) -> (HeaderName, String) {
         let sig = self.keys.sign(&[body]);

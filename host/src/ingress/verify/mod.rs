@@ -77,7 +77,36 @@ impl VerifyError {
 pub struct Verified {
     headers: HeaderMap,
     body: Bytes,
+    proof: Proof,
 }
+
+/// What a request's proof covered, which decides how far the ids read from
+/// it can be trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Proof {
+    /// Nothing was signed: no verification, or a shared token (GitLab's
+    /// `X-Gitlab-Token`), which proves the sender but binds nothing to it.
+    Nothing,
+    /// The signature covered the body, so ids inside the body are signed.
+    Body,
+    /// The signature covered the body and this delivery id from a header.
+    BodyAndId(String),
+}
+
+/// Headers that carry a proof for some provider: a signature over the body
+/// or a shared token. Once verified they only help an attacker (a signature
+/// is a known MAC of a known body), so they are never passed on or stored;
+/// the generic source's configured header is removed as well.
+const PROOF_HEADERS: [&str; 8] = [
+    "x-hub-signature",
+    "x-hub-signature-256",
+    "x-gitlab-token",
+    "webhook-signature",
+    "svix-signature",
+    "stripe-signature",
+    "x-slack-signature",
+    "linear-signature",
+];
 
 impl std::fmt::Debug for Verified {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,6 +130,21 @@ impl Verified {
     /// The raw body the signature covered.
     pub fn body(&self) -> &Bytes {
         &self.body
+    }
+
+    /// The delivery id the signature covered, when the scheme signs one
+    /// (Standard Webhooks' `webhook-id`, GitLab's signed `webhook-id`).
+    pub fn signed_id(&self) -> Option<&str> {
+        match &self.proof {
+            Proof::BodyAndId(id) => Some(id),
+            Proof::Nothing | Proof::Body => None,
+        }
+    }
+
+    /// True when the signature covered the body, so an id read from the body
+    /// (Stripe's event `id`, Slack's `event_id`) is as good as signed.
+    pub fn body_signed(&self) -> bool {
+        self.proof != Proof::Nothing
     }
 
     /// Splits into headers and body.
@@ -139,21 +183,31 @@ impl Verifier {
     /// Checks a request as if the time were `now` (seconds since the epoch).
     pub fn verify_at(
         &self,
-        headers: HeaderMap,
+        mut headers: HeaderMap,
         body: Bytes,
         now: i64,
     ) -> Result<Verified, VerifyError> {
-        match self {
-            Verifier::Github(v) => v.check(&headers, &body)?,
+        let proof = match self {
+            Verifier::Github(v) => v.check(&headers, &body).map(|()| Proof::Body)?,
             Verifier::Gitlab(v) => v.check(&headers, &body, now)?,
-            Verifier::Standard(v) => v.check(&headers, &body, now)?,
-            Verifier::Stripe(v) => v.check(&headers, &body, now)?,
-            Verifier::Slack(v) => v.check(&headers, &body, now)?,
-            Verifier::Linear(v) => v.check(&headers, &body, now)?,
-            Verifier::Hmac(v) => v.check(&headers, &body)?,
-            Verifier::None => {}
+            Verifier::Standard(v) => Proof::BodyAndId(v.check(&headers, &body, now)?),
+            Verifier::Stripe(v) => v.check(&headers, &body, now).map(|()| Proof::Body)?,
+            Verifier::Slack(v) => v.check(&headers, &body, now).map(|()| Proof::Body)?,
+            Verifier::Linear(v) => v.check(&headers, &body, now).map(|()| Proof::Body)?,
+            Verifier::Hmac(v) => v.check(&headers, &body).map(|()| Proof::Body)?,
+            Verifier::None => Proof::Nothing,
+        };
+        for name in PROOF_HEADERS {
+            headers.remove(name);
         }
-        Ok(Verified { headers, body })
+        if let Verifier::Hmac(v) = self {
+            headers.remove(v.header_name());
+        }
+        Ok(Verified {
+            headers,
+            body,
+            proof,
+        })
     }
 }
 

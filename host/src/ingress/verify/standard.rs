@@ -4,7 +4,8 @@
 //! `{id}.{timestamp}.{body}`; the signature header holds space-separated
 //! `v1,<base64>` entries, any of which may match (at most [`MAX_SIGNATURES`]
 //! entries; a header with more is malformed). `svix-*` headers are accepted
-//! as aliases, since Svix senders still use them.
+//! as aliases, since Svix senders still use them (not for GitLab, which never
+//! sends them). The signed `webhook-id` is the delivery id.
 
 use std::time::Duration;
 
@@ -27,18 +28,33 @@ pub struct StandardWebhooks {
     tolerance: Duration,
 }
 
-/// The three headers, read from either name family.
+/// The three headers, read from the `webhook-*` names (and, where the sender
+/// may use them, the `svix-*` aliases).
 pub(super) struct Headers<'a> {
     pub id: &'a str,
     pub timestamp: &'a str,
     pub signature: &'a str,
 }
 
+/// Which header names a sender may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Names {
+    /// `webhook-*`, or the `svix-*` aliases Svix senders still use.
+    WithSvixAliases,
+    /// `webhook-*` only (GitLab never sends `svix-*`: an alias there could
+    /// only carry an id normalisation would not read).
+    WebhookOnly,
+}
+
 impl<'a> Headers<'a> {
-    /// `Ok(None)` when no signature header of either family is present.
-    pub(super) fn read(headers: &'a HeaderMap) -> Result<Option<Self>, VerifyError> {
+    /// `Ok(None)` when no signature header of an accepted name is present.
+    pub(super) fn read(headers: &'a HeaderMap, names: Names) -> Result<Option<Self>, VerifyError> {
         let pick = |a: &'static str, b: &'static str| -> Result<Option<&'a str>, VerifyError> {
-            Ok(header(headers, a)?.or(header(headers, b)?))
+            match (header(headers, a)?, names) {
+                (Some(v), _) => Ok(Some(v)),
+                (None, Names::WithSvixAliases) => header(headers, b),
+                (None, Names::WebhookOnly) => Ok(None),
+            }
         };
         let Some(signature) = pick("webhook-signature", "svix-signature")? else {
             return Ok(None);
@@ -67,14 +83,17 @@ impl StandardWebhooks {
         })
     }
 
+    /// Checks a request; on success returns the signed `webhook-id`.
     pub(super) fn check(
         &self,
         headers: &HeaderMap,
         body: &[u8],
         now: i64,
-    ) -> Result<(), VerifyError> {
-        let h = Headers::read(headers)?.ok_or(VerifyError::MissingHeader("webhook-signature"))?;
-        self.check_parts(&h, body, now)
+    ) -> Result<String, VerifyError> {
+        let h = Headers::read(headers, Names::WithSvixAliases)?
+            .ok_or(VerifyError::MissingHeader("webhook-signature"))?;
+        self.check_parts(&h, body, now)?;
+        Ok(h.id.to_string())
     }
 
     pub(super) fn check_parts(
