@@ -227,6 +227,10 @@ for c in "${COMPONENTS[@]}"; do
     rows+=("$(printf '%-20s %10s  %-6s imports: %s' "$name" "$size" "$status" "$IMPORT_SUMMARY")")
 done
 
+# Which toolchain built plugins/out: tests read it to know which fixtures
+# must exist (wasi-probe only with real WASI).
+echo "$TOOLCHAIN" > "$out/TOOLCHAIN"
+
 echo
 echo "components in plugins/out ($TOOLCHAIN, $TARGET), all exporting sluice:router/classifier@0.1.0:"
 printf '%-20s %10s\n' "name" "bytes"

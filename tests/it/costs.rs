@@ -4,9 +4,8 @@
 //! never saw (found again with `events ls`). The guests are hand-written WAT
 //! components implementing `sluice:router/classifier@0.1.0`.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -14,45 +13,7 @@ use sluice::decision::{RuleFailure, RuleOutcome};
 use sluice::store::EventRecord;
 use sluice::store::sqlite::{SqliteStore, get_record};
 
-use crate::support::{Env, client, post};
-
-/// A component exporting `classify` whose core function is `body` (it gets
-/// the event handle in local 0 and returns a pointer to the answer), with
-/// `pages` of linear memory. The types are the ones of `wit/`, imported from
-/// `sluice:router/types` as the WIT `use` does.
-fn classifier(pages: u32, body: &str) -> Vec<u8> {
-    let text = format!(
-        r#"(component
-  (import "sluice:router/types@0.1.0" (instance $types
-    (export "event" (type (sub resource)))
-    (type $p (enum "critical" "high" "medium" "low"))
-    (export "priority" (type $pe (eq $p)))
-    (type $r (record
-      (field "agent" string)
-      (field "workflow" (option string))
-      (field "priority" $pe)
-      (field "reason" string)
-      (field "labels" (list string))))
-    (export "route" (type $re (eq $r)))
-    (type $d (variant (case "routes" (list $re)) (case "ignore" string)))
-    (export "decision" (type (eq $d)))
-  ))
-  (alias export $types "event" (type $event))
-  (alias export $types "decision" (type $decision))
-  (core module $m
-    (memory (export "memory") {pages})
-    (func (export "classify") (param i32) (result i32)
-      (local $i i32) (local $p i32)
-      {body}))
-  (core instance $i (instantiate $m))
-  (func $classify (param "ev" (own $event)) (result (result $decision (error string)))
-    (canon lift (core func $i "classify") (memory $i "memory")))
-  (instance $classifier (export "classify" (func $classify)))
-  (export "sluice:router/classifier@0.1.0" (instance $classifier))
-)"#
-    );
-    wat::parse_str(&text).expect("the WAT component parses")
-}
+use crate::support::{Env, ServeChild, client, post, wat_classifier};
 
 /// Routes in the hostile answer, and the bytes of the one region every
 /// route's reason points at: 2,000 × 60 KiB ≈ 120 MiB lifted into the host,
@@ -88,60 +49,12 @@ fn hostile() -> Vec<u8> {
           (br $next)))
       (i32.const 0)"#
     );
-    classifier(4, &body)
+    wat_classifier("", 4, &body)
 }
 
 /// A guest that never answers.
 fn looping() -> Vec<u8> {
-    classifier(1, "(loop $spin (br $spin)) (i32.const 0)")
-}
-
-/// A `sluice serve` child, killed when dropped (a failed assertion must
-/// not leave it running).
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn start(env: &Env) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["serve", "--config"])
-            .arg(&env.config_path)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn sluice");
-        let out = child.stdout.take().expect("stdout");
-        let mut server = Server {
-            child,
-            base: String::new(),
-        };
-        let mut lines = BufReader::new(out).lines();
-        loop {
-            let line = lines
-                .next()
-                .expect("sluice printed its address before exiting")
-                .expect("stdout");
-            if let Some(addr) = line.strip_prefix("sluice listening on ") {
-                server.base = addr.to_string();
-                std::thread::spawn(move || for _ in lines {});
-                return server;
-            }
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
+    wat_classifier("", 1, "(loop $spin (br $spin)) (i32.const 0)")
 }
 
 /// One field of /proc/PID/status (or a task's), as a number (kB for sizes).
@@ -217,7 +130,7 @@ fn rule_failure<'a>(rec: &'a EventRecord, rule: &str) -> &'a RuleFailure {
 async fn a_hostile_answer_costs_the_host_at_most_the_output_limits() {
     let env = Env::new("");
     install_rule(&env, "hostile", &hostile(), "");
-    let server = Server::start(&env);
+    let server = ServeChild::spawn(&env.config_path);
     // The rule set is loaded and the store takes writes: the baseline.
     let ready = client()
         .request(
@@ -282,7 +195,7 @@ fn ticker_wakeups(pid: u32) -> u64 {
 async fn the_epoch_ticks_only_while_a_guest_runs() {
     let env = Env::new("");
     install_rule(&env, "spin", &looping(), "[limits]\ntimeout_ms = 300");
-    let server = Server::start(&env);
+    let server = ServeChild::spawn(&env.config_path);
     let idle = |what: &'static str| {
         let before = ticker_wakeups(server.pid());
         // A wide window: a 1 ms ticker would wake ~2,000 times in it.
@@ -316,8 +229,8 @@ async fn the_epoch_ticks_only_while_a_guest_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_ls_finds_the_events_a_switched_off_rule_never_saw() {
     let env = Env::new("[rules.breaker]\nfailures = 1\ncooldown_ms = 600000");
-    install_rule(&env, "trapper", &classifier(1, "(unreachable)"), "");
-    let server = Server::start(&env);
+    install_rule(&env, "trapper", &wat_classifier("", 1, "(unreachable)"), "");
+    let server = ServeChild::spawn(&env.config_path);
     let mut ids = Vec::new();
     for n in 0..3 {
         let (status, id) = post_issue(&env, &server.base, n).await;

@@ -382,29 +382,54 @@ fn ungranted_import_fails_to_load_naming_it() {
     assert!(err.to_string().contains("evil:net/socket@0.1.0"), "{err}");
 }
 
-/// Whether the fixtures were built with WASI (rustup's wasm32-wasip2) rather
-/// than by build.sh's apt fallback, whose guests import no WASI at all.
-fn guests_import_wasi() -> bool {
-    try_rule(&format!(
-        "name = \"g\"\ncomponent = {:?}",
-        component("bench-three-fields").display().to_string()
-    ))
-    .is_err()
+/// The toolchain `plugins/build.sh` last built the fixtures with: `rustup`
+/// (wasm32-wasip2, guests import WASI) or `apt` (no WASI at all).
+fn guest_toolchain() -> String {
+    let path = repo().join("plugins/out/TOOLCHAIN");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run plugins/build.sh)", path.display()))
+        .trim()
+        .to_string()
 }
 
 #[test]
 fn wasi_is_refused_unless_granted_and_empty_when_granted() {
+    // Refused without the grant, whatever toolchain built the fixtures: a
+    // hand-written component that imports one WASI interface.
+    let dir = tempfile::tempdir().unwrap();
+    let env_import = r#"(import "wasi:cli/environment@0.2.6" (instance
+    (export "get-arguments" (func (result (list string))))))"#;
+    let component = crate::support::wat_classifier(env_import, 1, "(unreachable)");
+    let path = dir.path().join("wants-env.wasm");
+    std::fs::write(&path, component).unwrap();
+    let manifest = format!(
+        "name = \"wants-env\"\ncomponent = {:?}",
+        path.display().to_string()
+    );
+    let err = try_rule(&manifest).unwrap_err().to_string();
+    assert!(
+        err.contains("imports wasi:cli/environment@0.2.6") && err.contains("[grants] wasi = true"),
+        "{err}"
+    );
+    try_rule(&format!("{manifest}\n[grants]\nwasi = true"))
+        .expect("granted, the same component loads");
+
+    // Empty when granted: the probe (built only with real WASI) looks.
+    let toolchain = guest_toolchain();
     let probe = repo().join("plugins/out/wasi-probe.wasm");
-    if !probe.is_file() {
-        assert!(
-            !guests_import_wasi(),
-            "{} is missing although the guests were built with WASI: run plugins/build.sh",
+    match toolchain.as_str() {
+        "rustup" => assert!(
+            probe.is_file(),
+            "{} is missing: run plugins/build.sh",
             probe.display()
-        );
-        eprintln!(
-            "NOTE: guests built without WASI (build.sh apt toolchain): wasi-probe does not exist, nothing to check"
-        );
-        return;
+        ),
+        "apt" => {
+            eprintln!(
+                "NOTE: guests built by the apt toolchain import no WASI: the probe's view is not checked"
+            );
+            return;
+        }
+        other => panic!("plugins/out/TOOLCHAIN says {other:?}"),
     }
     let err = try_rule(&format!(
         "name = \"wasi-probe\"\ncomponent = {:?}",

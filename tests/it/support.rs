@@ -444,3 +444,43 @@ impl Drop for ServeChild {
         self.kill();
     }
 }
+
+/// A component exporting `classify` whose core function is `body` (it gets
+/// the event handle in local 0 and returns a pointer to the answer), with
+/// `pages` of linear memory, and `imports` (WAT import declarations) beside
+/// the router's types. The types are the ones of `wit/`, imported from
+/// `sluice:router/types` as the WIT `use` does.
+pub fn wat_classifier(imports: &str, pages: u32, body: &str) -> Vec<u8> {
+    let text = format!(
+        r#"(component
+  (import "sluice:router/types@0.1.0" (instance $types
+    (export "event" (type (sub resource)))
+    (type $p (enum "critical" "high" "medium" "low"))
+    (export "priority" (type $pe (eq $p)))
+    (type $r (record
+      (field "agent" string)
+      (field "workflow" (option string))
+      (field "priority" $pe)
+      (field "reason" string)
+      (field "labels" (list string))))
+    (export "route" (type $re (eq $r)))
+    (type $d (variant (case "routes" (list $re)) (case "ignore" string)))
+    (export "decision" (type (eq $d)))
+  ))
+  {imports}
+  (alias export $types "event" (type $event))
+  (alias export $types "decision" (type $decision))
+  (core module $m
+    (memory (export "memory") {pages})
+    (func (export "classify") (param i32) (result i32)
+      (local $i i32) (local $p i32)
+      {body}))
+  (core instance $i (instantiate $m))
+  (func $classify (param "ev" (own $event)) (result (result $decision (error string)))
+    (canon lift (core func $i "classify") (memory $i "memory")))
+  (instance $classifier (export "classify" (func $classify)))
+  (export "sluice:router/classifier@0.1.0" (instance $classifier))
+)"#
+    );
+    wat::parse_str(&text).expect("the WAT component parses")
+}
