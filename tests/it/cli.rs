@@ -1,18 +1,9 @@
 //! The binary as a user runs it: `check` on good and broken configs, and
 //! `send` → `events ls` / `events show` against a running `serve`.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{Env, ServeChild, corpus};
-
-fn sluice(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env_remove("SLUICE_CONFIG")
-        .output()
-        .expect("run sluice")
-}
+use crate::support::{Env, ServeChild, corpus, sluice};
 
 #[test]
 fn check_reports_ok_and_broken_configs_by_file_and_key() {

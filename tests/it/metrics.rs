@@ -18,22 +18,6 @@ provider = "github"
 secret = { file = "github.key" }
 "#;
 
-async fn scrape(gw: &Gateway) -> String {
-    let req = http::Request::get(gw.url("/metrics"))
-        .body(http_body_util::Full::new(Bytes::new()))
-        .unwrap();
-    let resp = gw.client.request(req).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    String::from_utf8(
-        http_body_util::BodyExt::collect(resp.into_body())
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap()
-}
-
 /// The value of the sample `series` (name with labels, as rendered), if present.
 fn value(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| {
@@ -79,7 +63,7 @@ async fn metrics_count_outcomes_by_configured_source_only() {
     .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
-    let text = scrape(&gw).await;
+    let text = gw.metrics().await;
     for (series, want) in [
         (
             r#"sluice_ingress_requests_total{source="metrics-probe",outcome="accepted"}"#,

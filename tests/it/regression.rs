@@ -4,7 +4,6 @@
 //! makes two deliveries the same one, how long a body hash stays a duplicate,
 //! and which bytes decide how a signed body is read.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,7 +13,7 @@ use sluice::event::IdOrigin;
 use sluice::store::EventRecord;
 use sluice::store::sqlite::{SqliteStore, get_record};
 
-use crate::support::{Env, Gateway, header, stored_events, with_header};
+use crate::support::{Env, Gateway, header, sluice, stored_events, with_header};
 
 /// A GitHub source of its own, so its metric labels are this file's alone.
 const POISON_SOURCE: &str = r#"
@@ -35,27 +34,6 @@ fn id_of(answer: &serde_json::Value) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("an id in {answer}"))
         .to_string()
-}
-
-fn sluice(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env_remove("SLUICE_CONFIG")
-        .output()
-        .expect("run sluice")
-}
-
-async fn metrics_text(gw: &Gateway) -> String {
-    let req = http::Request::get(gw.url("/metrics"))
-        .body(http_body_util::Full::new(Bytes::new()))
-        .unwrap();
-    let resp = gw.client.request(req).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let body = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    String::from_utf8(body.to_vec()).unwrap()
 }
 
 fn header_map(signed: &Signed) -> HeaderMap {
@@ -108,7 +86,7 @@ async fn unsigned_delivery_id_reused_with_another_body_is_stored_and_marked() {
     );
     let (s, again) = gw.post_signed("gh-poison", &replay).await;
     assert_eq!((s, &again["id"]), (StatusCode::OK, &first["id"]), "{again}");
-    let metrics = metrics_text(&gw).await;
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains(r#"sluice_id_conflicts_total{source="gh-poison"} 1"#),
         "{metrics}"

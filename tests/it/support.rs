@@ -207,6 +207,17 @@ impl Gateway {
         self.state.store.close().await;
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let req = Request::get(self.url("/metrics"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = self.client.request(req).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        String::from_utf8(body.to_vec()).expect("UTF-8 metrics")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -483,4 +494,14 @@ pub fn wat_classifier(imports: &str, pages: u32, body: &str) -> Vec<u8> {
 )"#
     );
     wat::parse_str(&text).expect("the WAT component parses")
+}
+
+/// Runs the `sluice` binary with `args` (no `SLUICE_CONFIG` from the caller's
+/// environment) and returns what it did.
+pub fn sluice(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .env_remove("SLUICE_CONFIG")
+        .output()
+        .expect("run sluice")
 }

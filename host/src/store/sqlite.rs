@@ -733,6 +733,50 @@ fn summaries(conn: &Connection, filter: &ListFilter) -> Result<Vec<EventSummary>
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
+/// Whether releasing a claim keeps the attempt it counted.
+#[derive(Clone, Copy)]
+enum Attempt {
+    /// A retry: the attempt counts toward `max_attempts`.
+    Counted,
+    /// A deferral (the rule was switched off, no instance was free): the
+    /// claim's attempt is given back.
+    GivenBack,
+}
+
+impl SqliteStore {
+    /// Puts a held event back to pending after `delay`, with `why` as its last error.
+    async fn release(
+        &self,
+        lease: &Lease,
+        delay: Duration,
+        why: &str,
+        attempt: Attempt,
+    ) -> Result<(), StoreError> {
+        let (lease, why) = (lease.clone(), why.to_string());
+        let give_back = match attempt {
+            Attempt::Counted => 0,
+            Attempt::GivenBack => 1,
+        };
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(&format!(
+                    "UPDATE events SET status = 'pending', claimed_by = NULL, available_at_ms = ?4, \
+                     last_error = ?5, attempts = max(attempts - ?6, 0) {HELD}"
+                ))?
+                .execute(params![
+                    lease.event_id,
+                    lease.worker,
+                    lease.attempt,
+                    now_ms() + delay.as_millis() as i64,
+                    why,
+                    give_back
+                ])?;
+            if n == 0 { Err(StoreError::LeaseLost(lease.event_id)) } else { Ok(()) }
+        })
+        .await
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn append(&self, ev: NewEvent) -> Result<Appended, StoreError> {
@@ -840,44 +884,11 @@ impl Store for SqliteStore {
         delay: Duration,
         error: &str,
     ) -> Result<(), StoreError> {
-        let (lease, error) = (lease.clone(), error.to_string());
-        self.write(move |conn| {
-            let n = conn
-                .prepare_cached(&format!(
-                    "UPDATE events SET status = 'pending', claimed_by = NULL, available_at_ms = ?4, \
-                     last_error = ?5 {HELD}"
-                ))?
-                .execute(params![
-                    lease.event_id,
-                    lease.worker,
-                    lease.attempt,
-                    now_ms() + delay.as_millis() as i64,
-                    error
-                ])?;
-            if n == 0 { Err(StoreError::LeaseLost(lease.event_id)) } else { Ok(()) }
-        })
-        .await
+        self.release(lease, delay, error, Attempt::Counted).await
     }
 
     async fn defer(&self, lease: &Lease, delay: Duration, reason: &str) -> Result<(), StoreError> {
-        let (lease, reason) = (lease.clone(), reason.to_string());
-        self.write(move |conn| {
-            // The claim counted an attempt; this one gives it back.
-            let n = conn
-                .prepare_cached(&format!(
-                    "UPDATE events SET status = 'pending', claimed_by = NULL, available_at_ms = ?4, \
-                     last_error = ?5, attempts = max(attempts - 1, 0) {HELD}"
-                ))?
-                .execute(params![
-                    lease.event_id,
-                    lease.worker,
-                    lease.attempt,
-                    now_ms() + delay.as_millis() as i64,
-                    reason
-                ])?;
-            if n == 0 { Err(StoreError::LeaseLost(lease.event_id)) } else { Ok(()) }
-        })
-        .await
+        self.release(lease, delay, reason, Attempt::GivenBack).await
     }
 
     async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<Vec<bool>, StoreError> {

@@ -97,7 +97,7 @@ pub(crate) enum Proof {
 /// or a shared token. Once verified they only help an attacker (a signature
 /// is a known MAC of a known body), so they are never passed on or stored;
 /// the generic source's configured header is removed as well.
-const PROOF_HEADERS: [&str; 8] = [
+pub const PROOF_HEADERS: [&str; 8] = [
     "x-hub-signature",
     "x-hub-signature-256",
     "x-gitlab-token",
