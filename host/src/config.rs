@@ -97,6 +97,10 @@ pub struct ServerConfig {
     /// Body bytes all requests together may hold before verification; a request
     /// that does not fit answers 503 with `Retry-After` instead of being buffered.
     pub body_budget_bytes: usize,
+    /// Of that budget, what one client (an IPv4 address, an IPv6 /64) may hold;
+    /// unset: an eighth of the budget, but never less than the largest body a
+    /// source accepts (see [`Config::body_budget_per_client`]).
+    pub body_budget_per_client_bytes: Option<usize>,
     /// Proxies whose `X-Forwarded-For` is believed (CIDR), e.g. a tunnel on loopback.
     pub trusted_proxies: Vec<IpNet>,
     /// `text` or `json`; env `SLUICE_LOG_FORMAT` overrides.
@@ -117,6 +121,7 @@ impl Default for ServerConfig {
             max_connections: 2048,
             max_connections_per_client: 64,
             body_budget_bytes: 256 * 1024 * 1024,
+            body_budget_per_client_bytes: None,
             trusted_proxies: Vec::new(),
             log_format: LogFormat::Text,
         }
@@ -416,6 +421,24 @@ impl Config {
                 "must be at most 4294967295 (4 GiB)",
             );
         }
+        if let Some(share) = self.server.body_budget_per_client_bytes {
+            if share > self.server.body_budget_bytes {
+                return err(
+                    "server.body_budget_per_client_bytes".into(),
+                    "must be at most server.body_budget_bytes",
+                );
+            }
+            let largest = self.largest_body();
+            if share < largest {
+                return err(
+                    "server.body_budget_per_client_bytes".into(),
+                    &format!(
+                        "must be at least the largest body a source accepts ({largest} bytes): \
+                         such deliveries could never be received"
+                    ),
+                );
+            }
+        }
         if self.shield.enabled && (self.shield.per_second == 0 || self.shield.burst == 0) {
             return err(
                 "shield.per_second".into(),
@@ -595,6 +618,25 @@ impl Config {
             return Ok(crate::rules::RuleSet::empty());
         }
         crate::rules::RuleSet::load(&self.rules, &self.base_dir, engine)
+    }
+
+    /// The largest body any source accepts.
+    pub fn largest_body(&self) -> usize {
+        self.sources
+            .values()
+            .map(|s| s.max_body(&self.server))
+            .max()
+            .unwrap_or(self.server.max_body_bytes)
+    }
+
+    /// What one client may hold of the body budget: the configured share, or
+    /// an eighth of the budget raised to the largest body a source accepts.
+    pub fn body_budget_per_client(&self) -> usize {
+        self.server.body_budget_per_client_bytes.unwrap_or_else(|| {
+            (self.server.body_budget_bytes / 8)
+                .max(self.largest_body())
+                .min(self.server.body_budget_bytes)
+        })
     }
 
     /// The data directory (store, generated secrets, caches).

@@ -72,7 +72,10 @@ impl AppState {
         .map_err(|e| anyhow::anyhow!("{}: store.path: {e}", config.origin))?;
         let state = AppState {
             shield: Shield::new(&config.shield),
-            body_budget: BodyBudget::new(config.server.body_budget_bytes),
+            body_budget: BodyBudget::new(
+                config.server.body_budget_bytes,
+                config.body_budget_per_client(),
+            ),
             dedup: Dedup::new(config.store.dedup_capacity, config.store.dedup_ttl),
             sources,
             store: Arc::new(store),

@@ -500,6 +500,46 @@ async fn one_address_cannot_take_every_connection() {
     gw.stop().await;
 }
 
+/// One client holds at most its share of the body budget, so declaring large
+/// bodies and sending nothing from one address does not turn everyone away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_spend_the_whole_body_budget() {
+    let env = Env::new("");
+    env.set_server(&[
+        ("body_timeout", r#""60s""#),
+        ("max_body_bytes", "1048576"),
+        ("body_budget_bytes", "2097152"),
+        ("body_budget_per_client_bytes", "1048576"),
+    ]);
+    let gw = Gateway::start(env.config()).await;
+    let head = b"POST /hooks/github HTTP/1.1\r\nhost: x\r\ncontent-length: 700000\r\n\r\n";
+    // Client A declares 700 kB twice and sends nothing: its second request
+    // is over A's 1 MiB share (the budget itself still has room).
+    let mut a1 = connect_from([127, 0, 0, 1], gw.addr).await;
+    a1.write_all(head).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut a2 = connect_from([127, 0, 0, 1], gw.addr).await;
+    a2.write_all(head).await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(20), read_one(&mut a2))
+        .await
+        .expect("A's second request was waited on instead of refused");
+    assert!(second.starts_with("HTTP/1.1 503"), "{second:.200}");
+    // Client B, meanwhile, is received and verified (and refused as unsigned).
+    let full = [
+        &b"POST /hooks/github HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 700000\r\n\r\n"[..],
+        &vec![b'a'; 700_000],
+    ]
+    .concat();
+    let mut b = connect_from([127, 0, 0, 2], gw.addr).await;
+    let answer = exchange(&mut b, &full, Duration::from_secs(20)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 401"),
+        "client B: {answer:.200}"
+    );
+    drop((a1, a2));
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_budget_spent_answers_503_before_reading() {
     let env = Env::new("");

@@ -1232,8 +1232,17 @@ fn the_sdk_limits_are_the_hosts() {
         ("MAX_LABELS", output::MAX_LABELS),
         ("MAX_LABEL", output::MAX_LABEL),
         ("MAX_ERROR", output::MAX_ERROR),
+        ("MAX_LOG_MESSAGE", sluice::rules::log::MAX_MESSAGE),
+        ("MAX_LOG_FIELDS", sluice::rules::log::MAX_FIELDS),
+        ("MAX_LOG_FIELD_KEY", sluice::rules::log::MAX_FIELD_KEY),
+        ("MAX_LOG_FIELD_VALUE", sluice::rules::log::MAX_FIELD_VALUE),
     ]);
-    assert_eq!(sdk, host, "{} and host/src/rules/output.rs", path.display());
+    assert_eq!(
+        sdk,
+        host,
+        "{} and host/src/rules/{{output,log}}.rs",
+        path.display()
+    );
 }
 
 #[test]

@@ -176,7 +176,7 @@ async fn accept(
     let declared = declared.map_or(0, |n| n as usize);
     let mut reserved = state
         .body_budget
-        .reserve(declared)
+        .reserve(client.key(), declared)
         .ok_or(Refusal::OverBudget)?;
     let body = tokio::time::timeout(
         state.config.server.body_timeout,
@@ -186,10 +186,11 @@ async fn accept(
     .map_err(|_| Refusal::BodyTimeout)??;
 
     // 2. Verify on the raw bytes.
-    let verified = verify(source, parts.headers, body)
+    // The reservation goes with the body: it returns only once verification
+    // is done with it, even when this request is dropped meanwhile.
+    let verified = verify(source, parts.headers, body, reserved)
         .await
         .map_err(Refusal::Unverified)?;
-    drop(reserved);
     if let Some(limiter) = &source.limiter {
         limiter.check().map_err(|nu| {
             Refusal::RateLimited(nu.wait_time_from(governor::clock::Clock::now(
@@ -305,17 +306,26 @@ async fn read_body(
     Ok(buf.freeze())
 }
 
-/// Verifies off the async workers when the body is large.
+/// Verifies off the async workers when the body is large; `reserved` (the
+/// body's share of the budget) is released when verification is done.
 async fn verify(
     source: &Arc<Source>,
     headers: http::HeaderMap,
     body: Bytes,
+    reserved: Reservation,
 ) -> Result<super::verify::Verified, super::verify::VerifyError> {
     if body.len() <= VERIFY_INLINE_MAX {
-        return source.verifier.verify(headers, body);
+        let verified = source.verifier.verify(headers, body);
+        drop(reserved);
+        return verified;
     }
     let source = source.clone();
-    match tokio::task::spawn_blocking(move || source.verifier.verify(headers, body)).await {
+    let verify = move || {
+        let verified = source.verifier.verify(headers, body);
+        drop(reserved);
+        verified
+    };
+    match tokio::task::spawn_blocking(verify).await {
         Ok(verified) => verified,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     }

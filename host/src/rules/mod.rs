@@ -41,7 +41,8 @@ use crate::rules::manifest::{Manifest, RuleSource, TestVector};
 use crate::rules::rhai::RhaiRule;
 use crate::rules::wasm::WasmRule;
 
-/// How long an event waits when the host had no capacity to run a rule.
+/// How long an event waits when the host had no capacity to run a rule; also
+/// the shortest deferral of any kind.
 const CAPACITY_RETRY: Duration = Duration::from_secs(1);
 
 /// The rule set currently serving, swapped whole on reload.
@@ -571,7 +572,10 @@ impl RuleSet {
                         // before the cool-down does, dead-lettering events the
                         // rule never saw. Try again once it may run.
                         defer = Some(Deferral {
-                            delay: left,
+                            // At least a second: a cool-down that is (nearly)
+                            // over, or a trial still in flight, must not make
+                            // the workers reclaim the event in a tight loop.
+                            delay: left.max(CAPACITY_RETRY),
                             reason: format!(
                                 "rule {} is switched off after {failures} consecutive failures",
                                 rule.name

@@ -344,9 +344,12 @@ struct GateState {
     /// The ticker waits on the condition variable (only then is it notified:
     /// a call that finds it awake costs no system call).
     parked: bool,
-    /// Set when the engine goes: the ticker thread ends.
-    closed: bool,
 }
+
+/// How often a parked ticker checks whether its engine is gone: rules keep
+/// engine handles after the `WasmEngine` drops, so the ticker lives as long
+/// as any of them, and ends within this once the last one goes.
+const PARKED_CHECK: Duration = Duration::from_secs(5);
 
 impl EpochGate {
     /// Marks a call in flight until the guard drops; wakes the ticker if it
@@ -361,20 +364,23 @@ impl EpochGate {
         InFlight(self.clone())
     }
 
-    fn close(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
-        self.wake.notify_one();
-    }
-
-    /// Blocks while no call is in flight; false once the engine is gone.
-    fn wait_for_calls(&self) -> bool {
+    /// Blocks while no call is in flight; false once `alive` says the engine
+    /// is gone.
+    fn wait_for_calls(&self, alive: impl Fn() -> bool) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        while state.in_flight == 0 && !state.closed {
+        while state.in_flight == 0 {
             state.parked = true;
-            state = self.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+            state = self
+                .wake
+                .wait_timeout(state, PARKED_CHECK)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            if state.in_flight == 0 && !alive() {
+                return false;
+            }
         }
         state.parked = false;
-        !state.closed
+        true
     }
 }
 
@@ -388,12 +394,6 @@ impl Drop for InFlight {
     }
 }
 
-impl Drop for WasmEngine {
-    fn drop(&mut self) {
-        self.epoch.close();
-    }
-}
-
 impl WasmEngine {
     /// How many times the epoch has advanced since the engine was built. It
     /// advances only while a guest call is in flight.
@@ -404,13 +404,13 @@ impl WasmEngine {
 
 /// Advances the epoch every [`TICK`] while a guest call is in flight, and
 /// sleeps otherwise. Holds only a weak engine handle, and ends when the
-/// engine goes.
+/// engine's last handle (the `WasmEngine`'s or a rule's) goes.
 fn spawn_ticker(engine: &Engine, gate: Arc<EpochGate>) -> anyhow::Result<()> {
     let weak = engine.weak();
     std::thread::Builder::new()
         .name("sluice-epoch".into())
         .spawn(move || {
-            while gate.wait_for_calls() {
+            while gate.wait_for_calls(|| weak.upgrade().is_some()) {
                 let Some(engine) = weak.upgrade() else { break };
                 engine.increment_epoch();
                 gate.ticks.fetch_add(1, Ordering::Relaxed);

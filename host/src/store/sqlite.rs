@@ -353,7 +353,7 @@ fn writer_loop(
         let new_work = commit.is_ok()
             && appended
                 .iter()
-                .any(|(_, r)| matches!(r, Ok(Appended::Stored(_))));
+                .any(|(_, r)| matches!(r, Ok(Appended::Stored(_) | Appended::IdConflict { .. })));
         for (reply, result) in appended {
             let _ = reply.send(commit.clone().and(result));
         }

@@ -31,6 +31,14 @@ pub const MAX_LABELS: usize = 32;
 pub const MAX_LABEL: usize = 256;
 /// Longest error message kept from a rule, in bytes.
 pub const MAX_ERROR: usize = 1024;
+/// Longest log message the host keeps, in bytes.
+pub const MAX_LOG_MESSAGE: usize = 1024;
+/// Most fields per log line the host keeps.
+pub const MAX_LOG_FIELDS: usize = 16;
+/// Longest log field name the host keeps, in bytes.
+pub const MAX_LOG_FIELD_KEY: usize = 64;
+/// Longest log field value the host keeps, in bytes.
+pub const MAX_LOG_FIELD_VALUE: usize = 256;
 
 /// The marker a cut string ends with, as on the host.
 const ELLIPSIS: char = '…';

@@ -2,6 +2,11 @@
 //!
 //! In a component every call crosses into the host, so log what explains a
 //! decision, not every field read. Natively (in tests) lines go to stderr.
+//!
+//! A line is clamped to what the host keeps ([`crate::limits`]) before it
+//! crosses: the host would cut it anyway, and what one call may copy out of
+//! the sandbox is bounded, so an unclamped multi-megabyte line would cost
+//! the call (and the event its routes).
 
 pub use crate::bindings::sluice::router::log::Level;
 
@@ -9,11 +14,26 @@ pub use crate::bindings::sluice::router::log::Level;
 pub fn log(level: Level, message: &str, fields: &[(&str, &str)]) {
     #[cfg(target_arch = "wasm32")]
     {
+        use crate::limits::{
+            MAX_LOG_FIELD_KEY, MAX_LOG_FIELD_VALUE, MAX_LOG_FIELDS, MAX_LOG_MESSAGE, truncate,
+        };
+        let clamped = |s: &str, max: usize| {
+            let mut s = s.to_owned();
+            truncate(&mut s, max);
+            s
+        };
         let fields: Vec<(String, String)> = fields
             .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .take(MAX_LOG_FIELDS)
+            .map(|(k, v)| {
+                (
+                    clamped(k, MAX_LOG_FIELD_KEY),
+                    clamped(v, MAX_LOG_FIELD_VALUE),
+                )
+            })
             .collect();
-        crate::bindings::sluice::router::log::log(level, message, &fields);
+        let message = clamped(message, MAX_LOG_MESSAGE);
+        crate::bindings::sluice::router::log::log(level, &message, &fields);
     }
     #[cfg(not(target_arch = "wasm32"))]
     {
