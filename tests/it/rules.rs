@@ -2334,6 +2334,29 @@ fn the_pool_ceilings_are_config_and_a_manifest_asking_for_more_is_refused() {
     RulesConfig::default().validate().unwrap();
 }
 
+/// Rules keep the engine alive: a rule used after the `WasmEngine` it was
+/// loaded with has been dropped still has its deadline enforced.
+#[test]
+fn a_rule_outliving_its_engine_struct_is_still_interrupted() {
+    let engine = WasmEngine::new(None).unwrap();
+    let path = component("loop");
+    let manifest_path = repo().join("outlive-test.toml");
+    let text = format!(
+        "name = \"loop\"\ncomponent = {:?}\n[grants]\nwasi = true\n[limits]\ntimeout_ms = 50",
+        path.display().to_string()
+    );
+    let m = Manifest::parse(&manifest_path, &text).unwrap();
+    let rule =
+        Rule::from_manifest(&m, &manifest_path, &text, &RulesConfig::default(), &engine).unwrap();
+    drop(engine);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(rule.classify(&issues_opened())));
+    let r = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a looping guest ran on with no epoch ticks");
+    assert!(matches!(r, Err(RuleFailure::Timeout(_))), "{r:?}");
+}
+
 #[test]
 fn the_epoch_advances_only_while_a_guest_call_is_in_flight() {
     // An engine of its own: the shared one serves the other tests' calls.
