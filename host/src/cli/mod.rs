@@ -88,6 +88,9 @@ pub fn write_decision(
             "  {:width$}  {}  {:>7} µs  {outcome}",
             r.rule, r.version, r.duration_us
         )?;
+        if let Some(v) = &r.violation {
+            writeln!(out, "  {:width$}  VIOLATION: {v}", "")?;
+        }
     }
     if d.routes.is_empty() {
         writeln!(out, "routes: none")?;
