@@ -363,6 +363,7 @@ impl Config {
             )
         })?;
         config.origin = origin.to_string();
+        config.rules.grants.set_origin(origin);
         Ok(config)
     }
 
@@ -424,7 +425,7 @@ impl Config {
         }
         // An approval naming a source this config does not have is a typo
         // that would silently keep its rule from ever seeing an event.
-        for (rule, approval) in &self.rules.grants {
+        for (rule, approval) in self.rules.grants.iter() {
             if let Some((i, s)) = approval.sources.0.iter().enumerate().find(|(_, s)| {
                 s.as_str() != crate::rules::grants::ANY && !self.sources.contains_key(*s)
             }) {

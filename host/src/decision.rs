@@ -152,7 +152,8 @@ pub enum RuleOutcome {
     Verdict(Verdict),
     /// The rule failed; the failure policy decided what happened instead.
     Failed(RuleFailure),
-    /// The rule does not want this provider/kind and was not run.
+    /// The rule does not want this provider/kind, or is not granted this
+    /// source/kind, and was not run.
     Skipped,
 }
 

@@ -293,6 +293,23 @@ fn a_rule_asking_for_what_the_config_does_not_approve_does_not_load() {
         "{e}"
     );
 
+    // Approvals read from a config file name it.
+    let from_file = Config::parse(
+        "[rules.grants.third]\nsources = [\"github\", \"gh-private\"]\nkinds = [\"issues\"]\nagents = [\"triage\"]\n",
+        "ops.toml",
+    )
+    .unwrap();
+    let e = load_err(&from_file.rules, dir.path());
+    assert!(
+        e.contains("which rules.grants.third.agents (in ops.toml) does not approve"),
+        "{e}"
+    );
+    let e = load_err(&Config::parse("", "ops.toml").unwrap().rules, dir.path());
+    assert!(
+        e.contains("the config (in ops.toml) has no [rules.grants.third]"),
+        "{e}"
+    );
+
     // A list left out of the manifest asks for every name: only "*" approves it.
     rhai_rule(
         &rules,

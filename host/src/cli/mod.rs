@@ -71,7 +71,7 @@ pub fn write_decision(
     let width = d.rules.iter().map(|r| r.rule.len()).max().unwrap_or(4);
     for r in &d.rules {
         let outcome = match &r.outcome {
-            RuleOutcome::Skipped => "skipped (does not want this event)".to_owned(),
+            RuleOutcome::Skipped => "skipped (not wanted or not granted)".to_owned(),
             RuleOutcome::Verdict(Verdict::Ignore(reason)) => format!("ignore: {reason}"),
             RuleOutcome::Verdict(Verdict::Routes(rs)) if rs.is_empty() => "no routes".to_owned(),
             RuleOutcome::Verdict(Verdict::Routes(rs)) => {

@@ -5,14 +5,13 @@
 //! This module only describes and validates settings; it never loads a rule,
 //! touches the store or starts a task.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::rules::grants::Approval;
+use crate::rules::grants::Approvals;
 
 /// The `[rules]` section of the main config.
 ///
@@ -45,7 +44,7 @@ pub struct RulesConfig {
     /// The operator's approval of each rule's grants, by rule name
     /// (`[rules.grants.<rule>]`): a rule loads only when its approval covers
     /// everything its manifest's `[grants]` asks for.
-    pub grants: BTreeMap<String, Approval>,
+    pub grants: Approvals,
     /// Number of router worker tasks.
     pub workers: usize,
     /// Events a worker leases per claim.
@@ -76,7 +75,7 @@ impl Default for RulesConfig {
             limits: Limits::default(),
             breaker: BreakerConfig::default(),
             pool: PoolConfig::default(),
-            grants: BTreeMap::new(),
+            grants: Approvals::default(),
             workers: 2,
             batch: 16,
             lease_ms: 30_000,
@@ -421,7 +420,7 @@ impl RulesConfig {
         if self.lease_ms < 1_000 {
             return Err("rules.lease_ms: must be at least 1000".into());
         }
-        for (rule, approval) in &self.grants {
+        for (rule, approval) in self.grants.iter() {
             approval.validate(&format!("rules.grants.{rule}"))?;
         }
         Ok(())

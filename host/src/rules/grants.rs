@@ -145,6 +145,50 @@ pub struct Approval {
     pub version: Option<String>,
 }
 
+/// Every rule's approval, by rule name (`[rules.grants]`), and the config
+/// file they came from, which refusals name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Approvals {
+    by_rule: BTreeMap<String, Approval>,
+    #[serde(skip)]
+    origin: Option<String>,
+}
+
+impl Approvals {
+    /// The approval of one rule, if the config has one.
+    pub fn get(&self, rule: &str) -> Option<&Approval> {
+        self.by_rule.get(rule)
+    }
+
+    /// Every approval, by rule name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Approval)> {
+        self.by_rule.iter()
+    }
+
+    /// Names the config file the approvals came from, for refusals.
+    pub fn set_origin(&mut self, origin: &str) {
+        self.origin = Some(origin.to_owned());
+    }
+
+    /// ` (in <file>)`, or nothing when the file is not known.
+    fn in_file(&self) -> String {
+        self.origin
+            .as_deref()
+            .map(|o| format!(" (in {o})"))
+            .unwrap_or_default()
+    }
+}
+
+impl FromIterator<(String, Approval)> for Approvals {
+    fn from_iter<I: IntoIterator<Item = (String, Approval)>>(iter: I) -> Self {
+        Approvals {
+            by_rule: iter.into_iter().collect(),
+            origin: None,
+        }
+    }
+}
+
 impl Approval {
     /// Checks values serde cannot; `key` is `rules.grants.<rule>`.
     pub fn validate(&self, key: &str) -> Result<(), String> {
@@ -179,15 +223,16 @@ impl Approval {
 pub fn approve(
     manifest: &Manifest,
     manifest_path: &Path,
-    approvals: &BTreeMap<String, Approval>,
+    approvals: &Approvals,
 ) -> Result<(), LoadError> {
     let scope = manifest.scope();
     let name = &manifest.name;
     let key = format!("rules.grants.{name}");
+    let in_file = approvals.in_file();
     let refuse = |message: String| Err(LoadError::new(manifest_path, Some(name), message));
     let Some(approval) = approvals.get(name) else {
         return refuse(format!(
-            "not approved: the config has no [{key}]; the rule asks for {}",
+            "not approved: the config{in_file} has no [{key}]; the rule asks for {}",
             describe(&scope)
         ));
     };
@@ -202,14 +247,14 @@ pub fn approve(
         let short = approved.missing(asked);
         if !short.is_empty() {
             missing.push(format!(
-                "grants.{list} asks for {}, which {key}.{list} does not approve",
+                "grants.{list} asks for {}, which {key}.{list}{in_file} does not approve",
                 quoted(&short)
             ));
         }
     }
     if scope.wasi && !approval.wasi {
         missing.push(format!(
-            "grants.wasi asks for WASI, which {key}.wasi does not approve"
+            "grants.wasi asks for WASI, which {key}.wasi{in_file} does not approve"
         ));
     }
     if missing.is_empty() {
@@ -224,16 +269,17 @@ pub fn check_pin(
     name: &str,
     version: &str,
     manifest_path: &Path,
-    approvals: &BTreeMap<String, Approval>,
+    approvals: &Approvals,
 ) -> Result<(), LoadError> {
     match approvals.get(name).and_then(|a| a.version.as_deref()) {
         Some(pinned) if pinned != version => Err(LoadError::new(
             manifest_path,
             Some(name),
             format!(
-                "rules.grants.{name}.version pins {pinned:?}, but the rule is version \
+                "rules.grants.{name}.version{} pins {pinned:?}, but the rule is version \
                  {version:?} (its manifest, code or limits changed): review it, then \
-                 update the pin"
+                 update the pin",
+                approvals.in_file()
             ),
         )),
         _ => Ok(()),
