@@ -368,6 +368,7 @@ impl Config {
             )
         })?;
         config.origin = origin.to_string();
+        config.rules.grants.set_origin(origin);
         Ok(config)
     }
 
@@ -444,6 +445,23 @@ impl Config {
                 "shield.per_second".into(),
                 "must be greater than 0 (or set shield.enabled = false)",
             );
+        }
+        // An approval naming a source this config does not have is a typo
+        // that would silently keep its rule from ever seeing an event.
+        for (rule, approval) in self.rules.grants.iter() {
+            if let Some((i, s)) = approval.sources.0.iter().enumerate().find(|(_, s)| {
+                s.as_str() != crate::rules::grants::ANY && !self.sources.contains_key(*s)
+            }) {
+                let known: Vec<_> = self.sources.keys().map(String::as_str).collect();
+                return Err(ConfigError::new(
+                    &self.origin,
+                    format!("rules.grants.{rule}.sources[{i}]"),
+                    format!(
+                        "{s:?} is not a configured source (sources: {})",
+                        known.join(", ")
+                    ),
+                ));
+            }
         }
         for (name, src) in &self.sources {
             let at = |k: &str| format!("sources.{name}.{k}");
@@ -613,7 +631,13 @@ impl Config {
         engine: &crate::rules::wasm::WasmEngine,
     ) -> Result<crate::rules::RuleSet, crate::rules::LoadError> {
         let dir = self.rules.rules_dir(&self.base_dir);
-        if self.rules == RulesConfig::default() && !dir.exists() {
+        // Approvals alone (the embedded defaults approve the shipped rules)
+        // do not make a rules directory expected.
+        let unset = RulesConfig {
+            grants: Default::default(),
+            ..self.rules.clone()
+        } == RulesConfig::default();
+        if unset && !dir.exists() {
             tracing::warn!(dir = %dir.display(), "no [rules] in {} and no rules directory: events are stored but not routed", self.origin);
             return Ok(crate::rules::RuleSet::empty());
         }

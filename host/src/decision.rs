@@ -98,6 +98,10 @@ pub enum RuleFailure {
     /// exhausted). Not the rule's failure: the event is routed again later.
     #[error("no capacity to run the rule: {0}")]
     Capacity(String),
+    /// The rule routed outside its grant (an agent or workflow the
+    /// operator did not approve): those routes were dropped, its others count.
+    #[error("rule routed outside its grant: {0}")]
+    Violation(String),
 }
 
 impl RuleFailure {
@@ -111,13 +115,16 @@ impl RuleFailure {
             RuleFailure::Output(_) => "output",
             RuleFailure::Disabled(_) => "disabled",
             RuleFailure::Capacity(_) => "capacity",
+            RuleFailure::Violation(_) => "violation",
         }
     }
 
     /// Whether the failure counts toward the rule's circuit breaker: only a
     /// rule that breaks the sandbox's bounds (trap, timeout, memory) does. An
     /// error value or an over-limit answer concerns one event's shape, and
-    /// must not switch the rule off for every event.
+    /// must not switch the rule off for every event. Nor does a grant
+    /// violation: the host already dropped the offending routes, and
+    /// switching the rule off would also drop its granted ones.
     pub fn counts_toward_breaker(&self) -> bool {
         matches!(
             self,
@@ -145,7 +152,8 @@ pub enum RuleOutcome {
     Verdict(Verdict),
     /// The rule failed; the failure policy decided what happened instead.
     Failed(RuleFailure),
-    /// The rule does not want this provider/kind and was not run.
+    /// The rule does not want this provider/kind, or is not granted this
+    /// source/kind, and was not run.
     Skipped,
 }
 
@@ -156,8 +164,12 @@ pub struct RuleRecord {
     pub rule: String,
     /// The rule version: the content hash of what was loaded.
     pub version: String,
-    /// What it did.
+    /// What it did. A verdict holds only the routes that counted.
     pub outcome: RuleOutcome,
+    /// Set when the rule answered with routes outside its grant: a
+    /// [`RuleFailure::Violation`] naming the routes the host dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub violation: Option<RuleFailure>,
     /// Wall time of the call, in microseconds.
     pub duration_us: u64,
 }

@@ -79,6 +79,7 @@ fn install_rule(env: &Env, name: &str, wasm: &[u8], limits: &str) {
         format!("name = \"{name}\"\ncomponent = \"{name}.wasm\"\n{limits}\n"),
     )
     .unwrap();
+    env.approve(name, crate::support::APPROVE_ALL);
 }
 
 /// Posts a signed GitHub `issues` event with a distinct body; its status and id.

@@ -10,6 +10,7 @@ mod costs;
 mod crash;
 mod dedup;
 mod fuzz;
+mod grants;
 mod idle;
 mod metrics;
 mod regression;

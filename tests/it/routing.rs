@@ -25,8 +25,9 @@ use crate::support::{Env, client, corpus, post, until_status};
 async fn signed_deliveries_are_routed_by_the_shipped_rules() {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
     let env = Env::new(&format!(
-        "\n[rules]\ndir = {:?}\ncache_dir = \"cache\"\n",
-        shipped.display().to_string()
+        "\n[rules]\ndir = {:?}\ncache_dir = \"cache\"\n{}",
+        shipped.display().to_string(),
+        crate::support::shipped_grants()
     ));
     let config = env.config();
     let cache = config.rules.cache_dir(&config.base_dir, config.data_dir());
@@ -169,8 +170,9 @@ async fn signed_deliveries_are_routed_by_the_shipped_rules() {
 async fn long_agent_commands_keep_their_routes_and_the_breaker_closed() {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
     let env = Env::new(&format!(
-        "\n[rules]\ndir = {:?}\ncache_dir = \"cache\"\n",
-        shipped.display().to_string()
+        "\n[rules]\ndir = {:?}\ncache_dir = \"cache\"\n{}",
+        shipped.display().to_string(),
+        crate::support::shipped_grants()
     ));
     let config = env.config();
     let cache = config.rules.cache_dir(&config.base_dir, config.data_dir());

@@ -1029,7 +1029,25 @@ fn shipped() -> RuleSet {
         "{} is missing: run plugins/build.sh first (it copies the shipped component)",
         wasm.display()
     );
-    RuleSet::load(&RulesConfig::default(), &repo(), engine()).unwrap_or_else(|e| panic!("{e}"))
+    RuleSet::load(&shipped_config(), &repo(), engine()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The shipped config's `[rules]` section: its approvals must cover the
+/// shipped rules' grants.
+fn shipped_config() -> RulesConfig {
+    sluice::config::Config::parse(sluice::config::EMBEDDED_DEFAULTS, "sluice.toml")
+        .expect("the embedded defaults parse")
+        .rules
+}
+
+/// Default rules settings approving everything the named rules may ask for.
+pub(crate) fn approving(rules: &[&str]) -> RulesConfig {
+    let all: sluice::rules::grants::Approval =
+        toml::from_str(crate::support::APPROVE_ALL).expect("APPROVE_ALL parses");
+    RulesConfig {
+        grants: rules.iter().map(|r| (r.to_string(), all.clone())).collect(),
+        ..RulesConfig::default()
+    }
 }
 
 #[test]
@@ -1380,7 +1398,7 @@ fn rule_set_load_errors_name_the_file() {
     let rules = dir.path().join("rules");
     std::fs::create_dir(&rules).unwrap();
     let load = || {
-        RuleSet::load(&RulesConfig::default(), dir.path(), engine())
+        RuleSet::load(&approving(&["a", "b"]), dir.path(), engine())
             .map(|_| ())
             .unwrap_err()
             .to_string()
@@ -1432,7 +1450,7 @@ fn rule_set_load_errors_name_the_file() {
         "name = \"b\"\nscript = \"a.rhai\"\nproviders = [\"github\"]\n[[test]]\nevent = \"ev.json\"\nkind = \"issues\"\nexpect = [{ agent = \"a\", priority = \"medium\" }]",
     )
     .unwrap();
-    let set = RuleSet::load(&RulesConfig::default(), dir.path(), engine()).unwrap();
+    let set = RuleSet::load(&approving(&["a", "b"]), dir.path(), engine()).unwrap();
     assert_eq!(
         set.rules().map(|r| r.name()).collect::<Vec<_>>(),
         vec!["a", "b"]
@@ -1441,7 +1459,7 @@ fn rule_set_load_errors_name_the_file() {
     // An explicit list loads exactly those, in that order.
     let config = RulesConfig {
         load: Some(vec!["b".into(), "a".into()]),
-        ..RulesConfig::default()
+        ..approving(&["a", "b"])
     };
     let set = RuleSet::load(&config, dir.path(), engine()).unwrap();
     assert_eq!(
@@ -1563,7 +1581,7 @@ fn route_dry_run_prints_every_rule_and_the_merged_routes() {
     let cache = tempfile::tempdir().unwrap();
     let config = RulesConfig {
         cache_dir: Some(cache.path().to_owned()),
-        ..RulesConfig::default()
+        ..shipped_config()
     };
     let payload = repo().join("../shared/corpus/gitlab/webhooks/tag_push.json");
     let report = sluice::cli::route::route_file(
@@ -2262,7 +2280,7 @@ fn a_rule_set_whose_worst_case_outlives_the_lease_is_refused() {
     }
     let config = RulesConfig {
         lease_ms: 1_200,
-        ..RulesConfig::default()
+        ..approving(&["first", "second"])
     };
     let e = RuleSet::load(&config, dir.path(), engine())
         .map(|_| ())
@@ -2278,7 +2296,7 @@ fn a_rule_set_whose_worst_case_outlives_the_lease_is_refused() {
     );
     let config = RulesConfig {
         lease_ms: 1_400,
-        ..RulesConfig::default()
+        ..approving(&["first", "second"])
     };
     let set = RuleSet::load(&config, dir.path(), engine()).unwrap();
     assert_eq!(set.worst_case(), Duration::from_millis(1_300));

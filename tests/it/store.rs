@@ -47,6 +47,7 @@ fn decision() -> Decision {
             rule: "r".into(),
             version: "abc".into(),
             outcome: RuleOutcome::Verdict(Verdict::Routes(vec![route.clone()])),
+            violation: None,
             duration_us: 3,
         }],
         routes: vec![route],

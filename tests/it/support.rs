@@ -152,6 +152,14 @@ kind_header = "X-Event"
         std::fs::write(&self.config_path, lines.join("\n") + "\n").unwrap();
     }
 
+    /// Approves a rule's grants in the test config: `[rules.grants.<rule>]`
+    /// with `keys` (e.g. [`APPROVE_ALL`]).
+    pub fn approve(&self, rule: &str, keys: &str) {
+        let mut text = std::fs::read_to_string(&self.config_path).unwrap();
+        text.push_str(&format!("\n[rules.grants.{rule}]\n{keys}\n"));
+        std::fs::write(&self.config_path, text).unwrap();
+    }
+
     /// The loaded config.
     pub fn config(&self) -> Config {
         Config::load(Some(&self.config_path)).expect("test config loads")
@@ -244,6 +252,21 @@ impl Drop for Gateway {
             t.abort();
         }
     }
+}
+
+/// An approval of everything a rule may ask for, for tests about something
+/// other than grants.
+pub const APPROVE_ALL: &str =
+    "sources = [\"*\"]\nkinds = [\"*\"]\nagents = [\"*\"]\nworkflows = [\"*\"]\nwasi = true";
+
+/// The shipped config's approvals of the shipped rules (`[rules.grants.*]`
+/// of sluice.toml), to append to a test config that loads `rules/`.
+pub fn shipped_grants() -> &'static str {
+    let text = sluice::config::EMBEDDED_DEFAULTS;
+    let start = text
+        .find("[rules.grants.")
+        .expect("sluice.toml approves the shipped rules");
+    &text[start..]
 }
 
 pub fn client() -> Client<HttpConnector, Full<Bytes>> {

@@ -71,7 +71,7 @@ pub fn write_decision(
     let width = d.rules.iter().map(|r| r.rule.len()).max().unwrap_or(4);
     for r in &d.rules {
         let outcome = match &r.outcome {
-            RuleOutcome::Skipped => "skipped (does not want this event)".to_owned(),
+            RuleOutcome::Skipped => "skipped (not wanted or not granted)".to_owned(),
             RuleOutcome::Verdict(Verdict::Ignore(reason)) => format!("ignore: {reason}"),
             RuleOutcome::Verdict(Verdict::Routes(rs)) if rs.is_empty() => "no routes".to_owned(),
             RuleOutcome::Verdict(Verdict::Routes(rs)) => {
@@ -88,6 +88,9 @@ pub fn write_decision(
             "  {:width$}  {}  {:>7} µs  {outcome}",
             r.rule, r.version, r.duration_us
         )?;
+        if let Some(v) = &r.violation {
+            writeln!(out, "  {:width$}  VIOLATION: {v}", "")?;
+        }
     }
     if d.routes.is_empty() {
         writeln!(out, "routes: none")?;

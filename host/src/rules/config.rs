@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::rules::grants::Approvals;
+
 /// The `[rules]` section of the main config.
 ///
 /// Which rules load: every `*.toml` manifest directly inside `dir` (not in
@@ -39,6 +41,10 @@ pub struct RulesConfig {
     /// The ceilings of the WebAssembly instance pool, fixed when the engine
     /// is built (at start): a manifest asking for more is refused.
     pub pool: PoolConfig,
+    /// The operator's approval of each rule's grants, by rule name
+    /// (`[rules.grants.<rule>]`): a rule loads only when its approval covers
+    /// everything its manifest's `[grants]` asks for.
+    pub grants: Approvals,
     /// Number of router worker tasks.
     pub workers: usize,
     /// Events a worker leases per claim.
@@ -69,6 +75,7 @@ impl Default for RulesConfig {
             limits: Limits::default(),
             breaker: BreakerConfig::default(),
             pool: PoolConfig::default(),
+            grants: Approvals::default(),
             workers: 2,
             batch: 16,
             lease_ms: 30_000,
@@ -412,6 +419,9 @@ impl RulesConfig {
         }
         if self.lease_ms < 1_000 {
             return Err("rules.lease_ms: must be at least 1000".into());
+        }
+        for (rule, approval) in self.grants.iter() {
+            approval.validate(&format!("rules.grants.{rule}"))?;
         }
         Ok(())
     }

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::decision::Priority;
 use crate::event::Provider;
 use crate::rules::config::{FailurePolicy, LimitOverrides};
+use crate::rules::grants::{Names, Scope};
 
 /// A parsed, validated manifest.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -46,7 +47,9 @@ pub struct Manifest {
     /// Limits overriding `rules.limits` for this rule.
     #[serde(default)]
     pub limits: LimitOverrides,
-    /// Capabilities beyond logging and config.
+    /// What the rule asks to be granted: the sources and kinds it sees, the
+    /// agents and workflows it routes to, imports beyond logging and config.
+    /// The operator's config must approve all of it (`[rules.grants.<name>]`).
     #[serde(default)]
     pub grants: Grants,
     /// Test vectors: an event file and the routes the rule must return.
@@ -54,10 +57,27 @@ pub struct Manifest {
     pub tests: Vec<TestVector>,
 }
 
-/// Capabilities a manifest grants its rule. Nothing is granted by default.
+/// What a manifest asks to be granted. A list left out asks for every name
+/// (`"*"`), which the operator must then approve as `"*"`; list what the rule
+/// needs instead, so the operator can approve exactly that. WASI is never
+/// asked for unless `wasi = true`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Grants {
+    /// Sources (the `{source}` of `/hooks/{source}`) whose events the rule
+    /// may see. Left out: every source.
+    #[serde(default)]
+    pub sources: Option<Names>,
+    /// Event kinds the rule may see. Left out: the rule's `kinds`, or every
+    /// kind when it names none.
+    #[serde(default)]
+    pub kinds: Option<Names>,
+    /// Agents the rule may route to. Left out: every agent.
+    #[serde(default)]
+    pub agents: Option<Names>,
+    /// Workflows the rule's routes may name. Left out: every workflow.
+    #[serde(default)]
+    pub workflows: Option<Names>,
     /// WASI preview 2 imports, with an empty context: no files, no environment,
     /// no stdio, no sockets, no name lookup. Rust's `wasm32-wasip2` standard
     /// library imports WASI even when a rule never uses it.
@@ -247,6 +267,16 @@ impl Manifest {
                 );
             }
         }
+        for (list, names) in [
+            ("sources", &self.grants.sources),
+            ("kinds", &self.grants.kinds),
+            ("agents", &self.grants.agents),
+            ("workflows", &self.grants.workflows),
+        ] {
+            if let Some(i) = names.as_ref().and_then(Names::empty_entry) {
+                return bad(&format!("grants.{list}[{i}]"), "must not be empty".into());
+            }
+        }
         for (i, t) in self.tests.iter().enumerate() {
             if let Some(p) = &t.provider
                 && Provider::parse(p).is_none()
@@ -276,6 +306,23 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// What the rule asks for, with the defaults of lists left out filled in.
+    pub fn scope(&self) -> Scope {
+        let g = &self.grants;
+        let kinds = match (&g.kinds, self.kinds.is_empty()) {
+            (Some(k), _) => k.clone(),
+            (None, false) => Names(self.kinds.clone()),
+            (None, true) => Names::any(),
+        };
+        Scope {
+            sources: g.sources.clone().unwrap_or_else(Names::any),
+            kinds,
+            agents: g.agents.clone().unwrap_or_else(Names::any),
+            workflows: g.workflows.clone().unwrap_or_else(Names::any),
+            wasi: g.wasi,
+        }
     }
 
     /// The rule's code, resolved against the manifest's directory.

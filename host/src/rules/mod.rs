@@ -11,6 +11,7 @@
 
 pub mod breaker;
 pub mod config;
+pub mod grants;
 pub mod log;
 pub mod manifest;
 pub mod output;
@@ -37,6 +38,7 @@ use crate::decision::{
 use crate::event::{Event, ParsedEvent, Provider, now_ms};
 use crate::rules::breaker::{Breaker, BreakerState, Outcome as BreakerOutcome};
 use crate::rules::config::{BreakerConfig, FailurePolicy, MergeMode};
+use crate::rules::grants::Scope;
 use crate::rules::manifest::{Manifest, RuleSource, TestVector};
 use crate::rules::rhai::RhaiRule;
 use crate::rules::wasm::WasmRule;
@@ -79,6 +81,8 @@ pub struct Rule {
     origin: PathBuf,
     providers: Vec<Provider>,
     kinds: Vec<String>,
+    /// What its grants let it see and route to (everything for native rules).
+    scope: Scope,
     on_error: Option<FailurePolicy>,
     /// The longest one call may run (`limits.timeout_ms`); none for native rules.
     timeout: Option<Duration>,
@@ -98,6 +102,7 @@ impl Rule {
             version: "native".into(),
             providers: Vec::new(),
             kinds: Vec::new(),
+            scope: Scope::all(),
             on_error: None,
             timeout: None,
             code: RuleCode::Native(Arc::new(f)),
@@ -197,6 +202,7 @@ impl Rule {
                 .filter_map(|p| Provider::parse(p))
                 .collect(),
             kinds: manifest.kinds.clone(),
+            scope: manifest.scope(),
             on_error: manifest.on_error.clone(),
             timeout: Some(Duration::from_millis(limits.timeout_ms)),
             code,
@@ -229,6 +235,11 @@ impl Rule {
         &self.kinds
     }
 
+    /// What its grants let it see and route to.
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
     /// Its own failure policy, if it sets one.
     pub fn on_error(&self) -> Option<&FailurePolicy> {
         self.on_error.as_ref()
@@ -245,10 +256,12 @@ impl Rule {
         &self.code
     }
 
-    /// Whether the rule wants this event (provider and kind filters).
+    /// Whether the rule wants this event (provider and kind filters) and is
+    /// granted it (source and kind): the host never calls it otherwise.
     pub fn wants(&self, ev: &Event) -> bool {
         (self.providers.is_empty() || self.providers.contains(&ev.provider))
             && (self.kinds.is_empty() || self.kinds.contains(&ev.kind))
+            && self.scope.sees(ev)
     }
 
     /// Runs the rule on one event. A panic in host code is caught and
@@ -302,6 +315,11 @@ impl Rule {
             let got = self
                 .classify(&ev)
                 .map_err(|f| fail(format!("{} failed: {f}", t.event.display())))?;
+            if let Verdict::Routes(routes) = &got
+                && let (_, Some(violation)) = self.scope.split(routes.clone())
+            {
+                return Err(fail(format!("{}: {violation}", t.event.display())));
+            }
             match (&got, t.expect_ignore) {
                 (Verdict::Ignore(_), true) => {}
                 (Verdict::Routes(routes), false) if expect_matches(&t.expect, routes) => {}
@@ -501,7 +519,9 @@ impl RuleSet {
                     format!("name: also used by {}", other.display()),
                 ));
             }
+            grants::approve(&manifest, &path, &config.grants)?;
             let rule = Rule::from_manifest(&manifest, &path, &text, config, engine)?;
+            grants::check_pin(&rule.name, &rule.version, &path, &config.grants)?;
             rule.check_tests(&manifest.tests, &path)?;
             rules.push((rule, path));
         }
@@ -556,6 +576,7 @@ impl RuleSet {
                     rule: rule.name.clone(),
                     version: rule.version.clone(),
                     outcome: RuleOutcome::Skipped,
+                    violation: None,
                     duration_us: 0,
                 });
                 continue;
@@ -617,13 +638,24 @@ impl RuleSet {
             };
             let duration_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
             let before = routes.len();
+            let mut violation = None;
             let outcome = match result {
                 Ok(verdict) => {
-                    if let Verdict::Routes(rs) = &verdict {
-                        for r in rs {
-                            merge_route(&mut routes, r.clone());
+                    let verdict = match verdict {
+                        // Routes outside the grant are dropped, the others count.
+                        Verdict::Routes(rs) => {
+                            let (kept, broke) = rule.scope.split(rs);
+                            if let Some(v) = &broke {
+                                tracing::warn!(rule = %rule.name, version = %rule.version, event = %ev.event.id, violation = %v, "rule routed outside its grant");
+                            }
+                            violation = broke;
+                            for r in &kept {
+                                merge_route(&mut routes, r.clone());
+                            }
+                            Verdict::Routes(kept)
                         }
-                    }
+                        ignore => ignore,
+                    };
                     RuleOutcome::Verdict(verdict)
                 }
                 Err(failure) => {
@@ -655,6 +687,7 @@ impl RuleSet {
                 rule: rule.name.clone(),
                 version: rule.version.clone(),
                 outcome,
+                violation,
                 duration_us,
             });
             if self.merge == MergeMode::First && routes.len() > before {

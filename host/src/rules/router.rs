@@ -249,6 +249,9 @@ fn record_metrics(decision: &crate::decision::Decision) {
             }
             RuleOutcome::Verdict(_) => {}
         }
+        if let Some(v) = &r.violation {
+            metrics::counter!("sluice_rule_failures_total", "rule" => r.rule.clone(), "kind" => v.kind()).increment(1);
+        }
         metrics::histogram!("sluice_rule_duration_seconds", "rule" => r.rule.clone())
             .record(r.duration_us as f64 / 1e6);
     }
