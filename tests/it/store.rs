@@ -48,6 +48,8 @@ fn decision() -> Decision {
             version: "abc".into(),
             outcome: RuleOutcome::Verdict(Verdict::Routes(vec![route.clone()])),
             duration_us: 3,
+            reads: Vec::new(),
+            reads_dropped: 0,
         }],
         routes: vec![route],
         dead_letter: None,
