@@ -49,7 +49,7 @@ fn corpus(rel: &str) -> Vec<u8> {
 
 /// One engine for the whole test binary (the pooling allocator reserves
 /// address space per engine), with its compile cache in cargo's tmp dir.
-fn engine() -> &'static WasmEngine {
+pub(crate) fn engine() -> &'static WasmEngine {
     static ENGINE: OnceLock<WasmEngine> = OnceLock::new();
     ENGINE.get_or_init(|| {
         WasmEngine::new(Some(
