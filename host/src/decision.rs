@@ -3,6 +3,7 @@
 //! These types are shared by the rule runtime (which produces them) and the
 //! store (which records them); neither owns the other.
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 /// How urgent a route is. Ordered so that `Critical` is the greatest.
@@ -188,15 +189,16 @@ pub struct FieldRead {
     /// What was read: a JSON pointer into the payload (`/label/name`), an
     /// event field by name (`kind`, `action`, `source`, `provider`, `id`,
     /// `delivery_id`, `received_at`, `body`, `headers`), or a header as
-    /// `header:<name>` (lower-case).
-    pub pointer: String,
+    /// `header:<name>` (lower-case). Inline up to 24 bytes, as are values:
+    /// recording a read costs no allocation in the common case.
+    pub pointer: CompactString,
     /// The type of what was there.
     #[serde(rename = "type")]
     pub kind: ReadKind,
     /// For a string, number or boolean, the value seen (cut to
     /// [`MAX_READ_VALUE`] bytes); none for anything else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value: Option<String>,
+    pub value: Option<CompactString>,
     /// Set when `value` was cut.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,

@@ -4,13 +4,15 @@
 //! explains itself (`events show`, `route`) and can be compared across rule
 //! versions.
 //!
-//! Recording must stay cheap beside the lookup it follows (no extra parsing,
-//! one small allocation per distinct field) and bounded whatever the rule
+//! Recording must stay cheap beside the lookup it follows (no extra parsing;
+//! names and values up to 24 bytes are kept inline) and bounded whatever the rule
 //! does: at most [`MAX_READS`] distinct fields, values cut to
 //! [`MAX_READ_VALUE`] bytes, objects and arrays by type only. It must never
 //! record a header's value, nor the raw body.
 //!
 //! [`RuleRecord`]: crate::decision::RuleRecord
+
+use compact_str::{CompactString, ToCompactString};
 
 use crate::decision::{FieldRead, MAX_READ_VALUE, MAX_READS, ReadKind};
 
@@ -33,6 +35,14 @@ pub struct Reads {
 }
 
 impl ReadLog {
+    /// An empty log.
+    pub const fn new() -> ReadLog {
+        ReadLog {
+            reads: Vec::new(),
+            dropped: 0,
+        }
+    }
+
     /// Whether this read needs recording: false for a field already
     /// recorded; past the cap, counts the read as dropped.
     fn admit(&mut self, pointer: &str) -> bool {
@@ -46,11 +56,11 @@ impl ReadLog {
         true
     }
 
-    fn push(&mut self, pointer: String, kind: ReadKind, value: Option<&str>) {
+    fn push(&mut self, pointer: CompactString, kind: ReadKind, value: Option<&str>) {
         let (value, truncated) = match value {
             Some(v) => {
                 let cut = cut(v, MAX_READ_VALUE);
-                (Some(cut.to_owned()), cut.len() < v.len())
+                (Some(CompactString::from(cut)), cut.len() < v.len())
             }
             None => (None, false),
         };
@@ -66,7 +76,7 @@ impl ReadLog {
     /// arrays are recorded by type, not content.
     pub fn json<S>(&mut self, pointer: S, found: Option<&serde_json::Value>)
     where
-        S: AsRef<str> + Into<String>,
+        S: AsRef<str> + Into<CompactString>,
     {
         use serde_json::Value as J;
         if !self.admit(pointer.as_ref()) {
@@ -78,7 +88,7 @@ impl ReadLog {
             Some(J::Null) => (ReadKind::Null, None),
             Some(J::Bool(b)) => (ReadKind::Bool, Some(if *b { "true" } else { "false" })),
             Some(J::Number(n)) => {
-                number = n.to_string();
+                number = n.to_compact_string();
                 (ReadKind::Number, Some(number.as_str()))
             }
             Some(J::String(s)) => (ReadKind::String, Some(s.as_str())),
@@ -97,26 +107,32 @@ impl ReadLog {
             Some(_) => ReadKind::String,
             None => ReadKind::Absent,
         };
-        self.push(field.to_owned(), kind, found);
+        self.push(CompactString::const_new(field), kind, found);
     }
 
     /// A numeric event field read through its own accessor (`received_at`).
     pub fn number(&mut self, field: &'static str, found: i64) {
         if self.admit(field) {
-            self.push(field.to_owned(), ReadKind::Number, Some(&found.to_string()));
+            let value = found.to_compact_string();
+            self.push(
+                CompactString::const_new(field),
+                ReadKind::Number,
+                Some(&value),
+            );
         }
     }
 
     /// A field whose value is never recorded (`body`, `headers`).
     pub fn withheld(&mut self, field: &'static str) {
         if self.admit(field) {
-            self.push(field.to_owned(), ReadKind::Withheld, None);
+            self.push(CompactString::const_new(field), ReadKind::Withheld, None);
         }
     }
 
     /// One header by name: whether it was there, never its value.
     pub fn header(&mut self, name: &str, present: bool) {
-        let pointer = format!("header:{}", name.to_ascii_lowercase());
+        let mut pointer = CompactString::const_new("header:");
+        pointer.extend(name.chars().map(|c| c.to_ascii_lowercase()));
         if !self.admit(&pointer) {
             return;
         }

@@ -39,7 +39,7 @@ thread_local! {
     /// `debug` write through.
     static CALL_LOG: RefCell<Option<CallLog>> = const { RefCell::new(None) };
     /// The event fields the call running on this thread has read.
-    static READS: RefCell<ReadLog> = RefCell::new(ReadLog::default());
+    static READS: RefCell<ReadLog> = const { RefCell::new(ReadLog::new()) };
 }
 
 /// A compiled rhai rule.
