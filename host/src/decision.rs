@@ -3,6 +3,7 @@
 //! These types are shared by the rule runtime (which produces them) and the
 //! store (which records them); neither owns the other.
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 /// How urgent a route is. Ordered so that `Critical` is the greatest.
@@ -172,6 +173,85 @@ pub struct RuleRecord {
     pub violation: Option<RuleFailure>,
     /// Wall time of the call, in microseconds.
     pub duration_us: u64,
+    /// The event fields the rule read, in the order it first read them
+    /// (at most [`MAX_READS`]), with the values it saw: what the outcome
+    /// was decided on. Also kept when the rule failed, up to the failure.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reads: Vec<FieldRead>,
+    /// Reads of fields past the first [`MAX_READS`]: counted (each read),
+    /// not recorded.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reads_dropped: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The most distinct fields recorded per rule run; more are only counted.
+pub const MAX_READS: usize = 32;
+
+/// The most bytes of a scalar value recorded per read; longer values are cut
+/// (at a character boundary) and marked `truncated`.
+pub const MAX_READ_VALUE: usize = 64;
+
+/// One field a rule read from an event, and what it saw there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldRead {
+    /// What was read: a JSON pointer into the payload (`/label/name`), an
+    /// event field by name (`kind`, `action`, `source`, `provider`, `id`,
+    /// `delivery_id`, `received_at`, `body`, `headers`), or a header as
+    /// `header:<name>` (lower-case). Inline up to 24 bytes, as are values:
+    /// recording a read costs no allocation in the common case.
+    pub pointer: CompactString,
+    /// The type of what was there.
+    #[serde(rename = "type")]
+    pub kind: ReadKind,
+    /// For a string, number or boolean, the value seen (cut to
+    /// [`MAX_READ_VALUE`] bytes); none for anything else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<CompactString>,
+    /// Set when `value` was cut.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// The type of the value a rule read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadKind {
+    /// Nothing there: the pointer matched nothing, or the field was unset.
+    Absent,
+    /// JSON `null`.
+    Null,
+    /// A boolean.
+    Bool,
+    /// A number.
+    Number,
+    /// A string.
+    String,
+    /// An object (recorded by type only).
+    Object,
+    /// An array (recorded by type only).
+    Array,
+    /// Present, but its value is never recorded: header values (they may
+    /// carry credentials) and the raw body.
+    Withheld,
+}
+
+impl std::fmt::Display for FieldRead {
+    /// `pointer = value` as the text output shows it (`/action = labeled`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ellipsis = if self.truncated { "…" } else { "" };
+        match (&self.value, self.kind) {
+            (Some(v), _) => write!(f, "{} = {v}{ellipsis}", self.pointer),
+            (None, ReadKind::Absent) => write!(f, "{} absent", self.pointer),
+            (None, ReadKind::Null) => write!(f, "{} = null", self.pointer),
+            (None, ReadKind::Object) => write!(f, "{} = {{…}}", self.pointer),
+            (None, ReadKind::Array) => write!(f, "{} = […]", self.pointer),
+            (None, _) => write!(f, "{} (value not recorded)", self.pointer),
+        }
+    }
 }
 
 /// The router's decision for one event: every rule's record and the merged routes.

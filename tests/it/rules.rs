@@ -49,7 +49,7 @@ fn corpus(rel: &str) -> Vec<u8> {
 
 /// One engine for the whole test binary (the pooling allocator reserves
 /// address space per engine), with its compile cache in cargo's tmp dir.
-fn engine() -> &'static WasmEngine {
+pub(crate) fn engine() -> &'static WasmEngine {
     static ENGINE: OnceLock<WasmEngine> = OnceLock::new();
     ENGINE.get_or_init(|| {
         WasmEngine::new(Some(
@@ -1022,7 +1022,7 @@ fn rhai_scripts_get_no_eval_and_no_imports() {
 
 type Expected = Vec<(&'static str, Priority)>;
 
-fn shipped() -> RuleSet {
+pub(crate) fn shipped() -> RuleSet {
     let wasm = repo().join("rules/github-router.wasm");
     assert!(
         wasm.is_file(),

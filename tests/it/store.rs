@@ -49,6 +49,8 @@ fn decision() -> Decision {
             outcome: RuleOutcome::Verdict(Verdict::Routes(vec![route.clone()])),
             violation: None,
             duration_us: 3,
+            reads: Vec::new(),
+            reads_dropped: 0,
         }],
         routes: vec![route],
         dead_letter: None,

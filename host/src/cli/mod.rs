@@ -62,7 +62,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Writes a decision as text: one line per rule (name, version, duration,
-/// outcome), then the merged routes (for `route` and `events show`).
+/// outcome) followed by the fields behind its outcome, then the merged
+/// routes (for `route` and `events show`).
 pub fn write_decision(
     d: &crate::decision::Decision,
     out: &mut impl std::io::Write,
@@ -88,6 +89,9 @@ pub fn write_decision(
             "  {:width$}  {}  {:>7} µs  {outcome}",
             r.rule, r.version, r.duration_us
         )?;
+        if let Some(why) = explain(r) {
+            writeln!(out, "  {:width$}    {why}", "")?;
+        }
         if let Some(v) = &r.violation {
             writeln!(out, "  {:width$}  VIOLATION: {v}", "")?;
         }
@@ -128,4 +132,30 @@ pub fn write_decision(
         )?;
     }
     Ok(())
+}
+
+/// One rule's outcome explained by the fields it read:
+/// `coordinator, critical: kind = issues, action = labeled, /label/name = agent-execute`.
+/// None when the rule read nothing (or was not run).
+pub fn explain(r: &crate::decision::RuleRecord) -> Option<String> {
+    use crate::decision::{RuleOutcome, Verdict};
+    if r.reads.is_empty() && r.reads_dropped == 0 {
+        return None;
+    }
+    let what = match &r.outcome {
+        RuleOutcome::Skipped => return None,
+        RuleOutcome::Verdict(Verdict::Routes(rs)) if rs.is_empty() => "no routes".to_owned(),
+        RuleOutcome::Verdict(Verdict::Routes(rs)) => rs
+            .iter()
+            .map(|r| format!("{}, {}", r.agent, r.priority.as_str()))
+            .collect::<Vec<_>>()
+            .join("; "),
+        RuleOutcome::Verdict(Verdict::Ignore(_)) => "ignore".to_owned(),
+        RuleOutcome::Failed(_) => "read before failing".to_owned(),
+    };
+    let mut fields: Vec<String> = r.reads.iter().map(ToString::to_string).collect();
+    if r.reads_dropped > 0 {
+        fields.push(format!("and {} more reads not recorded", r.reads_dropped));
+    }
+    Some(format!("{what}: {}", fields.join(", ")))
 }

@@ -15,6 +15,7 @@ pub mod grants;
 pub mod log;
 pub mod manifest;
 pub mod output;
+pub mod reads;
 pub mod rhai;
 pub mod router;
 pub mod wasm;
@@ -40,6 +41,7 @@ use crate::rules::breaker::{Breaker, BreakerState, Outcome as BreakerOutcome};
 use crate::rules::config::{BreakerConfig, FailurePolicy, MergeMode};
 use crate::rules::grants::Scope;
 use crate::rules::manifest::{Manifest, RuleSource, TestVector};
+use crate::rules::reads::Reads;
 use crate::rules::rhai::RhaiRule;
 use crate::rules::wasm::WasmRule;
 
@@ -267,13 +269,25 @@ impl Rule {
     /// Runs the rule on one event. A panic in host code is caught and
     /// reported as a trap, so one rule can never take a worker down.
     pub fn classify(&self, ev: &Arc<ParsedEvent>) -> Result<Verdict, RuleFailure> {
+        self.classify_with_reads(ev).0
+    }
+
+    /// Runs the rule on one event, and says which event fields it read (for
+    /// component and script rules; a native rule reports none).
+    pub fn classify_with_reads(
+        &self,
+        ev: &Arc<ParsedEvent>,
+    ) -> (Result<Verdict, RuleFailure>, Reads) {
         let run = || match &self.code {
-            RuleCode::Native(f) => f(ev).and_then(|v| match v {
-                Verdict::Routes(r) => output::bound(r).map(Verdict::Routes),
-                ignore => Ok(ignore),
-            }),
-            RuleCode::Wasm(w) => w.classify(ev),
-            RuleCode::Rhai(r) => r.classify(ev),
+            RuleCode::Native(f) => {
+                let verdict = f(ev).and_then(|v| match v {
+                    Verdict::Routes(r) => output::bound(r).map(Verdict::Routes),
+                    ignore => Ok(ignore),
+                });
+                (verdict, Reads::default())
+            }
+            RuleCode::Wasm(w) => w.classify_with_reads(ev),
+            RuleCode::Rhai(r) => r.classify_with_reads(ev),
         };
         std::panic::catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|panic| {
             let msg = panic
@@ -281,9 +295,8 @@ impl Rule {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(RuleFailure::Trap(format!(
-                "host panicked while running the rule: {msg}"
-            )))
+            let failure = RuleFailure::Trap(format!("host panicked while running the rule: {msg}"));
+            (Err(failure), Reads::default())
         })
     }
 
@@ -578,6 +591,8 @@ impl RuleSet {
                     outcome: RuleOutcome::Skipped,
                     violation: None,
                     duration_us: 0,
+                    reads: Vec::new(),
+                    reads_dropped: 0,
                 });
                 continue;
             }
@@ -585,6 +600,7 @@ impl RuleSet {
             // wants it starts, so no rule's deadline or duration pays for it.
             ev.payload();
             let start = Instant::now();
+            let mut reads = Reads::default();
             let result = match entry.breaker.admit() {
                 BreakerState::Open(left) => {
                     let failures = entry.breaker.consecutive_failures();
@@ -611,7 +627,8 @@ impl RuleSet {
                 }
                 state @ (BreakerState::Closed | BreakerState::HalfOpen) => {
                     let trial = state == BreakerState::HalfOpen;
-                    let r = rule.classify(ev);
+                    let (r, seen) = rule.classify_with_reads(ev);
+                    reads = seen;
                     let outcome = match &r {
                         Err(RuleFailure::Capacity(_)) => BreakerOutcome::NotRun,
                         Err(f) if f.counts_toward_breaker() => BreakerOutcome::Broke,
@@ -689,6 +706,8 @@ impl RuleSet {
                 outcome,
                 violation,
                 duration_us,
+                reads: reads.fields,
+                reads_dropped: reads.dropped,
             });
             if self.merge == MergeMode::First && routes.len() > before {
                 break;

@@ -26,6 +26,7 @@ use crate::event::ParsedEvent;
 use crate::rules::config::Limits;
 use crate::rules::log::{CallLog, RuleLog};
 use crate::rules::output::{self, truncate};
+use crate::rules::reads::{ReadLog, Reads};
 
 /// How often (in operations) the wall-clock deadline is checked.
 const DEADLINE_CHECK_EVERY: u64 = 256;
@@ -37,6 +38,8 @@ thread_local! {
     /// The log of the call running on this thread, which `print` and
     /// `debug` write through.
     static CALL_LOG: RefCell<Option<CallLog>> = const { RefCell::new(None) };
+    /// The event fields the call running on this thread has read.
+    static READS: RefCell<ReadLog> = const { RefCell::new(ReadLog::new()) };
 }
 
 /// A compiled rhai rule.
@@ -89,6 +92,16 @@ impl RhaiRule {
 
     /// Classifies one event.
     pub fn classify(&self, ev: &Arc<ParsedEvent>) -> Result<Verdict, RuleFailure> {
+        self.classify_with_reads(ev).0
+    }
+
+    /// Classifies one event, and says which event fields the script read
+    /// (also when it failed).
+    pub fn classify_with_reads(
+        &self,
+        ev: &Arc<ParsedEvent>,
+    ) -> (Result<Verdict, RuleFailure>, Reads) {
+        READS.with_borrow_mut(ReadLog::take);
         let timeout = Duration::from_millis(self.limits.timeout_ms);
         DEADLINE.set(Some(Instant::now() + timeout));
         CALL_LOG.set(Some(self.log.call()));
@@ -105,10 +118,12 @@ impl RhaiRule {
         DEADLINE.set(None);
         // Dropping the call's log counts (and may report) what it dropped.
         drop(CALL_LOG.take());
-        match result {
+        let reads = READS.with_borrow_mut(ReadLog::take);
+        let result = match result {
             Ok(value) => verdict(value),
             Err(e) => Err(self.failure(*e)),
-        }
+        };
+        (result, reads)
     }
 
     fn failure(&self, e: EvalAltResult) -> RuleFailure {
@@ -205,13 +220,24 @@ fn build_engine(
 
     engine
         .register_type_with_name::<ScriptEvent>("Event")
-        .register_get("id", |e: &mut ScriptEvent| e.0.event.id.clone())
-        .register_get("source", |e: &mut ScriptEvent| e.0.event.source.clone())
+        .register_get("id", |e: &mut ScriptEvent| {
+            read_text("id", Some(&e.0.event.id));
+            e.0.event.id.clone()
+        })
+        .register_get("source", |e: &mut ScriptEvent| {
+            read_text("source", Some(&e.0.event.source));
+            e.0.event.source.clone()
+        })
         .register_get("provider", |e: &mut ScriptEvent| {
+            read_text("provider", Some(e.0.event.provider.as_str()));
             e.0.event.provider.as_str().to_owned()
         })
-        .register_get("kind", |e: &mut ScriptEvent| e.0.event.kind.clone())
+        .register_get("kind", |e: &mut ScriptEvent| {
+            read_text("kind", Some(&e.0.event.kind));
+            e.0.event.kind.clone()
+        })
         .register_get("action", |e: &mut ScriptEvent| {
+            read_text("action", e.0.event.action.as_deref());
             e.0.event
                 .action
                 .clone()
@@ -219,26 +245,35 @@ fn build_engine(
                 .unwrap_or(Dynamic::UNIT)
         })
         .register_get("delivery_id", |e: &mut ScriptEvent| {
+            read_text("delivery_id", Some(&e.0.event.delivery_id));
             e.0.event.delivery_id.clone()
         })
         .register_get("received_at", |e: &mut ScriptEvent| {
+            READS.with_borrow_mut(|r| r.number("received_at", e.0.event.received_at_ms));
             e.0.event.received_at_ms
         })
         .register_get("body", |e: &mut ScriptEvent| {
+            READS.with_borrow_mut(|r| r.withheld("body"));
             String::from_utf8_lossy(&e.0.event.body).into_owned()
         })
         .register_fn("header", |e: &mut ScriptEvent, name: &str| {
-            e.0.event
-                .header(name)
+            let value = e.0.event.header(name);
+            READS.with_borrow_mut(|r| r.header(name, value.is_some()));
+            value
                 .map(|v| Dynamic::from(v.to_owned()))
                 .unwrap_or(Dynamic::UNIT)
         })
         .register_fn("get", |e: &mut ScriptEvent, pointer: &str| -> Dynamic {
-            e.0.get(pointer)
-                .map(json_to_dynamic)
-                .unwrap_or(Dynamic::UNIT)
+            let found = e.0.get(pointer);
+            READS.with_borrow_mut(|r| r.json(pointer, found));
+            found.map(json_to_dynamic).unwrap_or(Dynamic::UNIT)
         });
     engine
+}
+
+/// Notes that the running call read an event field through its accessor.
+fn read_text(field: &'static str, value: Option<&str>) {
+    READS.with_borrow_mut(|r| r.text(field, value));
 }
 
 /// Writes a `print`/`debug` line through the running call's log (or, outside

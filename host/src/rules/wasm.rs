@@ -30,6 +30,7 @@ use crate::rules::config::{Limits, PoolConfig};
 use crate::rules::log::{self, CallLog, RuleLog};
 use crate::rules::manifest::Grants;
 use crate::rules::output::{self, truncate};
+use crate::rules::reads::{ReadLog, Reads};
 
 /// The generated bindings of `wit/sluice-router@0.1.0` (world `rule`).
 #[allow(missing_docs, clippy::all)]
@@ -500,15 +501,25 @@ impl WasmRule {
 
     /// Classifies one event in a fresh store and instance.
     pub fn classify(&self, ev: &Arc<ParsedEvent>) -> Result<Verdict, RuleFailure> {
+        self.classify_with_reads(ev).0
+    }
+
+    /// Classifies one event in a fresh store and instance, and says which
+    /// event fields the rule read (also when it failed).
+    pub fn classify_with_reads(
+        &self,
+        ev: &Arc<ParsedEvent>,
+    ) -> (Result<Verdict, RuleFailure>, Reads) {
         // Instantiation runs guest code too (start functions), under the
         // same deadline.
         let _in_flight = self.epoch.enter();
         let mut store = self.new_store();
         let rule = match self.pre.instantiate(&mut store) {
             Ok(rule) => rule,
-            Err(e) => return Err(self.failure(&store, e)),
+            Err(e) => return (Err(self.failure(&store, e)), Reads::default()),
         };
-        self.call(&mut store, &rule, ev)
+        let result = self.call(&mut store, &rule, ev);
+        (result, store.data_mut().reads.take())
     }
 
     /// An instance kept alive across calls. Only for benchmarks: it gives up
@@ -548,6 +559,7 @@ impl WasmRule {
             wasi: None,
             info: self.info.clone(),
             log: self.info.log.call(),
+            reads: ReadLog::default(),
         };
         let mut store = Store::new(self.pre.instance_pre().engine(), state);
         store.limiter(|s| &mut s.limits);
@@ -649,6 +661,8 @@ impl ReusedInstance<'_> {
         let _in_flight = self.rule.epoch.enter();
         self.store.set_epoch_deadline(self.rule.deadline_ticks());
         let out = self.rule.call(&mut self.store, &self.instance, ev);
+        // Each call starts with an empty record, as a fresh instance would.
+        drop(self.store.data_mut().reads.take());
         if matches!(
             out,
             Err(RuleFailure::Trap(_)
@@ -798,6 +812,8 @@ pub struct RuleState {
     wasi: Option<WasiCtx>,
     info: Arc<RuleInfo>,
     log: CallLog,
+    /// The event fields this call has read.
+    reads: ReadLog,
 }
 
 /// An empty WASI context: no files, environment, arguments, stdio or network.
@@ -818,49 +834,61 @@ impl WasiView for RuleState {
     }
 }
 
-impl RuleState {
-    fn event(&self, ev: &Resource<EventRef>) -> wasmtime::Result<&ParsedEvent> {
-        Ok(&self.table.get(ev)?.0)
-    }
-}
-
 impl wit_types::Host for RuleState {}
 
 impl wit_types::HostEvent for RuleState {
     fn id(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<String> {
-        Ok(self.event(&ev)?.event.id.clone())
+        let id = &self.table.get(&ev)?.0.event.id;
+        self.reads.text("id", Some(id));
+        Ok(id.clone())
     }
 
     fn source(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<String> {
-        Ok(self.event(&ev)?.event.source.clone())
+        let source = &self.table.get(&ev)?.0.event.source;
+        self.reads.text("source", Some(source));
+        Ok(source.clone())
     }
 
     fn provider(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<String> {
-        Ok(self.event(&ev)?.event.provider.as_str().to_owned())
+        let provider = self.table.get(&ev)?.0.event.provider.as_str();
+        self.reads.text("provider", Some(provider));
+        Ok(provider.to_owned())
     }
 
     fn kind(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<String> {
-        Ok(self.event(&ev)?.event.kind.clone())
+        let kind = &self.table.get(&ev)?.0.event.kind;
+        self.reads.text("kind", Some(kind));
+        Ok(kind.clone())
     }
 
     fn action(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<Option<String>> {
-        Ok(self.event(&ev)?.event.action.clone())
+        let action = &self.table.get(&ev)?.0.event.action;
+        self.reads.text("action", action.as_deref());
+        Ok(action.clone())
     }
 
     fn delivery_id(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<String> {
-        Ok(self.event(&ev)?.event.delivery_id.clone())
+        let id = &self.table.get(&ev)?.0.event.delivery_id;
+        self.reads.text("delivery_id", Some(id));
+        Ok(id.clone())
     }
 
     fn received_at(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<u64> {
-        Ok(u64::try_from(self.event(&ev)?.event.received_at_ms).unwrap_or(0))
+        let at = self.table.get(&ev)?.0.event.received_at_ms;
+        self.reads.number("received_at", at);
+        Ok(u64::try_from(at).unwrap_or(0))
     }
 
     fn header(&mut self, ev: Resource<EventRef>, name: String) -> wasmtime::Result<Option<String>> {
-        Ok(self.event(&ev)?.event.header(&name).map(str::to_owned))
+        let value = self.table.get(&ev)?.0.event.header(&name);
+        self.reads.header(&name, value.is_some());
+        Ok(value.map(str::to_owned))
     }
 
     fn headers(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<Vec<(String, String)>> {
-        Ok(self.event(&ev)?.event.headers.clone())
+        let headers = &self.table.get(&ev)?.0.event.headers;
+        self.reads.withheld("headers");
+        Ok(headers.clone())
     }
 
     fn get(
@@ -868,11 +896,16 @@ impl wit_types::HostEvent for RuleState {
         ev: Resource<EventRef>,
         pointer: String,
     ) -> wasmtime::Result<Option<wit_types::Value>> {
-        Ok(self.event(&ev)?.get(&pointer).map(to_wit_value))
+        let found = self.table.get(&ev)?.0.get(&pointer);
+        let value = found.map(to_wit_value);
+        self.reads.json(pointer, found);
+        Ok(value)
     }
 
     fn body(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<Vec<u8>> {
-        Ok(self.event(&ev)?.event.body.to_vec())
+        let body = &self.table.get(&ev)?.0.event.body;
+        self.reads.withheld("body");
+        Ok(body.to_vec())
     }
 
     fn drop(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<()> {
