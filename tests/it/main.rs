@@ -9,6 +9,7 @@ mod corpus;
 mod costs;
 mod crash;
 mod dedup;
+mod engine;
 mod fuzz;
 mod idle;
 mod metrics;
