@@ -214,3 +214,17 @@ fn no_engine_runs_while_only_scripts_are_loaded() {
         "the compile cache was opened with no component rule"
     );
 }
+
+#[test]
+fn the_cache_limits_are_read_from_the_config_and_checked_by_name() {
+    let env = Env::new("\n[rules.cache]\nmax_size_mb = 64\ncleanup_interval_s = 60\n");
+    let cache = env.config().rules.cache;
+    assert_eq!((cache.max_size_mb, cache.cleanup_interval_s), (64, 60));
+    let env = Env::new("\n[rules.cache]\nmax_size_mb = 0\n");
+    let out = sluice(&["check", "--config", env.config_path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("rules.cache.max_size_mb"),
+        "{err}"
+    );
+}

@@ -1524,6 +1524,76 @@ fn the_compile_cache_is_used_on_the_next_load() {
     assert_eq!(std::fs::read(&cached[0]).unwrap(), written);
 }
 
+#[test]
+fn the_compile_cache_deletes_its_oldest_entries_past_its_size_limit() {
+    use sluice::rules::config::{CacheConfig, Limits};
+    use sluice::rules::manifest::Grants;
+    let bytes = std::fs::read(component("bench-three-fields")).unwrap();
+    // The same component under distinct cache keys: a custom section
+    // (ignored by the engine) that differs per copy.
+    let variant = |i: usize| {
+        let name = b"sluice-test";
+        let payload = format!("{i:08}");
+        let mut v = bytes.clone();
+        v.push(0);
+        v.push(u8::try_from(1 + name.len() + payload.len()).unwrap());
+        v.push(u8::try_from(name.len()).unwrap());
+        v.extend_from_slice(name);
+        v.extend_from_slice(payload.as_bytes());
+        v
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let limit = CacheConfig {
+        max_size_mb: 1,
+        cleanup_interval_s: 0,
+    };
+    let engine =
+        WasmEngine::with_cache(Some(dir.path().to_owned()), &limit, &PoolConfig::default())
+            .unwrap();
+    let grants = Grants { wasi: true };
+    let load = |i: usize| {
+        engine
+            .load(
+                "v",
+                &variant(i),
+                &grants,
+                Default::default(),
+                &Limits::default(),
+            )
+            .unwrap();
+    };
+    let size = |entries: &[PathBuf]| -> u64 {
+        entries
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    load(0);
+    let one = size(&cache_entries(dir.path()));
+    assert!(one > 0);
+    // Enough copies to write twice the limit.
+    let n = usize::try_from((2 << 20) / one + 1).unwrap();
+    for i in 1..n {
+        load(i);
+    }
+    assert_eq!(engine.cache_stats().misses, n);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let entries = cache_entries(dir.path());
+        if size(&entries) <= 1 << 20 && entries.len() < n {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cache still holds {} entries, {} bytes, after writing {n} of {one} bytes",
+            entries.len(),
+            size(&entries)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 // ---------------------------------------------------------------- CLI
 
 #[test]
