@@ -4,6 +4,10 @@
 //! [`run`] (the HTTP server on a bound listener), so tests drive the gateway
 //! over real loopback sockets on port 0 and the binary is a thin CLI on top.
 
+// The gateway itself has no unsafe code (the workspace denies it; only
+// benches opt out, for a clock call).
+#![forbid(unsafe_code)]
+
 pub mod cli;
 pub mod config;
 pub mod decision;

@@ -14,10 +14,8 @@ use sluice::decision::{
     Decision, MAX_READ_VALUE, MAX_READS, ReadKind, RuleFailure, RuleOutcome, RuleRecord, Verdict,
 };
 use sluice::event::{Event, ParsedEvent, Provider};
-use sluice::rules::RuleSet;
-use sluice::rules::config::RulesConfig;
 
-use crate::rules::{engine, rhai, set, shipped, wasm};
+use crate::rules::{rhai, set, shipped, wasm};
 use crate::support::{Env, ServeChild, corpus};
 
 fn repo() -> PathBuf {

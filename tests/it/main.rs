@@ -9,6 +9,7 @@ mod corpus;
 mod costs;
 mod crash;
 mod dedup;
+mod engine;
 mod explain;
 mod fuzz;
 mod grants;

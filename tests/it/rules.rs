@@ -1505,67 +1505,148 @@ fn rules_config_defaults_and_rejects_unknown_keys() {
     assert!(e.contains("unknown variant `all`"), "{e}");
 }
 
+/// The entries of a wasmtime compile cache: the files under
+/// `modules/<compiler>/` named by a hash alone (beside them wasmtime keeps
+/// `.stats` files and temporary `.wip-*` files).
+fn cache_entries(dir: &Path) -> Vec<PathBuf> {
+    let mut entries = Vec::new();
+    let Ok(compilers) = std::fs::read_dir(dir.join("modules")) else {
+        return entries;
+    };
+    for compiler in compilers {
+        for entry in std::fs::read_dir(compiler.unwrap().path()).unwrap() {
+            let path = entry.unwrap().path();
+            if !path.file_name().unwrap().to_string_lossy().contains('.') {
+                entries.push(path);
+            }
+        }
+    }
+    entries
+}
+
 #[test]
 fn the_compile_cache_is_used_on_the_next_load() {
+    use sluice::rules::wasm::CacheStats;
     let dir = tempfile::tempdir().unwrap();
-    let engine = WasmEngine::new(Some(dir.path().to_owned())).unwrap();
     let text = format!(
         "name = \"g\"\ncomponent = {:?}\n[grants]\nwasi = true",
         component("bench-three-fields").display().to_string()
     );
     let path = repo().join("inline.toml");
     let m = Manifest::parse(&path, &text).unwrap();
-    Rule::from_manifest(&m, &path, &text, &RulesConfig::default(), &engine).unwrap();
-    let cached: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let load = |engine: &WasmEngine| {
+        let rule = Rule::from_manifest(&m, &path, &text, &RulesConfig::default(), engine).unwrap();
+        assert!(matches!(
+            rule.classify(&issues_opened()),
+            Ok(Verdict::Routes(_))
+        ));
+    };
+    let stats = |hits, misses| CacheStats { hits, misses };
+
+    // The first load compiles and writes one entry.
+    let engine = WasmEngine::new(Some(dir.path().to_owned())).unwrap();
+    load(&engine);
+    assert_eq!(engine.cache_stats(), stats(0, 1));
+    let cached = cache_entries(dir.path());
     assert_eq!(cached.len(), 1, "{cached:?}");
-    assert!(cached[0].extension().is_some_and(|x| x == "cwasm"));
-    // A compile always writes its entry anew (a fresh file renamed into
-    // place), so an entry that keeps its inode was loaded, not recompiled.
-    use std::os::unix::fs::MetadataExt;
-    let inode = |p: &Path| std::fs::metadata(p).unwrap().ino();
-    let written = inode(&cached[0]);
-    let rule = Rule::from_manifest(&m, &path, &text, &RulesConfig::default(), &engine).unwrap();
-    assert_eq!(
-        inode(&cached[0]),
-        written,
-        "the second load recompiled instead of using the cache"
-    );
-    assert!(matches!(
-        rule.classify(&issues_opened()),
-        Ok(Verdict::Routes(_))
-    ));
-    // A corrupt entry is ignored and rewritten, never trusted.
+    let written = std::fs::read(&cached[0]).unwrap();
+    // The next load, by this engine or by a new one (a restart), reads it.
+    load(&engine);
+    assert_eq!(engine.cache_stats(), stats(1, 1));
+    drop(engine);
+    let engine = WasmEngine::new(Some(dir.path().to_owned())).unwrap();
+    load(&engine);
+    assert_eq!(engine.cache_stats(), stats(1, 0));
+    assert_eq!(cache_entries(dir.path()), cached);
+
+    // A corrupt entry is not trusted: the component is compiled again, runs,
+    // and the entry is rewritten whole.
     std::fs::write(&cached[0], b"garbage").unwrap();
-    let rule = Rule::from_manifest(&m, &path, &text, &RulesConfig::default(), &engine).unwrap();
-    assert_ne!(
-        inode(&cached[0]),
-        written,
-        "the corrupt entry was rewritten"
-    );
-    assert!(matches!(
-        rule.classify(&issues_opened()),
-        Ok(Verdict::Routes(_))
-    ));
-    assert!(std::fs::metadata(&cached[0]).unwrap().len() > 1000);
-    // A torn entry with an intact wasmtime header (the code zeroed, as a crash
-    // could leave it) fails its checksum and is recompiled, not executed.
-    let mut torn = std::fs::read(&cached[0]).unwrap();
+    load(&engine);
+    assert_eq!(engine.cache_stats(), stats(1, 1));
+    assert_eq!(std::fs::read(&cached[0]).unwrap(), written);
+    // Likewise a torn one (the second half zeroed, as a crash could leave
+    // it): it fails to decompress and is recompiled, not executed.
+    let mut torn = written.clone();
     let mid = torn.len() / 2;
     torn[mid..].fill(0);
     std::fs::write(&cached[0], &torn).unwrap();
-    let rule = Rule::from_manifest(&m, &path, &text, &RulesConfig::default(), &engine).unwrap();
-    assert!(matches!(
-        rule.classify(&issues_opened()),
-        Ok(Verdict::Routes(_))
-    ));
-    assert_ne!(
-        std::fs::read(&cached[0]).unwrap(),
-        torn,
-        "the torn entry was rewritten"
-    );
+    load(&engine);
+    assert_eq!(engine.cache_stats(), stats(1, 2));
+    assert_eq!(std::fs::read(&cached[0]).unwrap(), written);
+}
+
+#[test]
+fn the_compile_cache_deletes_its_oldest_entries_past_its_size_limit() {
+    use sluice::rules::config::{CacheConfig, Limits};
+    use sluice::rules::manifest::Grants;
+    let bytes = std::fs::read(component("bench-three-fields")).unwrap();
+    // The same component under distinct cache keys: a custom section
+    // (ignored by the engine) that differs per copy.
+    let variant = |i: usize| {
+        let name = b"sluice-test";
+        let payload = format!("{i:08}");
+        let mut v = bytes.clone();
+        v.push(0);
+        v.push(u8::try_from(1 + name.len() + payload.len()).unwrap());
+        v.push(u8::try_from(name.len()).unwrap());
+        v.extend_from_slice(name);
+        v.extend_from_slice(payload.as_bytes());
+        v
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let limit = CacheConfig {
+        max_size_mb: 1,
+        cleanup_interval_s: 0,
+    };
+    let engine =
+        WasmEngine::with_cache(Some(dir.path().to_owned()), &limit, &PoolConfig::default())
+            .unwrap();
+    let grants = Grants {
+        wasi: true,
+        ..Grants::default()
+    };
+    let load = |i: usize| {
+        engine
+            .load(
+                "v",
+                &variant(i),
+                &grants,
+                Default::default(),
+                &Limits::default(),
+            )
+            .unwrap();
+    };
+    let size = |entries: &[PathBuf]| -> u64 {
+        entries
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    load(0);
+    let one = size(&cache_entries(dir.path()));
+    assert!(one > 0);
+    // Enough copies to write twice the limit.
+    let n = usize::try_from((2 << 20) / one + 1).unwrap();
+    for i in 1..n {
+        load(i);
+    }
+    assert_eq!(engine.cache_stats().misses, n);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let entries = cache_entries(dir.path());
+        if size(&entries) <= 1 << 20 && entries.len() < n {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cache still holds {} entries, {} bytes, after writing {n} of {one} bytes",
+            entries.len(),
+            size(&entries)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 // ---------------------------------------------------------------- CLI

@@ -424,18 +424,25 @@ impl ServeChild {
     }
 
     /// As [`ServeChild::spawn`], with extra environment variables.
-    #[allow(clippy::zombie_processes)] // reaped in Drop
     pub fn spawn_with(config: &Path, env: &[(&str, &str)]) -> ServeChild {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
         cmd.args(["serve", "--config"])
             .arg(config)
             .env_remove("SLUICE_CONFIG")
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }
+        ServeChild::spawn_command(cmd)
+    }
+
+    /// Starts `cmd`, which runs `sluice serve` (itself or by `exec`, so the
+    /// child's pid is the server's), and waits for its address as
+    /// [`ServeChild::spawn`] does. stdout is taken; stderr is as `cmd` says.
+    #[allow(clippy::zombie_processes)] // reaped in Drop
+    pub fn spawn_command(mut cmd: Command) -> ServeChild {
+        cmd.stdout(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn sluice");
         let out = child.stdout.take().expect("piped stdout");
         // From here on the guard owns the process: a panic below still kills it.

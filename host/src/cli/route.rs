@@ -124,7 +124,7 @@ pub fn route_file(
     if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
         bail!("{}: not a JSON document", payload.display());
     }
-    let engine = WasmEngine::with_pool(Some(cache.to_path_buf()), &rules.pool)?;
+    let engine = WasmEngine::with_cache(Some(cache.to_path_buf()), &rules.cache, &rules.pool)?;
     let start = Instant::now();
     let set = RuleSet::load(rules, base_dir, &engine)?;
     let load_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);

@@ -55,13 +55,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let engine = WasmEngine::with_pool(
+    let engine = WasmEngine::with_cache(
         Some(
             state
                 .config
                 .rules
                 .cache_dir(&state.config.base_dir, state.config.data_dir()),
         ),
+        &state.config.rules.cache,
         &state.config.rules.pool,
     )?;
     let rules = state.config.load_rules(&engine)?;

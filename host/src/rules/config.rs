@@ -34,6 +34,8 @@ pub struct RulesConfig {
     /// directory); absent means `<data_dir>/cache/wasm`, outside the rules
     /// directory so a watcher on it never sees cache writes.
     pub cache_dir: Option<PathBuf>,
+    /// The compile cache's size limit and cleanup (`[rules.cache]`).
+    pub cache: CacheConfig,
     /// Default sandbox limits; a manifest's `[limits]` overrides them per rule.
     pub limits: Limits,
     /// The per-rule circuit breaker.
@@ -72,6 +74,7 @@ impl Default for RulesConfig {
             merge: MergeMode::Merge,
             on_error: FailurePolicy::Skip,
             cache_dir: None,
+            cache: CacheConfig::default(),
             limits: Limits::default(),
             breaker: BreakerConfig::default(),
             pool: PoolConfig::default(),
@@ -316,6 +319,40 @@ impl Default for BreakerConfig {
     }
 }
 
+/// The compile cache (`[rules.cache]`): wasmtime's own cache of compiled
+/// components under `rules.cache_dir`. Entries are keyed by the component's
+/// bytes and the engine's settings; a background worker deletes the least
+/// recently used ones once the directory grows past `max_size_mb`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Soft limit of the cache directory's size, in MiB: past it, a cleanup
+    /// deletes the oldest entries until it is under 70 % of the limit.
+    pub max_size_mb: u64,
+    /// Shortest time between two cleanups, in seconds (a cleanup runs after
+    /// a new entry is written, at most this often).
+    pub cleanup_interval_s: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_size_mb: 512,
+            cleanup_interval_s: 3_600,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// Checks the values are usable, naming the key under `rules.cache.`.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_size_mb == 0 || self.max_size_mb > 1 << 20 {
+            return Err("rules.cache.max_size_mb: must be between 1 and 1048576".into());
+        }
+        Ok(())
+    }
+}
+
 /// The ceilings of the pooling allocator every component instance comes
 /// from. The pool reserves (virtual) memory for all of it when the engine is
 /// built, so these are fixed for the life of the process; rules' limits must
@@ -397,6 +434,7 @@ impl RulesConfig {
             .validate()
             .map_err(|e| format!("rules.limits.{e}"))?;
         self.pool.validate()?;
+        self.cache.validate()?;
         self.pool.admits(&self.limits, "rules.limits")?;
         if self.breaker.failures == 0 {
             return Err("rules.breaker.failures: must be at least 1".into());

@@ -1,6 +1,7 @@
 //! WebAssembly component rules: the one place that owns wasmtime engine policy
-//! (component model, epoch deadlines, pooling allocator, memory limits, the
-//! on-disk compile cache) and the host side of the `sluice:router@0.1.0` world.
+//! (component model, epoch deadlines, pooling allocator or its on-demand
+//! fallback, memory limits, wasmtime's compile cache) and the host side of
+//! the `sluice:router@0.1.0` world.
 //!
 //! A rule is compiled and linked once per version ([`WasmRule`] holds its
 //! `InstancePre`); every event gets a fresh `Store` and instance, so a trap,
@@ -9,14 +10,12 @@
 //! trapped instance, and never let a guest's output grow without bound.
 
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
@@ -26,7 +25,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::decision::{Priority, Route, RuleFailure, Verdict};
 use crate::event::ParsedEvent;
-use crate::rules::config::{Limits, PoolConfig};
+use crate::rules::config::{CacheConfig, Limits, PoolConfig};
 use crate::rules::log::{self, CallLog, RuleLog};
 use crate::rules::manifest::Grants;
 use crate::rules::output::{self, truncate};
@@ -54,44 +53,134 @@ const MAX_WASM_STACK: usize = 512 << 10;
 
 /// The process's WebAssembly engine and its policy: one per process.
 ///
-/// Owns the `wasmtime::Engine`, the epoch ticker (a thread holding only a weak
-/// engine handle, so it stops when the engine goes), the linkers and the
-/// compile cache directory.
+/// Holds the settings the engine is built from; the engine itself (with its
+/// epoch ticker, linkers and compile cache worker) is built by the first
+/// component load, so a process whose rules are all scripts, or that has no
+/// rules, reserves no instance pool and runs no engine thread.
 pub struct WasmEngine {
+    pool: PoolConfig,
+    /// Where wasmtime's compile cache lives, and its limits.
+    cache: Option<(PathBuf, CacheConfig)>,
+    core: OnceLock<Core>,
+    /// Held while the engine is built, so two first loads build it once.
+    building: Mutex<()>,
+}
+
+/// The built engine: what [`WasmEngine`] builds on first use.
+struct Core {
     engine: Engine,
     /// Calls in flight; the epoch ticker runs only while there are any.
     epoch: Arc<EpochGate>,
-    pool: PoolConfig,
     /// Links only what every rule may import: `sluice:router` log, config, types.
     linker: Linker<RuleState>,
     /// The same plus WASI preview 2 with an empty context, for rules granted `wasi`.
     wasi_linker: Linker<RuleState>,
-    cache_dir: Option<PathBuf>,
-    compat: String,
+    /// wasmtime's compile cache (shares its hit and miss counts with the engine).
+    cache: Option<wasmtime::Cache>,
+    allocator: Allocator,
+}
+
+/// Where component instances get their memories and tables from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocator {
+    /// The pooling allocator: the whole pool reserved (virtual memory) when
+    /// the engine is built, slots reused per event. The fast path.
+    Pooling,
+    /// Memory mapped per instance, sized to what it uses: the fallback when
+    /// the host cannot reserve the pool (`ulimit -v`, a small address space).
+    OnDemand,
+}
+
+/// Hits and misses of the compile cache since the engine was built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Components loaded from the cache.
+    pub hits: usize,
+    /// Components compiled and written to the cache.
+    pub misses: usize,
 }
 
 impl std::fmt::Debug for WasmEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WasmEngine")
-            .field("cache_dir", &self.cache_dir)
+            .field("cache", &self.cache)
+            .field("allocator", &self.allocator())
             .finish_non_exhaustive()
     }
 }
 
 impl WasmEngine {
-    /// Builds the engine with the default pool ceilings; compiled components
-    /// are cached under `cache_dir` (created on first use) when given.
+    /// An engine with the default pool ceilings and cache limits; compiled
+    /// components are cached under `cache_dir` (created on first use) when
+    /// given.
     pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<WasmEngine> {
         WasmEngine::with_pool(cache_dir, &PoolConfig::default())
     }
 
-    /// Builds the engine with these pool ceilings (`[rules.pool]`), fixed
-    /// for the engine's life.
+    /// An engine with these pool ceilings (`[rules.pool]`), fixed for the
+    /// engine's life, and the default cache limits.
     pub fn with_pool(
         cache_dir: Option<PathBuf>,
         ceilings: &PoolConfig,
     ) -> anyhow::Result<WasmEngine> {
+        WasmEngine::with_cache(cache_dir, &CacheConfig::default(), ceilings)
+    }
+
+    /// An engine with these pool ceilings and compile cache limits
+    /// (`[rules.cache]`). Checks the settings now; builds nothing until the
+    /// first component loads.
+    pub fn with_cache(
+        cache_dir: Option<PathBuf>,
+        cache: &CacheConfig,
+        ceilings: &PoolConfig,
+    ) -> anyhow::Result<WasmEngine> {
         ceilings.validate().map_err(anyhow::Error::msg)?;
+        cache.validate().map_err(anyhow::Error::msg)?;
+        Ok(WasmEngine {
+            pool: ceilings.clone(),
+            cache: cache_dir.map(|dir| (dir, cache.clone())),
+            core: OnceLock::new(),
+            building: Mutex::new(()),
+        })
+    }
+
+    /// The built engine, building it on first use.
+    fn core(&self) -> anyhow::Result<&Core> {
+        if let Some(core) = self.core.get() {
+            return Ok(core);
+        }
+        let _building = self.building.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(core) = self.core.get() {
+            return Ok(core);
+        }
+        let core = Core::build(&self.pool, self.cache.as_ref())?;
+        Ok(self.core.get_or_init(|| core))
+    }
+
+    /// Which allocator the engine uses; `None` while no component has loaded
+    /// (no engine is built yet).
+    pub fn allocator(&self) -> Option<Allocator> {
+        self.core.get().map(|c| c.allocator)
+    }
+
+    /// The compile cache's hits and misses so far (zero without a cache or
+    /// before the engine is built).
+    pub fn cache_stats(&self) -> CacheStats {
+        match self.core.get().and_then(|c| c.cache.as_ref()) {
+            Some(cache) => CacheStats {
+                hits: cache.cache_hits(),
+                misses: cache.cache_misses(),
+            },
+            None => CacheStats::default(),
+        }
+    }
+}
+
+impl Core {
+    fn build(
+        ceilings: &PoolConfig,
+        cache: Option<&(PathBuf, CacheConfig)>,
+    ) -> anyhow::Result<Core> {
         let instances = ceilings.instances;
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(instances)
@@ -119,11 +208,12 @@ impl WasmEngine {
             .epoch_interruption(true)
             .max_wasm_stack(MAX_WASM_STACK)
             .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(32))
-            .parallel_compilation(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config)
-            .map_err(anyhow::Error::from)
-            .context("creating the wasm engine")?;
+            .parallel_compilation(true);
+        let cache = cache
+            .map(|(dir, limits)| compile_cache(dir, limits))
+            .transpose()?;
+        config.cache(cache.clone());
+        let (engine, allocator) = engine_with_fallback(&mut config, pool)?;
         let epoch = Arc::new(EpochGate::default());
         spawn_ticker(&engine, epoch.clone())?;
 
@@ -140,19 +230,82 @@ impl WasmEngine {
             .context("linking WASI")?;
         forbid_blocking(&mut wasi_linker).context("linking WASI")?;
 
-        let mut hasher = std::hash::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        let compat = format!("{:016x}", hasher.finish());
-        Ok(WasmEngine {
+        Ok(Core {
             engine,
             epoch,
-            pool: ceilings.clone(),
             linker,
             wasi_linker,
-            cache_dir,
-            compat,
+            cache,
+            allocator,
         })
     }
+}
+
+/// Builds the engine on the pooling allocator, or on on-demand allocation
+/// when the host cannot reserve the pool. The pool reserves its whole slab
+/// of virtual memory in `Engine::new` (about 4 GiB per memory slot by
+/// default), so building it is the probe: under `ulimit -v` or in a small
+/// address space it fails and nothing stays reserved. On demand, each memory
+/// maps only what it uses plus a little room to grow, so bounds are checked
+/// in code instead of by guard pages: slower, but it starts.
+fn engine_with_fallback(
+    config: &mut Config,
+    pool: PoolingAllocationConfig,
+) -> anyhow::Result<(Engine, Allocator)> {
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    match Engine::new(config) {
+        Ok(engine) => {
+            tracing::info!(allocator = "pooling", "wasm engine built");
+            return Ok((engine, Allocator::Pooling));
+        }
+        Err(e) => tracing::warn!(
+            allocator = "on-demand",
+            error = %format!("{e:#}"),
+            "cannot reserve the wasm instance pool (rules.pool); allocating instances on demand"
+        ),
+    }
+    config
+        .allocation_strategy(InstanceAllocationStrategy::OnDemand)
+        .memory_reservation(0)
+        .memory_guard_size(64 << 10)
+        .memory_reservation_for_growth(1 << 20);
+    let engine = Engine::new(config)
+        .map_err(anyhow::Error::from)
+        .context("creating the wasm engine (on-demand allocation)")?;
+    tracing::info!(allocator = "on-demand", "wasm engine built");
+    Ok((engine, Allocator::OnDemand))
+}
+
+/// wasmtime's compile cache in `dir` (created 0700: cache entries are
+/// trusted as the binary is), with the `[rules.cache]` limits. A cleanup
+/// runs on wasmtime's worker thread, off the load path.
+fn compile_cache(dir: &Path, limits: &CacheConfig) -> anyhow::Result<wasmtime::Cache> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| {
+            format!(
+                "{}: cannot create the compile cache (rules.cache_dir)",
+                dir.display()
+            )
+        })?;
+    let dir =
+        std::path::absolute(dir).with_context(|| format!("{}: rules.cache_dir", dir.display()))?;
+    let mut config = wasmtime::CacheConfig::new();
+    config
+        .with_directory(dir.clone())
+        .with_files_total_size_soft_limit(limits.max_size_mb.saturating_mul(1 << 20))
+        .with_cleanup_interval(Duration::from_secs(limits.cleanup_interval_s));
+    wasmtime::Cache::new(config)
+        .map_err(anyhow::Error::from)
+        .with_context(|| {
+            format!(
+                "{}: cannot use the compile cache (rules.cache_dir)",
+                dir.display()
+            )
+        })
 }
 
 /// The message of the trap a rule gets for blocking.
@@ -188,9 +341,9 @@ fn forbid_blocking(linker: &mut Linker<RuleState>) -> anyhow::Result<()> {
 }
 
 impl WasmEngine {
-    /// The underlying wasmtime engine.
-    pub fn engine(&self) -> &Engine {
-        &self.engine
+    /// The underlying wasmtime engine, built on first use.
+    pub fn engine(&self) -> anyhow::Result<&Engine> {
+        Ok(&self.core()?.engine)
     }
 
     /// The pool ceilings the engine was built with.
@@ -214,12 +367,16 @@ impl WasmEngine {
         self.pool
             .admits(limits, "limits")
             .map_err(anyhow::Error::msg)?;
-        let component = self.compile(bytes)?;
-        check_imports(&self.engine, &component, grants)?;
+        let core = self.core()?;
+        // With a cache configured, wasmtime looks the component up by its
+        // bytes and the engine's settings before compiling it, and writes
+        // what it compiles.
+        let component = Component::new(&core.engine, bytes).map_err(anyhow::Error::from)?;
+        check_imports(&core.engine, &component, grants)?;
         let linker = if grants.wasi {
-            &self.wasi_linker
+            &core.wasi_linker
         } else {
-            &self.linker
+            &core.linker
         };
         let pre = linker
             .instantiate_pre(&component)
@@ -234,97 +391,12 @@ impl WasmEngine {
                 log: RuleLog::new(name.into()),
             }),
             pre,
-            epoch: self.epoch.clone(),
+            epoch: core.epoch.clone(),
             timeout: Duration::from_millis(limits.timeout_ms),
             memory_bytes: usize::try_from(limits.memory_mb << 20).unwrap_or(usize::MAX),
             table_elements: self.pool.table_elements,
         })
     }
-
-    /// A component from the disk cache, or compiled and written to it.
-    fn compile(&self, bytes: &[u8]) -> anyhow::Result<Component> {
-        let Some(dir) = &self.cache_dir else {
-            return Component::new(&self.engine, bytes).map_err(anyhow::Error::from);
-        };
-        let hash = hex::encode(Sha256::digest(bytes));
-        let path = dir.join(format!(
-            "{hash}-{}-{}.cwasm",
-            env!("CARGO_PKG_VERSION"),
-            self.compat
-        ));
-        if let Some(cached) = read_cache(&path) {
-            // SAFETY: `deserialize` trusts its input to be a component this
-            // engine configuration serialized. The bytes come from sluice's
-            // own cache directory, from a file named by the SHA-256 of the
-            // source component and the engine's compatibility hash that only
-            // `write_cache` writes (whole, under a unique temporary name, then
-            // renamed into place), so they are exactly as trusted as the sluice
-            // binary and its data directory (created 0700). `read_cache` has
-            // checked the SHA-256 written beside them, so a torn or corrupted
-            // file is recompiled rather than run. wasmtime still checks the
-            // header and rejects files from another version or configuration.
-            // The file is read into memory rather than mapped
-            // (`deserialize_file`): a mapped file truncated or rewritten under
-            // a running process would crash it with SIGBUS.
-            #[allow(unsafe_code)]
-            let component = unsafe { Component::deserialize(&self.engine, &cached) };
-            match component {
-                Ok(c) => return Ok(c),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "ignoring unusable compile cache entry")
-                }
-            }
-        }
-        let component = Component::new(&self.engine, bytes).map_err(anyhow::Error::from)?;
-        if let Err(e) = write_cache(dir, &path, &component) {
-            tracing::warn!(path = %path.display(), error = %e, "cannot write the compile cache");
-        }
-        Ok(component)
-    }
-}
-
-/// A cache entry's serialized component, if its SHA-256 prefix matches.
-fn read_cache(path: &Path) -> Option<Vec<u8>> {
-    let file = std::fs::read(path).ok()?;
-    if file.len() < 32 {
-        return None;
-    }
-    let (digest, bytes) = file.split_at(32);
-    if Sha256::digest(bytes).as_slice() != digest {
-        tracing::warn!(path = %path.display(), "compile cache entry is corrupt; recompiling");
-        return None;
-    }
-    Some(bytes.to_vec())
-}
-
-fn write_cache(dir: &Path, path: &Path, component: &Component) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let bytes = component.serialize().map_err(anyhow::Error::from)?;
-    // Unique per writer: two loads of the same component (two threads, two
-    // processes) must never write into the same temporary file.
-    let tmp = path.with_extension(format!(
-        "tmp-{}-{:016x}",
-        std::process::id(),
-        getrandom::u64()?
-    ));
-    // The digest first, then the bytes, synced before the rename so a crash
-    // leaves either no entry or a whole one.
-    let result = std::fs::File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all(&Sha256::digest(&bytes))?;
-            f.write_all(&bytes)?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    Ok(result?)
 }
 
 /// Counts the guest calls in flight, so the epoch ticker runs only while a
@@ -399,7 +471,9 @@ impl WasmEngine {
     /// How many times the epoch has advanced since the engine was built. It
     /// advances only while a guest call is in flight.
     pub fn epoch_ticks(&self) -> u64 {
-        self.epoch.ticks.load(Ordering::Relaxed)
+        self.core
+            .get()
+            .map_or(0, |c| c.epoch.ticks.load(Ordering::Relaxed))
     }
 }
 
