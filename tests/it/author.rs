@@ -415,3 +415,51 @@ fn component_language_comes_from_the_producers_section() {
     let bare = wat::parse_str("(component (core module))").expect("wat");
     assert_eq!(component_language(&bare), None);
 }
+
+/// `new rule` in an empty directory with the embedded defaults, then `rules
+/// test` in the same working directory: the skeleton's vectors pass. A
+/// second `new rule` with the same name overwrites nothing.
+#[test]
+fn a_new_rhai_rule_passes_rules_test_right_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("SLUICE_CONFIG")
+            .output()
+            .expect("run sluice")
+    };
+    let new = run(&["new", "rule", "triage-helper", "--lang", "rhai"]);
+    assert!(new.status.success(), "{}", text(&new));
+    assert!(dir.path().join("rules/triage-helper.toml").is_file());
+    assert!(dir.path().join("rules/triage-helper.rhai").is_file());
+    let test = run(&["rules", "test", "triage-helper"]);
+    assert!(test.status.success(), "{}", text(&test));
+    let out = String::from_utf8_lossy(&test.stdout);
+    assert!(out.contains("2 passed, 0 failed"), "{out}");
+
+    let again = run(&["new", "rule", "triage-helper", "--lang", "rhai"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let bad = run(&["new", "rule", "Bad Name", "--lang", "rhai"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("name"),
+        "{}",
+        text(&bad)
+    );
+    let other = run(&[
+        "new",
+        "rule",
+        "elsewhere",
+        "--lang",
+        "rhai",
+        "--dir",
+        "more",
+    ]);
+    assert!(other.status.success(), "{}", text(&other));
+    assert!(dir.path().join("more/elsewhere.toml").is_file());
+    let test = run(&["rules", "test", "--dir", "more"]);
+    assert!(test.status.success(), "{}", text(&test));
+}

@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod events;
+pub mod new_rule;
 pub mod route;
 pub mod rules_ls;
 pub mod rules_test;
@@ -94,6 +95,9 @@ pub enum Command {
     /// Rule-author commands: list the rules, run their test vectors.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Write a skeleton: `sluice new rule NAME --lang rhai`.
+    #[command(subcommand)]
+    New(new_rule::NewCommand),
     /// Re-run stored events through a candidate rule set and show which
     /// routes would change against the recorded decisions (writes nothing).
     Whatif(whatif::WhatifArgs),
@@ -121,6 +125,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Rules(RulesCommand::Ls(a)) => rules_ls::run(a).await,
         Command::Rules(RulesCommand::Test(a)) => rules_test::run(a),
         Command::Whatif(a) => whatif::run(a).await,
+        Command::New(c) => new_rule::run(c),
     }
 }
 
