@@ -463,3 +463,42 @@ fn a_new_rhai_rule_passes_rules_test_right_away() {
     let test = run(&["rules", "test", "--dir", "more"]);
     assert!(test.status.success(), "{}", text(&test));
 }
+
+/// `new rule --lang rust`: a crate on the guest SDK and a manifest; the one
+/// build command it prints makes the component, and `rules test` passes.
+#[test]
+fn a_new_rust_rule_builds_with_one_command_and_passes_rules_test() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("SLUICE_CONFIG")
+            .output()
+            .expect("run sluice")
+    };
+    let new = run(&["new", "rule", "rusty", "--lang", "rust"]);
+    assert!(new.status.success(), "{}", text(&new));
+    let out = String::from_utf8_lossy(&new.stdout).into_owned();
+    let build = out
+        .lines()
+        .find_map(|l| l.strip_prefix("build it: "))
+        .unwrap_or_else(|| panic!("names its build command: {out}"));
+    // Before the build, the rule does not load (no component yet).
+    let early = run(&["rules", "test", "rusty"]);
+    assert!(!early.status.success(), "{}", text(&early));
+    let words: Vec<&str> = build.split_whitespace().collect();
+    let built = Command::new(words[0])
+        .args(&words[1..])
+        .current_dir(dir.path())
+        .output()
+        .expect("run cargo");
+    assert!(built.status.success(), "{build}: {}", text(&built));
+    let test = run(&["rules", "test", "rusty"]);
+    assert!(test.status.success(), "{}", text(&test));
+    assert!(
+        String::from_utf8_lossy(&test.stdout).contains("2 passed, 0 failed"),
+        "{}",
+        text(&test)
+    );
+}
