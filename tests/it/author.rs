@@ -502,3 +502,23 @@ fn a_new_rust_rule_builds_with_one_command_and_passes_rules_test() {
         text(&test)
     );
 }
+
+/// A reader that goes away (`sluice rules test | head -1`) ends the command
+/// quietly: no error, exit 0.
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    let (env, _) = env_with_shipped_rules();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["rules", "test", "--config"])
+        .arg(&env.config_path)
+        .env_remove("SLUICE_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn sluice");
+    // Closed before the rules have even loaded: the first write fails.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+}
