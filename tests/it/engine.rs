@@ -3,21 +3,13 @@
 //! be reserved (`ulimit -v`), falling back to on-demand allocation.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{Env, ServeChild, corpus};
+use crate::support::{Env, ServeChild, corpus, sluice};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn sluice(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env_remove("SLUICE_CONFIG")
-        .output()
-        .expect("run sluice")
 }
 
 /// The names of the threads of process `pid`.

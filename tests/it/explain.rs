@@ -5,7 +5,6 @@
 //! fails, and shown by `sluice route` and `sluice events show`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,7 @@ use sluice::decision::{
 use sluice::event::{Event, ParsedEvent, Provider};
 
 use crate::rules::{rhai, set, shipped, wasm};
-use crate::support::{Env, ServeChild, corpus};
+use crate::support::{Env, ServeChild, corpus, sluice};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -285,14 +284,6 @@ fn a_failing_rule_records_what_it_read_before_failing() {
         "{}",
         text(&d)
     );
-}
-
-fn sluice(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env_remove("SLUICE_CONFIG")
-        .output()
-        .expect("run sluice")
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -3,6 +3,7 @@
 //! `sluice` binary and kills it with SIGKILL.
 
 mod abuse;
+mod author;
 mod cli;
 mod config;
 mod corpus;

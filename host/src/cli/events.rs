@@ -55,7 +55,8 @@ pub enum EventsCommand {
     },
 }
 
-fn db_path(config: &Config) -> anyhow::Result<PathBuf> {
+/// The SQLite file of the config's data dir; an error when there is none yet.
+pub(crate) fn db_path(config: &Config) -> anyhow::Result<PathBuf> {
     let path = config.data_dir().join(&config.store.path);
     if !path.exists() {
         bail!(
@@ -98,6 +99,7 @@ pub fn run(cmd: EventsCommand) -> anyhow::Result<()> {
                     kind,
                     status,
                     rule_disabled,
+                    since_ms: None,
                     limit,
                 },
             )?;

@@ -2,9 +2,13 @@
 
 pub mod check;
 pub mod events;
+pub mod new_rule;
 pub mod route;
+pub mod rules_ls;
+pub mod rules_test;
 pub mod send;
 pub mod serve;
+pub mod whatif;
 
 use std::path::PathBuf;
 
@@ -34,6 +38,46 @@ impl ConfigArg {
     }
 }
 
+/// The rules-directory option of the rule-author commands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RulesDirArg {
+    /// The config file.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Another rules directory instead of the config's `rules.dir` (every
+    /// manifest in it loads; the rest of `[rules]` applies as configured).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+impl RulesDirArg {
+    /// Loads the config, with `rules.dir` replaced when `--dir` is given.
+    pub fn load(&self) -> anyhow::Result<crate::config::Config> {
+        let mut config = self.config.load()?;
+        if let Some(dir) = &self.dir {
+            use_rules_dir(&mut config, dir)?;
+        }
+        Ok(config)
+    }
+}
+
+/// Points the config's `[rules]` at another directory (relative to the
+/// working directory): every manifest in it loads, in file-name order,
+/// whatever `rules.load` lists for the configured one.
+pub fn use_rules_dir(
+    config: &mut crate::config::Config,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if !dir.is_dir() {
+        anyhow::bail!("{}: not a rules directory", dir.display());
+    }
+    let dir = std::path::absolute(dir).with_context(|| format!("{}", dir.display()))?;
+    config.rules.dir = dir;
+    config.rules.load = None;
+    Ok(())
+}
+
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -48,6 +92,26 @@ pub enum Command {
     Events(events::EventsCommand),
     /// Dry-run the rules on a payload and print each rule's decision with timings.
     Route(route::RouteArgs),
+    /// Rule-author commands: list the rules, run their test vectors.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+    /// Write a skeleton: `sluice new rule NAME --lang rhai`.
+    #[command(subcommand)]
+    New(new_rule::NewCommand),
+    /// Re-run stored events through a candidate rule set and show which
+    /// routes would change against the recorded decisions (writes nothing).
+    Whatif(whatif::WhatifArgs),
+}
+
+/// `sluice rules ...`.
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Per rule: version, language, size, load state, and calls, errors and
+    /// latency from the recorded decisions.
+    Ls(rules_ls::LsArgs),
+    /// Run the rules' test vectors, all of them, and show a diff for each
+    /// that fails.
+    Test(rules_test::TestArgs),
 }
 
 /// Runs a parsed command line.
@@ -58,6 +122,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Send(a) => send::run(a).await,
         Command::Events(c) => events::run(c),
         Command::Route(a) => route::run(a),
+        Command::Rules(RulesCommand::Ls(a)) => rules_ls::run(a).await,
+        Command::Rules(RulesCommand::Test(a)) => rules_test::run(a),
+        Command::Whatif(a) => whatif::run(a).await,
+        Command::New(c) => new_rule::run(c),
     }
 }
 

@@ -10,6 +10,7 @@
 //! never fail the host.
 
 pub mod breaker;
+pub mod catalog;
 pub mod config;
 pub mod grants;
 pub mod log;
@@ -18,6 +19,7 @@ pub mod output;
 pub mod reads;
 pub mod rhai;
 pub mod router;
+pub mod vectors;
 pub mod wasm;
 
 pub use self::config::RulesConfig;
@@ -304,111 +306,22 @@ impl Rule {
     pub fn check_tests(&self, tests: &[TestVector], manifest_path: &Path) -> Result<(), LoadError> {
         let dir = manifest_path.parent().unwrap_or(Path::new("."));
         for (i, t) in tests.iter().enumerate() {
-            let fail = |m: String| {
-                LoadError::new(manifest_path, Some(&self.name), format!("test[{i}]: {m}"))
+            let message = match vectors::run(self, t, dir) {
+                vectors::VectorResult::Pass => continue,
+                vectors::VectorResult::Error(m) => m,
+                vectors::VectorResult::Mismatch { expected, got } => format!(
+                    "{}: expected {expected}, got {}",
+                    t.event.display(),
+                    vectors::describe(&got)
+                ),
             };
-            let path = dir.join(&t.event);
-            let body = std::fs::read(&path)
-                .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))
-                .and_then(|body| t.payload(body).map_err(fail))?;
-            let provider = t
-                .provider
-                .as_deref()
-                .and_then(Provider::parse)
-                .or_else(|| self.providers.first().copied())
-                .ok_or_else(|| fail("no provider".into()))?;
-            let ev = Event::dry_run(
-                provider.as_str(),
-                provider,
-                &t.kind,
-                t.action.clone(),
-                body.into(),
-            );
-            let ev = Arc::new(ParsedEvent::new(ev));
-            let got = self
-                .classify(&ev)
-                .map_err(|f| fail(format!("{} failed: {f}", t.event.display())))?;
-            if let Verdict::Routes(routes) = &got
-                && let (_, Some(violation)) = self.scope.split(routes.clone())
-            {
-                return Err(fail(format!("{}: {violation}", t.event.display())));
-            }
-            match (&got, t.expect_ignore) {
-                (Verdict::Ignore(_), true) => {}
-                (Verdict::Routes(routes), false) if expect_matches(&t.expect, routes) => {}
-                _ => {
-                    let want = if t.expect_ignore {
-                        "an ignore".to_owned()
-                    } else {
-                        describe_expected(&t.expect)
-                    };
-                    return Err(fail(format!(
-                        "{}: expected {want}, got {}",
-                        t.event.display(),
-                        describe(&got)
-                    )));
-                }
-            }
+            return Err(LoadError::new(
+                manifest_path,
+                Some(&self.name),
+                format!("test[{i}]: {message}"),
+            ));
         }
         Ok(())
-    }
-}
-
-fn expect_matches(expect: &[manifest::ExpectedRoute], routes: &[Route]) -> bool {
-    if expect.len() != routes.len() {
-        return false;
-    }
-    let mut used = vec![false; routes.len()];
-    expect.iter().all(|e| {
-        let found = routes.iter().enumerate().find(|(j, r)| {
-            !used[*j]
-                && r.agent == e.agent
-                && e.priority.is_none_or(|p| p == r.priority)
-                && e.workflow
-                    .as_ref()
-                    .is_none_or(|w| r.workflow.as_ref() == Some(w))
-                && e.labels.iter().all(|l| r.labels.contains(l))
-        });
-        found.map(|(j, _)| used[j] = true).is_some()
-    })
-}
-
-fn describe_expected(expect: &[manifest::ExpectedRoute]) -> String {
-    let parts: Vec<_> = expect
-        .iter()
-        .map(|e| {
-            let route = match e.priority {
-                Some(p) => format!("{} ({})", e.agent, p.as_str()),
-                None => e.agent.clone(),
-            };
-            if e.labels.is_empty() {
-                route
-            } else {
-                format!("{route} with labels {:?}", e.labels)
-            }
-        })
-        .collect();
-    if parts.is_empty() {
-        "no routes".into()
-    } else {
-        format!("routes [{}]", parts.join(", "))
-    }
-}
-
-fn describe(v: &Verdict) -> String {
-    match v {
-        Verdict::Ignore(r) => format!("ignore ({r})"),
-        Verdict::Routes(rs) if rs.is_empty() => "no routes".into(),
-        Verdict::Routes(rs) => {
-            let parts: Vec<_> = rs
-                .iter()
-                .map(|r| match r.labels.as_slice() {
-                    [] => format!("{} ({})", r.agent, r.priority.as_str()),
-                    labels => format!("{} ({}) {labels:?}", r.agent, r.priority.as_str()),
-                })
-                .collect();
-            format!("routes [{}]", parts.join(", "))
-        }
     }
 }
 
@@ -778,7 +691,9 @@ fn check_lease(
     ))
 }
 
-fn manifest_paths(config: &RulesConfig, dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+/// The manifests `config` loads from `dir`, in load order: the ones `load`
+/// names, else every `*.toml` directly inside `dir`, by file name.
+pub fn manifest_paths(config: &RulesConfig, dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     if let Some(names) = &config.load {
         return names
             .iter()

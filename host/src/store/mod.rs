@@ -120,6 +120,9 @@ pub struct ListFilter {
     pub kind: Option<String>,
     /// Only this status.
     pub status: Option<EventStatus>,
+    /// Only events received at or after this time (milliseconds since the
+    /// Unix epoch).
+    pub since_ms: Option<i64>,
     /// Only events whose latest decision records this rule as switched off
     /// by its circuit breaker (`RuleFailure::Disabled`).
     pub rule_disabled: Option<String>,
@@ -176,6 +179,30 @@ pub struct EventRecord {
     pub decision: Option<Decision>,
     /// The last routing error, if any.
     pub last_error: Option<String>,
+}
+
+/// One recorded decision, for statistics over the rules' recent runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordedDecision {
+    /// The event it was made for.
+    pub event_id: String,
+    /// The decision.
+    pub decision: Decision,
+}
+
+/// The store's read role: what the CLI needs to look at stored events and
+/// decisions without a running server, on any backend. It never writes.
+#[async_trait]
+pub trait EventReader: Send + Sync {
+    /// One event with its body and latest decision.
+    async fn get(&self, id: &str) -> Result<Option<EventRecord>, StoreError>;
+
+    /// Events matching a filter, newest first.
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<EventSummary>, StoreError>;
+
+    /// The latest `limit` decisions recorded (every routing, replays
+    /// included), newest first.
+    async fn decisions(&self, limit: usize) -> Result<Vec<RecordedDecision>, StoreError>;
 }
 
 /// The durable event log and work queue.

@@ -32,7 +32,10 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{Notify, oneshot};
 
 use super::bodies::{self, BodyReader, BodyRef, BodyWriter};
-use super::{Appended, Claimed, EventRecord, EventSummary, Lease, ListFilter, Store, StoreError};
+use super::{
+    Appended, Claimed, EventReader, EventRecord, EventSummary, Lease, ListFilter, RecordedDecision,
+    Store, StoreError,
+};
 use crate::decision::Decision;
 use crate::event::{Event, EventStatus, IdOrigin, Provider, now_ms};
 use crate::ingress::NewEvent;
@@ -111,7 +114,9 @@ pub struct SqliteStore {
 /// A read-only view of a store on disk (the CLI's `events` commands).
 #[derive(Debug)]
 pub struct ReadOnly {
-    conn: Connection,
+    // A mutex only to be shared across threads (the read role is `Sync`);
+    // the CLI reads from one task.
+    conn: Mutex<Connection>,
     bodies: BodyReader,
 }
 
@@ -202,7 +207,7 @@ impl SqliteStore {
         conn.busy_timeout(Duration::from_secs(10))?;
         check_schema(&conn, path)?;
         Ok(ReadOnly {
-            conn,
+            conn: Mutex::new(conn),
             bodies: BodyReader::new(bodies::dir_for(path)),
         })
     }
@@ -648,12 +653,46 @@ const EVENT_COLUMNS: &str = "id, source, provider, kind, action, delivery_id, id
 
 /// `get`, for the store and for the CLI's read-only access.
 pub fn get_record(ro: &ReadOnly, id: &str) -> Result<Option<EventRecord>, StoreError> {
-    record(&ro.conn, &ro.bodies, id)
+    record(&ro.conn.lock().expect("reader lock"), &ro.bodies, id)
 }
 
 /// `list`, for the store and for the CLI's read-only access.
 pub fn list_summaries(ro: &ReadOnly, filter: &ListFilter) -> Result<Vec<EventSummary>, StoreError> {
-    summaries(&ro.conn, filter)
+    summaries(&ro.conn.lock().expect("reader lock"), filter)
+}
+
+#[async_trait]
+impl EventReader for ReadOnly {
+    async fn get(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {
+        get_record(self, id)
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<EventSummary>, StoreError> {
+        list_summaries(self, filter)
+    }
+
+    async fn decisions(&self, limit: usize) -> Result<Vec<RecordedDecision>, StoreError> {
+        recent_decisions(&self.conn.lock().expect("reader lock"), limit)
+    }
+}
+
+fn recent_decisions(conn: &Connection, limit: usize) -> Result<Vec<RecordedDecision>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut stmt =
+        conn.prepare("SELECT event_id, decision FROM decisions ORDER BY seq DESC LIMIT ?1")?;
+    let rows = stmt.query_map([limit], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (event_id, text) = row?;
+        // A decision written by another version of sluice that this one
+        // cannot read is left out of the statistics, not an error.
+        if let Ok(decision) = serde_json::from_str::<Decision>(&text) {
+            out.push(RecordedDecision { event_id, decision });
+        }
+    }
+    Ok(out)
 }
 
 fn record(
@@ -711,6 +750,13 @@ fn summaries(conn: &Connection, filter: &ListFilter) -> Result<Vec<EventSummary>
     if let Some(st) = filter.status {
         args.push(st.as_str().to_string());
         sql.push_str(&format!(" AND status = ?{}", args.len()));
+    }
+    if let Some(since) = filter.since_ms {
+        args.push(since.to_string());
+        sql.push_str(&format!(
+            " AND received_at_ms >= CAST(?{} AS INTEGER)",
+            args.len()
+        ));
     }
     if let Some(rule) = &filter.rule_disabled {
         args.push(rule.clone());
