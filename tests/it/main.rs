@@ -13,6 +13,7 @@ mod fuzz;
 mod idle;
 mod metrics;
 mod regression;
+mod reload;
 mod routing;
 mod rule_logs;
 mod rules;
