@@ -20,7 +20,7 @@ use sluice::cli::send::Signer;
 use sluice::event::{Event, ParsedEvent, Provider, now_ms};
 use sluice::rules::RulesConfig;
 use sluice::rules::breaker::BreakerState;
-use sluice::rules::reload::{Reloader, RulesStatus};
+use sluice::rules::reload::{Reloader, RulesStatus, Watch};
 use sluice::rules::wasm::WasmEngine;
 
 use crate::support::{Env, ServeChild, client, post};
@@ -170,11 +170,9 @@ async fn send_with(signer: &Signer, base: &str, n: u64) -> Option<String> {
 
 /// Every decision row per event id: (decided_at_ms, decision JSON).
 fn decisions(env: &Env) -> BTreeMap<String, Vec<(i64, Value)>> {
-    let conn = rusqlite::Connection::open_with_flags(
-        &env.db(),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
+    let conn =
+        rusqlite::Connection::open_with_flags(env.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
     let mut stmt = conn
         .prepare("SELECT event_id, decided_at_ms, decision FROM decisions")
         .unwrap();
@@ -283,7 +281,7 @@ async fn rules_rewritten_in_a_loop_while_events_flow_route_each_event_once_by_a_
                 |s| {
                     s.version("flip")
                         .is_some_and(|v| Some(&v) != before.as_ref())
-                        || s.rule("flip").is_some_and(|r| r["state"] != "loaded")
+                        || s.rule("flip").is_some_and(|r| r["state"] == "failed")
                 },
             )
             .await;
@@ -754,11 +752,10 @@ async fn reload_latency_from_file_landing_to_serving_is_reported() {
     config.reload.debounce_ms = 300;
     let engine = Arc::new(WasmEngine::new(Some(dir.path().join("cache"))).unwrap());
     let reloader = Arc::new(Reloader::new(&config, dir.path(), engine).unwrap());
+    let watch = Watch::start(reloader.clone());
     let first = reloader.reload();
     assert_eq!(first.failed, Vec::<String>::new());
-    let watcher = tokio::spawn(sluice::rules::reload::watch(reloader.clone()));
-    // Let the watch start before the first landing.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let watcher = tokio::spawn(watch.run());
 
     let script = std::fs::read_to_string(rules.join("gitlab.rhai")).unwrap();
     let wasm = std::fs::read(rules.join("github-router.wasm")).unwrap();

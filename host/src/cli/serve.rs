@@ -10,7 +10,7 @@ use crate::AppState;
 use crate::config::{Config, LogFormat};
 use crate::event::Provider;
 use crate::rules::RulesConfig;
-use crate::rules::reload::{self, Reloader};
+use crate::rules::reload::{Reloader, Watch};
 use crate::rules::wasm::WasmEngine;
 use crate::secret::SecretOrigin;
 
@@ -65,13 +65,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ),
         &state.config.rules.pool,
     )?;
-    let reloader = start_rules(&state, engine)?;
+    let (reloader, watch) = start_rules(&state, engine)?;
     let rules = reloader.rules().clone();
     // Registered before the address is printed: from then on a SIGHUP
     // reloads instead of ending the process.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot listen for SIGHUP")?;
-    let watcher = tokio::spawn(reload::watch(reloader.clone()));
+    let watcher = tokio::spawn(watch.run());
     let hup_state = state.clone();
     let on_hangup = tokio::spawn(async move {
         while hangup.recv().await.is_some() {
@@ -101,7 +101,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 /// Loads the rules tolerantly (a bad rule is skipped and reported, not
 /// fatal) and points the status board at the reloader that keeps them.
-fn start_rules(state: &AppState, engine: WasmEngine) -> anyhow::Result<Arc<Reloader>> {
+fn start_rules(state: &AppState, engine: WasmEngine) -> anyhow::Result<(Arc<Reloader>, Watch)> {
     let config = &state.config;
     let dir = config.rules.rules_dir(&config.base_dir);
     if config.rules != RulesConfig::default() && !dir.is_dir() {
@@ -115,6 +115,9 @@ fn start_rules(state: &AppState, engine: WasmEngine) -> anyhow::Result<Arc<Reloa
         Reloader::new(&config.rules, &config.base_dir, Arc::new(engine))?
             .publish_to(state.rules_status.clone()),
     );
+    // Watching starts before the first load, so a file that lands while
+    // the rules load is seen.
+    let watch = Watch::start(reloader.clone());
     let report = reloader.reload();
     let status = reloader.status().load();
     for r in &status.rules {
@@ -133,7 +136,7 @@ fn start_rules(state: &AppState, engine: WasmEngine) -> anyhow::Result<Arc<Reloa
     if !report.failed.is_empty() {
         tracing::warn!(failed = ?report.failed, "serving without the rules that failed to load; see /status/rules");
     }
-    Ok(reloader)
+    Ok((reloader, watch))
 }
 
 fn announce_sources(config: &Config) {

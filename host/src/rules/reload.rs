@@ -566,36 +566,87 @@ fn classify(kind: &EventKind) -> Change {
     }
 }
 
-/// Runs until the task is dropped: reloads `reloader` whenever its rules
-/// directory changes (see the module header) or [`Reloader::force`] is
-/// called. With `rules.reload.watch = false`, only `force` reloads.
+/// The rules directory under watch: file events buffered since
+/// [`Watch::start`] and the directory as it was then. Start it *before* the
+/// first [`Reloader::reload`], so nothing that lands in between goes unseen.
+pub struct Watch {
+    reloader: Arc<Reloader>,
+    events: mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+    watcher: Option<notify::RecommendedWatcher>,
+    baseline: BTreeMap<PathBuf, Stamp>,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch")
+            .field("dir", &self.reloader.dir)
+            .field("watching", &self.watcher.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Watch {
+    /// Starts watching `reloader`'s directory (unless `rules.reload.watch`
+    /// is false) and takes the baseline the rescans compare against.
+    pub fn start(reloader: Arc<Reloader>) -> Watch {
+        let dir = reloader.dir.clone();
+        let (tx, events) = mpsc::unbounded_channel();
+        let watcher = if reloader.config.reload.watch {
+            let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                let _ = tx.send(res);
+            })
+            .and_then(|mut w| w.watch(&dir, RecursiveMode::Recursive).map(|()| w));
+            match watcher {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the rules directory; polling it instead");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Watch {
+            baseline: scan(&reloader.dir),
+            reloader,
+            events,
+            watcher,
+        }
+    }
+
+    /// Runs until the task is dropped: reloads whenever the rules directory
+    /// changes (see the module header) or [`Reloader::force`] is called.
+    /// With `rules.reload.watch = false`, only `force` reloads.
+    pub async fn run(self) {
+        let Watch {
+            reloader,
+            mut events,
+            watcher: _watcher,
+            baseline,
+        } = self;
+        run(reloader, &mut events, baseline).await;
+    }
+}
+
+/// Starts a [`Watch`] and runs it (for a reloader already loaded: a change
+/// made before this call may go unseen until the next one).
 pub async fn watch(reloader: Arc<Reloader>) {
+    Watch::start(reloader).run().await;
+}
+
+async fn run(
+    reloader: Arc<Reloader>,
+    events: &mut mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+    mut last_scan: BTreeMap<PathBuf, Stamp>,
+) {
     let settings = reloader.config.reload.clone();
     let debounce = Duration::from_millis(settings.debounce_ms);
     let poll = Duration::from_millis(settings.poll_ms);
     let dir = reloader.dir.clone();
-    let (tx, mut events) = mpsc::unbounded_channel();
-    // Kept alive for as long as this task runs.
-    let _watcher = if settings.watch {
-        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            let _ = tx.send(res);
-        })
-        .and_then(|mut w| w.watch(&dir, RecursiveMode::Recursive).map(|()| w));
-        match watcher {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the rules directory; polling every {poll:?} instead");
-                None
-            }
-        }
-    } else {
-        None
-    };
     // Paths written in place, with their last change and the stamp they had.
     let mut dirty: HashMap<PathBuf, (Instant, Option<Stamp>)> = HashMap::new();
     let mut urgent = false;
     let mut forced = false;
-    let mut last_scan = scan(&dir);
     let mut next_poll = Instant::now() + poll;
     loop {
         let wake = if urgent || forced {
