@@ -21,6 +21,7 @@ pub mod store;
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -30,8 +31,9 @@ use crate::config::Config;
 use crate::ingress::budget::BodyBudget;
 use crate::ingress::dedup::Dedup;
 use crate::ingress::shield::Shield;
-use crate::ingress::source::{SecretReport, Sources, build_sources};
+use crate::ingress::source::{SecretReport, SourceError, Sources, build_sources};
 use crate::rules::SharedRuleSet;
+use crate::rules::reload::SharedStatus;
 use crate::rules::router::RouterOptions;
 use crate::secret::Generate;
 use crate::store::{SqliteStore, Store};
@@ -42,8 +44,9 @@ pub use server::run;
 pub struct AppState {
     /// The validated config.
     pub config: Arc<Config>,
-    /// Sources by name, with their verifiers and loaded secrets.
-    pub sources: Sources,
+    /// Sources by name, with their verifiers and loaded secrets; swapped
+    /// whole when `SIGHUP` re-reads the secret files.
+    pub sources: ArcSwap<Sources>,
     /// The per-client shield.
     pub shield: Shield,
     /// Body bytes all requests together may hold before verification.
@@ -52,12 +55,15 @@ pub struct AppState {
     pub dedup: Dedup,
     /// The durable event log.
     pub store: Arc<dyn Store>,
+    /// What each rule file loaded as, served at `/status/rules` (kept by the
+    /// rules' [`Reloader`](crate::rules::reload::Reloader)).
+    pub rules_status: SharedStatus,
 }
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppState")
-            .field("sources", &self.sources.keys().collect::<Vec<_>>())
+            .field("sources", &self.sources.load().keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -81,11 +87,21 @@ impl AppState {
                 config.body_budget_per_client(),
             ),
             dedup: Dedup::new(config.store.dedup_capacity, config.store.dedup_ttl),
-            sources,
+            sources: ArcSwap::from_pointee(sources),
             store: Arc::new(store),
+            rules_status: SharedStatus::default(),
             config: Arc::new(config),
         };
         Ok((Arc::new(state), reports))
+    }
+
+    /// Reads every source's secrets again (rotation without a restart) and
+    /// swaps the new sources in; requests already verifying finish with the
+    /// old ones. On an error the old sources keep serving.
+    pub fn reload_secrets(&self) -> Result<Vec<SecretReport>, SourceError> {
+        let (sources, reports) = build_sources(&self.config, Generate::IfMissing)?;
+        self.sources.store(Arc::new(sources));
+        Ok(reports)
     }
 }
 
@@ -96,6 +112,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
+        .route("/status/rules", get(rules_status))
         .with_state(state)
 }
 
@@ -127,6 +144,12 @@ pub async fn serve(
 
 async fn render_metrics(State(state): State<Arc<AppState>>) -> String {
     crate::metrics::render(state.store.queue_depth().await.ok())
+}
+
+async fn rules_status(
+    State(state): State<Arc<AppState>>,
+) -> axum::Json<crate::rules::reload::RulesStatus> {
+    axum::Json((**state.rules_status.load()).clone())
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {

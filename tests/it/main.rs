@@ -17,6 +17,7 @@ mod grants;
 mod idle;
 mod metrics;
 mod regression;
+mod reload;
 mod routing;
 mod rule_logs;
 mod rules;

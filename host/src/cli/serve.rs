@@ -3,13 +3,14 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
 use super::ConfigArg;
 use crate::AppState;
 use crate::config::{Config, LogFormat};
 use crate::event::Provider;
+use crate::rules::RulesConfig;
+use crate::rules::reload::{Reloader, Watch};
 use crate::rules::wasm::WasmEngine;
 use crate::secret::SecretOrigin;
 
@@ -65,35 +66,78 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         &state.config.rules.cache,
         &state.config.rules.pool,
     )?;
-    let rules = state.config.load_rules(&engine)?;
-    for r in rules.rules() {
-        println!(
-            "rule {} @{} from {}",
-            r.name(),
-            r.version(),
-            r.origin().display()
-        );
-    }
-    if rules.rules().len() == 0 {
-        tracing::warn!(
-            "no rules loaded from {}: events are stored but route nowhere",
-            state
-                .config
-                .rules
-                .rules_dir(&state.config.base_dir)
-                .display()
-        );
-    }
-    let rules = Arc::new(ArcSwap::from_pointee(rules));
+    let (reloader, watch) = start_rules(&state, engine)?;
+    let rules = reloader.rules().clone();
+    // Registered before the address is printed: from then on a SIGHUP
+    // reloads instead of ending the process.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot listen for SIGHUP")?;
+    let watcher = tokio::spawn(watch.run());
+    let hup_state = state.clone();
+    let on_hangup = tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: re-reading secret files and rules");
+            match hup_state.reload_secrets() {
+                Ok(reports) => tracing::info!(secrets = reports.len(), "secrets re-read"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot re-read secrets; the previous ones keep serving")
+                }
+            }
+            reloader.force();
+        }
+    });
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (server.listen / SLUICE_LISTEN)"))?;
     let addr = listener.local_addr()?;
     println!("sluice listening on http://{addr}");
-    for name in state.sources.keys() {
+    for name in state.sources.load().keys() {
         println!("  POST http://{addr}/hooks/{name}");
     }
-    crate::serve(state, rules, listener, shutdown_signal()).await
+    let served = crate::serve(state, rules, listener, shutdown_signal()).await;
+    watcher.abort();
+    on_hangup.abort();
+    served
+}
+
+/// Loads the rules tolerantly (a bad rule is skipped and reported, not
+/// fatal) and points the status board at the reloader that keeps them.
+fn start_rules(state: &AppState, engine: WasmEngine) -> anyhow::Result<(Arc<Reloader>, Watch)> {
+    let config = &state.config;
+    let dir = config.rules.rules_dir(&config.base_dir);
+    if config.rules != RulesConfig::default() && !dir.is_dir() {
+        anyhow::bail!(
+            "{}: rules.dir: the rules directory {} does not exist",
+            config.origin,
+            dir.display()
+        );
+    }
+    let reloader = Arc::new(
+        Reloader::new(&config.rules, &config.base_dir, Arc::new(engine))?
+            .publish_to(state.rules_status.clone()),
+    );
+    // Watching starts before the first load, so a file that lands while
+    // the rules load is seen.
+    let watch = Watch::start(reloader.clone());
+    let report = reloader.reload();
+    let status = reloader.status().load();
+    for r in &status.rules {
+        match (&r.version, &r.error) {
+            (Some(v), None) => println!("rule {} @{v} from {}", r.rule, r.manifest.display()),
+            (_, Some(e)) => println!("rule {} NOT LOADED: {e}", r.rule),
+            (None, None) => {}
+        }
+    }
+    if reloader.rules().load().rules().len() == 0 {
+        tracing::warn!(
+            "no rules loaded from {}: events are stored but route nowhere",
+            dir.display()
+        );
+    }
+    if !report.failed.is_empty() {
+        tracing::warn!(failed = ?report.failed, "serving without the rules that failed to load; see /status/rules");
+    }
+    Ok((reloader, watch))
 }
 
 fn announce_sources(config: &Config) {

@@ -127,6 +127,7 @@ pub async fn receive(
     // Only configured names become labels; anything else is "unknown".
     let label = state
         .sources
+        .load()
         .get_key_value(&name)
         .map_or("unknown", |(k, _)| k.as_str())
         .to_string();
@@ -159,7 +160,12 @@ async fn accept(
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
     let client = client(peer, req.headers(), &state.config.server.trusted_proxies);
     state.shield.check(client).map_err(Refusal::RateLimited)?;
-    let source = state.sources.get(name).ok_or(Refusal::UnknownSource)?;
+    let source = state
+        .sources
+        .load()
+        .get(name)
+        .cloned()
+        .ok_or(Refusal::UnknownSource)?;
     if !source.allow_ips.is_empty() && !client.is_in(&source.allow_ips) {
         return Err(Refusal::Forbidden);
     }
@@ -188,7 +194,7 @@ async fn accept(
     // 2. Verify on the raw bytes.
     // The reservation goes with the body: it returns only once verification
     // is done with it, even when this request is dropped meanwhile.
-    let verified = verify(source, parts.headers, body, reserved)
+    let verified = verify(&source, parts.headers, body, reserved)
         .await
         .map_err(Refusal::Unverified)?;
     if let Some(limiter) = &source.limiter {

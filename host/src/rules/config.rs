@@ -64,6 +64,8 @@ pub struct RulesConfig {
     pub retry_base_ms: u64,
     /// Longest retry delay, in ms.
     pub retry_max_ms: u64,
+    /// How `serve` notices changed rule files (`[rules.reload]`).
+    pub reload: ReloadConfig,
 }
 
 impl Default for RulesConfig {
@@ -86,6 +88,33 @@ impl Default for RulesConfig {
             max_attempts: 3,
             retry_base_ms: 1_000,
             retry_max_ms: 300_000,
+            reload: ReloadConfig::default(),
+        }
+    }
+}
+
+/// `[rules.reload]`: how `serve` notices changed rule files. `SIGHUP`
+/// reloads whatever these say.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// Watch the rules directory (file events, and the poll below); when
+    /// false, rules change only on `SIGHUP`.
+    pub watch: bool,
+    /// How long a file written in place must stay unchanged before it is
+    /// read, in ms. A file renamed into place is read at once.
+    pub debounce_ms: u64,
+    /// How often the directory is rescanned for changes no event reported
+    /// (bind mounts, network file systems), in ms.
+    pub poll_ms: u64,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch: true,
+            debounce_ms: 300,
+            poll_ms: 2_000,
         }
     }
 }
@@ -460,6 +489,9 @@ impl RulesConfig {
         }
         for (rule, approval) in self.grants.iter() {
             approval.validate(&format!("rules.grants.{rule}"))?;
+        }
+        if self.reload.poll_ms < 100 {
+            return Err("rules.reload.poll_ms: must be at least 100".into());
         }
         Ok(())
     }

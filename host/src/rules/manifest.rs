@@ -175,6 +175,15 @@ pub enum RuleSource {
     Script(PathBuf),
 }
 
+impl RuleSource {
+    /// The code file.
+    pub fn path(&self) -> &Path {
+        match self {
+            RuleSource::Component(p) | RuleSource::Script(p) => p,
+        }
+    }
+}
+
 /// A manifest that could not be read or is invalid: `<file>: <key>: <message>`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ManifestError {

@@ -17,6 +17,7 @@ pub mod log;
 pub mod manifest;
 pub mod output;
 pub mod reads;
+pub mod reload;
 pub mod rhai;
 pub mod router;
 pub mod vectors;
@@ -142,32 +143,42 @@ impl Rule {
         engine: &WasmEngine,
     ) -> Result<Rule, LoadError> {
         let dir = manifest_path.parent().unwrap_or(Path::new("."));
-        let limits = defaults.limits.with(&manifest.limits);
-        limits.validate().map_err(|e| {
-            LoadError::new(manifest_path, Some(&manifest.name), format!("limits.{e}"))
+        effective_limits(manifest, manifest_path, defaults, engine)?;
+        let code_path = manifest.source(dir).path().to_owned();
+        let bytes = std::fs::read(&code_path).map_err(|e| {
+            LoadError::new(
+                &code_path,
+                Some(&manifest.name),
+                format!("cannot read: {e}"),
+            )
         })?;
+        Rule::from_code(
+            manifest,
+            manifest_path,
+            manifest_text,
+            bytes,
+            defaults,
+            engine,
+        )
+    }
+
+    /// Loads a rule from its manifest and the code bytes already read (hot
+    /// reload reads them once, so the version it compares is the version
+    /// it compiles).
+    pub fn from_code(
+        manifest: &Manifest,
+        manifest_path: &Path,
+        manifest_text: &str,
+        bytes: Vec<u8>,
+        defaults: &RulesConfig,
+        engine: &WasmEngine,
+    ) -> Result<Rule, LoadError> {
+        let dir = manifest_path.parent().unwrap_or(Path::new("."));
+        let limits = effective_limits(manifest, manifest_path, defaults, engine)?;
         let source = manifest.source(dir);
-        if matches!(source, RuleSource::Component(_)) {
-            engine
-                .pool()
-                .admits(&limits, "limits")
-                .map_err(|e| LoadError::new(manifest_path, Some(&manifest.name), e))?;
-        }
-        let code_path = match &source {
-            RuleSource::Component(p) | RuleSource::Script(p) => p.clone(),
-        };
+        let code_path = source.path().to_owned();
         let code_err = |message: String| LoadError::new(&code_path, Some(&manifest.name), message);
-        let bytes = std::fs::read(&code_path).map_err(|e| code_err(format!("cannot read: {e}")))?;
-        // The version covers everything that decides behaviour: the manifest,
-        // the code, and the effective limits (the main config's defaults can
-        // change them without touching the manifest).
-        let mut hash = Sha256::new();
-        hash.update(manifest_text.as_bytes());
-        hash.update([0]);
-        hash.update(&bytes);
-        hash.update([0]);
-        hash.update(serde_json::to_vec(&limits).expect("limits serialise"));
-        let version = hex::encode(&hash.finalize()[..8]);
+        let version = version_of(manifest_text, &bytes, &limits);
         let code = match source {
             RuleSource::Component(_) => RuleCode::Wasm(Box::new(
                 engine
@@ -211,6 +222,22 @@ impl Rule {
             timeout: Some(Duration::from_millis(limits.timeout_ms)),
             code,
         })
+    }
+
+    /// The version a manifest and its code would load as: a content hash of
+    /// everything that decides behaviour, so an unchanged rule is known
+    /// without compiling it again.
+    pub fn version_for(
+        manifest: &Manifest,
+        manifest_text: &str,
+        bytes: &[u8],
+        defaults: &RulesConfig,
+    ) -> String {
+        version_of(
+            manifest_text,
+            bytes,
+            &defaults.limits.with(&manifest.limits),
+        )
     }
 
     /// The rule's name, as recorded in decisions.
@@ -325,6 +352,40 @@ impl Rule {
     }
 }
 
+/// A rule's limits (the config's defaults with its manifest's overrides),
+/// refused when invalid or, for a component, larger than the pool admits.
+fn effective_limits(
+    manifest: &Manifest,
+    manifest_path: &Path,
+    defaults: &RulesConfig,
+    engine: &WasmEngine,
+) -> Result<config::Limits, LoadError> {
+    let limits = defaults.limits.with(&manifest.limits);
+    limits
+        .validate()
+        .map_err(|e| LoadError::new(manifest_path, Some(&manifest.name), format!("limits.{e}")))?;
+    if manifest.component.is_some() {
+        engine
+            .pool()
+            .admits(&limits, "limits")
+            .map_err(|e| LoadError::new(manifest_path, Some(&manifest.name), e))?;
+    }
+    Ok(limits)
+}
+
+/// The version covers everything that decides behaviour: the manifest, the
+/// code, and the effective limits (the main config's defaults can change them
+/// without touching the manifest).
+fn version_of(manifest_text: &str, bytes: &[u8], limits: &config::Limits) -> String {
+    let mut hash = Sha256::new();
+    hash.update(manifest_text.as_bytes());
+    hash.update([0]);
+    hash.update(bytes);
+    hash.update([0]);
+    hash.update(serde_json::to_vec(limits).expect("limits serialise"));
+    hex::encode(&hash.finalize()[..8])
+}
+
 /// A rule set that could not be built, naming the file (and rule) at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct LoadError {
@@ -337,7 +398,7 @@ pub struct LoadError {
 }
 
 impl LoadError {
-    fn new(file: &Path, rule: Option<&str>, message: String) -> LoadError {
+    pub(crate) fn new(file: &Path, rule: Option<&str>, message: String) -> LoadError {
         LoadError {
             file: file.to_owned(),
             rule: rule.map(str::to_owned),
@@ -355,10 +416,12 @@ impl fmt::Display for LoadError {
     }
 }
 
+/// A rule in a set. The rule and its breaker are shared, so a reload that
+/// keeps a rule's version keeps its breaker state too.
 struct Entry {
-    rule: Rule,
+    rule: Arc<Rule>,
     policy: FailurePolicy,
-    breaker: Breaker,
+    breaker: Arc<Breaker>,
 }
 
 /// An immutable set of rules and the policies that combine their answers.
@@ -392,15 +455,42 @@ impl RuleSet {
         on_error: FailurePolicy,
         breaker: &BreakerConfig,
     ) -> RuleSet {
+        let rules = rules.into_iter().map(Arc::new).collect();
+        RuleSet::carry_over(rules, merge, on_error, breaker, None)
+    }
+
+    /// A set of shared rules (hot reload reuses unchanged ones). A rule that
+    /// `previous` holds at the same name and version keeps its breaker, state
+    /// and all; any other rule starts with a closed one.
+    pub fn carry_over(
+        rules: Vec<Arc<Rule>>,
+        merge: MergeMode,
+        on_error: FailurePolicy,
+        breaker: &BreakerConfig,
+        previous: Option<&RuleSet>,
+    ) -> RuleSet {
         let entries = rules
             .into_iter()
-            .map(|rule| Entry {
-                policy: rule.on_error.clone().unwrap_or_else(|| on_error.clone()),
-                breaker: Breaker::new(breaker),
-                rule,
+            .map(|rule| {
+                let kept = previous.and_then(|p| {
+                    p.entries
+                        .iter()
+                        .find(|e| e.rule.name == rule.name && e.rule.version == rule.version)
+                        .map(|e| e.breaker.clone())
+                });
+                Entry {
+                    policy: rule.on_error.clone().unwrap_or_else(|| on_error.clone()),
+                    breaker: kept.unwrap_or_else(|| Arc::new(Breaker::new(breaker))),
+                    rule,
+                }
             })
             .collect();
         RuleSet { entries, merge }
+    }
+
+    /// The rules, shared (hot reload keeps the unchanged ones).
+    pub fn shared_rules(&self) -> impl ExactSizeIterator<Item = &Arc<Rule>> {
+        self.entries.iter().map(|e| &e.rule)
     }
 
     /// A set with no rules: every event is routed nowhere.
@@ -430,14 +520,7 @@ impl RuleSet {
         for path in manifests {
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| LoadError::new(&path, None, format!("cannot read: {e}")))?;
-            let manifest = Manifest::parse(&path, &text).map_err(|e| LoadError {
-                file: e.file.clone(),
-                rule: None,
-                message: match &e.key {
-                    Some(k) => format!("{k}: {}", e.message),
-                    None => e.message.clone(),
-                },
-            })?;
+            let manifest = parse_manifest(&path, &text)?;
             if let Some(other) = seen.insert(manifest.name.clone(), path.clone()) {
                 return Err(LoadError::new(
                     &path,
@@ -451,7 +534,11 @@ impl RuleSet {
             rule.check_tests(&manifest.tests, &path)?;
             rules.push((rule, path));
         }
-        check_lease(config, base_dir, &rules)?;
+        check_lease(
+            config,
+            base_dir,
+            rules.iter().map(|(r, p)| (r, p.as_path())),
+        )?;
         let rules = rules.into_iter().map(|(rule, _)| rule).collect();
         Ok(RuleSet::new(
             rules,
@@ -469,7 +556,7 @@ impl RuleSet {
 
     /// The rules, in order.
     pub fn rules(&self) -> impl ExactSizeIterator<Item = &Rule> {
-        self.entries.iter().map(|e| &e.rule)
+        self.entries.iter().map(|e| &*e.rule)
     }
 
     /// How answers merge.
@@ -661,18 +748,17 @@ fn merge_route(routes: &mut Vec<Route>, new: Route) {
 /// Refuses a rule set whose worst case for one event (every rule at its
 /// timeout, one after another) would outlive the lease the event is routed
 /// under: another worker would claim it mid-route. Names the keys to change.
-fn check_lease(
+pub(crate) fn check_lease<'a>(
     config: &RulesConfig,
     base_dir: &Path,
-    rules: &[(Rule, PathBuf)],
+    rules: impl Iterator<Item = (&'a Rule, &'a Path)> + Clone,
 ) -> Result<(), LoadError> {
-    let worst: Duration = rules.iter().filter_map(|(r, _)| r.timeout).sum();
+    let worst: Duration = rules.clone().filter_map(|(r, _)| r.timeout).sum();
     let lease = Duration::from_millis(config.lease_ms);
     if worst < lease {
         return Ok(());
     }
     let parts: Vec<_> = rules
-        .iter()
         .filter_map(|(r, path)| {
             r.timeout
                 .map(|t| format!("{} {} ms ({})", r.name, t.as_millis(), path.display()))
@@ -689,6 +775,18 @@ fn check_lease(
             parts.join(", ")
         ),
     ))
+}
+
+/// Parses a manifest into a [`LoadError`] naming the file and key at fault.
+pub(crate) fn parse_manifest(path: &Path, text: &str) -> Result<Manifest, LoadError> {
+    Manifest::parse(path, text).map_err(|e| LoadError {
+        file: e.file.clone(),
+        rule: None,
+        message: match &e.key {
+            Some(k) => format!("{k}: {}", e.message),
+            None => e.message.clone(),
+        },
+    })
 }
 
 /// The manifests `config` loads from `dir`, in load order: the ones `load`
