@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::StatusCode;
 use serde_json::Value;
 use sluice::AppState;
 use sluice::event::EventStatus;
@@ -19,7 +18,7 @@ use sluice::rules::RuleSet;
 use sluice::rules::wasm::WasmEngine;
 use tokio::net::TcpListener;
 
-use crate::support::{Env, client, corpus, post, sluice, until_status};
+use crate::support::{Env, client, corpus, post_accepted, sluice, until_status};
 
 fn text(o: &Output) -> String {
     format!(
@@ -176,15 +175,7 @@ async fn route_through_serve(env: &Env, deliveries: &[(&str, &str, Bytes)]) -> V
     let mut ids = Vec::new();
     for (source, kind, body) in deliveries {
         let signed = env.signer(source).sign(kind, body).expect("sign");
-        let (status, resp) = post(
-            &http,
-            &format!("http://{addr}/hooks/{source}"),
-            &signed.headers,
-            signed.body.clone(),
-        )
-        .await;
-        assert_eq!(status, StatusCode::ACCEPTED, "{kind}: {resp}");
-        ids.push(resp["id"].as_str().expect("an id").to_owned());
+        ids.push(post_accepted(&http, &format!("http://{addr}"), source, &signed).await);
     }
     for id in &ids {
         until_status(&*store, id, EventStatus::Routed).await;

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{Env, ServeChild, corpus, sluice};
+use crate::support::{Env, ServeChild, corpus, send_accepted, sluice};
 
 #[test]
 fn check_reports_ok_and_broken_configs_by_file_and_key() {
@@ -37,22 +37,7 @@ fn send_then_events_ls_and_show() {
     let base = server.base.clone();
     let payload = corpus().join("github/issues/opened.payload.json");
     let url = format!("{base}/hooks/github");
-    let sent = sluice(&[
-        "send",
-        "--config",
-        &path,
-        "--source",
-        "github",
-        "--url",
-        &url,
-        payload.to_str().unwrap(),
-    ]);
-    let out = String::from_utf8_lossy(&sent.stdout).into_owned();
-    assert!(
-        sent.status.success() && out.starts_with("202"),
-        "{out} {}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
+    send_accepted(&path, &url, "github", None, &payload);
     let load = sluice(&[
         "send",
         "--config",

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{Env, ServeChild, corpus, sluice};
+use crate::support::{Env, ServeChild, corpus, send_accepted, sluice};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -47,22 +47,7 @@ fn routes_of_one_event(env: &Env, base: &str) -> serde_json::Value {
     let config = env.config_path.to_str().unwrap();
     let payload = corpus().join("github/issues/opened.payload.json");
     let url = format!("{base}/hooks/github");
-    let sent = sluice(&[
-        "send",
-        "--config",
-        config,
-        "--source",
-        "github",
-        "--url",
-        &url,
-        payload.to_str().unwrap(),
-    ]);
-    let out = String::from_utf8_lossy(&sent.stdout).into_owned();
-    assert!(
-        sent.status.success() && out.starts_with("202"),
-        "{out} {}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
+    send_accepted(config, &url, "github", None, &payload);
     let ls = sluice(&["events", "ls", "--config", config, "--json"]);
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&ls.stdout).unwrap();
     let id = rows[0]["id"].as_str().unwrap().to_owned();

@@ -15,7 +15,7 @@ use sluice::decision::{
 use sluice::event::{Event, ParsedEvent, Provider};
 
 use crate::rules::{rhai, set, shipped, wasm};
-use crate::support::{Env, ServeChild, corpus, sluice};
+use crate::support::{Env, ServeChild, corpus, send_accepted, sluice};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -356,20 +356,7 @@ fn events_show_and_route_explain_a_route_by_its_fields() {
 
     let server = ServeChild::spawn(&env.config_path);
     let url = format!("{}/hooks/github", server.base);
-    let sent = sluice(&[
-        "send",
-        "--config",
-        &path,
-        "--source",
-        "github",
-        "--event",
-        "issues",
-        "--url",
-        &url,
-        file.to_str().unwrap(),
-    ]);
-    let out = String::from_utf8_lossy(&sent.stdout).into_owned();
-    assert!(sent.status.success() && out.starts_with("202"), "{out}");
+    send_accepted(&path, &url, "github", Some("issues"), &file);
     let ls = sluice(&["events", "ls", "--config", &path, "--json"]);
     let rows: Vec<Value> = serde_json::from_slice(&ls.stdout).unwrap();
     let id = rows[0]["id"].as_str().unwrap().to_owned();

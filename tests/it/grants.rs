@@ -23,7 +23,7 @@ use sluice::rules::wasm::WasmEngine;
 use sluice::rules::{Rule, RuleSet};
 use tokio::net::TcpListener;
 
-use crate::support::{Env, client, corpus, post, until_status};
+use crate::support::{Env, client, corpus, post_accepted, until_status};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -139,15 +139,7 @@ async fn a_route_outside_the_grant_is_a_violation_and_the_event_is_still_routed(
         v["checkout_sha"] = serde_json::json!(format!("grant-test-{n}"));
         let body = Bytes::from(serde_json::to_vec(&v).unwrap());
         let signed = env.signer("gitlab").sign("Push Hook", &body).unwrap();
-        let (status, resp) = post(
-            &http,
-            &format!("http://{addr}/hooks/gitlab"),
-            &signed.headers,
-            signed.body.clone(),
-        )
-        .await;
-        assert_eq!(status, StatusCode::ACCEPTED, "{resp}");
-        let id = resp["id"].as_str().expect("an id").to_owned();
+        let id = post_accepted(&http, &format!("http://{addr}"), "gitlab", &signed).await;
         let rec = until_status(&*store, &id, EventStatus::Routed).await;
         assert_eq!(rec.summary.attempts, 1);
         decisions.push(rec.decision.expect("a routed event has a decision"));

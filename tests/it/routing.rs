@@ -19,7 +19,7 @@ use sluice::rules::wasm::WasmEngine;
 use sluice::store::{SqliteStore, Store};
 use tokio::net::TcpListener;
 
-use crate::support::{Env, client, corpus, post, until_status};
+use crate::support::{Env, client, corpus, post, post_accepted, until_status};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signed_deliveries_are_routed_by_the_shipped_rules() {
@@ -207,15 +207,7 @@ async fn long_agent_commands_keep_their_routes_and_the_breaker_closed() {
         .into();
         let body = Bytes::from(serde_json::to_vec(&payload).unwrap());
         let signed = signer.sign("issue_comment", &body).expect("sign");
-        let (status, resp) = post(
-            &http,
-            &format!("http://{addr}/hooks/github"),
-            &signed.headers,
-            signed.body.clone(),
-        )
-        .await;
-        assert_eq!(status, StatusCode::ACCEPTED, "{resp}");
-        ids.push(resp["id"].as_str().expect("an id").to_string());
+        ids.push(post_accepted(&http, &format!("http://{addr}"), "github", &signed).await);
     }
     for id in &ids {
         let rec = until_status(&*store, id, EventStatus::Routed).await;

@@ -535,3 +535,40 @@ pub fn sluice(args: &[&str]) -> std::process::Output {
         .output()
         .expect("run sluice")
 }
+
+/// POSTs a signed request to `{base}/hooks/{source}`, expects `202`, and
+/// returns the new event's id.
+pub async fn post_accepted(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    base: &str,
+    source: &str,
+    signed: &Signed,
+) -> String {
+    let (status, resp) = post(
+        client,
+        &format!("{base}/hooks/{source}"),
+        &signed.headers,
+        signed.body.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{source}: {resp}");
+    resp["id"].as_str().expect("an id").to_owned()
+}
+
+/// Runs `sluice send` for one payload file to `url` (as `--event` when
+/// given) and expects `202`.
+pub fn send_accepted(config: &str, url: &str, source: &str, event: Option<&str>, file: &Path) {
+    let mut args = vec!["send", "--config", config, "--source", source, "--url", url];
+    if let Some(event) = event {
+        args.extend(["--event", event]);
+    }
+    let file = file.to_str().expect("UTF-8 path");
+    args.push(file);
+    let sent = sluice(&args);
+    let out = String::from_utf8_lossy(&sent.stdout).into_owned();
+    assert!(
+        sent.status.success() && out.starts_with("202"),
+        "{out} {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+}
