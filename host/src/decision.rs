@@ -194,6 +194,8 @@ pub const MAX_READS: usize = 32;
 /// The most bytes of a scalar value recorded per read; longer values are cut
 /// (at a character boundary) and marked `truncated`.
 pub const MAX_READ_VALUE: usize = 64;
+/// Longest field name (JSON pointer or accessor) kept per read, in bytes.
+pub const MAX_READ_POINTER: usize = 256;
 
 /// One field a rule read from an event, and what it saw there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -509,3 +509,29 @@ fn a_rule_is_never_called_outside_its_granted_sources_and_kinds() {
         RuleOutcome::Verdict(Verdict::Ignore("seen".into()))
     );
 }
+
+/// A rule's own failure policy routes too: a default agent outside what the
+/// rule asks for would let a deliberate failure route past the grant.
+#[test]
+fn a_default_agent_outside_the_grant_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    rhai_rule(
+        &rules,
+        "sly",
+        r#"fn classify(event) { throw "on purpose" }"#,
+        "on_error = { default-agent = \"deployment\" }\n[grants]\nsources = [\"github\"]\nkinds = [\"issues\"]\nagents = [\"issue-triage\"]\nworkflows = []",
+    );
+    let approved = config_with(&[(
+        "sly",
+        "sources = [\"github\"]\nkinds = [\"issues\"]\nagents = [\"issue-triage\"]",
+    )]);
+    let e = load_err(&approved, dir.path());
+    assert!(
+        e.contains(
+            r#"on_error default-agent "deployment" is not among what grants.agents asks for"#
+        ),
+        "{e}"
+    );
+}

@@ -119,7 +119,9 @@ fn start_rules(state: &AppState, engine: WasmEngine) -> anyhow::Result<(Arc<Relo
     // Watching starts before the first load, so a file that lands while
     // the rules load is seen.
     let watch = Watch::start(reloader.clone());
-    let report = reloader.reload();
+    // Compiling is CPU-bound: the async worker this runs on hands its other
+    // work to the others meanwhile, as every later reload runs off them.
+    let report = tokio::task::block_in_place(|| reloader.reload());
     let status = reloader.status().load();
     for r in &status.rules {
         match (&r.version, &r.error) {

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::decision::{Route, RuleFailure};
 use crate::event::Event;
 use crate::rules::LoadError;
+use crate::rules::config::FailurePolicy;
 use crate::rules::manifest::Manifest;
 
 /// The name that stands for every name in a grant list.
@@ -237,6 +238,15 @@ pub fn approve(
         ));
     };
     let mut missing = Vec::new();
+    // The rule's own failure policy routes too: its default agent must be
+    // one it asks for, or a deliberate failure would route outside the grant.
+    if let Some(FailurePolicy::DefaultAgent(agent)) = &manifest.on_error
+        && !scope.agents.allows(agent)
+    {
+        missing.push(format!(
+            "on_error default-agent {agent:?} is not among what grants.agents asks for"
+        ));
+    }
     let asked = [
         ("sources", &scope.sources),
         ("kinds", &scope.kinds),

@@ -14,7 +14,7 @@
 
 use compact_str::{CompactString, ToCompactString};
 
-use crate::decision::{FieldRead, MAX_READ_VALUE, MAX_READS, ReadKind};
+use crate::decision::{FieldRead, MAX_READ_POINTER, MAX_READ_VALUE, MAX_READS, ReadKind};
 
 /// The fields one rule run has read so far. Lives in the call's own state
 /// (the wasm store, or the rhai call's thread), so nothing is shared.
@@ -46,6 +46,7 @@ impl ReadLog {
     /// Whether this read needs recording: false for a field already
     /// recorded; past the cap, counts the read as dropped.
     fn admit(&mut self, pointer: &str) -> bool {
+        let pointer = cut(pointer, MAX_READ_POINTER);
         if self.reads.iter().any(|r| r.pointer == pointer) {
             return false;
         }
@@ -56,14 +57,21 @@ impl ReadLog {
         true
     }
 
-    fn push(&mut self, pointer: CompactString, kind: ReadKind, value: Option<&str>) {
-        let (value, truncated) = match value {
+    fn push(&mut self, mut pointer: CompactString, kind: ReadKind, value: Option<&str>) {
+        let (value, mut truncated) = match value {
             Some(v) => {
                 let cut = cut(v, MAX_READ_VALUE);
                 (Some(CompactString::from(cut)), cut.len() < v.len())
             }
             None => (None, false),
         };
+        // The name read is the guest's too: a pointer of a megabyte must not
+        // become a megabyte in every stored decision.
+        let kept = cut(&pointer, MAX_READ_POINTER).len();
+        if kept < pointer.len() {
+            pointer.truncate(kept);
+            truncated = true;
+        }
         self.reads.push(FieldRead {
             pointer,
             kind,
@@ -179,6 +187,21 @@ mod tests {
         let value = reads.fields[0].value.as_deref().unwrap();
         assert!(value.len() <= MAX_READ_VALUE && value.chars().all(|c| c == 'é'));
         assert!(reads.fields[0].truncated);
+    }
+
+    #[test]
+    fn long_pointers_and_header_names_are_cut() {
+        let mut log = ReadLog::default();
+        let long = format!("/{}", "k".repeat(700_000));
+        log.json(long.as_str(), None);
+        log.json(long.as_str(), None);
+        log.header(&"x".repeat(10_000), true);
+        let reads = log.take();
+        assert_eq!(reads.fields.len(), 2, "the same long pointer once");
+        for f in &reads.fields {
+            assert!(f.pointer.len() <= MAX_READ_POINTER, "{}", f.pointer.len());
+            assert!(f.truncated);
+        }
     }
 
     #[test]

@@ -13,9 +13,9 @@
 //! in flight finishes on the set it started with.
 //!
 //! [`watch`] decides *when* to reload: a file renamed into place (how
-//! editors and `git` replace files) or removed is taken at once; a file
-//! written in place only once it has stayed unchanged for the debounce
-//! window, so a half-written file is never read; a periodic rescan catches
+//! editors replace files) is taken at once; a file written in place, or
+//! removed (often the first step of a replacement), only once it has stayed
+//! unchanged for the debounce window, so a half-written file is never read; a periodic rescan catches
 //! changes no event reported (bind mounts, network file systems); `SIGHUP`
 //! (through [`Reloader::force`]) reloads at once.
 
@@ -328,6 +328,18 @@ impl Reloader {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) => {
+                // A manifest named by `rules.load` that is gone: its rule goes
+                // with it, as an unlisted manifest's does.
+                if e.kind() == std::io::ErrorKind::NotFound && slot.serving.is_some() {
+                    let gone = slot.serving.take();
+                    if let Some((rule, _)) = &gone {
+                        tracing::info!(rule = %rule.name(), version = %rule.version(), "rule removed with its manifest");
+                        metrics::counter!("sluice_rule_reloads_total", "outcome" => "removed")
+                            .increment(1);
+                        report.removed.push(rule.name().to_owned());
+                    }
+                    replaced.insert(path.to_owned(), gone);
+                }
                 let e = LoadError::new(path, None, format!("cannot read: {e}"));
                 fail(&mut slot, None, e, report);
                 return slot;
@@ -367,14 +379,10 @@ impl Reloader {
             slot.failed = None;
             return slot;
         }
-        if slot
-            .failed
-            .as_ref()
-            .is_some_and(|(v, _)| v.as_deref() == Some(&version))
-        {
-            // The same files that failed last time: already reported.
-            return slot;
-        }
+        // A rule that failed is built again on every pass, even with the same
+        // files: what failed it may lie elsewhere (a vector's payload, another
+        // manifest's name, another rule's timeout). `fail` reports a repeated
+        // failure only once.
         let started = Instant::now();
         // The operator's approval first: an unapproved rule's code never runs.
         let grants = &self.config.grants;
@@ -555,7 +563,7 @@ fn scan(dir: &Path) -> BTreeMap<PathBuf, Stamp> {
 enum Change {
     /// Written in place: read once it has been still for the debounce window.
     Written,
-    /// Renamed into place or removed: complete as it is, read at once.
+    /// Renamed into place: complete as it is, read at once.
     Settled,
     /// Nothing that changes content (reads, closes).
     None,
@@ -564,12 +572,17 @@ enum Change {
 fn classify(kind: &EventKind) -> Change {
     use notify::event::{CreateKind, ModifyKind};
     match kind {
-        EventKind::Modify(ModifyKind::Name(_))
-        | EventKind::Remove(_)
-        | EventKind::Create(CreateKind::Folder) => Change::Settled,
-        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Any | EventKind::Other => {
-            Change::Written
+        EventKind::Modify(ModifyKind::Name(_)) | EventKind::Create(CreateKind::Folder) => {
+            Change::Settled
         }
+        // A removal is often the first step of a replacement (unlink, create,
+        // write: how `git` checks a file out), so it waits out the debounce
+        // window like a write instead of reloading half-way through.
+        EventKind::Remove(_)
+        | EventKind::Create(_)
+        | EventKind::Modify(_)
+        | EventKind::Any
+        | EventKind::Other => Change::Written,
         EventKind::Access(_) => Change::None,
     }
 }
@@ -687,8 +700,8 @@ async fn run(
                     dirty.entry(path.clone()).or_insert((now, Some(*s)));
                 }
             }
-            if last_scan.keys().any(|p| !current.contains_key(p)) {
-                urgent = true;
+            for gone in last_scan.keys().filter(|p| !current.contains_key(*p)) {
+                dirty.entry(gone.clone()).or_insert((now, None));
             }
             last_scan = current;
             next_poll = now + poll;

@@ -64,6 +64,21 @@ pub fn run(rule: &Rule, t: &TestVector, dir: &Path) -> VectorResult {
         t.action.clone(),
         body.into(),
     );
+    // The host never calls a rule for a kind outside its grant, so such a
+    // vector is judged as live traffic would be: no routes, without a call.
+    // One that expects routes could never be met. (Sources are not checked:
+    // a vector names a provider, not the operator's source name.)
+    if !rule.scope().kinds.allows(&t.kind) {
+        return if t.expect_ignore || t.expect.is_empty() {
+            VectorResult::Pass
+        } else {
+            VectorResult::Error(format!(
+                "{}: expects routes, but the rule is never called for kind {:?}, outside its grants.kinds",
+                t.event.display(),
+                t.kind
+            ))
+        };
+    }
     let ev = Arc::new(ParsedEvent::new(ev));
     let got = match rule.classify(&ev) {
         Ok(got) => got,
