@@ -1781,6 +1781,7 @@ fn options() -> RouterOptions {
         max_attempts: 3,
         retry_base: Duration::from_millis(5),
         retry_max: Duration::from_millis(20),
+        max_defer: Duration::from_secs(3600),
     }
 }
 
@@ -2207,6 +2208,43 @@ async fn an_open_breaker_defers_dead_letter_events_without_counting_attempts() {
     assert_eq!(
         routed.summary.attempts, 2,
         "the claims that met the open breaker are not attempts"
+    );
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+/// Deferral has an end: an event deferred for longer than `max_defer` meets
+/// its rule's failure policy, so a rule that stays switched off still
+/// dead-letters its events in the end instead of holding them forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_deferred_past_the_limit_meet_the_failure_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(&dir);
+    let down = Rule::native("down", |_| Err(RuleFailure::Trap("down".into())))
+        .with_policy(FailurePolicy::DeadLetter);
+    let breaker = BreakerConfig {
+        failures: 1,
+        cooldown_ms: 600_000,
+    };
+    let rules = Arc::new(ArcSwap::from_pointee(RuleSet::new(
+        vec![down],
+        MergeMode::Merge,
+        FailurePolicy::DeadLetter,
+        &breaker,
+    )));
+    let options = RouterOptions {
+        max_defer: Duration::ZERO,
+        ..options()
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(router::run(store.clone(), rules, options, shutdown));
+    let id = append_gitlab(&store, "Push Hook", "push.json").await;
+    let dead = until_status(store.as_ref(), &id, EventStatus::Dead).await;
+    assert_eq!(dead.summary.attempts, 3, "max_attempts counted claims");
+    let reason = dead.last_error.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("deferred for longer than rules.max_defer_ms"),
+        "{reason}"
     );
     stop.send(true).unwrap();
     task.await.unwrap();

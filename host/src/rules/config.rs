@@ -64,6 +64,11 @@ pub struct RulesConfig {
     pub retry_base_ms: u64,
     /// Longest retry delay, in ms.
     pub retry_max_ms: u64,
+    /// How long after its arrival an event may still be deferred (put back
+    /// without counting an attempt, because a rule is switched off or no
+    /// instance is free), in ms. Past it a deferral counts as an attempt, so
+    /// the failure policy (and the dead-letter queue) applies in the end.
+    pub max_defer_ms: u64,
     /// How `serve` notices changed rule files (`[rules.reload]`).
     pub reload: ReloadConfig,
 }
@@ -88,6 +93,7 @@ impl Default for RulesConfig {
             max_attempts: 3,
             retry_base_ms: 1_000,
             retry_max_ms: 300_000,
+            max_defer_ms: 86_400_000,
             reload: ReloadConfig::default(),
         }
     }

@@ -39,6 +39,9 @@ pub struct RouterOptions {
     pub retry_base: Duration,
     /// Longest retry delay.
     pub retry_max: Duration,
+    /// How long after its arrival an event may still be deferred without
+    /// counting an attempt.
+    pub max_defer: Duration,
 }
 
 impl From<&RulesConfig> for RouterOptions {
@@ -51,6 +54,7 @@ impl From<&RulesConfig> for RouterOptions {
             max_attempts: c.max_attempts.max(1),
             retry_base: Duration::from_millis(c.retry_base_ms),
             retry_max: Duration::from_millis(c.retry_max_ms),
+            max_defer: Duration::from_millis(c.max_defer_ms),
         }
     }
 }
@@ -183,6 +187,7 @@ impl Worker {
             }
             return;
         }
+        let received_at_ms = claimed.event.received_at_ms;
         let set = self.rules.load_full();
         let ev = Arc::new(ParsedEvent::new(claimed.event));
         let decision = match tokio::task::spawn_blocking(move || set.route(&ev)).await {
@@ -196,6 +201,18 @@ impl Worker {
             }
         };
         if let Some(defer) = &decision.defer {
+            let waited = crate::event::now_ms().saturating_sub(received_at_ms);
+            if u128::try_from(waited).unwrap_or(0) > self.options.max_defer.as_millis() {
+                // Deferred long enough: from now on it is the rule's failure,
+                // so the attempts run out and the policy applies.
+                let reason = format!(
+                    "{}; deferred for longer than rules.max_defer_ms ({} ms)",
+                    defer.reason,
+                    self.options.max_defer.as_millis()
+                );
+                self.retry_or_dead_letter(&lease, &reason).await;
+                return;
+            }
             tracing::info!(event = %id, delay = ?defer.delay, reason = %defer.reason, "routing deferred; not an attempt");
             metrics::counter!("sluice_routing_deferred_total").increment(1);
             if let Err(e) = self.store.defer(&lease, defer.delay, &defer.reason).await {
