@@ -6,19 +6,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Arc;
-use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde_json::Value;
-use sluice::AppState;
 use sluice::event::EventStatus;
-use sluice::rules::RuleSet;
-use sluice::rules::wasm::WasmEngine;
-use tokio::net::TcpListener;
 
-use crate::support::{Env, client, corpus, post_accepted, sluice, until_status};
+use crate::support::{Env, RoutingGateway, client, corpus, post_accepted, sluice, until_status};
 
 fn text(o: &Output) -> String {
     format!(
@@ -157,35 +150,17 @@ fn corpus_body(file: &str) -> Bytes {
 /// Stores the deliveries through the gateway and lets the router decide them
 /// with the rules the config serves; returns the event ids in order.
 async fn route_through_serve(env: &Env, deliveries: &[(&str, &str, Bytes)]) -> Vec<String> {
-    let config = env.config();
-    let cache = config.rules.cache_dir(&config.base_dir, config.data_dir());
-    let engine = WasmEngine::new(Some(cache)).expect("wasm engine");
-    let set =
-        RuleSet::load(&config.rules, &config.base_dir, &engine).unwrap_or_else(|e| panic!("{e}"));
-    let rules = Arc::new(ArcSwap::from_pointee(set));
-    let listener = TcpListener::bind(config.server.listen).await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (state, _) = AppState::build(config).expect("state builds");
-    let store = state.store.clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(sluice::serve(state, rules, listener, async move {
-        let _ = stopped.await;
-    }));
+    let gw = RoutingGateway::start(env.config()).await;
     let http = client();
     let mut ids = Vec::new();
     for (source, kind, body) in deliveries {
         let signed = env.signer(source).sign(kind, body).expect("sign");
-        ids.push(post_accepted(&http, &format!("http://{addr}"), source, &signed).await);
+        ids.push(post_accepted(&http, &gw.base, source, &signed).await);
     }
     for id in &ids {
-        until_status(&*store, id, EventStatus::Routed).await;
+        until_status(&*gw.store, id, EventStatus::Routed).await;
     }
-    stop.send(()).expect("server running");
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .expect("serve returns after shutdown")
-        .expect("join")
-        .expect("serve ran cleanly");
+    gw.stop().await;
     ids
 }
 

@@ -10,9 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::StatusCode;
 use sluice::config::Config;
 use sluice::decision::{Priority, RuleFailure, RuleOutcome, Verdict};
 use sluice::event::{Event, EventStatus, ParsedEvent, Provider};
@@ -21,9 +19,10 @@ use sluice::rules::config::{BreakerConfig, FailurePolicy, MergeMode, RulesConfig
 use sluice::rules::grants::Approval;
 use sluice::rules::wasm::WasmEngine;
 use sluice::rules::{Rule, RuleSet};
-use tokio::net::TcpListener;
 
-use crate::support::{Env, client, corpus, post_accepted, until_status};
+use crate::support::{
+    Env, RoutingGateway, client, corpus, metrics_text, post_accepted, until_status,
+};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -114,21 +113,8 @@ async fn a_route_outside_the_grant_is_a_violation_and_the_event_is_still_routed(
         "sources = [\"gitlab\"]\nkinds = [\"*\"]\nagents = [\"somebody-else\"]\nwasi = true",
     );
 
-    let config = env.config();
-    let engine = WasmEngine::new(Some(
-        config.rules.cache_dir(&config.base_dir, config.data_dir()),
-    ))
-    .expect("wasm engine");
-    let set = config.load_rules(&engine).unwrap_or_else(|e| panic!("{e}"));
-    let rules = Arc::new(ArcSwap::from_pointee(set));
-    let listener = TcpListener::bind(config.server.listen).await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (state, _) = sluice::AppState::build(config).expect("state builds");
-    let store = state.store.clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(sluice::serve(state, rules.clone(), listener, async move {
-        let _ = stopped.await;
-    }));
+    let gw = RoutingGateway::start(env.config()).await;
+    let (store, rules) = (gw.store.clone(), gw.rules.clone());
 
     let http = client();
     let payload = std::fs::read(corpus().join("gitlab/webhooks/push.json")).unwrap();
@@ -139,7 +125,7 @@ async fn a_route_outside_the_grant_is_a_violation_and_the_event_is_still_routed(
         v["checkout_sha"] = serde_json::json!(format!("grant-test-{n}"));
         let body = Bytes::from(serde_json::to_vec(&v).unwrap());
         let signed = env.signer("gitlab").sign("Push Hook", &body).unwrap();
-        let id = post_accepted(&http, &format!("http://{addr}"), "gitlab", &signed).await;
+        let id = post_accepted(&http, &gw.base, "gitlab", &signed).await;
         let rec = until_status(&*store, &id, EventStatus::Routed).await;
         assert_eq!(rec.summary.attempts, 1);
         decisions.push(rec.decision.expect("a routed event has a decision"));
@@ -203,7 +189,7 @@ async fn a_route_outside_the_grant_is_a_violation_and_the_event_is_still_routed(
     // Counted in /metrics under its own kind.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (_, text) = scrape(&http, &format!("http://{addr}/metrics")).await;
+        let text = metrics_text(&http, &gw.base).await;
         let line = text.lines().find(|l| {
             l.starts_with("sluice_rule_failures_total{")
                 && l.contains("rule=\"a-rogue\"")
@@ -217,31 +203,7 @@ async fn a_route_outside_the_grant_is_a_violation_and_the_event_is_still_routed(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    stop.send(()).expect("server running");
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .expect("serve returns after shutdown")
-        .expect("join")
-        .expect("serve ran cleanly");
-}
-
-async fn scrape(
-    http: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<Bytes>,
-    >,
-    url: &str,
-) -> (StatusCode, String) {
-    let req = http::Request::get(url)
-        .body(http_body_util::Full::new(Bytes::new()))
-        .unwrap();
-    let resp = http.request(req).await.unwrap();
-    let status = resp.status();
-    let body = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    (status, String::from_utf8(body.to_vec()).unwrap())
+    gw.stop().await;
 }
 
 /// A rule whose manifest asks for what the config does not approve does not

@@ -3,23 +3,16 @@
 //! decisions are read back from the store, live and after shutdown.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::StatusCode;
-use sluice::AppState;
 use sluice::decision::{Priority, RuleOutcome};
 use sluice::event::EventStatus;
-use sluice::rules::RuleSet;
 use sluice::rules::breaker::BreakerState;
 use sluice::rules::output;
-use sluice::rules::wasm::WasmEngine;
 use sluice::store::{SqliteStore, Store};
-use tokio::net::TcpListener;
 
-use crate::support::{Env, client, corpus, post, post_accepted, until_status};
+use crate::support::{Env, RoutingGateway, client, corpus, post, post_accepted, until_status};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signed_deliveries_are_routed_by_the_shipped_rules() {
@@ -32,10 +25,10 @@ async fn signed_deliveries_are_routed_by_the_shipped_rules() {
     let config = env.config();
     let cache = config.rules.cache_dir(&config.base_dir, config.data_dir());
     assert!(cache.starts_with(env.dir.path()), "{}", cache.display());
-    let engine = WasmEngine::new(Some(cache)).expect("wasm engine");
-    let set =
-        RuleSet::load(&config.rules, &config.base_dir, &engine).unwrap_or_else(|e| panic!("{e}"));
-    let versions: Vec<(String, String)> = set
+    let gw = RoutingGateway::start(config).await;
+    let versions: Vec<(String, String)> = gw
+        .rules
+        .load()
         .rules()
         .map(|r| (r.name().to_string(), r.version().to_string()))
         .collect();
@@ -43,16 +36,7 @@ async fn signed_deliveries_are_routed_by_the_shipped_rules() {
         versions.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
         vec!["github-router", "gitlab"]
     );
-    let rules = Arc::new(ArcSwap::from_pointee(set));
-
-    let listener = TcpListener::bind(config.server.listen).await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (state, _) = AppState::build(config).expect("state builds");
-    let store = state.store.clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(sluice::serve(state, rules, listener, async move {
-        let _ = stopped.await;
-    }));
+    let store = gw.store.clone();
 
     // (source, kind, corpus file, the rule that answers, the merged routes)
     let cases = [
@@ -92,7 +76,7 @@ async fn signed_deliveries_are_routed_by_the_shipped_rules() {
         let signed = env.signer(source).sign(kind, &body).expect("sign");
         let (status, resp) = post(
             &http,
-            &format!("http://{addr}/hooks/{source}"),
+            &format!("{}/hooks/{source}", gw.base),
             &signed.headers,
             signed.body.clone(),
         )
@@ -145,12 +129,7 @@ async fn signed_deliveries_are_routed_by_the_shipped_rules() {
         decided.push(d);
     }
 
-    stop.send(()).expect("server running");
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .expect("serve returns after shutdown")
-        .expect("join")
-        .expect("serve ran cleanly");
+    gw.stop().await;
     drop(store);
 
     // What the workers decided is on disk once `serve` has closed the store.
@@ -175,21 +154,8 @@ async fn long_agent_commands_keep_their_routes_and_the_breaker_closed() {
         crate::support::shipped_grants()
     ));
     let config = env.config();
-    let cache = config.rules.cache_dir(&config.base_dir, config.data_dir());
-    let engine = WasmEngine::new(Some(cache)).expect("wasm engine");
-    let set =
-        RuleSet::load(&config.rules, &config.base_dir, &engine).unwrap_or_else(|e| panic!("{e}"));
     let threshold = config.rules.breaker.failures as usize;
-    let rules = Arc::new(ArcSwap::from_pointee(set));
-
-    let listener = TcpListener::bind(config.server.listen).await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (state, _) = AppState::build(config).expect("state builds");
-    let store = state.store.clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(sluice::serve(state, rules.clone(), listener, async move {
-        let _ = stopped.await;
-    }));
+    let gw = RoutingGateway::start(config).await;
 
     let mut payload: serde_json::Value = serde_json::from_slice(
         &std::fs::read(corpus().join("github/issue_comment/created.payload.json")).unwrap(),
@@ -207,10 +173,10 @@ async fn long_agent_commands_keep_their_routes_and_the_breaker_closed() {
         .into();
         let body = Bytes::from(serde_json::to_vec(&payload).unwrap());
         let signed = signer.sign("issue_comment", &body).expect("sign");
-        ids.push(post_accepted(&http, &format!("http://{addr}"), "github", &signed).await);
+        ids.push(post_accepted(&http, &gw.base, "github", &signed).await);
     }
     for id in &ids {
-        let rec = until_status(&*store, id, EventStatus::Routed).await;
+        let rec = until_status(&*gw.store, id, EventStatus::Routed).await;
         let d = rec.decision.expect("a routed event has a decision");
         let rule = d.rules.iter().find(|r| r.rule == "github-router").unwrap();
         assert!(
@@ -231,14 +197,8 @@ async fn long_agent_commands_keep_their_routes_and_the_breaker_closed() {
         }
     }
     assert_eq!(
-        rules.load().breaker_state("github-router"),
+        gw.rules.load().breaker_state("github-router"),
         Some(BreakerState::Closed)
     );
-
-    stop.send(()).expect("server running");
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .expect("serve returns after shutdown")
-        .expect("join")
-        .expect("serve ran cleanly");
+    gw.stop().await;
 }

@@ -217,13 +217,7 @@ impl Gateway {
 
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
-        let req = Request::get(self.url("/metrics"))
-            .body(Full::new(Bytes::new()))
-            .expect("request");
-        let resp = self.client.request(req).await.expect("response");
-        assert_eq!(resp.status(), StatusCode::OK);
-        let body = resp.into_body().collect().await.expect("body").to_bytes();
-        String::from_utf8(body.to_vec()).expect("UTF-8 metrics")
+        metrics_text(&self.client, &format!("http://{}", self.addr)).await
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -571,4 +565,74 @@ pub fn send_accepted(config: &str, url: &str, source: &str, event: Option<&str>,
         "{out} {}",
         String::from_utf8_lossy(&sent.stderr)
     );
+}
+
+/// The whole gateway in-process (`sluice::serve`: intake and the router
+/// workers) on a loopback port, routing with the rules its config loads.
+pub struct RoutingGateway {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// The gateway's store.
+    pub store: std::sync::Arc<dyn Store>,
+    /// The rule set the workers route with.
+    pub rules: sluice::rules::SharedRuleSet,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RoutingGateway {
+    /// Loads the config's rules (compile cache under its data dir) and serves.
+    pub async fn start(config: Config) -> RoutingGateway {
+        let cache = config.rules.cache_dir(&config.base_dir, config.data_dir());
+        let engine = sluice::rules::wasm::WasmEngine::new(Some(cache)).expect("wasm engine");
+        let set = config.load_rules(&engine).unwrap_or_else(|e| panic!("{e}"));
+        let rules = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(set));
+        let listener = TcpListener::bind(config.server.listen).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (state, _) = AppState::build(config).expect("state builds");
+        let store = state.store.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(sluice::serve(state, rules.clone(), listener, async move {
+            let _ = stopped.await;
+        }));
+        RoutingGateway {
+            base: format!("http://{addr}"),
+            store,
+            rules,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    /// Stops intake and the workers; returns once `serve` has closed the store.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().expect("running").send(());
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            self.server.take().expect("running"),
+        )
+        .await
+        .expect("serve returns after shutdown")
+        .expect("join")
+        .expect("serve ran cleanly");
+    }
+}
+
+impl Drop for RoutingGateway {
+    fn drop(&mut self) {
+        if let Some(t) = self.server.take() {
+            t.abort();
+        }
+    }
+}
+
+/// The `/metrics` text of the gateway at `base` (`http://127.0.0.1:PORT`).
+pub async fn metrics_text(client: &Client<HttpConnector, Full<Bytes>>, base: &str) -> String {
+    let req = Request::get(format!("{base}/metrics"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = client.request(req).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8(body.to_vec()).expect("UTF-8 metrics")
 }
