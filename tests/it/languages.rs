@@ -129,11 +129,19 @@ fn five_languages_pass_the_shared_vectors_and_agree_on_every_payload() {
         let path = rules_dir.join(format!("three-fields-{lang}.toml"));
         std::fs::write(path, manifest(lang, code)).unwrap();
     }
-    // The shipped defaults (pool ceilings, limits, cache limits), approving
-    // each rule's grants.
+    // The shipped `[rules]` (sluice.toml as embedded: pool ceilings, limits,
+    // cache limits), approving each rule's grants.
+    let shipped = sluice::config::Config::parse(
+        sluice::config::EMBEDDED_DEFAULTS,
+        sluice::config::EMBEDDED_NAME,
+    )
+    .expect("the embedded defaults parse")
+    .rules;
+    let names_str: Vec<&str> = names.iter().map(String::as_str).collect();
     let config = RulesConfig {
         load: Some(names.clone()),
-        ..crate::rules::approving(&names.iter().map(String::as_str).collect::<Vec<_>>())
+        grants: crate::rules::approving(&names_str).grants,
+        ..shipped
     };
     assert_eq!(config.pool, PoolConfig::default());
     let engine = WasmEngine::with_cache(Some(cache_dir()), &config.cache, &config.pool).unwrap();
