@@ -206,8 +206,14 @@ tc_python() {
 
 # CPython with the module pre-initialised in. --stub-wasi: no WASI imports.
 tc_build_py() { # wit world out dir module
-    local wit="$1" world="$2" out="$3" dir="$4" module="$5"
-    # Bytecode written next to the sources would be packed on the next build.
-    PYTHONDONTWRITEBYTECODE=1 "$COMPONENTIZE_PY" -q -d "$wit" -w "$world" componentize "$module" \
-        -p "$dir" --stub-wasi -o "$out"
+    local wit="$1" world="$2" out="$3" dir="$4" module="$5" work
+    # componentize-py packs every file on the Python path, and its
+    # interpreter writes __pycache__ there: build from a clean copy, so the
+    # sources stay as they are and no bytecode of an earlier build is packed.
+    work="$(mktemp -d)"
+    cp -R "$dir/." "$work/"
+    find "$work" -name __pycache__ -prune -exec rm -rf {} +
+    "$COMPONENTIZE_PY" -q -d "$wit" -w "$world" componentize "$module" \
+        -p "$work" --stub-wasi -o "$out"
+    rm -rf "$work"
 }
