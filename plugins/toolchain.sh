@@ -162,7 +162,9 @@ tc_build_c() { # wit world out sources...
     local log
     log="$("$WIT_BINDGEN" c "$wit" --world "$world" --out-dir "$work/gen" 2>&1)" ||
         tc_die "wit-bindgen c $wit: $log"
-    "$CLANG" --target=wasm32-wasi -Oz -mexec-model=reactor -Wall -Werror -Wl,--strip-all \
+    # --strip-debug, not --strip-all: the producers section names the
+    # language, which `sluice rules ls` shows.
+    "$CLANG" --target=wasm32-wasi -Oz -mexec-model=reactor -Wall -Werror -Wl,--strip-debug \
         -I "$work/gen" -o "$work/core.wasm" "$@" "$work/gen/$world.c" \
         "$work/gen/${world}_component_type.o"
     "$WASM_TOOLS" component new "$work/core.wasm" -o "$out"
