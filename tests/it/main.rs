@@ -15,6 +15,7 @@ mod explain;
 mod fuzz;
 mod grants;
 mod idle;
+mod languages;
 mod metrics;
 mod regression;
 mod reload;

@@ -1,7 +1,14 @@
-//! `sluice new rule NAME --lang rust|rhai`: write a skeleton rule (code,
-//! manifest, test vectors and their payload) into the config's rules
-//! directory (or `--dir`), such that `sluice rules test` passes right after
-//! (for Rust, once the one build command it prints has run).
+//! `sluice new rule NAME --lang rust|c|js|python|rhai`: write a skeleton
+//! rule (code, manifest, test vectors and their payload) into the config's
+//! rules directory (or `--dir`), such that `sluice rules test` passes right
+//! after (for a component, once the one build command it prints has run).
+//!
+//! A component skeleton is a folder `NAME/` beside its manifest with the
+//! code, the WIT it builds against and a `build.sh` that sources
+//! `toolchain.sh` — both written out from this binary, so an empty directory
+//! is enough. The toolchain installs from the package registries on the
+//! first build (into `$SLUICE_TOOLS`, default `~/.cache/sluice/tools`), the
+//! same recipes `plugins/build.sh` uses.
 //!
 //! It only creates files, and never overwrites one: a name already taken is
 //! an error naming the file.
@@ -23,22 +30,51 @@ pub enum NewCommand {
 /// The languages a skeleton can be written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Lang {
-    /// A Rust crate on the guest SDK (`plugins/sdk-rust`), built into a
-    /// component by one `cargo build` (needs the `wasm32-wasip2` target).
+    /// A Rust crate on the guest SDK (`plugins/sdk-rust`): rustup's
+    /// `wasm32-wasip2` target, else Debian's rust-web toolchain.
     Rust,
+    /// C on wasi-libc with `wit-bindgen c` bindings (apt clang, crates.io
+    /// wit-bindgen-cli).
+    C,
+    /// An ES module on QuickJS (npm componentize-qjs).
+    Js,
+    /// A Python module on CPython (PyPI componentize-py).
+    Python,
     /// A rhai script: no build step.
     Rhai,
+}
+
+impl Lang {
+    /// The name `build.sh` and the docs use.
+    fn as_str(self) -> &'static str {
+        match self {
+            Lang::Rust => "rust",
+            Lang::C => "c",
+            Lang::Js => "js",
+            Lang::Python => "python",
+            Lang::Rhai => "rhai",
+        }
+    }
 }
 
 /// The guest SDK of this checkout, which a Rust skeleton depends on by path.
 pub const RUST_SDK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/plugins/sdk-rust");
 
-/// The command that builds a Rust skeleton written into `dir`.
-pub fn rust_build_command(dir: &Path, name: &str) -> String {
-    format!(
-        "cargo build --release --target wasm32-wasip2 --manifest-path {}",
-        dir.join(name).join("Cargo.toml").display()
-    )
+/// The toolchain recipes a component skeleton's `build.sh` sources (the
+/// same file `plugins/build.sh` sources).
+const TOOLCHAIN_SH: &str =
+    include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/plugins/toolchain.sh"));
+
+/// The WIT package rules are built against, written beside each component
+/// skeleton (an empty directory has no `wit/`).
+const ROUTER_WIT: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/wit/sluice-router@0.1.0/router.wit"
+));
+
+/// The one command that builds a component skeleton written into `dir`.
+pub fn build_command(dir: &Path, name: &str) -> String {
+    format!("bash {}", dir.join(name).join("build.sh").display())
 }
 
 /// Arguments of `sluice new rule`.
@@ -69,8 +105,8 @@ pub fn run(cmd: NewCommand) -> anyhow::Result<()> {
     for f in &files {
         println!("created {}", f.display());
     }
-    if args.lang == Lang::Rust {
-        println!("build it: {}", rust_build_command(&dir, &args.name));
+    if args.lang != Lang::Rhai {
+        println!("build it: {}", build_command(&dir, &args.name));
     }
     println!("run `sluice rules test {}` to check it", args.name);
     Ok(())
@@ -95,16 +131,34 @@ pub fn write_rule(dir: &Path, name: &str, lang: Lang) -> anyhow::Result<Vec<Path
             }
             let krate = dir.join(name);
             let mut files = vec![
-                (manifest_path.clone(), rust_manifest(name)),
+                (manifest_path.clone(), component_manifest(name, Lang::Rust)),
                 (krate.join("Cargo.toml"), rust_cargo_toml(name, sdk)),
                 (krate.join("src").join("lib.rs"), rust_lib(name)),
                 example,
             ];
+            files.extend(build_files(&krate, name, Lang::Rust));
             // The SDK's own lock file, so the skeleton builds with the versions
             // the SDK is tested with (and offline, when those are cached).
             if let Ok(lock) = std::fs::read_to_string(sdk.join("../Cargo.lock")) {
                 files.push((krate.join("Cargo.lock"), lock));
             }
+            files
+        }
+        Lang::C | Lang::Js | Lang::Python => {
+            let folder = dir.join(name);
+            let (file, code) = match lang {
+                Lang::C => ("rule.c", c_source(name)),
+                Lang::Js => ("rule.js", js_source(name)),
+                // Its own folder: componentize-py packs every file under the
+                // Python path into the component.
+                _ => ("src/app.py", python_source(name)),
+            };
+            let mut files = vec![
+                (manifest_path.clone(), component_manifest(name, lang)),
+                (folder.join(file), code),
+                example,
+            ];
+            files.extend(build_files(&folder, name, lang));
             files
         }
         Lang::Rhai => vec![
@@ -186,27 +240,109 @@ timeout_ms = 50
     )
 }
 
-fn rust_manifest(name: &str) -> String {
-    let file = name.replace('-', "_");
-    format!(
-        r#"# The rule `{name}`: a Rust component, see {name}/src/lib.rs. Build it with
-#   cargo build --release --target wasm32-wasip2 --manifest-path {name}/Cargo.toml
-# then check it with `sluice rules test {name}`.
-name = "{name}"
-description = "What {name} routes (edit me)"
-component = "{name}/target/wasm32-wasip2/release/{file}.wasm"
-{}
-[grants]
+/// `build.sh`, `toolchain.sh` and the WIT, in the component's folder.
+fn build_files(folder: &Path, name: &str, lang: Lang) -> Vec<(PathBuf, String)> {
+    vec![
+        (folder.join("build.sh"), build_script(name, lang)),
+        (folder.join("toolchain.sh"), TOOLCHAIN_SH.to_owned()),
+        (folder.join("wit").join("router.wit"), ROUTER_WIT.to_owned()),
+    ]
+}
+
+fn component_manifest(name: &str, lang: Lang) -> String {
+    let (what, code, grants, limits) = match lang {
+        Lang::Rust => (
+            "a Rust component",
+            format!("{name}/src/lib.rs"),
+            "[grants]
 # Rust's wasm32-wasip2 std imports WASI even though the rule never uses it;
 # the host links it with an empty context (no files, env, stdio or network).
+# (Built with Debian's toolchain instead, it imports none.)
 wasi = true
-
+",
+            "memory_mb = 16\n",
+        ),
+        Lang::C => (
+            "a C component",
+            format!("{name}/rule.c"),
+            "",
+            "memory_mb = 16\n",
+        ),
+        Lang::Js => (
+            "a JavaScript component (QuickJS)",
+            format!("{name}/rule.js"),
+            "",
+            "# QuickJS starts with ~1.4 MiB of memory; leave it room for the heap.\nmemory_mb = 32\n",
+        ),
+        _ => (
+            "a Python component (CPython)",
+            format!("{name}/src/app.py"),
+            "",
+            "# CPython starts with ~12 MiB of memory; leave it room for the heap.\nmemory_mb = 64\n",
+        ),
+    };
+    format!(
+        r#"# The rule `{name}`: {what}, see {code}. Build it with
+#   bash {name}/build.sh
+# (its toolchain installs on first use), then check it with
+# `sluice rules test {name}`.
+name = "{name}"
+description = "What {name} routes (edit me)"
+component = "{name}/{name}.wasm"
+{}
+{grants}
 [limits]
-timeout_ms = 50
-memory_mb = 16
-{}"#,
+timeout_ms = 100
+{limits}{}"#,
         manifest_rest(name),
         manifest_tests(name)
+    )
+}
+
+/// The one build command's script: source the embedded toolchain recipes,
+/// build, and rename the component into place (a rules-directory watcher
+/// never reads a half-written file).
+fn build_script(name: &str, lang: Lang) -> String {
+    let file = name.replace('-', "_");
+    let build = match lang {
+        Lang::Rust => format!(
+            r#"tc_rust
+tc_cargo "$here" build --release --target-dir "$here/target"
+core="$here/target/$RUST_TARGET/release/{file}.wasm"
+if [ "$RUST_TOOLCHAIN" = rustup ]; then
+    cp "$core" "$tmp"
+else
+    tc_wasm_tools
+    "$WASM_TOOLS" component new "$core" -o "$tmp"
+fi"#
+        ),
+        Lang::C => r#"tc_c
+tc_build_c "$here/wit" rule "$tmp" "$here/rule.c""#
+            .to_owned(),
+        Lang::Js => r#"tc_js
+tc_build_js "$here/wit" rule "$tmp" "$here/rule.js""#
+            .to_owned(),
+        _ => r#"tc_python
+tc_build_py "$here/wit" rule "$tmp" "$here/src" app"#
+            .to_owned(),
+    };
+    format!(
+        r#"#!/usr/bin/env bash
+# Builds the rule `{name}` ({lang}) into {name}.wasm beside this script.
+# Its toolchain installs on first use from the package registries into
+# $SLUICE_TOOLS (default ~/.cache/sluice/tools): see toolchain.sh, written by
+# `sluice new rule` from the same recipes sluice's own plugins/build.sh uses.
+set -euo pipefail
+here="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
+# shellcheck source=/dev/null
+source "$here/toolchain.sh"
+tmp="$here/.{name}.wasm.tmp"
+trap 'rm -f "$tmp"' EXIT
+{build}
+mv -f "$tmp" "$here/{name}.wasm"
+echo "built $here/{name}.wasm"
+"#,
+        lang = lang.as_str()
     )
 }
 
@@ -286,6 +422,162 @@ fn classify(event) {{
         labels: [`repo:${{repo}}`],
     }}]
 }}
+"#
+    )
+}
+
+fn c_source(name: &str) -> String {
+    format!(
+        r#"// The rule `{name}`: opened issues go to the agent named by the
+// manifest's `agent` config value; every other action is ignored.
+//
+// rule.h is generated from wit/router.wit by `wit-bindgen c` at build time.
+// Strings the rule returns are malloc'd: the bindings free them once the host
+// has copied them. No stdio: wasi-libc then imports no WASI at all.
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "rule.h"
+
+// A new string: `prefix` followed by `s`.
+static rule_string_t joined(const char *prefix, const rule_string_t *s) {{
+    size_t n = strlen(prefix);
+    rule_string_t out = {{malloc(n + s->len + 1), n + s->len}};
+    if (out.ptr == NULL) abort();
+    memcpy(out.ptr, prefix, n);
+    memcpy(out.ptr + n, s->ptr, s->len);
+    return out;
+}}
+
+bool exports_sluice_router_classifier_classify(exports_sluice_router_classifier_own_event_t ev,
+                                               exports_sluice_router_classifier_decision_t *ret,
+                                               rule_string_t *err) {{
+    (void)err; // return false with *err set to fail the event
+    sluice_router_types_borrow_event_t event = sluice_router_types_borrow_event(ev);
+    rule_string_t action;
+    bool opened = false;
+    if (sluice_router_types_method_event_action(event, &action)) {{
+        opened = action.len == 6 && memcmp(action.ptr, "opened", 6) == 0;
+        rule_string_free(&action);
+    }}
+    rule_string_t repo = {{NULL, 0}};
+    if (opened) {{
+        rule_string_t pointer;
+        rule_string_set(&pointer, "/repository/full_name");
+        sluice_router_types_value_t value;
+        if (sluice_router_types_method_event_get(event, &pointer, &value)) {{
+            if (value.tag == SLUICE_ROUTER_TYPES_VALUE_TEXT) {{
+                repo = value.val.text; // now ours to free
+            }} else {{
+                sluice_router_types_value_free(&value);
+            }}
+        }}
+    }}
+    // The event arrives owned: release it before returning.
+    sluice_router_types_event_drop_own(ev);
+
+    if (!opened) {{
+        ret->tag = SLUICE_ROUTER_TYPES_DECISION_IGNORE;
+        rule_string_dup(&ret->val.ignore, "not an opened issue");
+        return true;
+    }}
+    sluice_router_types_route_t *route = calloc(1, sizeof *route);
+    rule_string_t *label = calloc(1, sizeof *label);
+    if (route == NULL || label == NULL) abort();
+    rule_string_t key;
+    rule_string_set(&key, "agent");
+    if (!sluice_router_config_get(&key, &route->agent) || route->agent.len == 0) {{
+        rule_string_free(&route->agent);
+        rule_string_dup(&route->agent, "{name}-agent");
+    }}
+    route->priority = SLUICE_ROUTER_TYPES_PRIORITY_MEDIUM;
+    route->reason = joined("issue opened in ", &repo);
+    *label = joined("repo:", &repo);
+    route->labels.ptr = label;
+    route->labels.len = 1;
+    rule_string_free(&repo);
+    ret->tag = SLUICE_ROUTER_TYPES_DECISION_ROUTES;
+    ret->val.routes.ptr = route;
+    ret->val.routes.len = 1;
+    return true;
+}}
+"#
+    )
+}
+
+fn js_source(name: &str) -> String {
+    format!(
+        r#"// The rule `{name}`: opened issues go to the agent named by the
+// manifest's `agent` config value; every other action is ignored.
+//
+// Built by componentize-qjs (QuickJS) against wit/router.wit. An option is
+// the value or null, a variant is {{ tag, val }}, an enum its case name; throw
+// a string to fail the event.
+
+import config from "sluice:router/config@0.1.0";
+
+export const classifier = {{
+  classify(ev) {{
+    // The event arrives owned: release it before returning.
+    try {{
+      if (ev.action() !== "opened") {{
+        return {{ tag: "ignore", val: "not an opened issue" }};
+      }}
+      const v = ev.get("/repository/full_name");
+      const repo = v !== null && v.tag === "text" ? v.val : "";
+      return {{
+        tag: "routes",
+        val: [
+          {{
+            agent: config.get("agent") || "{name}-agent",
+            workflow: null,
+            priority: "medium",
+            reason: `issue opened in ${{repo}}`,
+            labels: [`repo:${{repo}}`],
+          }},
+        ],
+      }};
+    }} finally {{
+      ev[Symbol.dispose]();
+    }}
+  }},
+}};
+"#
+    )
+}
+
+fn python_source(name: &str) -> String {
+    format!(
+        r#""""The rule `{name}`: opened issues go to the agent named by the
+manifest's `agent` config value; every other action is ignored.
+
+Built by componentize-py (CPython) against wit/router.wit, which generates
+the `wit_world` package imported below. Raise componentize_py_types.Err(str)
+to fail the event.
+"""
+
+from wit_world import exports
+from wit_world.imports import config, types
+
+
+class Classifier(exports.Classifier):
+    def classify(self, ev: types.Event) -> types.Decision:
+        # The event arrives owned: release it before returning.
+        with ev:
+            action = ev.action()
+            value = ev.get("/repository/full_name")
+        if action != "opened":
+            return types.Decision_Ignore("not an opened issue")
+        repo = value.value if isinstance(value, types.Value_Text) else ""
+        route = types.Route(
+            agent=config.get("agent") or "{name}-agent",
+            workflow=None,
+            priority=types.Priority.MEDIUM,
+            reason=f"issue opened in {{repo}}",
+            labels=[f"repo:{{repo}}"],
+        )
+        return types.Decision_Routes([route])
 "#
     )
 }

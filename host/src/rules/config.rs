@@ -404,6 +404,17 @@ pub struct PoolConfig {
     pub max_memory_mb: u64,
     /// The most elements of any table, in the pool and in each store's limits.
     pub table_elements: usize,
+    /// Core module instances one rule instance may have. A Rust or C rule has
+    /// about 3, a JavaScript one (QuickJS) about 11, a Python one (CPython)
+    /// about 38. The pool holds `instances` times this many; a component
+    /// that needs more is refused when it loads.
+    pub core_instances_per_rule: u32,
+    /// Linear memories one rule instance may define (JavaScript: 3; Rust, C,
+    /// Python: 1). The pool reserves `instances` times this many slots.
+    pub memories_per_rule: u32,
+    /// Tables one rule instance may define (Rust, Python: 2; JavaScript: 3).
+    /// The pool reserves `instances` times this many.
+    pub tables_per_rule: u32,
 }
 
 impl Default for PoolConfig {
@@ -412,6 +423,9 @@ impl Default for PoolConfig {
             instances: 128,
             max_memory_mb: Limits::MAX_MEMORY_MB,
             table_elements: 20_000,
+            core_instances_per_rule: 64,
+            memories_per_rule: 4,
+            tables_per_rule: 16,
         }
     }
 }
@@ -430,6 +444,15 @@ impl PoolConfig {
         }
         if self.table_elements == 0 || self.table_elements > 10_000_000 {
             return Err("rules.pool.table_elements: must be between 1 and 10000000".into());
+        }
+        for (key, value) in [
+            ("core_instances_per_rule", self.core_instances_per_rule),
+            ("memories_per_rule", self.memories_per_rule),
+            ("tables_per_rule", self.tables_per_rule),
+        ] {
+            if value == 0 || value > 1_000 {
+                return Err(format!("rules.pool.{key}: must be between 1 and 1000"));
+            }
         }
         Ok(())
     }

@@ -183,10 +183,16 @@ impl Core {
     ) -> anyhow::Result<Core> {
         let instances = ceilings.instances;
         let mut pool = PoolingAllocationConfig::default();
+        // Sized per rule instance for the heaviest guest runtimes (CPython's
+        // core instances, QuickJS's memories), so every language's rule can
+        // have `instances` instances alive at once.
         pool.total_component_instances(instances)
-            .total_core_instances(instances.saturating_mul(8))
-            .total_memories(instances.saturating_mul(2))
-            .total_tables(instances.saturating_mul(8))
+            .total_core_instances(instances.saturating_mul(ceilings.core_instances_per_rule))
+            .total_memories(instances.saturating_mul(ceilings.memories_per_rule))
+            .total_tables(instances.saturating_mul(ceilings.tables_per_rule))
+            .max_core_instances_per_component(ceilings.core_instances_per_rule)
+            .max_memories_per_component(ceilings.memories_per_rule)
+            .max_tables_per_component(ceilings.tables_per_rule)
             .table_elements(ceilings.table_elements)
             .max_memory_size(usize::try_from(ceilings.max_memory_mb << 20).unwrap_or(usize::MAX));
         // Resetting a slot after each event is most of a fresh instance's
@@ -371,7 +377,9 @@ impl WasmEngine {
         // With a cache configured, wasmtime looks the component up by its
         // bytes and the engine's settings before compiling it, and writes
         // what it compiles.
-        let component = Component::new(&core.engine, bytes).map_err(anyhow::Error::from)?;
+        let component = Component::new(&core.engine, bytes)
+            .map_err(anyhow::Error::from)
+            .map_err(|e| self.name_pool_ceiling(e))?;
         check_imports(&core.engine, &component, grants)?;
         let linker = if grants.wasi {
             &core.wasi_linker
@@ -395,8 +403,44 @@ impl WasmEngine {
             timeout: Duration::from_millis(limits.timeout_ms),
             memory_bytes: usize::try_from(limits.memory_mb << 20).unwrap_or(usize::MAX),
             table_elements: self.pool.table_elements,
+            per_rule: PerRule {
+                core_instances: self.pool.core_instances_per_rule,
+                memories: self.pool.memories_per_rule,
+                tables: self.pool.tables_per_rule,
+            },
         })
     }
+
+    /// A component refused by the pool for what one instance of it needs:
+    /// wasmtime's message names the component's count and the ceiling; this
+    /// adds the config key that sets the ceiling.
+    fn name_pool_ceiling(&self, e: anyhow::Error) -> anyhow::Error {
+        let text = format!("{e:#}");
+        let key = if !text.contains("in the pooling allocator") {
+            return e;
+        } else if text.contains("core module instances") {
+            ("core_instances_per_rule", self.pool.core_instances_per_rule)
+        } else if text.contains("linear memories") {
+            ("memories_per_rule", self.pool.memories_per_rule)
+        } else if text.contains("tables") {
+            ("tables_per_rule", self.pool.tables_per_rule)
+        } else {
+            return e;
+        };
+        e.context(format!(
+            "over the instance pool's ceiling, rules.pool.{} = {}",
+            key.0, key.1
+        ))
+    }
+}
+
+/// What one rule instance may hold, from `[rules.pool]`: the store's limits
+/// repeat the pool's, so the on-demand allocator enforces them too.
+#[derive(Debug, Clone, Copy)]
+struct PerRule {
+    core_instances: u32,
+    memories: u32,
+    tables: u32,
 }
 
 /// Counts the guest calls in flight, so the epoch ticker runs only while a
@@ -556,6 +600,7 @@ pub struct WasmRule {
     timeout: Duration,
     memory_bytes: usize,
     table_elements: usize,
+    per_rule: PerRule,
 }
 
 impl std::fmt::Debug for WasmRule {
@@ -617,9 +662,9 @@ impl WasmRule {
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.memory_bytes)
             .table_elements(self.table_elements)
-            .instances(64)
-            .tables(64)
-            .memories(8)
+            .instances(self.per_rule.core_instances as usize)
+            .tables(self.per_rule.tables as usize)
+            .memories(self.per_rule.memories as usize)
             .trap_on_grow_failure(true)
             .build();
         let state = RuleState {
