@@ -9,6 +9,7 @@
 //! store or the network; a failing rule is recorded against that rule and can
 //! never fail the host.
 
+pub mod bench;
 pub mod breaker;
 pub mod catalog;
 pub mod config;
