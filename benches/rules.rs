@@ -155,8 +155,8 @@ fn bench(c: &mut Criterion, rules: &Rules, events: &[Arc<ParsedEvent>]) {
 fn summary(rules: &Rules, events: &[Arc<ParsedEvent>]) {
     let n = 20_000;
     let ev = |i: usize| &events[i % events.len()];
-    let native = bench::time_native(events, n);
-    let rhai = bench::time_rule(&rules.rhai, events, n).fresh;
+    let native = bench::time_native(events, n, Duration::ZERO);
+    let rhai = bench::time_rule(&rules.rhai, events, n, Duration::ZERO).fresh;
     let mut inst = reused(&rules.wasm);
     let reused = bench::percentiles(|i| drop(black_box(inst.classify(ev(i)))), n);
     let fresh = bench::percentiles(|i| drop(black_box(rules.wasm.classify(ev(i)))), n / 4);

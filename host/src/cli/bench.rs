@@ -44,6 +44,11 @@ pub struct BenchArgs {
     /// Timed calls per rule and variant (after a tenth as many warm-up calls).
     #[arg(long, default_value_t = 2000, value_name = "N")]
     pub calls: usize,
+    /// Sleep this long before each timed call (not timed), as a server sees
+    /// events arriving apart (`10ms` is 100 events/s); `0` times calls back
+    /// to back.
+    #[arg(long, default_value = "0", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub gap: std::time::Duration,
     /// One JSON document for scripts.
     #[arg(long)]
     pub json: bool,
@@ -60,6 +65,8 @@ pub struct Report {
     pub skipped: Vec<(PathBuf, String)>,
     /// Timed calls per rule and variant.
     pub calls: usize,
+    /// The pause before each timed call, in microseconds.
+    pub gap_us: u64,
     /// What the native baseline is.
     pub baseline: &'static str,
     /// One row per rule.
@@ -135,13 +142,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let calls = args.calls.max(1);
     let rows = entries
         .iter()
-        .map(|e| measure(e, &events.events, calls, &config))
+        .map(|e| measure(e, &events.events, calls, args.gap, &config))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let report = Report {
         events_dir,
         events: events.events.len(),
         skipped: events.skipped,
         calls,
+        gap_us: u64::try_from(args.gap.as_micros()).unwrap_or(u64::MAX),
         baseline: BASELINE,
         rules: rows,
     };
@@ -159,6 +167,7 @@ fn measure(
     e: &Entry,
     events: &[Arc<ParsedEvent>],
     calls: usize,
+    gap: std::time::Duration,
     config: &crate::config::Config,
 ) -> anyhow::Result<RuleRow> {
     let code = e.code_path();
@@ -218,8 +227,8 @@ fn measure(
         return Ok(row);
     }
     row.native_twin = bench::is_twin(rule, &mine);
-    let native = bench::time_native(&mine, calls);
-    let times = bench::time_rule(rule, &mine, calls);
+    let native = bench::time_native(&mine, calls, gap);
+    let times = bench::time_rule(rule, &mine, calls, gap);
     row.fresh_vs_native = Some(times.fresh.ratio(&native));
     row.reused_vs_native = times.reused.map(|r| r.ratio(&native));
     row.fresh_vs_reused = times.reused.map(|r| times.fresh.ratio(&r));
@@ -282,11 +291,15 @@ fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
         .collect();
     writeln!(
         out,
-        "{} events from {} ({} files skipped); {} timed calls per rule and variant",
+        "{} events from {} ({} files skipped); {} timed calls per rule and variant, {}",
         report.events,
         report.events_dir.display(),
         report.skipped.len(),
-        report.calls
+        report.calls,
+        match report.gap_us {
+            0 => "back to back".to_owned(),
+            us => format!("{us} µs apart"),
+        }
     )?;
     writeln!(out, "native baseline: {}", report.baseline)?;
     writeln!(

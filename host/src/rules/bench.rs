@@ -74,14 +74,24 @@ impl Percentiles {
 }
 
 /// Times `n` single calls of `f` (given the call's index) after `n / 10`
-/// warm-up calls; `n` is at least 1.
-pub fn percentiles(mut f: impl FnMut(usize), n: usize) -> Percentiles {
+/// warm-up calls, back to back; `n` is at least 1.
+pub fn percentiles(f: impl FnMut(usize), n: usize) -> Percentiles {
+    paced(f, n, Duration::ZERO)
+}
+
+/// [`percentiles`] with the thread asleep for `gap` before each timed call
+/// (not timed), as a server sees events arriving apart: caches go cold,
+/// the core may idle, a parked epoch ticker must be woken.
+pub fn paced(mut f: impl FnMut(usize), n: usize, gap: Duration) -> Percentiles {
     let n = n.max(1);
     for i in 0..n / 10 {
         f(i);
     }
     let mut times: Vec<Duration> = (0..n)
         .map(|i| {
+            if !gap.is_zero() {
+                std::thread::sleep(gap);
+            }
             let start = Instant::now();
             f(i);
             start.elapsed()
@@ -110,20 +120,21 @@ pub struct RuleTimes {
 /// Times `rule` on `events` (taken in turn), `n` calls per variant. The
 /// fresh variant goes through [`Rule::classify_with_reads`], the serving
 /// path, so it times whatever instantiation strategy the rule uses.
-pub fn time_rule(rule: &Rule, events: &[Arc<ParsedEvent>], n: usize) -> RuleTimes {
+pub fn time_rule(rule: &Rule, events: &[Arc<ParsedEvent>], n: usize, gap: Duration) -> RuleTimes {
     let ev = |i: usize| &events[i % events.len()];
     let mut failures = 0;
-    let fresh = percentiles(
+    let fresh = paced(
         |i| {
             let (r, reads) = rule.classify_with_reads(ev(i));
             failures += usize::from(r.is_err());
             drop(black_box((r, reads)));
         },
         n,
+        gap,
     );
     let reused = match rule.code() {
         RuleCode::Wasm(w) => match w.reused_instance() {
-            Ok(mut inst) => Some(percentiles(|i| drop(black_box(inst.classify(ev(i)))), n)),
+            Ok(mut inst) => Some(paced(|i| drop(black_box(inst.classify(ev(i)))), n, gap)),
             Err(_) => None,
         },
         _ => None,
@@ -135,12 +146,13 @@ pub fn time_rule(rule: &Rule, events: &[Arc<ParsedEvent>], n: usize) -> RuleTime
     }
 }
 
-/// Times the native baseline on `events`, `n` calls.
-pub fn time_native(events: &[Arc<ParsedEvent>], n: usize) -> Percentiles {
+/// Times the native baseline on `events`, `n` calls, `gap` apart.
+pub fn time_native(events: &[Arc<ParsedEvent>], n: usize, gap: Duration) -> Percentiles {
     let native = native_rule();
-    percentiles(
+    paced(
         |i| drop(black_box(native.classify(&events[i % events.len()]))),
         n,
+        gap,
     )
 }
 
