@@ -10,7 +10,7 @@ use std::process::Output;
 use serde_json::Value;
 use sluice::cli::bench::{LATENCY_COLUMNS, LOAD_COLUMNS};
 
-use crate::support::{Env, sluice};
+use crate::support::{Env, corpus, sluice};
 
 fn text(o: &Output) -> String {
     format!(
@@ -149,10 +149,13 @@ fn bench_json_has_positive_ratios_and_one_rule_on_request() {
         "20",
         "--rule",
         "bench-three-fields-rust",
+        "--gap",
+        "200us",
         "--json",
     ]);
     assert!(out.status.success(), "{}", text(&out));
     let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(report["gap_us"], 200, "{report:#}");
     let rules = report["rules"].as_array().unwrap();
     assert_eq!(rules.len(), 1, "{report:#}");
     let r = &rules[0];
@@ -194,4 +197,69 @@ fn bench_json_has_positive_ratios_and_one_rule_on_request() {
     let missing = sluice(&["bench", "--config", config, "--rule", "nope"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no rule named \"nope\""));
+}
+
+#[test]
+fn bench_reads_payloads_in_the_repo_and_corpus_layouts() {
+    use sluice::rules::bench::load_events;
+    let kinds = |dir: &Path| -> Vec<(String, String, String)> {
+        let events = load_events(dir).unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(events.skipped.is_empty(), "{:?}", events.skipped);
+        events
+            .paths
+            .iter()
+            .zip(&events.events)
+            .map(|(p, e)| {
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                (
+                    rel,
+                    e.event.provider.as_str().to_owned(),
+                    e.event.kind.clone(),
+                )
+            })
+            .collect()
+    };
+    let has = |all: &[(String, String, String)], want: (&str, &str, &str)| {
+        assert!(
+            all.iter()
+                .any(|(p, pr, k)| p == want.0 && pr == want.1 && k == want.2),
+            "{want:?} not in {all:?}"
+        );
+    };
+    // rules/tests: PROVIDER-KIND-….json; GitLab kinds from object_kind.
+    let repo = kinds(&Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/tests"));
+    has(
+        &repo,
+        (
+            "github-issue_comment-created.json",
+            "github",
+            "issue_comment",
+        ),
+    );
+    has(
+        &repo,
+        ("gitlab-merge_request.json", "gitlab", "Merge Request Hook"),
+    );
+    has(&repo, ("gitlab-tag_push.json", "gitlab", "Tag Push Hook"));
+    // The corpus: GitHub's PROVIDER/KIND/ACTION.payload.json, GitLab's events.json.
+    let github = kinds(&corpus().join("github"));
+    has(&github, ("issues/labeled.payload.json", "github", "issues"));
+    has(
+        &github,
+        (
+            "workflow_run/completed.payload.json",
+            "github",
+            "workflow_run",
+        ),
+    );
+    let gitlab = kinds(&corpus().join("gitlab"));
+    has(&gitlab, ("webhooks/note_issue.json", "gitlab", "Note Hook"));
+    has(
+        &gitlab,
+        ("webhooks/pipeline.json", "gitlab", "Pipeline Hook"),
+    );
+    // A folder that names no provider gives no events, and says so.
+    let events = load_events(&corpus().join("github/issues")).unwrap();
+    assert!(events.events.is_empty(), "no provider in the path: skipped");
+    assert!(!events.skipped.is_empty());
 }
