@@ -21,6 +21,7 @@ pub mod reads;
 pub mod reload;
 pub mod rhai;
 pub mod router;
+pub mod stats;
 pub mod vectors;
 pub mod wasm;
 
