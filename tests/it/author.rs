@@ -340,6 +340,13 @@ async fn rules_ls_lists_files_and_recorded_calls() {
     assert_eq!(gh["language"], "component", "{gh:#}");
     assert_eq!(gl["language"], "rhai", "{gl:#}");
     assert_eq!(gh["state"], "ok");
+    assert_eq!(gh["grant"], "approved", "{gh:#}");
+    assert_eq!(gl["grant"], "approved", "{gl:#}");
+    let refused = broken["grant"].as_str().unwrap();
+    assert!(
+        refused.contains("not approved") && refused.contains("[rules.grants.zz-broken]"),
+        "{refused}"
+    );
     assert_eq!(
         gl["size"].as_u64(),
         Some(std::fs::metadata(rules.join("gitlab.rhai")).unwrap().len())

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use super::RulesDirArg;
 use crate::rules::catalog::{self, Entry};
+use crate::rules::grants;
 use crate::rules::manifest::RuleSource;
 use crate::rules::reload::LoadState;
 pub use crate::rules::stats::Recorded;
@@ -53,6 +54,9 @@ pub struct RuleRow {
     pub size: Option<u64>,
     /// `ok`, or why the rule does not load.
     pub state: String,
+    /// `approved`, or why the config's `[rules.grants]` does not approve
+    /// what the manifest asks for (`serve` then refuses the rule).
+    pub grant: Option<String>,
     /// Its circuit breaker (`closed`, `open`, `half-open`), from a server.
     pub breaker: Option<String>,
     /// What the recorded decisions say about it, when there is a store.
@@ -90,6 +94,12 @@ pub async fn run(args: LsArgs) -> anyhow::Result<()> {
         .iter()
         .map(|e| {
             let mut row = row(e);
+            row.grant = e.manifest.as_ref().map(|m| {
+                match grants::approve(m, &e.manifest_path, &config.rules.grants) {
+                    Ok(()) => "approved".to_owned(),
+                    Err(err) => err.message,
+                }
+            });
             if let Some((_, live)) = &live {
                 serving(&mut row, live);
             }
@@ -197,6 +207,7 @@ fn row(e: &Entry) -> RuleRow {
             Ok(_) => "ok".to_owned(),
             Err(err) => err.to_string(),
         },
+        grant: None,
         breaker: None,
         recorded: None,
     }
@@ -231,8 +242,17 @@ fn print(listing: &Listing, has_store: bool, out: &mut impl Write) -> std::io::R
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(4).max(4);
     writeln!(
         out,
-        "{:width$}  {:<16}  {:<9}  {:>9}  {:>7}  {:>8}  {:>8}  {:<20}  {:<9}  STATE",
-        "RULE", "VERSION", "LANGUAGE", "SIZE", "CALLS", "P50 µs", "P99 µs", "ERRORS", "BREAKER"
+        "{:width$}  {:<16}  {:<9}  {:>9}  {:>7}  {:>8}  {:>8}  {:<20}  {:<9}  {:<12}  STATE",
+        "RULE",
+        "VERSION",
+        "LANGUAGE",
+        "SIZE",
+        "CALLS",
+        "P50 µs",
+        "P99 µs",
+        "ERRORS",
+        "BREAKER",
+        "GRANT"
     )?;
     for r in rows {
         let (calls, p50, p99, errors) = match &r.recorded {
@@ -254,14 +274,22 @@ fn print(listing: &Listing, has_store: bool, out: &mut impl Write) -> std::io::R
         };
         writeln!(
             out,
-            "{:width$}  {:<16}  {:<9}  {:>9}  {calls:>7}  {p50:>8}  {p99:>8}  {errors:<20}  {:<9}  {}",
+            "{:width$}  {:<16}  {:<9}  {:>9}  {calls:>7}  {p50:>8}  {p99:>8}  {errors:<20}  {:<9}  {:<12}  {}",
             r.name,
             r.version.as_deref().unwrap_or("-"),
             r.language.as_deref().unwrap_or("-"),
             r.size.map_or("-".into(), |s| s.to_string()),
             r.breaker.as_deref().unwrap_or("-"),
+            match r.grant.as_deref() {
+                None => "-",
+                Some("approved") => "approved",
+                Some(_) => "NOT APPROVED",
+            },
             r.state
         )?;
+        if let Some(why) = r.grant.as_deref().filter(|g| *g != "approved") {
+            writeln!(out, "{:width$}  grant: {why}", "")?;
+        }
     }
     match &listing.server {
         Some(url) => writeln!(
