@@ -9,8 +9,9 @@
 //! providers, kinds and grants). The measuring code is
 //! [`crate::rules::bench`], shared with `cargo bench --bench rules`.
 //!
-//! It writes nothing but a compile cache in a temporary directory (removed);
-//! it never touches the store.
+//! It writes nothing but compile caches: the config's (as `rules test` does)
+//! and, for the load timings, a temporary one it removes. It never touches
+//! the store.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
