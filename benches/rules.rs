@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use sluice::decision::{Priority, Route, RuleFailure, Verdict};
 use sluice::event::{Event, ParsedEvent, Provider};
+use sluice::rules::bench::{self, Percentiles};
 use sluice::rules::config::RulesConfig;
 use sluice::rules::manifest::Manifest;
 use sluice::rules::wasm::{ReusedInstance, WasmEngine};
@@ -63,24 +63,6 @@ fn events() -> Vec<Arc<ParsedEvent>> {
         .collect()
 }
 
-/// The baseline: the bench rule's logic as native Rust.
-fn native(ev: &ParsedEvent) -> Result<Verdict, RuleFailure> {
-    let kind = &ev.event.kind;
-    let action = ev.event.action.as_deref();
-    let repo = ev.get("/repository/full_name").and_then(|v| v.as_str());
-    Ok(Verdict::Routes(vec![Route {
-        agent: "bench".into(),
-        workflow: None,
-        priority: Priority::Medium,
-        reason: format!(
-            "{kind}.{} in {}",
-            action.unwrap_or("-"),
-            repo.unwrap_or("?")
-        ),
-        labels: Vec::new(),
-    }]))
-}
-
 fn load(engine: &WasmEngine, path: PathBuf, text: &str) -> Rule {
     let manifest = Manifest::parse(&path, text).unwrap_or_else(|e| panic!("{e}"));
     Rule::from_manifest(&manifest, &path, text, &RulesConfig::default(), engine)
@@ -115,7 +97,7 @@ fn rules(engine: &WasmEngine) -> Rules {
         &std::fs::read_to_string(&rhai_manifest).unwrap(),
     );
     Rules {
-        native: Rule::native("bench-native", native),
+        native: bench::native_rule(),
         rhai,
         wasm,
     }
@@ -170,31 +152,14 @@ fn bench(c: &mut Criterion, rules: &Rules, events: &[Arc<ParsedEvent>]) {
     group.finish();
 }
 
-/// p50 and p99 of single calls, in µs.
-fn percentiles(mut f: impl FnMut(usize), n: usize) -> (f64, f64) {
-    for i in 0..n / 10 {
-        f(i); // warm up
-    }
-    let mut times: Vec<Duration> = (0..n)
-        .map(|i| {
-            let start = Instant::now();
-            f(i);
-            start.elapsed()
-        })
-        .collect();
-    times.sort();
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
-    (us(times[n / 2]), us(times[n * 99 / 100]))
-}
-
 fn summary(rules: &Rules, events: &[Arc<ParsedEvent>]) {
     let n = 20_000;
     let ev = |i: usize| &events[i % events.len()];
-    let native = percentiles(|i| drop(black_box(rules.native.classify(ev(i)))), n);
-    let rhai = percentiles(|i| drop(black_box(rules.rhai.classify(ev(i)))), n);
+    let native = bench::time_native(events, n, Duration::ZERO);
+    let rhai = bench::time_rule(&rules.rhai, events, n, Duration::ZERO).fresh;
     let mut inst = reused(&rules.wasm);
-    let reused = percentiles(|i| drop(black_box(inst.classify(ev(i)))), n);
-    let fresh = percentiles(|i| drop(black_box(rules.wasm.classify(ev(i)))), n / 4);
+    let reused = bench::percentiles(|i| drop(black_box(inst.classify(ev(i)))), n);
+    let fresh = bench::percentiles(|i| drop(black_box(rules.wasm.classify(ev(i)))), n / 4);
     println!(
         "\nrule reading three fields, one route; {} GitHub corpus events; per call:",
         events.len()
@@ -203,20 +168,26 @@ fn summary(rules: &Rules, events: &[Arc<ParsedEvent>]) {
         "{:<28} {:>9} {:>9} {:>12} {:>8}",
         "variant", "p50 µs", "p99 µs", "p50/native", "target"
     );
-    for (name, (p50, p99), target) in [
+    for (
+        name,
+        Percentiles {
+            p50_us: p50,
+            p99_us: p99,
+        },
+        target,
+    ) in [
         ("native Rust fn (baseline)", native, None),
         ("rhai", rhai, Some(5.0)),
         ("Rust guest, reused instance", reused, Some(3.0)),
         ("Rust guest, fresh instance", fresh, Some(15.0)),
     ] {
+        let ratio = p50 / native.p50_us;
+        // Targets are p50 in µs, as docs/rules.md states them.
         let target = match target {
             Some(t) => format!("{}{t}", if p50 <= t { "≤" } else { "> " }),
             None => String::new(),
         };
-        println!(
-            "{name:<28} {p50:>9.2} {p99:>9.2} {:>11.1}x {target:>8}",
-            p50 / native.0
-        );
+        println!("{name:<28} {p50:>9.2} {p99:>9.2} {ratio:>11.1}x {target:>8}");
     }
 }
 

@@ -58,6 +58,9 @@ pub struct AppState {
     /// What each rule file loaded as, served at `/status/rules` (kept by the
     /// rules' [`Reloader`](crate::rules::reload::Reloader)).
     pub rules_status: SharedStatus,
+    /// The rule set serving, once `serve` has loaded it (for the breaker
+    /// states `/status/rules` reports).
+    pub live_rules: std::sync::OnceLock<SharedRuleSet>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -90,6 +93,7 @@ impl AppState {
             sources: ArcSwap::from_pointee(sources),
             store: Arc::new(store),
             rules_status: SharedStatus::default(),
+            live_rules: std::sync::OnceLock::new(),
             config: Arc::new(config),
         };
         Ok((Arc::new(state), reports))
@@ -148,8 +152,33 @@ async fn render_metrics(State(state): State<Arc<AppState>>) -> String {
 
 async fn rules_status(
     State(state): State<Arc<AppState>>,
-) -> axum::Json<crate::rules::reload::RulesStatus> {
-    axum::Json((**state.rules_status.load()).clone())
+) -> axum::Json<crate::rules::stats::LiveStatus> {
+    use crate::rules::stats::{DECISIONS, LiveStatus, breaker_name, record_by_rule};
+    let breakers = state
+        .live_rules
+        .get()
+        .map(|set| {
+            let set = set.load();
+            set.rules()
+                .filter_map(|r| {
+                    set.breaker_state(r.name())
+                        .map(|b| (r.name().to_owned(), breaker_name(b).to_owned()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let data_dir = state.config.data_dir();
+    let db = data_dir.join(&state.config.store.path);
+    let recorded = match SqliteStore::open_read_only(&db) {
+        Ok(reader) => record_by_rule(&reader, DECISIONS).await.ok(),
+        Err(_) => None,
+    };
+    axum::Json(LiveStatus {
+        data_dir: std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_owned()),
+        board: (**state.rules_status.load()).clone(),
+        breakers,
+        recorded,
+    })
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {

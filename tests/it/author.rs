@@ -11,7 +11,9 @@ use bytes::Bytes;
 use serde_json::Value;
 use sluice::event::EventStatus;
 
-use crate::support::{Env, RoutingGateway, client, corpus, post_accepted, sluice, until_status};
+use crate::support::{
+    Env, RoutingGateway, ServeChild, client, corpus, post_accepted, sluice, until_status,
+};
 
 fn text(o: &Output) -> String {
     format!(
@@ -321,7 +323,9 @@ async fn rules_ls_lists_files_and_recorded_calls() {
     let config = env.config_path.to_str().unwrap();
     let ls = sluice(&["rules", "ls", "--config", config, "--json"]);
     assert!(ls.status.success(), "{}", text(&ls));
-    let rows: Value = serde_json::from_slice(&ls.stdout).expect("JSON");
+    let doc: Value = serde_json::from_slice(&ls.stdout).expect("JSON");
+    assert_eq!(doc["source"], "files", "no server runs: {doc:#}");
+    let rows = &doc["rules"];
     let row = |name: &str| {
         rows.as_array()
             .unwrap()
@@ -336,6 +340,13 @@ async fn rules_ls_lists_files_and_recorded_calls() {
     assert_eq!(gh["language"], "component", "{gh:#}");
     assert_eq!(gl["language"], "rhai", "{gl:#}");
     assert_eq!(gh["state"], "ok");
+    assert_eq!(gh["grant"], "approved", "{gh:#}");
+    assert_eq!(gl["grant"], "approved", "{gl:#}");
+    let refused = broken["grant"].as_str().unwrap();
+    assert!(
+        refused.contains("not approved") && refused.contains("[rules.grants.zz-broken]"),
+        "{refused}"
+    );
     assert_eq!(
         gl["size"].as_u64(),
         Some(std::fs::metadata(rules.join("gitlab.rhai")).unwrap().len())
@@ -363,6 +374,100 @@ async fn rules_ls_lists_files_and_recorded_calls() {
         "{out}"
     );
     assert!(out.contains("over the last 4 recorded decisions"), "{out}");
+    assert!(out.contains("(from the files: no server"), "{out}");
+}
+
+/// `rules ls` while `sluice serve` serves the data directory: load state,
+/// breakers and statistics come from the server's `/status/rules`, and the
+/// output says so; once the server is gone, from the files again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_ls_asks_the_running_server() {
+    let (env, _) = env_with_shipped_rules();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    env.set_server(&[("listen", &format!("\"127.0.0.1:{port}\""))]);
+    let config = env.config_path.to_str().unwrap();
+    let mut server = ServeChild::spawn(&env.config_path);
+    let signed = env
+        .signer("github")
+        .sign("issues", &corpus_body("github/issues/opened.payload.json"))
+        .expect("sign");
+    post_accepted(&client(), &server.base, "github", &signed).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let doc = loop {
+        let ls = sluice(&["rules", "ls", "--config", config, "--json"]);
+        assert!(ls.status.success(), "{}", text(&ls));
+        let doc: Value = serde_json::from_slice(&ls.stdout).expect("JSON");
+        let gh = doc["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "github-router")
+            .cloned();
+        if gh.is_some_and(|gh| gh["recorded"]["calls"] == 1) {
+            break doc;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the routed event never showed: {doc:#}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(doc["source"], "server", "{doc:#}");
+    assert_eq!(
+        doc["server"],
+        format!("http://127.0.0.1:{port}/status/rules"),
+        "{doc:#}"
+    );
+    // The versions, states and breakers are the server's.
+    let status: Value = {
+        use http_body_util::BodyExt;
+        let req = hyper::Request::get(format!("{}/status/rules", server.base))
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client().request(req).await.expect("response");
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&body).expect("JSON")
+    };
+    for name in ["github-router", "gitlab"] {
+        let row = doc["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap();
+        let served = status["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["rule"] == name)
+            .unwrap();
+        assert_eq!(row["version"], served["version"], "{row:#} {served:#}");
+        assert_eq!(row["state"], "ok", "{row:#}");
+        assert_eq!(row["breaker"], "closed", "{row:#}");
+        assert_eq!(status["breakers"][name], "closed", "{status:#}");
+    }
+    let out = sluice(&["rules", "ls", "--config", config]);
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.contains("(from the running server, http://127.0.0.1:"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("github-router ") && l.contains(" closed ")),
+        "{out}"
+    );
+
+    server.kill();
+    let ls = sluice(&["rules", "ls", "--config", config, "--json"]);
+    let doc: Value = serde_json::from_slice(&ls.stdout).expect("JSON");
+    assert_eq!(doc["source"], "files", "{doc:#}");
+    assert_eq!(doc["rules"][0]["breaker"], Value::Null, "{doc:#}");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 mod abuse;
 mod author;
+mod bench;
 mod cli;
 mod config;
 mod corpus;

@@ -2536,3 +2536,43 @@ fn the_epoch_advances_only_while_a_guest_call_is_in_flight() {
     );
     idle("after the call");
 }
+
+#[test]
+fn the_epoch_ticker_lingers_after_a_call_then_parks() {
+    // Waking a parked ticker costs the next call a futex wake and a likely
+    // preemption; under steady traffic it stays awake between calls.
+    let engine = WasmEngine::new(None).unwrap();
+    let path = component("bench-three-fields");
+    let manifest_path = repo().join("linger-test.toml");
+    let text = format!(
+        "name = \"bench\"\ncomponent = {:?}\n[grants]\nwasi = true",
+        path.display().to_string()
+    );
+    let m = Manifest::parse(&manifest_path, &text).unwrap();
+    let rule =
+        Rule::from_manifest(&m, &manifest_path, &text, &RulesConfig::default(), &engine).unwrap();
+    assert!(rule.classify(&issues_opened()).is_ok());
+    let after_call = engine.epoch_ticks();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while engine.epoch_ticks() < after_call + 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the ticker stopped with the call: {} ticks after it",
+            engine.epoch_ticks() - after_call
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // And it parks: a 20 ms window with no tick, then a quiet second.
+    let mut before = engine.epoch_ticks();
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = engine.epoch_ticks();
+        if now == before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the ticker never parked");
+        before = now;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(engine.epoch_ticks(), before, "the ticker woke with no call");
+}

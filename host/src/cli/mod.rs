@@ -1,5 +1,6 @@
 //! The `sluice` command line: one file per command.
 
+pub mod bench;
 pub mod check;
 pub mod events;
 pub mod new_rule;
@@ -46,7 +47,7 @@ pub struct RulesDirArg {
     pub config: ConfigArg,
     /// Another rules directory instead of the config's `rules.dir` (every
     /// manifest in it loads; the rest of `[rules]` applies as configured).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", alias = "rules")]
     pub dir: Option<PathBuf>,
 }
 
@@ -101,6 +102,9 @@ pub enum Command {
     /// Re-run stored events through a candidate rule set and show which
     /// routes would change against the recorded decisions (writes nothing).
     Whatif(whatif::WhatifArgs),
+    /// Time each rule on real payloads (fresh and reused instance) beside a
+    /// native Rust rule, as ratios; and its compile and cache-load times.
+    Bench(bench::BenchArgs),
 }
 
 /// `sluice rules ...`.
@@ -126,6 +130,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Rules(RulesCommand::Test(a)) => rules_test::run(a),
         Command::Whatif(a) => whatif::run(a).await,
         Command::New(c) => new_rule::run(c),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

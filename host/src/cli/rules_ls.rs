@@ -2,22 +2,26 @@
 //! load state (from the files), and its calls, errors by kind and latency
 //! over the last recorded decisions (from the store, through its read role).
 //!
-//! It reads the rules directory and the store and writes nothing but the
-//! compile cache. It does not ask a running server; the rules it lists are
-//! the ones on disk, which a running server may not have loaded yet.
+//! When a server answers `GET /status/rules` at the config's
+//! `server.listen` for the same data directory, the load state, version,
+//! breaker and statistics are the server's (what it serves, which may differ
+//! from the files while a reload is pending or after one failed); else they
+//! come from the files and the store. The output says which. It writes
+//! nothing but the compile cache.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
 use serde::Serialize;
 
 use super::RulesDirArg;
-use crate::decision::RuleOutcome;
 use crate::rules::catalog::{self, Entry};
+use crate::rules::grants;
 use crate::rules::manifest::RuleSource;
+use crate::rules::reload::LoadState;
+pub use crate::rules::stats::Recorded;
+use crate::rules::stats::{LiveStatus, record_by_rule};
 use crate::rules::wasm::WasmEngine;
-use crate::store::EventReader;
 use crate::store::sqlite::SqliteStore;
 
 /// Arguments of `sluice rules ls`.
@@ -50,25 +54,24 @@ pub struct RuleRow {
     pub size: Option<u64>,
     /// `ok`, or why the rule does not load.
     pub state: String,
+    /// `approved`, or why the config's `[rules.grants]` does not approve
+    /// what the manifest asks for (`serve` then refuses the rule).
+    pub grant: Option<String>,
+    /// Its circuit breaker (`closed`, `open`, `half-open`), from a server.
+    pub breaker: Option<String>,
     /// What the recorded decisions say about it, when there is a store.
     pub recorded: Option<Recorded>,
 }
 
-/// A rule's record over the latest decisions.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Recorded {
-    /// Decisions looked at.
-    pub decisions: usize,
-    /// Times the rule was run (skipped events excluded).
-    pub calls: u64,
-    /// Failures by kind (`trap`, `timeout`, `disabled`, ...).
-    pub errors: BTreeMap<String, u64>,
-    /// Median call duration, in microseconds.
-    pub p50_us: Option<u64>,
-    /// 99th percentile call duration, in microseconds.
-    pub p99_us: Option<u64>,
-    /// The versions seen, newest first.
-    pub versions: Vec<String>,
+/// Where the rows came from, as `--json` prints it.
+#[derive(Debug, Serialize)]
+pub struct Listing {
+    /// `server` (with its URL) or `files`.
+    pub source: String,
+    /// The server's `/status/rules`, when one answered.
+    pub server: Option<String>,
+    /// One row per rule.
+    pub rules: Vec<RuleRow>,
 }
 
 /// Runs `sluice rules ls`.
@@ -77,17 +80,29 @@ pub async fn run(args: LsArgs) -> anyhow::Result<()> {
     let cache = config.rules.cache_dir(&config.base_dir, config.data_dir());
     let engine = WasmEngine::with_pool(Some(cache), &config.rules.pool)?;
     let entries = catalog::load_each(&config.rules, &config.base_dir, &engine)?;
+    let live = from_server(&config).await;
     let db = config.data_dir().join(&config.store.path);
-    let recorded = if db.exists() {
-        let reader = SqliteStore::open_read_only(&db)?;
-        Some(record_by_rule(&reader, args.decisions).await?)
-    } else {
-        None
+    let recorded = match &live {
+        Some((_, live)) => live.recorded.clone(),
+        None if db.exists() => {
+            let reader = SqliteStore::open_read_only(&db)?;
+            Some(record_by_rule(&reader, args.decisions).await?)
+        }
+        None => None,
     };
     let rows: Vec<RuleRow> = entries
         .iter()
         .map(|e| {
             let mut row = row(e);
+            row.grant = e.manifest.as_ref().map(|m| {
+                match grants::approve(m, &e.manifest_path, &config.rules.grants) {
+                    Ok(()) => "approved".to_owned(),
+                    Err(err) => err.message,
+                }
+            });
+            if let Some((_, live)) = &live {
+                serving(&mut row, live);
+            }
             if let Some(by_rule) = &recorded {
                 row.recorded = Some(by_rule.get(&row.name).map_or_else(
                     || Recorded {
@@ -100,14 +115,69 @@ pub async fn run(args: LsArgs) -> anyhow::Result<()> {
             row
         })
         .collect();
+    let listing = Listing {
+        source: if live.is_some() { "server" } else { "files" }.to_owned(),
+        server: live.as_ref().map(|(url, _)| url.clone()),
+        rules: rows,
+    };
     let mut out = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &rows)?;
+        serde_json::to_writer_pretty(&mut out, &listing)?;
         writeln!(out)?;
     } else {
-        print(&rows, recorded.is_some(), &mut out)?;
+        print(&listing, recorded.is_some(), &mut out)?;
     }
     Ok(())
+}
+
+/// The server's `/status/rules`, when a server answers at `server.listen`
+/// within a second and serves this config's data directory.
+async fn from_server(config: &crate::config::Config) -> Option<(String, LiveStatus)> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let listen = config.server.listen;
+    if listen.port() == 0 {
+        return None;
+    }
+    let host = if listen.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], listen.port()))
+    } else {
+        listen
+    };
+    let url = format!("http://{host}/status/rules");
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let ask = async {
+        let resp = client.get(url.parse().ok()?).await.ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        let body = resp.into_body().collect().await.ok()?.to_bytes();
+        serde_json::from_slice::<LiveStatus>(&body).ok()
+    };
+    let live = tokio::time::timeout(std::time::Duration::from_secs(1), ask)
+        .await
+        .ok()??;
+    let ours = std::path::absolute(config.data_dir()).ok()?;
+    (live.data_dir == ours).then_some((url, live))
+}
+
+/// Takes the server's view of one rule: the version it serves, its load
+/// state and its breaker.
+fn serving(row: &mut RuleRow, live: &LiveStatus) {
+    let Some(status) = live.board.rules.iter().find(|r| r.rule == row.name) else {
+        row.state = "not loaded by the server".into();
+        row.version = None;
+        return;
+    };
+    row.version = status.version.clone();
+    row.state = match (status.state, &status.error) {
+        (LoadState::Loaded, _) => "ok".into(),
+        (LoadState::Pending, _) => "pending (a file is being written)".into(),
+        (LoadState::Failed, Some(e)) => e.clone(),
+        (LoadState::Failed, None) => "failed".into(),
+    };
+    row.breaker = live.breakers.get(&row.name).cloned();
 }
 
 fn row(e: &Entry) -> RuleRow {
@@ -137,6 +207,8 @@ fn row(e: &Entry) -> RuleRow {
             Ok(_) => "ok".to_owned(),
             Err(err) => err.to_string(),
         },
+        grant: None,
+        breaker: None,
         recorded: None,
     }
 }
@@ -165,54 +237,22 @@ pub fn component_language(bytes: &[u8]) -> Option<String> {
     None
 }
 
-async fn record_by_rule(
-    reader: &dyn EventReader,
-    limit: usize,
-) -> anyhow::Result<BTreeMap<String, Recorded>> {
-    let decisions = reader.decisions(limit).await?;
-    let mut by_rule: BTreeMap<String, (Recorded, Vec<u64>)> = BTreeMap::new();
-    for d in &decisions {
-        for r in &d.decision.rules {
-            let (rec, durations) = by_rule.entry(r.rule.clone()).or_default();
-            if !rec.versions.contains(&r.version) {
-                rec.versions.push(r.version.clone());
-            }
-            match &r.outcome {
-                RuleOutcome::Skipped => continue,
-                RuleOutcome::Failed(f) => *rec.errors.entry(f.kind().to_owned()).or_default() += 1,
-                RuleOutcome::Verdict(_) => {}
-            }
-            rec.calls += 1;
-            durations.push(r.duration_us);
-        }
-    }
-    Ok(by_rule
-        .into_iter()
-        .map(|(name, (mut rec, mut durations))| {
-            durations.sort_unstable();
-            rec.decisions = decisions.len();
-            rec.p50_us = percentile(&durations, 50);
-            rec.p99_us = percentile(&durations, 99);
-            (name, rec)
-        })
-        .collect())
-}
-
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[u64], p: usize) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (p * sorted.len()).div_ceil(100).max(1);
-    Some(sorted[rank - 1])
-}
-
-fn print(rows: &[RuleRow], has_store: bool, out: &mut impl Write) -> std::io::Result<()> {
+fn print(listing: &Listing, has_store: bool, out: &mut impl Write) -> std::io::Result<()> {
+    let rows = &listing.rules;
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(4).max(4);
     writeln!(
         out,
-        "{:width$}  {:<16}  {:<9}  {:>9}  {:>7}  {:>8}  {:>8}  {:<20}  STATE",
-        "RULE", "VERSION", "LANGUAGE", "SIZE", "CALLS", "P50 µs", "P99 µs", "ERRORS"
+        "{:width$}  {:<16}  {:<9}  {:>9}  {:>7}  {:>8}  {:>8}  {:<20}  {:<9}  {:<12}  STATE",
+        "RULE",
+        "VERSION",
+        "LANGUAGE",
+        "SIZE",
+        "CALLS",
+        "P50 µs",
+        "P99 µs",
+        "ERRORS",
+        "BREAKER",
+        "GRANT"
     )?;
     for r in rows {
         let (calls, p50, p99, errors) = match &r.recorded {
@@ -234,13 +274,32 @@ fn print(rows: &[RuleRow], has_store: bool, out: &mut impl Write) -> std::io::Re
         };
         writeln!(
             out,
-            "{:width$}  {:<16}  {:<9}  {:>9}  {calls:>7}  {p50:>8}  {p99:>8}  {errors:<20}  {}",
+            "{:width$}  {:<16}  {:<9}  {:>9}  {calls:>7}  {p50:>8}  {p99:>8}  {errors:<20}  {:<9}  {:<12}  {}",
             r.name,
             r.version.as_deref().unwrap_or("-"),
             r.language.as_deref().unwrap_or("-"),
             r.size.map_or("-".into(), |s| s.to_string()),
+            r.breaker.as_deref().unwrap_or("-"),
+            match r.grant.as_deref() {
+                None => "-",
+                Some("approved") => "approved",
+                Some(_) => "NOT APPROVED",
+            },
             r.state
         )?;
+        if let Some(why) = r.grant.as_deref().filter(|g| *g != "approved") {
+            writeln!(out, "{:width$}  grant: {why}", "")?;
+        }
+    }
+    match &listing.server {
+        Some(url) => writeln!(
+            out,
+            "(from the running server, {url}: the versions it serves, their load state and breakers)"
+        )?,
+        None => writeln!(
+            out,
+            "(from the files: no server of this data directory answered; breakers unknown)"
+        )?,
     }
     match rows.iter().find_map(|r| r.recorded.as_ref()) {
         Some(rec) => writeln!(

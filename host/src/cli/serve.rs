@@ -68,6 +68,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     )?;
     let (reloader, watch) = start_rules(&state, engine)?;
     let rules = reloader.rules().clone();
+    let _ = state.live_rules.set(rules.clone());
     // Registered before the address is printed: from then on a SIGHUP
     // reloads instead of ending the process.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())

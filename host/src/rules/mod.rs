@@ -9,6 +9,7 @@
 //! store or the network; a failing rule is recorded against that rule and can
 //! never fail the host.
 
+pub mod bench;
 pub mod breaker;
 pub mod catalog;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod reads;
 pub mod reload;
 pub mod rhai;
 pub mod router;
+pub mod stats;
 pub mod vectors;
 pub mod wasm;
 

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use notify::{EventKind, RecursiveMode, Watcher};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 
 use crate::event::now_ms;
@@ -37,7 +37,7 @@ use crate::rules::{
 };
 
 /// Whether a rule file is serving, failed, or waiting for its files to settle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LoadState {
     /// Its current files are serving.
@@ -49,7 +49,7 @@ pub enum LoadState {
 }
 
 /// What the status board says about one manifest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleStatus {
     /// The rule's name (the manifest's file stem while the manifest cannot be read).
     pub rule: String,
@@ -68,7 +68,7 @@ pub struct RuleStatus {
 }
 
 /// The status board: one entry per manifest, in rule order.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RulesStatus {
     /// Every manifest, in the order its rules run.
     pub rules: Vec<RuleStatus>,

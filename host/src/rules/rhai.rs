@@ -222,31 +222,31 @@ fn build_engine(
         .register_type_with_name::<ScriptEvent>("Event")
         .register_get("id", |e: &mut ScriptEvent| {
             read_text("id", Some(&e.0.event.id));
-            e.0.event.id.clone()
+            ImmutableString::from(e.0.event.id.as_str())
         })
         .register_get("source", |e: &mut ScriptEvent| {
             read_text("source", Some(&e.0.event.source));
-            e.0.event.source.clone()
+            ImmutableString::from(e.0.event.source.as_str())
         })
         .register_get("provider", |e: &mut ScriptEvent| {
             read_text("provider", Some(e.0.event.provider.as_str()));
-            e.0.event.provider.as_str().to_owned()
+            ImmutableString::from(e.0.event.provider.as_str())
         })
         .register_get("kind", |e: &mut ScriptEvent| {
             read_text("kind", Some(&e.0.event.kind));
-            e.0.event.kind.clone()
+            ImmutableString::from(e.0.event.kind.as_str())
         })
         .register_get("action", |e: &mut ScriptEvent| {
             read_text("action", e.0.event.action.as_deref());
             e.0.event
                 .action
-                .clone()
-                .map(Dynamic::from)
+                .as_deref()
+                .map(|a| Dynamic::from(ImmutableString::from(a)))
                 .unwrap_or(Dynamic::UNIT)
         })
         .register_get("delivery_id", |e: &mut ScriptEvent| {
             read_text("delivery_id", Some(&e.0.event.delivery_id));
-            e.0.event.delivery_id.clone()
+            ImmutableString::from(e.0.event.delivery_id.as_str())
         })
         .register_get("received_at", |e: &mut ScriptEvent| {
             READS.with_borrow_mut(|r| r.number("received_at", e.0.event.received_at_ms));
@@ -296,7 +296,7 @@ fn json_to_dynamic(v: &serde_json::Value) -> Dynamic {
             Some(i) => Dynamic::from_int(i),
             None => Dynamic::from_float(n.as_f64().unwrap_or(f64::NAN)),
         },
-        J::String(s) => Dynamic::from(s.clone()),
+        J::String(s) => Dynamic::from(ImmutableString::from(s.as_str())),
         J::Array(a) => Dynamic::from_array(a.iter().map(json_to_dynamic).collect()),
         J::Object(o) => Dynamic::from_map(
             o.iter()
@@ -307,35 +307,36 @@ fn json_to_dynamic(v: &serde_json::Value) -> Dynamic {
 }
 
 /// Converts a script's answer into a verdict, rejecting anything malformed.
+/// The answer is taken apart, never copied: it is the script's last use of it.
 fn verdict(value: Dynamic) -> Result<Verdict, RuleFailure> {
     let bad = |m: String| RuleFailure::Trap(format!("bad answer: {m}"));
     if value.is_unit() {
         return Ok(Verdict::Routes(Vec::new()));
     }
     if value.is_map() {
-        let map = value.cast::<rhai::Map>();
-        let Some(reason) = map.get("ignore") else {
+        let mut map = value.cast::<rhai::Map>();
+        if map.len() != 1 && map.contains_key("ignore") {
+            return Err(bad("#{ignore: ..} takes no other keys".into()));
+        }
+        let Some(reason) = map.remove("ignore") else {
             return Err(bad(
                 "a map answer must be #{ignore: \"reason\"}; routes go in an array".into(),
             ));
         };
-        if map.len() != 1 {
-            return Err(bad("#{ignore: ..} takes no other keys".into()));
-        }
         let reason = reason
-            .clone()
-            .into_string()
+            .into_immutable_string()
             .map_err(|t| bad(format!("ignore reason is a {t}, not a string")))?;
         return Ok(Verdict::Ignore(
             truncate(&reason, output::MAX_REASON).into_owned(),
         ));
     }
-    let Some(items) = value.clone().try_cast::<rhai::Array>() else {
+    if !value.is_array() {
         return Err(bad(format!(
             "expected an array of routes or #{{ignore: ..}}, got {}",
             value.type_name()
         )));
-    };
+    }
+    let items = value.cast::<rhai::Array>();
     if items.len() > output::MAX_ROUTES {
         return Err(RuleFailure::Trap(format!(
             "answer too large: {} routes (the limit is {})",
@@ -356,10 +357,9 @@ fn route(item: Dynamic) -> Result<Route, String> {
     let Some(map) = item.try_cast::<rhai::Map>() else {
         return Err(format!("expected a map, got {type_name}"));
     };
-    let string = |key: &str, v: &Dynamic| -> Result<String, String> {
-        v.clone()
-            .into_immutable_string()
-            .map(|s: ImmutableString| s.to_string())
+    let string = |key: &str, v: Dynamic| -> Result<String, String> {
+        v.into_immutable_string()
+            .map(String::from)
             .map_err(|t| format!("{key} is a {t}, not a string"))
     };
     let mut route = Route {
@@ -370,7 +370,7 @@ fn route(item: Dynamic) -> Result<Route, String> {
         labels: Vec::new(),
     };
     let mut has_agent = false;
-    for (key, v) in &map {
+    for (key, v) in map {
         match key.as_str() {
             "agent" => {
                 route.agent = string("agent", v)?;
@@ -379,7 +379,9 @@ fn route(item: Dynamic) -> Result<Route, String> {
             "workflow" if v.is_unit() => {}
             "workflow" => route.workflow = Some(string("workflow", v)?),
             "priority" => {
-                let p = string("priority", v)?;
+                let p = v
+                    .into_immutable_string()
+                    .map_err(|t| format!("priority is a {t}, not a string"))?;
                 route.priority = Priority::parse(&p).ok_or_else(|| {
                     format!("priority {p:?} is not one of critical, high, medium, low")
                 })?;
@@ -387,11 +389,10 @@ fn route(item: Dynamic) -> Result<Route, String> {
             "reason" => route.reason = string("reason", v)?,
             "labels" => {
                 let labels = v
-                    .clone()
                     .try_cast::<rhai::Array>()
                     .ok_or("labels is not an array")?;
                 route.labels = labels
-                    .iter()
+                    .into_iter()
                     .map(|l| string("label", l))
                     .collect::<Result<_, _>>()?;
             }
