@@ -2431,7 +2431,8 @@ fn the_pool_ceilings_are_config_and_a_manifest_asking_for_more_is_refused() {
         PoolConfig {
             instances: 4,
             max_memory_mb: 64,
-            table_elements: 30_000
+            table_elements: 30_000,
+            ..PoolConfig::default()
         }
     );
     let engine = WasmEngine::with_pool(None, &config.pool).unwrap();

@@ -404,6 +404,11 @@ pub struct PoolConfig {
     pub max_memory_mb: u64,
     /// The most elements of any table, in the pool and in each store's limits.
     pub table_elements: usize,
+    /// Instances made ahead of time per component rule version, off the
+    /// event path, each used for one event; 0 instantiates on the event
+    /// path. They hold pool slots: all rules' ready instances together are
+    /// capped at run time at `instances` less `rules.workers`.
+    pub ready_per_rule: u32,
 }
 
 impl Default for PoolConfig {
@@ -412,11 +417,15 @@ impl Default for PoolConfig {
             instances: 128,
             max_memory_mb: Limits::MAX_MEMORY_MB,
             table_elements: 20_000,
+            ready_per_rule: 2,
         }
     }
 }
 
 impl PoolConfig {
+    /// The most ready instances one rule version may keep.
+    pub const MAX_READY_PER_RULE: u32 = 64;
+
     /// Checks the ceilings are usable, naming the key under `rules.pool.`.
     pub fn validate(&self) -> Result<(), String> {
         if self.instances == 0 || self.instances > 10_000 {
@@ -430,6 +439,12 @@ impl PoolConfig {
         }
         if self.table_elements == 0 || self.table_elements > 10_000_000 {
             return Err("rules.pool.table_elements: must be between 1 and 10000000".into());
+        }
+        if self.ready_per_rule > Self::MAX_READY_PER_RULE {
+            return Err(format!(
+                "rules.pool.ready_per_rule: must be between 0 and {}",
+                Self::MAX_READY_PER_RULE
+            ));
         }
         Ok(())
     }
