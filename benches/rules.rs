@@ -6,7 +6,16 @@
 //! - `wasm-reused`: the `bench-three-fields` component, one instance kept
 //!   across calls (what a host without per-event isolation would pay),
 //! - `wasm-fresh`: the same component with a fresh store and instance per
-//!   event (what sluice does).
+//!   event (what sluice does), taken from the rule's ready pool
+//!   (`rules.pool.ready_per_rule`, made and torn down on the filler thread),
+//! - `wasm-fresh-inline`: a fresh instance per event made and dropped on the
+//!   calling thread (the ready pool off).
+//!
+//! Back to back, the filler cannot keep up with the calls (it does more work
+//! per event than the call), so the summary also runs the fresh variants at a
+//! steady 100 events/s, and reports beside each latency the CPU per event of
+//! every thread of the process (the filler's instantiation and teardown, the
+//! epoch ticker), so work moved off the event path is still counted.
 //!
 //! Every variant goes through `Rule::classify` (or the reused instance) with
 //! the payload already parsed, as the router shares one parse among all rules.
@@ -28,7 +37,7 @@ use sluice::decision::{Priority, Route, RuleFailure, Verdict};
 use sluice::event::{Event, ParsedEvent, Provider};
 use sluice::rules::config::RulesConfig;
 use sluice::rules::manifest::Manifest;
-use sluice::rules::wasm::{ReusedInstance, WasmEngine};
+use sluice::rules::wasm::{ReusedInstance, WasmEngine, WasmRule};
 use sluice::rules::{Rule, RuleCode};
 
 const EVENTS: [(&str, &str); 6] = [
@@ -121,11 +130,17 @@ fn rules(engine: &WasmEngine) -> Rules {
     }
 }
 
-fn reused(rule: &Rule) -> ReusedInstance<'_> {
+fn wasm(rule: &Rule) -> &WasmRule {
     let RuleCode::Wasm(w) = rule.code() else {
         unreachable!()
     };
-    w.reused_instance().unwrap_or_else(|e| panic!("{e}"))
+    w
+}
+
+fn reused(rule: &Rule) -> ReusedInstance<'_> {
+    wasm(rule)
+        .reused_instance()
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn bench(c: &mut Criterion, rules: &Rules, events: &[Arc<ParsedEvent>]) {
@@ -159,6 +174,14 @@ fn bench(c: &mut Criterion, rules: &Rules, events: &[Arc<ParsedEvent>]) {
             })
         });
     }
+    let inline = wasm(&rules.wasm).with_ready(0);
+    group.bench_function("wasm-fresh-inline", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % events.len();
+            black_box(inline.classify(black_box(&events[i])))
+        })
+    });
     let mut inst = reused(&rules.wasm);
     group.bench_function("wasm-reused", |b| {
         let mut i = 0;
@@ -170,54 +193,138 @@ fn bench(c: &mut Criterion, rules: &Rules, events: &[Arc<ParsedEvent>]) {
     group.finish();
 }
 
-/// p50 and p99 of single calls, in µs.
-fn percentiles(mut f: impl FnMut(usize), n: usize) -> (f64, f64) {
+/// CPU time of every thread of this process so far (the scheduler's
+/// per-thread run time, in ns, summed over `/proc/self/task`).
+fn process_cpu() -> Duration {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+        let stat = task.expect("a task").path().join("schedstat");
+        // A thread may end between the listing and the read.
+        if let Ok(text) = std::fs::read_to_string(stat) {
+            ns += text
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Duration::from_nanos(ns)
+}
+
+/// Latency of single calls (p50, p99) and CPU per call of the whole
+/// process, in µs.
+struct Measured {
+    p50: f64,
+    p99: f64,
+    cpu: f64,
+}
+
+/// Measures `n` calls of `f`, back to back or `spacing` apart (the time
+/// between calls is not counted as anyone's CPU but a waiting thread's).
+fn measure(mut f: impl FnMut(usize), n: usize, spacing: Option<Duration>) -> Measured {
     for i in 0..n / 10 {
         f(i); // warm up
+        if let Some(gap) = spacing {
+            std::thread::sleep(gap);
+        }
     }
+    let cpu = process_cpu();
     let mut times: Vec<Duration> = (0..n)
         .map(|i| {
             let start = Instant::now();
             f(i);
-            start.elapsed()
+            let took = start.elapsed();
+            if let Some(gap) = spacing {
+                std::thread::sleep(gap.saturating_sub(took));
+            }
+            took
         })
         .collect();
+    // What the filler still owes for these calls (teardown of the last
+    // stores, refill) is part of their cost.
+    std::thread::sleep(Duration::from_millis(50));
+    let cpu = process_cpu() - cpu;
     times.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    (us(times[n / 2]), us(times[n * 99 / 100]))
+    Measured {
+        p50: us(times[n / 2]),
+        p99: us(times[n * 99 / 100]),
+        cpu: us(cpu) / n as f64,
+    }
 }
 
 fn summary(rules: &Rules, events: &[Arc<ParsedEvent>]) {
     let n = 20_000;
     let ev = |i: usize| &events[i % events.len()];
-    let native = percentiles(|i| drop(black_box(rules.native.classify(ev(i)))), n);
-    let rhai = percentiles(|i| drop(black_box(rules.rhai.classify(ev(i)))), n);
+    let native = measure(|i| drop(black_box(rules.native.classify(ev(i)))), n, None);
+    let rhai = measure(|i| drop(black_box(rules.rhai.classify(ev(i)))), n, None);
     let mut inst = reused(&rules.wasm);
-    let reused = percentiles(|i| drop(black_box(inst.classify(ev(i)))), n);
-    let fresh = percentiles(|i| drop(black_box(rules.wasm.classify(ev(i)))), n / 4);
+    let reused = measure(|i| drop(black_box(inst.classify(ev(i)))), n, None);
+    let inline = wasm(&rules.wasm).with_ready(0);
+    let fresh_inline = measure(|i| drop(black_box(inline.classify(ev(i)))), n / 4, None);
+    let fresh_ready = measure(|i| drop(black_box(rules.wasm.classify(ev(i)))), n / 4, None);
+    // The issue's steady pace: 100 events/s, 1,000 events per variant.
+    let pace = Some(Duration::from_millis(10));
+    let paced = 1_000;
+    let reused_paced = measure(|i| drop(black_box(inst.classify(ev(i)))), paced, pace);
+    let inline_paced = measure(|i| drop(black_box(inline.classify(ev(i)))), paced, pace);
+    let ready_paced = measure(|i| drop(black_box(rules.wasm.classify(ev(i)))), paced, pace);
     println!(
         "\nrule reading three fields, one route; {} GitHub corpus events; per call:",
         events.len()
     );
     println!(
-        "{:<28} {:>9} {:>9} {:>12} {:>8}",
-        "variant", "p50 µs", "p99 µs", "p50/native", "target"
+        "{:<40} {:>8} {:>8} {:>11} {:>11} {:>8} {:>8}",
+        "variant", "p50 µs", "p99 µs", "p50/native", "p50/reused", "CPU µs", "target"
     );
-    for (name, (p50, p99), target) in [
-        ("native Rust fn (baseline)", native, None),
-        ("rhai", rhai, Some(5.0)),
-        ("Rust guest, reused instance", reused, Some(3.0)),
-        ("Rust guest, fresh instance", fresh, Some(15.0)),
-    ] {
+    let rows = [
+        ("native Rust fn (baseline)", &native, &reused, None),
+        ("rhai", &rhai, &reused, Some(5.0)),
+        ("Rust guest, reused instance", &reused, &reused, Some(3.0)),
+        ("Rust guest, fresh, inline", &fresh_inline, &reused, None),
+        (
+            "Rust guest, fresh, ready pool",
+            &fresh_ready,
+            &reused,
+            Some(15.0),
+        ),
+        (
+            "at 100 events/s: reused instance",
+            &reused_paced,
+            &reused_paced,
+            None,
+        ),
+        (
+            "at 100 events/s: fresh, inline",
+            &inline_paced,
+            &reused_paced,
+            None,
+        ),
+        (
+            "at 100 events/s: fresh, ready pool",
+            &ready_paced,
+            &reused_paced,
+            None,
+        ),
+    ];
+    for (name, m, base, target) in rows {
         let target = match target {
-            Some(t) => format!("{}{t}", if p50 <= t { "≤" } else { "> " }),
+            Some(t) => format!("{}{t}", if m.p50 <= t { "≤" } else { "> " }),
             None => String::new(),
         };
         println!(
-            "{name:<28} {p50:>9.2} {p99:>9.2} {:>11.1}x {target:>8}",
-            p50 / native.0
+            "{name:<40} {:>8.2} {:>8.2} {:>10.1}x {:>10.2}x {:>8.2} {target:>8}",
+            m.p50,
+            m.p99,
+            m.p50 / native.p50,
+            m.p50 / base.p50,
+            m.cpu
         );
     }
+    println!(
+        "(p50/reused: against the reused instance at the same pace; aim for the \
+         fresh instance: ≤ 3x. CPU µs: all threads of the process per call.)"
+    );
 }
 
 fn main() {
