@@ -16,6 +16,7 @@ mod fuzz;
 mod grants;
 mod idle;
 mod metrics;
+mod ready;
 mod regression;
 mod reload;
 mod routing;
