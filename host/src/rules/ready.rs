@@ -17,8 +17,9 @@
 //! slots the router workers need (all rules' ready instances together are
 //! capped at `rules.pool.instances` less `rules.workers`).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak, mpsc};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use metrics::{Counter, Gauge};
@@ -27,6 +28,15 @@ use metrics::{Counter, Gauge};
 /// own store inline rather than queue more (the filler is behind: a burst, or
 /// a start function running to its deadline).
 const MAX_PENDING_DROPS: usize = 64;
+
+/// How long after an event last found no instance ready the filler waits
+/// before making more for that rule. While events come faster than the
+/// filler can make instances (a burst), each makes its own inline, and a
+/// filler making instances beside them would only contend with them for
+/// the engine's locks and the pool (measured back to back: more CPU per
+/// event and more latency than inline alone). It fills again once the burst
+/// is over.
+const QUIET: Duration = Duration::from_micros(200);
 
 /// What making one instance ahead of time came to.
 pub(crate) enum Made<T> {
@@ -60,6 +70,13 @@ struct Counts {
     pending_drops: AtomicUsize,
     /// Whether the cap on ready instances has been reported.
     capped: AtomicBool,
+    /// What the pools' miss times count from.
+    base: Instant,
+    /// Jobs events left for the filler without waking it (see
+    /// [`Filler::kick`]).
+    lazy: Mutex<Vec<Job>>,
+    /// `lazy` has jobs.
+    lazy_pending: AtomicBool,
 }
 
 enum Job {
@@ -71,7 +88,17 @@ enum Job {
 
 /// A rule version's pool as the filler sees it.
 trait Refill: Send + Sync {
-    fn refill(&self);
+    /// Tops the pool up; `Some(when)` to be asked again then, because
+    /// events are still finding it empty.
+    fn refill(&self) -> Option<Instant>;
+}
+
+impl std::fmt::Debug for Filler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Filler")
+            .field("ready", &self.ready())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Filler {
@@ -86,6 +113,9 @@ impl Filler {
             reserved: AtomicUsize::new(reserved),
             pending_drops: AtomicUsize::new(0),
             capped: AtomicBool::new(false),
+            base: Instant::now(),
+            lazy: Mutex::new(Vec::new()),
+            lazy_pending: AtomicBool::new(false),
         });
         let thread_counts = counts.clone();
         std::thread::Builder::new()
@@ -115,6 +145,40 @@ impl Filler {
         if let Err(mpsc::SendError(job)) = self.tx.send(Job::Drop(Box::new(item))) {
             counts.pending_drops.fetch_sub(1, Ordering::Relaxed);
             drop(job);
+        }
+    }
+
+    /// Leaves jobs for the filler without waking it: waking a parked thread
+    /// is a system call and, on a virtual machine, an interrupt to another
+    /// CPU, measured as half of a ready-instance event at a steady pace.
+    /// The epoch ticker, which runs after every call anyway, passes them on
+    /// ([`Filler::kick`]).
+    fn leave(&self, jobs: impl IntoIterator<Item = Job>) {
+        let counts = &self.counts;
+        counts
+            .lazy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(jobs);
+        counts.lazy_pending.store(true, Ordering::Release);
+    }
+
+    /// Passes the jobs events left to the filler, waking it. Called by the
+    /// epoch ticker after each tick, so within a tick of the call that left
+    /// them, and never on the event path.
+    pub(crate) fn kick(&self) {
+        let counts = &self.counts;
+        if !counts.lazy_pending.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let jobs = std::mem::take(&mut *counts.lazy.lock().unwrap_or_else(|e| e.into_inner()));
+        for job in jobs {
+            if let Err(mpsc::SendError(job)) = self.tx.send(job) {
+                if let Job::Drop(_) = job {
+                    counts.pending_drops.fetch_sub(1, Ordering::Relaxed);
+                }
+                drop(job);
+            }
         }
     }
 
@@ -149,11 +213,27 @@ impl Filler {
 }
 
 /// The filler thread: drops handed-over stores first (they free pool
-/// slots), then tops up the pools asked for, until every handle is gone.
+/// slots), then tops up the pools asked for (or, during a burst, once it is
+/// over), until every handle is gone.
 fn run(rx: &mpsc::Receiver<Job>, counts: &Counts) {
-    while let Ok(first) = rx.recv() {
-        let mut fills = Vec::new();
-        for job in std::iter::once(first).chain(rx.try_iter()) {
+    let mut deferred: Vec<(Instant, Weak<dyn Refill>)> = Vec::new();
+    loop {
+        let first = match deferred.iter().map(|(at, _)| *at).min() {
+            None => match rx.recv() {
+                Ok(job) => Some(job),
+                Err(mpsc::RecvError) => return,
+            },
+            Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                Ok(job) => Some(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            },
+        };
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = deferred.drain(..).partition(|(at, _)| *at <= now);
+        deferred = later;
+        let mut fills: Vec<Weak<dyn Refill>> = due.into_iter().map(|(_, pool)| pool).collect();
+        for job in first.into_iter().chain(rx.try_iter()) {
             match job {
                 Job::Drop(item) => {
                     drop(item);
@@ -162,9 +242,12 @@ fn run(rx: &mpsc::Receiver<Job>, counts: &Counts) {
                 Job::Fill(pool) => fills.push(pool),
             }
         }
-        for pool in fills {
-            if let Some(pool) = pool.upgrade() {
-                pool.refill();
+        for weak in fills {
+            if let Some(pool) = weak.upgrade()
+                && let Some(at) = pool.refill()
+                && !deferred.iter().any(|(_, w)| w.ptr_eq(&weak))
+            {
+                deferred.push((at, weak));
             }
         }
     }
@@ -203,9 +286,15 @@ struct Shared<T> {
     queued: AtomicBool,
     /// Instantiation failed in the background: no more filling.
     broken: AtomicBool,
+    /// When an event last found none ready, in ns from the filler's base
+    /// (0: never).
+    last_miss: AtomicU64,
     gauge: Gauge,
     served: Counter,
     inline: Counter,
+    /// Events served by a ready instance, and by one made inline.
+    served_n: AtomicU64,
+    inline_n: AtomicU64,
 }
 
 impl<T: Send + 'static> ReadyPool<T> {
@@ -229,6 +318,9 @@ impl<T: Send + 'static> ReadyPool<T> {
             rule,
             queued: AtomicBool::new(false),
             broken: AtomicBool::new(false),
+            last_miss: AtomicU64::new(0),
+            served_n: AtomicU64::new(0),
+            inline_n: AtomicU64::new(0),
         });
         let pool = ReadyPool {
             shared,
@@ -238,22 +330,59 @@ impl<T: Send + 'static> ReadyPool<T> {
         pool
     }
 
-    /// A ready instance, if one is; asks the filler to replace it either
-    /// way. `None` means the caller instantiates inline.
+    /// A ready instance, if one is; hand what is left of it to
+    /// [`ReadyPool::give_back`] once the event is done with it. `None` means
+    /// the caller instantiates inline (and the filler is asked to refill
+    /// once events stop finding the pool empty).
     pub(crate) fn take(&self) -> Option<T> {
         let shared = &self.shared;
         let got = shared.items.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        self.request_fill();
         match got {
             Some((item, _token)) => {
                 shared.served.increment(1);
+                shared.served_n.fetch_add(1, Ordering::Relaxed);
                 Some(item)
             }
             None => {
                 shared.inline.increment(1);
+                shared.inline_n.fetch_add(1, Ordering::Relaxed);
+                let since = shared.filler.counts.base.elapsed().as_nanos();
+                let since = u64::try_from(since).unwrap_or(u64::MAX).max(1);
+                shared.last_miss.store(since, Ordering::Relaxed);
+                self.request_fill();
                 None
             }
         }
+    }
+
+    /// Hands a used instance (its store) to the filler to tear down, and
+    /// asks it to make the one that replaces it, both without waking it
+    /// (the epoch ticker does, within a tick); the pool slot just freed is
+    /// the one the next instance takes.
+    pub(crate) fn give_back<U: Send + 'static>(&self, used: U) {
+        let shared = &self.shared;
+        let counts = &self.filler.counts;
+        let mut jobs = Vec::with_capacity(2);
+        if counts.pending_drops.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_DROPS {
+            counts.pending_drops.fetch_sub(1, Ordering::Relaxed);
+            drop(used);
+        } else {
+            jobs.push(Job::Drop(Box::new(used)));
+        }
+        if !shared.broken.load(Ordering::Relaxed) && !shared.queued.swap(true, Ordering::AcqRel) {
+            let weak: Weak<Shared<T>> = Arc::downgrade(shared);
+            jobs.push(Job::Fill(weak));
+        }
+        self.filler.leave(jobs);
+    }
+
+    /// Events served so far by a ready instance, and by one made inline.
+    pub(crate) fn served(&self) -> (u64, u64) {
+        let shared = &self.shared;
+        (
+            shared.served_n.load(Ordering::Relaxed),
+            shared.inline_n.load(Ordering::Relaxed),
+        )
     }
 
     /// Ready instances now.
@@ -295,16 +424,38 @@ impl<T: Send + 'static> Drop for ReadyPool<T> {
     }
 }
 
+impl<T: Send + 'static> Shared<T> {
+    /// When the filler may make instances again, if events found the pool
+    /// empty less than [`QUIET`] ago.
+    fn busy_until(&self) -> Option<Instant> {
+        let miss = self.last_miss.load(Ordering::Relaxed);
+        if miss == 0 {
+            return None;
+        }
+        let at = self.filler.counts.base + Duration::from_nanos(miss) + QUIET;
+        (at > Instant::now()).then_some(at)
+    }
+}
+
 impl<T: Send + 'static> Refill for Shared<T> {
-    fn refill(&self) {
+    fn refill(&self) -> Option<Instant> {
+        // Cleared first: a take from now on asks again, so none is missed.
         self.queued.store(false, Ordering::Release);
         // Only the filler thread adds instances, so the count it checks can
         // only fall while it makes the next one.
-        while !self.broken.load(Ordering::Relaxed)
-            && self.items.lock().unwrap_or_else(|e| e.into_inner()).len() < self.target
-        {
+        loop {
+            if self.broken.load(Ordering::Relaxed)
+                || self.items.lock().unwrap_or_else(|e| e.into_inner()).len() >= self.target
+            {
+                break;
+            }
+            if let Some(at) = self.busy_until() {
+                // Marked queued again: events in the burst need not ask.
+                self.queued.store(true, Ordering::Release);
+                return Some(at);
+            }
             let Some(token) = self.filler.acquire(&self.gauge) else {
-                return;
+                break;
             };
             match (self.make)() {
                 Made::Ready(item) => self
@@ -312,7 +463,7 @@ impl<T: Send + 'static> Refill for Shared<T> {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push((item, token)),
-                Made::NoRoom => return,
+                Made::NoRoom => break,
                 Made::Failed(error) => {
                     self.broken.store(true, Ordering::Relaxed);
                     tracing::warn!(
@@ -320,9 +471,10 @@ impl<T: Send + 'static> Refill for Shared<T> {
                         %error,
                         "cannot instantiate the rule ahead of time; each event instantiates it inline"
                     );
-                    return;
+                    break;
                 }
             }
         }
+        None
     }
 }

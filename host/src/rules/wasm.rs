@@ -223,9 +223,10 @@ impl Core {
         config.cache(cache.clone());
         let (engine, allocator) = engine_with_fallback(&mut config, pool)?;
         let epoch = Arc::new(EpochGate::default());
-        spawn_ticker(&engine, epoch.clone())?;
         let slots = usize::try_from(instances).unwrap_or(usize::MAX);
         let filler = Filler::spawn(slots, calls)?;
+        let _ = epoch.filler.set(filler.clone());
+        spawn_ticker(&engine, epoch.clone())?;
 
         let mut linker = Linker::new(&engine);
         bindings::Rule::add_to_linker::<_, HasSelf<RuleState>>(&mut linker, |s| s)
@@ -438,6 +439,10 @@ struct EpochGate {
     wake: Condvar,
     /// Epoch increments so far (for tests and diagnostics).
     ticks: AtomicU64,
+    /// Passes work that calls left for the ready-instance filler on to it
+    /// after each tick, so the event path never wakes it (see
+    /// [`Filler::kick`]).
+    filler: OnceLock<Filler>,
 }
 
 #[derive(Debug, Default)]
@@ -471,6 +476,11 @@ impl EpochGate {
     fn wait_for_calls(&self, alive: impl Fn() -> bool) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         while state.in_flight == 0 {
+            // Under the lock: a call leaves its work for the filler before
+            // it leaves the gate, so none is stranded while the ticker parks.
+            if let Some(filler) = self.filler.get() {
+                filler.kick();
+            }
             state.parked = true;
             state = self
                 .wake
@@ -520,6 +530,9 @@ fn spawn_ticker(engine: &Engine, gate: Arc<EpochGate>) -> anyhow::Result<()> {
                 gate.ticks.fetch_add(1, Ordering::Relaxed);
                 drop(engine);
                 std::thread::sleep(TICK);
+                if let Some(filler) = gate.filler.get() {
+                    filler.kick();
+                }
             }
         })
         .context("starting the epoch ticker")?;
@@ -588,6 +601,16 @@ pub struct WasmRule {
     filler: Filler,
 }
 
+/// Where a rule's events got their instances (see
+/// [`WasmRule::instances_served`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InstancesServed {
+    /// Made ahead of time by the filler.
+    pub ready: u64,
+    /// Made on the event path, none being ready.
+    pub inline: u64,
+}
+
 /// A store and the instance in it, not yet called.
 type Fresh = (Store<RuleState>, bindings::Rule);
 
@@ -642,6 +665,13 @@ impl WasmRule {
         WasmRule::new(sandbox, ready, &self.filler)
     }
 
+    /// How many events so far took a ready instance, and how many had one
+    /// made inline (both 0 without a ready pool).
+    pub fn instances_served(&self) -> InstancesServed {
+        let (ready, inline) = self.ready.as_ref().map_or((0, 0), ReadyPool::served);
+        InstancesServed { ready, inline }
+    }
+
     /// Instances of this rule version ready now (0 without a ready pool).
     pub fn ready_len(&self) -> usize {
         self.ready.as_ref().map_or(0, ReadyPool::len)
@@ -675,7 +705,12 @@ impl WasmRule {
         // Instantiation runs guest code too (start functions), under the
         // same deadline.
         let _in_flight = sandbox.epoch.enter();
-        let (mut store, rule) = match self.ready.as_ref().and_then(ReadyPool::take) {
+        let taken = self.ready.as_ref().and_then(ReadyPool::take);
+        // With none ready the filler is behind (a burst): this event pays
+        // for its instance and its teardown here rather than queue more
+        // work for the filler, which would only contend with it.
+        let handoff = self.ready.as_ref().filter(|_| taken.is_some());
+        let (mut store, rule) = match taken {
             Some((mut store, rule)) => {
                 sandbox.arm(&mut store);
                 (store, rule)
@@ -684,26 +719,20 @@ impl WasmRule {
                 let mut store = sandbox.new_store();
                 match sandbox.pre.instantiate(&mut store) {
                     Ok(rule) => (store, rule),
-                    Err(e) => {
-                        let failure = sandbox.failure(&store, e);
-                        self.discard(store);
-                        return (Err(failure), Reads::default());
-                    }
+                    Err(e) => return (Err(sandbox.failure(&store, e)), Reads::default()),
                 }
             }
         };
         let result = sandbox.call(&mut store, &rule, ev);
-        let reads = store.data_mut().reads.take();
-        self.discard((store, rule));
-        (result, reads)
-    }
-
-    /// Tears a used store down: on the filler thread with a ready pool,
-    /// else here.
-    fn discard<T: Send + 'static>(&self, used: T) {
-        if self.ready.is_some() {
-            self.filler.discard(used);
+        let state = store.data_mut();
+        // Dropped log lines are reported now, on the event's thread, not
+        // when the store is torn down on the filler's.
+        state.log.finish();
+        let reads = state.reads.take();
+        if let Some(ready) = handoff {
+            ready.give_back((store, rule));
         }
+        (result, reads)
     }
 
     /// An instance kept alive across calls. Only for benchmarks: it gives up
