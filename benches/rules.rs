@@ -24,8 +24,9 @@
 //!
 //! `cargo bench --bench rules` (needs `plugins/build.sh` first);
 //! `cargo bench --bench rules -- none` prints only the summary.
-//! `SLUICE_PROFILE_FRESH=1` instead loops fresh-instance calls for 5 s, for
-//! `perf record`.
+//! `SLUICE_PROFILE_FRESH=ready|inline` instead loops fresh-instance calls
+//! for 5 s (from the ready pool, or made inline), for `perf record`;
+//! `SLUICE_PROFILE_PACE_US=N` spaces them N µs apart.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -219,14 +220,32 @@ struct Measured {
     cpu: f64,
 }
 
-/// Measures `n` calls of `f`, back to back or `spacing` apart (the time
-/// between calls is not counted as anyone's CPU but a waiting thread's).
-fn measure(mut f: impl FnMut(usize), n: usize, spacing: Option<Duration>) -> Measured {
-    for i in 0..n / 10 {
-        f(i); // warm up
-        if let Some(gap) = spacing {
-            std::thread::sleep(gap);
+/// How calls are spaced.
+#[derive(Clone, Copy)]
+enum Pace {
+    /// One right after another.
+    BackToBack,
+    /// This far apart, the thread asleep in between (as a gateway waits
+    /// for its next event; the CPU's caches go to other work meanwhile).
+    Sleep(Duration),
+}
+
+impl Pace {
+    fn wait(self, took: Duration) {
+        match self {
+            Pace::BackToBack => {}
+            Pace::Sleep(gap) => std::thread::sleep(gap.saturating_sub(took)),
         }
+    }
+}
+
+/// Measures `n` calls of `f`, spaced by `pace`. CPU per call counts every
+/// thread of the process.
+fn measure(mut f: impl FnMut(usize), n: usize, pace: Pace) -> Measured {
+    for i in 0..n / 10 {
+        let start = Instant::now();
+        f(i); // warm up
+        pace.wait(start.elapsed());
     }
     let cpu = process_cpu();
     let mut times: Vec<Duration> = (0..n)
@@ -234,9 +253,7 @@ fn measure(mut f: impl FnMut(usize), n: usize, spacing: Option<Duration>) -> Mea
             let start = Instant::now();
             f(i);
             let took = start.elapsed();
-            if let Some(gap) = spacing {
-                std::thread::sleep(gap.saturating_sub(took));
-            }
+            pace.wait(took);
             took
         })
         .collect();
@@ -256,19 +273,33 @@ fn measure(mut f: impl FnMut(usize), n: usize, spacing: Option<Duration>) -> Mea
 fn summary(rules: &Rules, events: &[Arc<ParsedEvent>]) {
     let n = 20_000;
     let ev = |i: usize| &events[i % events.len()];
-    let native = measure(|i| drop(black_box(rules.native.classify(ev(i)))), n, None);
-    let rhai = measure(|i| drop(black_box(rules.rhai.classify(ev(i)))), n, None);
+    let b2b = Pace::BackToBack;
+    let native = measure(|i| drop(black_box(rules.native.classify(ev(i)))), n, b2b);
+    let rhai = measure(|i| drop(black_box(rules.rhai.classify(ev(i)))), n, b2b);
     let mut inst = reused(&rules.wasm);
-    let reused = measure(|i| drop(black_box(inst.classify(ev(i)))), n, None);
+    let reused = measure(|i| drop(black_box(inst.classify(ev(i)))), n, b2b);
     let inline = wasm(&rules.wasm).with_ready(0);
-    let fresh_inline = measure(|i| drop(black_box(inline.classify(ev(i)))), n / 4, None);
-    let fresh_ready = measure(|i| drop(black_box(rules.wasm.classify(ev(i)))), n / 4, None);
+    let fresh_inline = measure(|i| drop(black_box(inline.classify(ev(i)))), n / 4, b2b);
+    let served = || wasm(&rules.wasm).instances_served();
+    let before = served();
+    let fresh_ready = measure(|i| drop(black_box(rules.wasm.classify(ev(i)))), n / 4, b2b);
+    let ready_b2b = served();
     // The issue's steady pace: 100 events/s, 1,000 events per variant.
-    let pace = Some(Duration::from_millis(10));
+    let sleep = Pace::Sleep(Duration::from_millis(10));
     let paced = 1_000;
-    let reused_paced = measure(|i| drop(black_box(inst.classify(ev(i)))), paced, pace);
-    let inline_paced = measure(|i| drop(black_box(inline.classify(ev(i)))), paced, pace);
-    let ready_paced = measure(|i| drop(black_box(rules.wasm.classify(ev(i)))), paced, pace);
+    let reused_paced = measure(|i| drop(black_box(inst.classify(ev(i)))), paced, sleep);
+    let inline_paced = measure(|i| drop(black_box(inline.classify(ev(i)))), paced, sleep);
+    let ready_paced = measure(
+        |i| drop(black_box(rules.wasm.classify(ev(i)))),
+        paced,
+        sleep,
+    );
+    let ready_sleep = served();
+    let share = |a: sluice::rules::wasm::InstancesServed,
+                 b: sluice::rules::wasm::InstancesServed| {
+        let ready = b.ready - a.ready;
+        100.0 * ready as f64 / (ready + b.inline - a.inline).max(1) as f64
+    };
     println!(
         "\nrule reading three fields, one route; {} GitHub corpus events; per call:",
         events.len()
@@ -325,6 +356,11 @@ fn summary(rules: &Rules, events: &[Arc<ParsedEvent>]) {
         "(p50/reused: against the reused instance at the same pace; aim for the \
          fresh instance: ≤ 3x. CPU µs: all threads of the process per call.)"
     );
+    println!(
+        "events served by a ready instance: back to back {:.0} %, at 100/s {:.0} %",
+        share(before, ready_b2b),
+        share(ready_b2b, ready_sleep),
+    );
 }
 
 fn main() {
@@ -334,13 +370,29 @@ fn main() {
     .expect("wasm engine");
     let rules = rules(&engine);
     let events = events();
-    if std::env::var_os("SLUICE_PROFILE_FRESH").is_some() {
+    if let Some(mode) = std::env::var_os("SLUICE_PROFILE_FRESH") {
+        // `inline`: the ready pool off; anything else: on. Calls spaced
+        // SLUICE_PROFILE_PACE_US apart when set, else back to back.
+        let pace = std::env::var("SLUICE_PROFILE_PACE_US")
+            .ok()
+            .and_then(|us| us.parse().ok())
+            .map(Duration::from_micros);
+        let inline = wasm(&rules.wasm).with_ready(0);
+        let rule = if mode == "inline" {
+            &inline
+        } else {
+            wasm(&rules.wasm)
+        };
         let start = Instant::now();
         let mut i = 0;
         while start.elapsed() < Duration::from_secs(5) {
             i += 1;
-            black_box(rules.wasm.classify(&events[i % events.len()])).ok();
+            black_box(rule.classify(&events[i % events.len()])).ok();
+            if let Some(gap) = pace {
+                std::thread::sleep(gap);
+            }
         }
+        eprintln!("{i} calls");
         return;
     }
     let mut c = Criterion::default().configure_from_args();
