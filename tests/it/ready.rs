@@ -288,3 +288,74 @@ async fn a_retired_rule_version_releases_its_ready_instances() {
     })
     .await;
 }
+
+#[test]
+fn a_ready_instance_gets_its_whole_deadline_from_the_moment_it_is_called() {
+    // 50 ms for the counting rule; its ready instances are made now.
+    let text = format!(
+        "name = \"count-deadline\"\ncomponent = {:?}\n[grants]\nwasi = true\n[limits]\ntimeout_ms = 50",
+        call_count().display().to_string()
+    );
+    let counting = load(&repo().join("ready-deadline.toml"), &text);
+    until("the pool to fill", || wasm(&counting).ready_len() == 2);
+    // A guest that loops to its 200 ms deadline moves the engine's epoch
+    // far past the 50 ms the ready instances would have had from their
+    // making.
+    let (_dir, spin) = write_component(
+        "spin",
+        &wat_classifier("", 1, "(loop $l (br $l)) (i32.const 0)"),
+    );
+    let looping = load(
+        &repo().join("ready-spin.toml"),
+        &format!(
+            "name = \"ready-spin\"\ncomponent = {:?}\n[limits]\ntimeout_ms = 200",
+            spin.display().to_string()
+        ),
+    );
+    let engine = crate::rules::engine();
+    let before = engine.epoch_ticks();
+    assert!(matches!(
+        looping.classify(&issue(0)),
+        Err(RuleFailure::Timeout(_))
+    ));
+    assert!(engine.epoch_ticks() - before >= 100);
+    assert_eq!(wasm(&counting).ready_len(), 2);
+    assert_eq!(reason(counting.classify(&issue(1))), "call 1");
+}
+
+#[test]
+fn ready_instances_leave_the_workers_their_pool_slots() {
+    use sluice::rules::config::PoolConfig;
+    use sluice::rules::wasm::WasmEngine;
+    // 4 slots, 2 kept for the workers: 3 rules wanting 2 each get 2 in all.
+    let pool = PoolConfig {
+        instances: 4,
+        ..PoolConfig::default()
+    };
+    let engine = WasmEngine::with_pool(None, &pool).unwrap();
+    engine.reserve_for_calls(2);
+    let rules: Vec<Rule> = (0..3)
+        .map(|i| {
+            let path = repo().join(format!("ready-cap-{i}.toml"));
+            let text = format!(
+                "name = \"cap-{i}\"\ncomponent = {:?}\n[grants]\nwasi = true",
+                call_count().display().to_string()
+            );
+            let manifest = Manifest::parse(&path, &text).unwrap();
+            Rule::from_manifest(&manifest, &path, &text, &RulesConfig::default(), &engine).unwrap()
+        })
+        .collect();
+    until("two ready instances in all", || {
+        engine.ready_instances() == 2
+    });
+    let held: usize = rules.iter().map(|r| wasm(r).ready_len()).sum();
+    assert_eq!(held, 2);
+    // The two slots left serve the workers' calls, ready or not.
+    for (n, rule) in rules.iter().enumerate() {
+        assert_eq!(reason(rule.classify(&issue(n))), "call 1");
+    }
+    drop(rules);
+    until("every ready instance released", || {
+        engine.ready_instances() == 0
+    });
+}
