@@ -286,7 +286,12 @@ fn summary(rules: &Rules, events: &[Arc<ParsedEvent>]) {
     let ready_b2b = served();
     // The steady pace: 100 events/s, 1,000 events per variant.
     let sleep = Pace::Sleep(Duration::from_millis(10));
-    let paced = 1_000;
+    // Under `cargo test` (no `--bench`), a few, so the test run stays short.
+    let paced = if std::env::args().any(|a| a == "--bench") {
+        1_000
+    } else {
+        20
+    };
     let reused_paced = measure(|i| drop(black_box(inst.classify(ev(i)))), paced, sleep);
     let inline_paced = measure(|i| drop(black_box(inline.classify(ev(i)))), paced, sleep);
     let ready_paced = measure(
