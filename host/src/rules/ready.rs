@@ -9,7 +9,9 @@
 //! instances ready per rule version, and drops the stores events are done
 //! with. An event takes a ready instance when there is one and instantiates
 //! inline when there is none (a burst, a rule whose start function fails),
-//! so nothing waits on the filler.
+//! so nothing waits on the filler. An event never wakes the filler either:
+//! it leaves its used store and the refill request, and the epoch ticker,
+//! which runs after every call anyway, passes them on.
 //!
 //! This module must never hand one instance to two events, never keep a
 //! retired rule version's instances alive (the filler holds only weak
