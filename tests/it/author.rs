@@ -472,7 +472,7 @@ async fn rules_ls_asks_the_running_server() {
 
 #[test]
 fn component_language_comes_from_the_producers_section() {
-    use sluice::cli::rules_ls::component_language;
+    use sluice::rules::manifest::component_language;
     let tagged = wat::parse_str(
         r#"(component (core module (@producers (language "C" "17") (processed-by "clang" "19"))))"#,
     )
