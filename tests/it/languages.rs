@@ -261,3 +261,39 @@ fn a_rule_needing_more_than_the_pool_ceilings_is_refused_naming_both() {
     .unwrap_err();
     assert!(e.contains("rules.pool.memories_per_rule"), "{e}");
 }
+
+/// With `rules.pool.copy_memory_images`, instances (ready ones and those
+/// made inline) start from a copy of the component's memory instead of a
+/// copy-on-write mapping: the answers must not change, for a small guest and
+/// for one whose memory image is large.
+#[test]
+fn copied_memory_images_give_the_same_answers() {
+    let impls = implementations();
+    let config = RulesConfig {
+        pool: PoolConfig {
+            copy_memory_images: true,
+            ..PoolConfig::default()
+        },
+        ..RulesConfig::default()
+    };
+    let engine = WasmEngine::with_cache(Some(cache_dir()), &config.cache, &config.pool).unwrap();
+    let events = corpus();
+    for lang in ["c", "js"] {
+        let code = &impls.iter().find(|(l, _)| *l == lang).unwrap().1;
+        let text = manifest(lang, code);
+        let path = repo().join("rules/bench/copy-test.toml");
+        let m = Manifest::parse(&path, &text).unwrap();
+        let rule = Rule::from_manifest(&m, &path, &text, &config, &engine)
+            .unwrap_or_else(|e| panic!("{lang}: {e}"));
+        for round in 0..3 {
+            for (name, ev) in &events {
+                let got = rule
+                    .classify(ev)
+                    .unwrap_or_else(|f| panic!("{lang} on {name}: {f}"));
+                assert_eq!(got, expected(ev), "{lang} on {name}, round {round}");
+            }
+            // Between rounds, time for the ready instances to be made.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}

@@ -234,13 +234,14 @@ fn measure(
 }
 
 /// The column heads of the latency table, in order (tests read them).
-pub const LATENCY_COLUMNS: [&str; 12] = [
+pub const LATENCY_COLUMNS: [&str; 13] = [
     "RULE",
     "LANGUAGE",
     "EVENTS",
     "NATIVE P50/P99 µs",
     "REUSED P50/P99 µs",
     "FRESH P50/P99 µs",
+    "FRESH CPU µs",
     "REUSED/NATIVE",
     "FRESH/NATIVE",
     "FRESH/REUSED",
@@ -270,6 +271,8 @@ fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
                 pair(&r.native),
                 pair(&r.reused),
                 pair(&r.fresh),
+                r.fresh
+                    .map_or("-".to_owned(), |p| format!("{:.2}", p.cpu_us)),
                 ratio(r.reused_vs_native),
                 ratio(r.fresh_vs_native),
                 ratio(r.fresh_vs_reused),
@@ -296,6 +299,11 @@ fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
         }
     )?;
     writeln!(out, "native baseline: {}", report.baseline)?;
+    writeln!(
+        out,
+        "FRESH CPU: CPU time of every thread of the process per fresh call, so instances \
+         made and torn down off the event path count"
+    )?;
     writeln!(
         out,
         "  twin: the rule answered exactly as the baseline on every event (same work); \

@@ -420,6 +420,15 @@ pub struct PoolConfig {
     /// path. They hold pool slots: all rules' ready instances together are
     /// capped at run time at `instances` less `rules.workers`.
     pub ready_per_rule: u32,
+    /// Copy each new instance's initial memory from its component instead of
+    /// mapping it copy-on-write (wasmtime's default). Copying costs the
+    /// instantiation time (a CPython component's memory image is ~12 MiB),
+    /// mapping costs the first call a page fault for every page it writes.
+    /// With ready instances made ahead of time at a steady rate, copying
+    /// takes that cost off the event path; in bursts, when events
+    /// instantiate inline, it makes them slower. Measured with `sluice bench`
+    /// (docs/rules.md, "Speed").
+    pub copy_memory_images: bool,
 }
 
 impl Default for PoolConfig {
@@ -432,6 +441,7 @@ impl Default for PoolConfig {
             memories_per_rule: 4,
             tables_per_rule: 16,
             ready_per_rule: 2,
+            copy_memory_images: false,
         }
     }
 }

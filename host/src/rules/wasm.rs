@@ -230,7 +230,8 @@ impl Core {
             .epoch_interruption(true)
             .max_wasm_stack(MAX_WASM_STACK)
             .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(32))
-            .parallel_compilation(true);
+            .parallel_compilation(true)
+            .memory_init_cow(!ceilings.copy_memory_images);
         let cache = cache
             .map(|(dir, limits)| compile_cache(dir, limits))
             .transpose()?;
