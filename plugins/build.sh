@@ -46,6 +46,7 @@ done
 COMPONENTS=(
     "github-router      github-router         shipped"
     "bench-three-fields bench-three-fields    rule"
+    "call-count         call-count            rule"
     "loop               hostile-loop          hostile"
     "membomb            hostile-membomb       hostile"
     "recursion          hostile-recursion     hostile"

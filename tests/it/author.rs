@@ -335,9 +335,9 @@ async fn rules_ls_lists_files_and_recorded_calls() {
             .clone()
     };
     let (gh, gl, broken) = (row("github-router"), row("gitlab"), row("zz-broken"));
-    // The shipped component is built stripped: no `producers` section names
-    // its language (see `component_language_comes_from_the_producers_section`).
-    assert_eq!(gh["language"], "component", "{gh:#}");
+    // The shipped component is built stripped (no `producers` section names
+    // its language): its manifest says it.
+    assert_eq!(gh["language"], "rust", "{gh:#}");
     assert_eq!(gl["language"], "rhai", "{gl:#}");
     assert_eq!(gh["state"], "ok");
     assert_eq!(gh["grant"], "approved", "{gh:#}");
@@ -472,7 +472,7 @@ async fn rules_ls_asks_the_running_server() {
 
 #[test]
 fn component_language_comes_from_the_producers_section() {
-    use sluice::cli::rules_ls::component_language;
+    use sluice::rules::manifest::component_language;
     let tagged = wat::parse_str(
         r#"(component (core module (@producers (language "C" "17") (processed-by "clang" "19"))))"#,
     )

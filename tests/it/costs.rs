@@ -13,7 +13,7 @@ use sluice::decision::{RuleFailure, RuleOutcome};
 use sluice::store::EventRecord;
 use sluice::store::sqlite::{SqliteStore, get_record};
 
-use crate::support::{Env, ServeChild, client, post, wat_classifier};
+use crate::support::{Env, ServeChild, client, metrics_text, post, wat_classifier};
 
 /// Routes in the hostile answer, and the bytes of the one region every
 /// route's reason points at: 2,000 × 60 KiB ≈ 120 MiB lifted into the host,
@@ -197,6 +197,19 @@ async fn the_epoch_ticks_only_while_a_guest_runs() {
     let env = Env::new("");
     install_rule(&env, "spin", &looping(), "[limits]\ntimeout_ms = 300");
     let server = ServeChild::spawn(&env.config_path);
+    // Instances made ahead of time run guest code (start functions) under
+    // the ticker too, and it lingers briefly after: let the rule's ready
+    // instances be made, and the linger pass, before calling it idle.
+    let settle = || async {
+        let ready = "sluice_rule_ready_instances{rule=\"spin\"} 2";
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !metrics_text(&client(), &server.base).await.contains(ready) {
+            assert!(Instant::now() < deadline, "no ready instances of spin");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    settle().await;
     let idle = |what: &'static str| {
         let before = ticker_wakeups(server.pid());
         // A wide window: a 1 ms ticker would wake ~2,000 times in it.
@@ -224,6 +237,7 @@ async fn the_epoch_ticks_only_while_a_guest_runs() {
         ran >= 100,
         "the ticker ran {ran} ticks for a 300 ms deadline"
     );
+    settle().await;
     idle("after the call");
 }
 

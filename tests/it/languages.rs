@@ -3,7 +3,7 @@
 //! script in `rules/bench/`. Each is loaded through the host's own path
 //! (manifest, grants, compile, the instance pool) with the shipped `[rules]`
 //! defaults, held to the one shared list of vectors
-//! (`rules/bench/three-fields.vectors.toml`), and compared with the others on
+//! (`rules/tests/three-fields.vectors.toml`), and compared with the others on
 //! every payload in `rules/tests/`.
 //!
 //! JavaScript and Python compile for seconds the first time: every engine
@@ -70,7 +70,7 @@ fn shared_vectors() -> (PathBuf, Vec<TestVector>) {
     struct File {
         test: Vec<TestVector>,
     }
-    let path = repo().join("rules/bench/three-fields.vectors.toml");
+    let path = repo().join("rules/tests/three-fields.vectors.toml");
     let text = std::fs::read_to_string(&path).unwrap();
     let file: File = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert!(file.test.len() >= 5, "the shared list has its vectors");

@@ -18,6 +18,7 @@ mod grants;
 mod idle;
 mod languages;
 mod metrics;
+mod ready;
 mod regression;
 mod reload;
 mod routing;

@@ -21,11 +21,10 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use super::RulesDirArg;
-use super::rules_ls::component_language;
 use crate::event::ParsedEvent;
 use crate::rules::bench::{self, LoadCosts, Percentiles};
 use crate::rules::catalog::{self, Entry};
-use crate::rules::manifest::RuleSource;
+
 use crate::rules::wasm::WasmEngine;
 
 /// Arguments of `sluice bench`.
@@ -192,13 +191,7 @@ fn measure(
         load: None,
     };
     let dir = e.manifest_path.parent().unwrap_or(Path::new("."));
-    row.language = e.manifest.as_ref().map(|m| match m.source(dir) {
-        RuleSource::Script(_) => "rhai".to_owned(),
-        RuleSource::Component(p) => std::fs::read(&p)
-            .ok()
-            .and_then(|b| component_language(&b))
-            .unwrap_or_else(|| "component".to_owned()),
-    });
+    row.language = e.manifest.as_ref().map(|m| m.language(dir));
     let rule = match &e.rule {
         Ok(rule) => rule,
         Err(err) => {

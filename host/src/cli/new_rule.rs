@@ -289,13 +289,15 @@ wasi = true
 name = "{name}"
 description = "What {name} routes (edit me)"
 component = "{name}/{name}.wasm"
+language = "{lang}"
 {}
 {grants}
 [limits]
 timeout_ms = 100
 {limits}{}"#,
         manifest_rest(name),
-        manifest_tests(name)
+        manifest_tests(name),
+        lang = lang.as_str()
     )
 }
 

@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::RulesDirArg;
 use crate::rules::catalog::{self, Entry};
 use crate::rules::grants;
-use crate::rules::manifest::RuleSource;
+
 use crate::rules::reload::LoadState;
 pub use crate::rules::stats::Recorded;
 use crate::rules::stats::{LiveStatus, record_by_rule};
@@ -190,13 +190,7 @@ fn row(e: &Entry) -> RuleRow {
         .manifest_path
         .parent()
         .unwrap_or(std::path::Path::new("."));
-    let language = e.manifest.as_ref().map(|m| match m.source(dir) {
-        RuleSource::Script(_) => "rhai".to_owned(),
-        RuleSource::Component(p) => std::fs::read(&p)
-            .ok()
-            .and_then(|b| component_language(&b))
-            .unwrap_or_else(|| "component".to_owned()),
-    });
+    let language = e.manifest.as_ref().map(|m| m.language(dir));
     RuleRow {
         name: e.name(),
         manifest: e.manifest_path.clone(),
@@ -211,30 +205,6 @@ fn row(e: &Entry) -> RuleRow {
         breaker: None,
         recorded: None,
     }
-}
-
-/// The source language a component's toolchain recorded in its `producers`
-/// custom sections (the component's own or its modules'), lower-cased:
-/// `rust`, `c`, ... `None` when no section names one.
-pub fn component_language(bytes: &[u8]) -> Option<String> {
-    use wasmparser::{KnownCustom, Parser, Payload};
-    for payload in Parser::new(0).parse_all(bytes) {
-        let Ok(Payload::CustomSection(section)) = payload else {
-            continue;
-        };
-        let KnownCustom::Producers(reader) = section.as_known() else {
-            continue;
-        };
-        for field in reader.into_iter().flatten() {
-            if field.name != "language" {
-                continue;
-            }
-            if let Some(Ok(value)) = field.values.into_iter().next() {
-                return Some(value.name.to_lowercase());
-            }
-        }
-    }
-    None
 }
 
 fn print(listing: &Listing, has_store: bool, out: &mut impl Write) -> std::io::Result<()> {

@@ -66,6 +66,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         &state.config.rules.cache,
         &state.config.rules.pool,
     )?;
+    engine.reserve_for_calls(state.config.rules.workers);
     let (reloader, watch) = start_rules(&state, engine)?;
     let rules = reloader.rules().clone();
     let _ = state.live_rules.set(rules.clone());

@@ -415,6 +415,11 @@ pub struct PoolConfig {
     /// Tables one rule instance may define (Rust, Python: 2; JavaScript: 3).
     /// The pool reserves `instances` times this many.
     pub tables_per_rule: u32,
+    /// Instances made ahead of time per component rule version, off the
+    /// event path, each used for one event; 0 instantiates on the event
+    /// path. They hold pool slots: all rules' ready instances together are
+    /// capped at run time at `instances` less `rules.workers`.
+    pub ready_per_rule: u32,
 }
 
 impl Default for PoolConfig {
@@ -426,11 +431,15 @@ impl Default for PoolConfig {
             core_instances_per_rule: 64,
             memories_per_rule: 4,
             tables_per_rule: 16,
+            ready_per_rule: 2,
         }
     }
 }
 
 impl PoolConfig {
+    /// The most ready instances one rule version may keep.
+    pub const MAX_READY_PER_RULE: u32 = 64;
+
     /// Checks the ceilings are usable, naming the key under `rules.pool.`.
     pub fn validate(&self) -> Result<(), String> {
         if self.instances == 0 || self.instances > 10_000 {
@@ -453,6 +462,12 @@ impl PoolConfig {
             if value == 0 || value > 1_000 {
                 return Err(format!("rules.pool.{key}: must be between 1 and 1000"));
             }
+        }
+        if self.ready_per_rule > Self::MAX_READY_PER_RULE {
+            return Err(format!(
+                "rules.pool.ready_per_rule: must be between 0 and {}",
+                Self::MAX_READY_PER_RULE
+            ));
         }
         Ok(())
     }

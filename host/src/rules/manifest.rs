@@ -25,6 +25,12 @@ pub struct Manifest {
     /// A short human description.
     #[serde(default)]
     pub description: Option<String>,
+    /// The language the rule is written in, as `rules ls` and `bench` show
+    /// it (`rust`, `c`, `javascript`, `python`). Left out, it is read from a
+    /// component's `producers` section, which not every toolchain fills in
+    /// (a QuickJS component names the Rust its runtime is written in).
+    #[serde(default)]
+    pub language: Option<String>,
     /// A WebAssembly component (targeting `sluice:router/rule@0.1.0`),
     /// relative to the manifest.
     #[serde(default)]
@@ -342,4 +348,42 @@ impl Manifest {
             (None, None) => unreachable!("validate() requires component or script"),
         }
     }
+
+    /// The language the rule is written in: `rhai` for a script, the
+    /// manifest's `language`, else the one a component's `producers`
+    /// section names, else `component`.
+    pub fn language(&self, manifest_dir: &Path) -> String {
+        match (self.source(manifest_dir), &self.language) {
+            (RuleSource::Script(_), _) => "rhai".to_owned(),
+            (RuleSource::Component(_), Some(language)) => language.clone(),
+            (RuleSource::Component(path), None) => std::fs::read(path)
+                .ok()
+                .and_then(|bytes| component_language(&bytes))
+                .unwrap_or_else(|| "component".to_owned()),
+        }
+    }
+}
+
+/// The source language a component's toolchain recorded in its `producers`
+/// custom sections (the component's own or its modules'), lower-cased:
+/// `rust`, `c99`, ... `None` when no section names one.
+pub fn component_language(bytes: &[u8]) -> Option<String> {
+    use wasmparser::{KnownCustom, Parser, Payload};
+    for payload in Parser::new(0).parse_all(bytes) {
+        let Ok(Payload::CustomSection(section)) = payload else {
+            continue;
+        };
+        let KnownCustom::Producers(reader) = section.as_known() else {
+            continue;
+        };
+        for field in reader.into_iter().flatten() {
+            if field.name != "language" {
+                continue;
+            }
+            if let Some(Ok(value)) = field.values.into_iter().next() {
+                return Some(value.name.to_lowercase());
+            }
+        }
+    }
+    None
 }

@@ -18,6 +18,7 @@ pub mod log;
 pub mod manifest;
 pub mod output;
 pub mod reads;
+pub mod ready;
 pub mod reload;
 pub mod rhai;
 pub mod router;

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -25,11 +25,12 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::decision::{Priority, Route, RuleFailure, Verdict};
 use crate::event::ParsedEvent;
-use crate::rules::config::{CacheConfig, Limits, PoolConfig};
+use crate::rules::config::{CacheConfig, Limits, PoolConfig, RulesConfig};
 use crate::rules::log::{self, CallLog, RuleLog};
 use crate::rules::manifest::Grants;
 use crate::rules::output::{self, truncate};
 use crate::rules::reads::{ReadLog, Reads};
+use crate::rules::ready::{Filler, Made, ReadyPool};
 
 /// The generated bindings of `wit/sluice-router@0.1.0` (world `rule`).
 #[allow(missing_docs, clippy::all)]
@@ -72,6 +73,8 @@ pub struct WasmEngine {
     core: OnceLock<Core>,
     /// Held while the engine is built, so two first loads build it once.
     building: Mutex<()>,
+    /// Pool slots kept free of ready instances for calls (`rules.workers`).
+    calls: AtomicUsize,
 }
 
 /// The built engine: what [`WasmEngine`] builds on first use.
@@ -86,6 +89,8 @@ struct Core {
     /// wasmtime's compile cache (shares its hit and miss counts with the engine).
     cache: Option<wasmtime::Cache>,
     allocator: Allocator,
+    /// Makes ready instances and tears used ones down, off the event path.
+    filler: Filler,
 }
 
 /// Where component instances get their memories and tables from.
@@ -149,6 +154,7 @@ impl WasmEngine {
             cache: cache_dir.map(|dir| (dir, cache.clone())),
             core: OnceLock::new(),
             building: Mutex::new(()),
+            calls: AtomicUsize::new(RulesConfig::default().workers),
         })
     }
 
@@ -161,7 +167,8 @@ impl WasmEngine {
         if let Some(core) = self.core.get() {
             return Ok(core);
         }
-        let core = Core::build(&self.pool, self.cache.as_ref())?;
+        let calls = self.calls.load(Ordering::Relaxed);
+        let core = Core::build(&self.pool, self.cache.as_ref(), calls)?;
         Ok(self.core.get_or_init(|| core))
     }
 
@@ -188,6 +195,7 @@ impl Core {
     fn build(
         ceilings: &PoolConfig,
         cache: Option<&(PathBuf, CacheConfig)>,
+        calls: usize,
     ) -> anyhow::Result<Core> {
         let instances = ceilings.instances;
         let mut pool = PoolingAllocationConfig::default();
@@ -229,6 +237,9 @@ impl Core {
         config.cache(cache.clone());
         let (engine, allocator) = engine_with_fallback(&mut config, pool)?;
         let epoch = Arc::new(EpochGate::default());
+        let slots = usize::try_from(instances).unwrap_or(usize::MAX);
+        let filler = Filler::spawn(slots, calls)?;
+        let _ = epoch.filler.set(filler.clone());
         spawn_ticker(&engine, epoch.clone())?;
 
         let mut linker = Linker::new(&engine);
@@ -251,6 +262,7 @@ impl Core {
             wasi_linker,
             cache,
             allocator,
+            filler,
         })
     }
 }
@@ -365,6 +377,22 @@ impl WasmEngine {
         &self.pool
     }
 
+    /// Keeps `workers` pool slots free of ready instances, for the calls the
+    /// router workers make (`rules.workers`; 2 unless set): all rules' ready
+    /// instances together stay under `rules.pool.instances` less this.
+    pub fn reserve_for_calls(&self, workers: usize) {
+        self.calls.store(workers, Ordering::Relaxed);
+        if let Some(core) = self.core.get() {
+            core.filler.reserve(workers);
+        }
+    }
+
+    /// Ready instances alive now, all rules together (0 before the engine
+    /// is built).
+    pub fn ready_instances(&self) -> usize {
+        self.core.get().map_or(0, |c| c.filler.ready())
+    }
+
     /// Compiles (or loads from the cache), checks and links one component.
     ///
     /// Fails when the component imports anything the manifest did not grant,
@@ -400,7 +428,7 @@ impl WasmEngine {
         let pre = bindings::RulePre::new(pre)
             .map_err(anyhow::Error::from)
             .context("the component does not export sluice:router/classifier@0.1.0")?;
-        Ok(WasmRule {
+        let sandbox = Sandbox {
             info: Arc::new(RuleInfo {
                 name: name.into(),
                 config,
@@ -416,7 +444,9 @@ impl WasmEngine {
                 memories: self.pool.memories_per_rule,
                 tables: self.pool.tables_per_rule,
             },
-        })
+        };
+        let ready = usize::try_from(self.pool.ready_per_rule).unwrap_or(0);
+        Ok(WasmRule::new(sandbox, ready, &core.filler))
     }
 
     /// A component refused by the pool for what one instance of it needs:
@@ -462,6 +492,10 @@ struct EpochGate {
     wake: Condvar,
     /// Epoch increments so far (for tests and diagnostics).
     ticks: AtomicU64,
+    /// Passes work that calls left for the ready-instance filler on to it
+    /// after each tick, so the event path never wakes it (see
+    /// [`Filler::kick`]).
+    filler: OnceLock<Filler>,
 }
 
 #[derive(Debug, Default)]
@@ -499,6 +533,11 @@ impl EpochGate {
         while state.in_flight == 0 {
             if state.last_exit.is_some_and(|t| t.elapsed() < TICKER_LINGER) {
                 return true;
+            }
+            // Under the lock: a call leaves its work for the filler before
+            // it leaves the gate, so none is stranded while the ticker parks.
+            if let Some(filler) = self.filler.get() {
+                filler.kick();
             }
             state.parked = true;
             state = self
@@ -552,6 +591,9 @@ fn spawn_ticker(engine: &Engine, gate: Arc<EpochGate>) -> anyhow::Result<()> {
                 gate.ticks.fetch_add(1, Ordering::Relaxed);
                 drop(engine);
                 std::thread::sleep(TICK);
+                if let Some(filler) = gate.filler.get() {
+                    filler.kick();
+                }
             }
         })
         .context("starting the epoch ticker")?;
@@ -610,7 +652,31 @@ struct RuleInfo {
 }
 
 /// A compiled, linked component rule, ready to instantiate per event.
+///
+/// With `rules.pool.ready_per_rule` above 0 it keeps that many instances
+/// made ahead of time (see [`crate::rules::ready`]): an event takes one,
+/// uses it once, and hands its store back to be torn down off the event path.
 pub struct WasmRule {
+    sandbox: Arc<Sandbox>,
+    ready: Option<ReadyPool<Fresh>>,
+    filler: Filler,
+}
+
+/// Where a rule's events got their instances (see
+/// [`WasmRule::instances_served`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InstancesServed {
+    /// Made ahead of time by the filler.
+    pub ready: u64,
+    /// Made on the event path, none being ready.
+    pub inline: u64,
+}
+
+/// A store and the instance in it, not yet called.
+type Fresh = (Store<RuleState>, bindings::Rule);
+
+/// What every instance of one rule version is made from.
+struct Sandbox {
     info: Arc<RuleInfo>,
     pre: bindings::RulePre<RuleState>,
     epoch: Arc<EpochGate>,
@@ -623,16 +689,66 @@ pub struct WasmRule {
 impl std::fmt::Debug for WasmRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WasmRule")
-            .field("name", &self.info.name)
-            .field("timeout", &self.timeout)
+            .field("name", &self.sandbox.info.name)
+            .field("timeout", &self.sandbox.timeout)
+            .field("ready", &self.ready.as_ref().map(ReadyPool::len))
             .finish()
     }
 }
 
 impl WasmRule {
+    fn new(sandbox: Sandbox, ready: usize, filler: &Filler) -> WasmRule {
+        let sandbox = Arc::new(sandbox);
+        let ready = (ready > 0).then(|| {
+            let ahead = sandbox.clone();
+            ReadyPool::new(sandbox.info.name.clone(), ready, filler, move || {
+                ahead.instantiate_ahead()
+            })
+        });
+        WasmRule {
+            sandbox,
+            ready,
+            filler: filler.clone(),
+        }
+    }
+
+    /// The same compiled rule with its own pool of `ready` instances made
+    /// ahead of time (0: every event instantiates inline and drops its
+    /// store inline, as without the pool). For comparing the two in one run.
+    pub fn with_ready(&self, ready: usize) -> WasmRule {
+        let sandbox = Sandbox {
+            info: self.sandbox.info.clone(),
+            pre: self.sandbox.pre.clone(),
+            epoch: self.sandbox.epoch.clone(),
+            timeout: self.sandbox.timeout,
+            memory_bytes: self.sandbox.memory_bytes,
+            table_elements: self.sandbox.table_elements,
+            per_rule: self.sandbox.per_rule,
+        };
+        WasmRule::new(sandbox, ready, &self.filler)
+    }
+
+    /// How many events so far took a ready instance, and how many had one
+    /// made inline (both 0 without a ready pool).
+    pub fn instances_served(&self) -> InstancesServed {
+        let (ready, inline) = self.ready.as_ref().map_or((0, 0), ReadyPool::served);
+        InstancesServed { ready, inline }
+    }
+
+    /// Instances of this rule version ready now (0 without a ready pool).
+    pub fn ready_len(&self) -> usize {
+        self.ready.as_ref().map_or(0, ReadyPool::len)
+    }
+
+    /// Whether this rule version instantiates ahead of time: it has a ready
+    /// pool, and instantiating in the background has not failed.
+    pub fn has_ready_pool(&self) -> bool {
+        self.ready.as_ref().is_some_and(|r| !r.is_broken())
+    }
+
     /// The wall-clock budget of one call.
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        self.sandbox.timeout
     }
 
     /// Classifies one event in a fresh store and instance.
@@ -641,37 +757,87 @@ impl WasmRule {
     }
 
     /// Classifies one event in a fresh store and instance, and says which
-    /// event fields the rule read (also when it failed).
+    /// event fields the rule read (also when it failed). The instance is a
+    /// ready one when the rule has one, else made here; either way no other
+    /// event ever sees it.
     pub fn classify_with_reads(
         &self,
         ev: &Arc<ParsedEvent>,
     ) -> (Result<Verdict, RuleFailure>, Reads) {
+        let sandbox = &*self.sandbox;
         // Instantiation runs guest code too (start functions), under the
         // same deadline.
-        let _in_flight = self.epoch.enter();
-        let mut store = self.new_store();
-        let rule = match self.pre.instantiate(&mut store) {
-            Ok(rule) => rule,
-            Err(e) => return (Err(self.failure(&store, e)), Reads::default()),
+        let _in_flight = sandbox.epoch.enter();
+        let taken = self.ready.as_ref().and_then(ReadyPool::take);
+        // With none ready the filler is behind (a burst): this event pays
+        // for its instance and its teardown here rather than queue more
+        // work for the filler, which would only contend with it.
+        let handoff = self.ready.as_ref().filter(|_| taken.is_some());
+        let (mut store, rule) = match taken {
+            Some((mut store, rule)) => {
+                sandbox.arm(&mut store);
+                (store, rule)
+            }
+            None => {
+                let mut store = sandbox.new_store();
+                match sandbox.pre.instantiate(&mut store) {
+                    Ok(rule) => (store, rule),
+                    Err(e) => return (Err(sandbox.failure(&store, e)), Reads::default()),
+                }
+            }
         };
-        let result = self.call(&mut store, &rule, ev);
-        (result, store.data_mut().reads.take())
+        let result = sandbox.call(&mut store, &rule, ev);
+        let state = store.data_mut();
+        // Dropped log lines are reported now, on the event's thread, not
+        // when the store is torn down on the filler's.
+        state.log.finish();
+        let reads = state.reads.take();
+        if let Some(ready) = handoff {
+            ready.give_back((store, rule));
+        }
+        (result, reads)
     }
 
     /// An instance kept alive across calls. Only for benchmarks: it gives up
     /// the isolation between events that `classify` guarantees.
     pub fn reused_instance(&self) -> Result<ReusedInstance<'_>, RuleFailure> {
-        let _in_flight = self.epoch.enter();
-        let mut store = self.new_store();
-        match self.pre.instantiate(&mut store) {
+        let sandbox = &*self.sandbox;
+        let _in_flight = sandbox.epoch.enter();
+        let mut store = sandbox.new_store();
+        match sandbox.pre.instantiate(&mut store) {
             Ok(instance) => Ok(ReusedInstance {
-                rule: self,
+                rule: sandbox,
                 store,
                 instance,
                 poisoned: false,
             }),
-            Err(e) => Err(self.failure(&store, e)),
+            Err(e) => Err(sandbox.failure(&store, e)),
         }
+    }
+}
+
+impl Sandbox {
+    /// Makes an instance on the filler thread, under the rule's deadline
+    /// (the epoch ticks while it runs, as for a call).
+    fn instantiate_ahead(&self) -> Made<Fresh> {
+        let _in_flight = self.epoch.enter();
+        let mut store = self.new_store();
+        match self.pre.instantiate(&mut store) {
+            Ok(rule) => Made::Ready((store, rule)),
+            Err(e) if e.is::<wasmtime::PoolConcurrencyLimitError>() => Made::NoRoom,
+            Err(e) => Made::Failed(self.failure(&store, e).to_string()),
+        }
+    }
+
+    /// Readies an instance made ahead of time for the call about to start:
+    /// the deadline counts from now, and the per-call state (log budget,
+    /// read record, output budget) starts empty, as in a store made now.
+    fn arm(&self, store: &mut Store<RuleState>) {
+        store.set_epoch_deadline(self.deadline_ticks());
+        store.set_hostcall_fuel(hostcall_fuel());
+        let state = store.data_mut();
+        state.log = self.info.log.call();
+        state.reads = ReadLog::default();
     }
 
     /// A store with this rule's limits and deadline already set.
@@ -780,7 +946,7 @@ impl WasmRule {
 /// A component instance reused across events; benchmarks only (see
 /// [`WasmRule::reused_instance`]). After a failure it refuses further calls.
 pub struct ReusedInstance<'a> {
-    rule: &'a WasmRule,
+    rule: &'a Sandbox,
     store: Store<RuleState>,
     instance: bindings::Rule,
     poisoned: bool,
