@@ -997,14 +997,14 @@ fn rhai_scripts_get_no_eval_and_no_imports() {
         err.contains("rule ev (") && err.contains("ev.rhai"),
         "{err}"
     );
-    let r = rhai("imp", "fn classify(event) { import \"std\" as s; [] }", "");
-    match r {
-        Err(e) => assert!(e.to_string().contains("rule imp"), "{e}"),
-        Ok(rule) => assert!(matches!(
-            rule.classify(&issues_opened()),
-            Err(RuleFailure::Trap(_))
-        )),
-    }
+    // rhai is built without its module system: `import` does not parse.
+    let err = rhai("imp", "fn classify(event) { import \"std\" as s; [] }", "")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rule imp (") && err.contains("line 1"),
+        "{err}"
+    );
     let err = rhai("nofn", "fn other(x) { x }", "")
         .unwrap_err()
         .to_string();

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use rhai::module_resolvers::DummyModuleResolver;
 use rhai::{
     AST, CallFnOptions, Dynamic, EvalAltResult, ImmutableString, OptimizationLevel, Position, Scope,
 };
@@ -189,8 +188,11 @@ fn build_engine(
         .set_max_array_size(limits.max_array_size)
         .set_max_map_size(limits.max_map_size)
         .set_max_expr_depths(limits.max_expr_depth, limits.max_expr_depth)
-        .set_max_modules(0)
-        .set_module_resolver(DummyModuleResolver::new())
+        // No string interner: rhai would otherwise hash every string a call
+        // binds with `let` or builds by interpolation into one cache behind a
+        // write lock that all the rule's concurrent calls share, and evict
+        // from it by a scan once it is full; events' strings rarely repeat.
+        .set_max_strings_interned(0)
         .disable_symbol("eval");
 
     engine.on_progress(|ops| {
