@@ -49,14 +49,20 @@ use bindings::sluice::router::{config as wit_config, log as wit_log, types as wi
 
 /// How often the epoch ticker advances the engine's epoch while a call runs.
 const TICK: Duration = Duration::from_millis(1);
-/// How long the ticker keeps ticking after the last call ends before it
-/// parks. Waking a parked ticker costs the next call a futex wake and,
-/// on a busy machine, being preempted by the woken thread: measured at
-/// ~60 µs of a reused-instance call 10 ms after the previous one (`sluice
-/// bench --gap 10ms`, 2 loaded cores). Under steady traffic (10 events/s
-/// or more) the ticker never parks; an idle gateway still has no thread
-/// waking every [`TICK`] once this has passed.
+/// How long the ticker stays awake after the last call ends before it
+/// parks. Waking a parked ticker costs the next call a futex wake and, on a
+/// busy machine, being preempted by the woken thread: measured at ~60 µs of
+/// a reused-instance call 10 ms after the previous one (`sluice bench --gap
+/// 10ms`, 2 loaded cores). Under steady traffic (10 events/s or more) the
+/// ticker never parks; an idle gateway still has no thread waking once this
+/// has passed.
 const TICKER_LINGER: Duration = Duration::from_millis(100);
+/// How often a lingering ticker (no call in flight) wakes. Ticking every
+/// [`TICK`] while lingering cost ~170 µs of CPU per event at 100 events/s
+/// (ten wake-ups per event); at this interval it is one. A call that starts
+/// while the ticker sleeps gets its first tick up to this much later, so its
+/// deadline can stretch by as much, never shrink.
+const LINGER_TICK: Duration = Duration::from_millis(10);
 /// WebAssembly stack per call; deep recursion traps with a stack overflow.
 const MAX_WASM_STACK: usize = 512 << 10;
 
@@ -528,12 +534,14 @@ impl EpochGate {
     }
 
     /// Blocks while no call is in flight and none ended within
-    /// [`TICKER_LINGER`]; false once `alive` says the engine is gone.
-    fn wait_for_calls(&self, alive: impl Fn() -> bool) -> bool {
+    /// [`TICKER_LINGER`]; then says how long to sleep after the next tick
+    /// ([`TICK`] with a call in flight, [`LINGER_TICK`] while lingering).
+    /// `None` once `alive` says the engine is gone.
+    fn wait_for_calls(&self, alive: impl Fn() -> bool) -> Option<Duration> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         while state.in_flight == 0 {
             if state.last_exit.is_some_and(|t| t.elapsed() < TICKER_LINGER) {
-                return true;
+                return Some(LINGER_TICK);
             }
             // Under the lock: a call leaves its work for the filler before
             // it leaves the gate, so none is stranded while the ticker parks.
@@ -547,11 +555,11 @@ impl EpochGate {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
             if state.in_flight == 0 && !alive() {
-                return false;
+                return None;
             }
         }
         state.parked = false;
-        true
+        Some(TICK)
     }
 }
 
@@ -586,12 +594,12 @@ fn spawn_ticker(engine: &Engine, gate: Arc<EpochGate>) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("sluice-epoch".into())
         .spawn(move || {
-            while gate.wait_for_calls(|| weak.upgrade().is_some()) {
+            while let Some(next) = gate.wait_for_calls(|| weak.upgrade().is_some()) {
                 let Some(engine) = weak.upgrade() else { break };
                 engine.increment_epoch();
                 gate.ticks.fetch_add(1, Ordering::Relaxed);
                 drop(engine);
-                std::thread::sleep(TICK);
+                std::thread::sleep(next);
                 if let Some(filler) = gate.filler.get() {
                     filler.kick();
                 }
