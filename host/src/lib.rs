@@ -61,7 +61,14 @@ pub struct AppState {
     /// The rule set serving, once `serve` has loaded it (for the breaker
     /// states `/status/rules` reports).
     pub live_rules: std::sync::OnceLock<SharedRuleSet>,
+    /// The rules' record over the latest decisions as `/status/rules` last
+    /// read it, and when: read at most once a second, on the blocking pool.
+    pub rules_recorded: tokio::sync::Mutex<Option<(std::time::Instant, RecordedByRule)>>,
 }
+
+/// Per-rule statistics over the latest decisions, by rule name; `None` when
+/// the store could not be read.
+type RecordedByRule = Option<std::collections::BTreeMap<String, crate::rules::stats::Recorded>>;
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -94,6 +101,7 @@ impl AppState {
             store: Arc::new(store),
             rules_status: SharedStatus::default(),
             live_rules: std::sync::OnceLock::new(),
+            rules_recorded: tokio::sync::Mutex::new(None),
             config: Arc::new(config),
         };
         Ok((Arc::new(state), reports))
@@ -168,10 +176,27 @@ async fn rules_status(
         })
         .unwrap_or_default();
     let data_dir = state.config.data_dir();
-    let db = data_dir.join(&state.config.store.path);
-    let recorded = match SqliteStore::open_read_only(&db) {
-        Ok(reader) => record_by_rule(&reader, DECISIONS).await.ok(),
-        Err(_) => None,
+    let recorded = {
+        let mut cached = state.rules_recorded.lock().await;
+        match &*cached {
+            Some((at, recorded)) if at.elapsed() < std::time::Duration::from_secs(1) => {
+                recorded.clone()
+            }
+            _ => {
+                // SQLite reads block: on the blocking pool, not a runtime worker.
+                let db = data_dir.join(&state.config.store.path);
+                let handle = tokio::runtime::Handle::current();
+                let recorded = tokio::task::spawn_blocking(move || {
+                    let reader = SqliteStore::open_read_only(&db).ok()?;
+                    handle.block_on(record_by_rule(&reader, DECISIONS)).ok()
+                })
+                .await
+                .ok()
+                .flatten();
+                *cached = Some((std::time::Instant::now(), recorded.clone()));
+                recorded
+            }
+        }
     };
     axum::Json(LiveStatus {
         data_dir: std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_owned()),

@@ -480,6 +480,30 @@ fn component_language_comes_from_the_producers_section() {
     assert_eq!(component_language(&tagged).as_deref(), Some("c"));
     let bare = wat::parse_str("(component (core module))").expect("wat");
     assert_eq!(component_language(&bare), None);
+    // A third party's component prints no control characters to the
+    // operator's terminal: a producers name that is not a plain name is none.
+    let hostile = wat::parse_str(
+        r#"(component (core module (@producers (language "\1b[2J\1b]0;owned\07" "1"))))"#,
+    )
+    .expect("wat");
+    assert_eq!(component_language(&hostile), None);
+}
+
+/// A manifest's `language` is a plain name, or the manifest is refused
+/// naming the key.
+#[test]
+fn a_manifest_language_with_control_characters_is_refused() {
+    use sluice::rules::manifest::Manifest;
+    let path = Path::new("rules/x.toml");
+    let ok = "name = \"x\"\ncomponent = \"x.wasm\"\nlanguage = \"javascript\"\n";
+    assert_eq!(
+        Manifest::parse(path, ok).unwrap().language.as_deref(),
+        Some("javascript")
+    );
+    let bad = "name = \"x\"\ncomponent = \"x.wasm\"\nlanguage = \"\\u001b[31mrust\"\n";
+    let e = Manifest::parse(path, bad).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("language"), "{e}");
+    assert!(e.to_string().contains("rules/x.toml"), "{e}");
 }
 
 /// `new rule` in an empty directory with the embedded defaults, then `rules

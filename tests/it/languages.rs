@@ -295,5 +295,12 @@ fn copied_memory_images_give_the_same_answers() {
             // Between rounds, time for the ready instances to be made.
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        // Both paths ran: instances made inline (the first round outruns
+        // the filler) and ready ones.
+        let sluice::rules::RuleCode::Wasm(wasm) = rule.code() else {
+            panic!("{lang} is a component")
+        };
+        let served = wasm.instances_served();
+        assert!(served.ready > 0 && served.inline > 0, "{lang}: {served:?}");
     }
 }

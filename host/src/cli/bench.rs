@@ -23,9 +23,7 @@ use serde::Serialize;
 use super::RulesDirArg;
 use crate::event::ParsedEvent;
 use crate::rules::bench::{self, LoadCosts, Percentiles};
-use crate::rules::catalog::{self, Entry};
-
-use crate::rules::wasm::WasmEngine;
+use crate::rules::catalog::Entry;
 
 /// Arguments of `sluice bench`.
 #[derive(Debug, clap::Args)]
@@ -130,15 +128,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     // The compile cache the host uses, so timing starts from what serving
     // would load; the compile and cache figures use engines of their own.
-    let cache = config.rules.cache_dir(&config.base_dir, config.data_dir());
-    let engine = WasmEngine::with_pool(Some(cache), &config.rules.pool)?;
-    let mut entries = catalog::load_each(&config.rules, &config.base_dir, &engine)?;
-    if let Some(name) = &args.rule {
-        entries.retain(|e| &e.name() == name);
-        if entries.is_empty() {
-            bail!("no rule named {name:?} in {}", rules_dir.display());
-        }
-    }
+    let (_engine, entries) = super::load_rule_entries(&config, args.rule.as_deref(), true)?;
     let calls = args.calls.max(1);
     let rows = entries
         .iter()

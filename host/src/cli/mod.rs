@@ -62,6 +62,40 @@ impl RulesDirArg {
     }
 }
 
+/// Loads each rule of the config's rules directory on its own, as the
+/// rule-author commands see them (a broken rule is an entry with its error,
+/// not a failure of the command), keeping only the rule named `only` when
+/// given. `ready`: whether component rules keep instances made ahead of time
+/// (`rules.pool.ready_per_rule`), as `serve` runs them; a command that calls
+/// each rule a few times has no use for them. The engine is returned with
+/// the entries, whose rules run on it.
+pub fn load_rule_entries(
+    config: &crate::config::Config,
+    only: Option<&str>,
+    ready: bool,
+) -> anyhow::Result<(
+    crate::rules::wasm::WasmEngine,
+    Vec<crate::rules::catalog::Entry>,
+)> {
+    let cache = config.rules.cache_dir(&config.base_dir, config.data_dir());
+    let mut pool = config.rules.pool.clone();
+    if !ready {
+        pool.ready_per_rule = 0;
+    }
+    let engine = crate::rules::wasm::WasmEngine::with_pool(Some(cache), &pool)?;
+    let mut entries = crate::rules::catalog::load_each(&config.rules, &config.base_dir, &engine)?;
+    if let Some(name) = only {
+        entries.retain(|e| e.name() == name);
+        if entries.is_empty() {
+            anyhow::bail!(
+                "no rule named {name:?} in {}",
+                config.rules.rules_dir(&config.base_dir).display()
+            );
+        }
+    }
+    Ok((engine, entries))
+}
+
 /// Points the config's `[rules]` at another directory (relative to the
 /// working directory): every manifest in it loads, in file-name order,
 /// whatever `rules.load` lists for the configured one.

@@ -15,13 +15,12 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::RulesDirArg;
-use crate::rules::catalog::{self, Entry};
+use crate::rules::catalog::Entry;
 use crate::rules::grants;
 
 use crate::rules::reload::LoadState;
 pub use crate::rules::stats::Recorded;
 use crate::rules::stats::{LiveStatus, record_by_rule};
-use crate::rules::wasm::WasmEngine;
 use crate::store::sqlite::SqliteStore;
 
 /// Arguments of `sluice rules ls`.
@@ -77,9 +76,7 @@ pub struct Listing {
 /// Runs `sluice rules ls`.
 pub async fn run(args: LsArgs) -> anyhow::Result<()> {
     let config = args.rules.load()?;
-    let cache = config.rules.cache_dir(&config.base_dir, config.data_dir());
-    let engine = WasmEngine::with_pool(Some(cache), &config.rules.pool)?;
-    let entries = catalog::load_each(&config.rules, &config.base_dir, &engine)?;
+    let (_engine, entries) = super::load_rule_entries(&config, None, false)?;
     let live = from_server(&config).await;
     let db = config.data_dir().join(&config.store.path);
     let recorded = match &live {

@@ -14,10 +14,9 @@ use serde::Serialize;
 
 use super::RulesDirArg;
 use crate::decision::{Route, Verdict};
-use crate::rules::catalog::{self, Entry};
+use crate::rules::catalog::Entry;
 use crate::rules::manifest::{ExpectedRoute, TestVector};
 use crate::rules::vectors::{self, VectorResult};
-use crate::rules::wasm::WasmEngine;
 
 /// Arguments of `sluice rules test`.
 #[derive(Debug, clap::Args)]
@@ -71,18 +70,7 @@ pub struct VectorReport {
 /// Runs `sluice rules test`.
 pub fn run(args: TestArgs) -> anyhow::Result<()> {
     let config = args.rules.load()?;
-    let cache = config.rules.cache_dir(&config.base_dir, config.data_dir());
-    let engine = WasmEngine::with_pool(Some(cache), &config.rules.pool)?;
-    let mut entries = catalog::load_each(&config.rules, &config.base_dir, &engine)?;
-    if let Some(name) = &args.rule {
-        entries.retain(|e| &e.name() == name);
-        if entries.is_empty() {
-            bail!(
-                "no rule named {name:?} in {}",
-                config.rules.rules_dir(&config.base_dir).display()
-            );
-        }
-    }
+    let (_engine, entries) = super::load_rule_entries(&config, args.rule.as_deref(), false)?;
     let reports: Vec<RuleReport> = entries.iter().map(test_rule).collect();
     let mut out = std::io::stdout().lock();
     if args.json {

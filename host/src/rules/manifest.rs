@@ -258,6 +258,14 @@ impl Manifest {
                 ),
             );
         }
+        if let Some(language) = &self.language
+            && !is_language_name(language)
+        {
+            return bad(
+                "language",
+                format!("{language:?} must be 1-24 characters of a-z, 0-9, '+', '#', '.' or '-'"),
+            );
+        }
         match (&self.component, &self.script) {
             (Some(_), Some(_)) => {
                 return bad(
@@ -364,6 +372,14 @@ impl Manifest {
     }
 }
 
+/// Whether `name` is a plain language name (`rust`, `c99`, `c++`, `c#`).
+fn is_language_name(name: &str) -> bool {
+    (1..=24).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+#.-".contains(&b))
+}
+
 /// The source language a component's toolchain recorded in its `producers`
 /// custom sections (the component's own or its modules'), lower-cased:
 /// `rust`, `c99`, ... `None` when no section names one.
@@ -380,8 +396,11 @@ pub fn component_language(bytes: &[u8]) -> Option<String> {
             if field.name != "language" {
                 continue;
             }
+            // A third party's bytes, printed to an operator's terminal: only
+            // a plain name.
             if let Some(Ok(value)) = field.values.into_iter().next() {
-                return Some(value.name.to_lowercase());
+                let name = value.name.to_lowercase();
+                return is_language_name(&name).then_some(name);
             }
         }
     }

@@ -256,7 +256,7 @@ fn run(rx: &mpsc::Receiver<Job>, counts: &Counts) {
 }
 
 /// One place in the ready-instance budget; given back when it drops.
-struct Token {
+pub(crate) struct Token {
     counts: Arc<Counts>,
     gauge: Gauge,
 }
@@ -336,14 +336,19 @@ impl<T: Send + 'static> ReadyPool<T> {
     /// [`ReadyPool::give_back`] once the event is done with it. `None` means
     /// the caller instantiates inline (and the filler is asked to refill
     /// once events stop finding the pool empty).
-    pub(crate) fn take(&self) -> Option<T> {
+    ///
+    /// The token is the instance's share of the ready-instance budget: it
+    /// goes back with the used store, and is released only once the store
+    /// is torn down and its pool slot is free again, so instances waiting
+    /// for teardown still count against the cap.
+    pub(crate) fn take(&self) -> Option<(T, Token)> {
         let shared = &self.shared;
         let got = shared.items.lock().unwrap_or_else(|e| e.into_inner()).pop();
         match got {
-            Some((item, _token)) => {
+            Some(taken) => {
                 shared.served.increment(1);
                 shared.served_n.fetch_add(1, Ordering::Relaxed);
-                Some(item)
+                Some(taken)
             }
             None => {
                 shared.inline.increment(1);
@@ -361,10 +366,12 @@ impl<T: Send + 'static> ReadyPool<T> {
     /// asks it to make the one that replaces it, both without waking it
     /// (the epoch ticker does, within a tick); the pool slot just freed is
     /// the one the next instance takes.
-    pub(crate) fn give_back<U: Send + 'static>(&self, used: U) {
+    pub(crate) fn give_back<U: Send + 'static>(&self, used: U, token: Token) {
         let shared = &self.shared;
         let counts = &self.filler.counts;
         let mut jobs = Vec::with_capacity(2);
+        // The store drops before its token (tuple fields drop in order).
+        let used = (used, token);
         if counts.pending_drops.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_DROPS {
             counts.pending_drops.fetch_sub(1, Ordering::Relaxed);
             drop(used);

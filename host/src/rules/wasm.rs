@@ -685,6 +685,7 @@ pub struct InstancesServed {
 type Fresh = (Store<RuleState>, bindings::Rule);
 
 /// What every instance of one rule version is made from.
+#[derive(Clone)]
 struct Sandbox {
     info: Arc<RuleInfo>,
     pre: bindings::RulePre<RuleState>,
@@ -725,15 +726,7 @@ impl WasmRule {
     /// ahead of time (0: every event instantiates inline and drops its
     /// store inline, as without the pool). For comparing the two in one run.
     pub fn with_ready(&self, ready: usize) -> WasmRule {
-        let sandbox = Sandbox {
-            info: self.sandbox.info.clone(),
-            pre: self.sandbox.pre.clone(),
-            epoch: self.sandbox.epoch.clone(),
-            timeout: self.sandbox.timeout,
-            memory_bytes: self.sandbox.memory_bytes,
-            table_elements: self.sandbox.table_elements,
-            per_rule: self.sandbox.per_rule,
-        };
+        let sandbox = (*self.sandbox).clone();
         WasmRule::new(sandbox, ready, &self.filler)
     }
 
@@ -778,19 +771,15 @@ impl WasmRule {
         // same deadline.
         let _in_flight = sandbox.epoch.enter();
         let taken = self.ready.as_ref().and_then(ReadyPool::take);
-        // With none ready the filler is behind (a burst): this event pays
-        // for its instance and its teardown here rather than queue more
-        // work for the filler, which would only contend with it.
-        let handoff = self.ready.as_ref().filter(|_| taken.is_some());
-        let (mut store, rule) = match taken {
-            Some((mut store, rule)) => {
+        let (mut store, rule, token) = match taken {
+            Some(((mut store, rule), token)) => {
                 sandbox.arm(&mut store);
-                (store, rule)
+                (store, rule, Some(token))
             }
             None => {
                 let mut store = sandbox.new_store();
                 match sandbox.pre.instantiate(&mut store) {
-                    Ok(rule) => (store, rule),
+                    Ok(rule) => (store, rule, None),
                     Err(e) => return (Err(sandbox.failure(&store, e)), Reads::default()),
                 }
             }
@@ -801,8 +790,11 @@ impl WasmRule {
         // when the store is torn down on the filler's.
         state.log.finish();
         let reads = state.reads.take();
-        if let Some(ready) = handoff {
-            ready.give_back((store, rule));
+        // With none ready the filler is behind (a burst): an event that made
+        // its own instance tears it down here rather than queue more work
+        // for the filler, which would only contend with it.
+        if let (Some(ready), Some(token)) = (&self.ready, token) {
+            ready.give_back((store, rule), token);
         }
         (result, reads)
     }
@@ -828,10 +820,21 @@ impl WasmRule {
 impl Sandbox {
     /// Makes an instance on the filler thread, under the rule's deadline
     /// (the epoch ticks while it runs, as for a call).
+    ///
+    /// One filler thread makes every rule's instances and tears down their
+    /// stores: a rule whose start function takes over half its timeout would
+    /// hold it for that long per instance, so such a rule is left to
+    /// instantiate inline, on its own events' time.
     fn instantiate_ahead(&self) -> Made<Fresh> {
         let _in_flight = self.epoch.enter();
         let mut store = self.new_store();
+        let started = std::time::Instant::now();
         match self.pre.instantiate(&mut store) {
+            Ok(_) if started.elapsed() > self.timeout / 2 => Made::Failed(format!(
+                "instantiation took {} ms, over half the rule's {} ms timeout",
+                started.elapsed().as_millis(),
+                self.timeout.as_millis()
+            )),
             Ok(rule) => Made::Ready((store, rule)),
             Err(e) if e.is::<wasmtime::PoolConcurrencyLimitError>() => Made::NoRoom,
             Err(e) => Made::Failed(self.failure(&store, e).to_string()),
