@@ -441,6 +441,9 @@ async fn a_bad_rule_keeps_its_previous_version_serving_and_is_reported() {
         Some(2.0),
         "{m}"
     );
+    // How long the version serving took to build (compile and vectors).
+    let build = metric(&m, "sluice_rule_build_seconds{rule=\"flip\"}");
+    assert!(build.is_some_and(|s| s > 0.0 && s < 60.0), "{m}");
     assert_eq!(
         metric(
             &m,

@@ -396,7 +396,12 @@ impl Reloader {
             .and_then(|rule| rule.check_tests(&manifest.tests, path).map(|()| rule));
         match built {
             Ok(rule) => {
-                tracing::debug!(rule = %rule.name(), version = %rule.version(), took = ?started.elapsed(), "rule built and tested");
+                // A JavaScript or Python component's first compile takes
+                // seconds; from the compile cache, milliseconds: both reported.
+                let took = started.elapsed();
+                tracing::info!(rule = %rule.name(), version = %rule.version(), took_ms = took.as_millis() as u64, "rule built and tested");
+                metrics::gauge!("sluice_rule_build_seconds", "rule" => rule.name().to_owned())
+                    .set(took.as_secs_f64());
                 slot.name = rule.name().to_owned();
                 replaced.insert(path.to_owned(), slot.serving.replace((Arc::new(rule), now)));
                 slot.failed = None;
