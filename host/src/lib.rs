@@ -206,12 +206,27 @@ async fn rules_status(
     })
 }
 
+/// How long `/readyz` waits for the store to take a write: a load balancer's
+/// probe needs an answer, and a store that cannot write within this is not
+/// ready, whatever it would say later.
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
-    match state.store.ready().await {
-        Ok(()) => (StatusCode::OK, "ready"),
-        Err(e) => {
+    match tokio::time::timeout(READY_WITHIN, state.store.ready()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready"),
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "store not writable");
             (StatusCode::SERVICE_UNAVAILABLE, "store not writable")
+        }
+        Err(_) => {
+            tracing::warn!(
+                within_ms = READY_WITHIN.as_millis() as u64,
+                "store took no write in time"
+            );
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store not writable in time",
+            )
         }
     }
 }

@@ -160,3 +160,45 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event() {
     );
     drop(server);
 }
+
+/// `/readyz` answers within about a second even when the store cannot take a
+/// write (here another process holds SQLite's write lock, so the writer waits
+/// out its 10 s busy timeout): 503 in time, then 200 once the lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_in_time_when_the_store_cannot_write() {
+    let env = Env::new("");
+    let gw = crate::support::Gateway::start(env.config()).await;
+    let get = || async {
+        let req = http::Request::get(gw.url("/readyz"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let started = Instant::now();
+        let status = gw
+            .client
+            .request(req)
+            .await
+            .expect("readyz answers")
+            .status();
+        (status, started.elapsed())
+    };
+    assert_eq!(get().await.0, StatusCode::OK);
+
+    let blocker = rusqlite::Connection::open(env.db()).expect("open the store's file");
+    blocker
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    let (status, took) = get().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(took < Duration::from_secs(3), "/readyz took {took:?}");
+
+    blocker.execute_batch("ROLLBACK").expect("release the lock");
+    drop(blocker);
+    // The probe that timed out still waits in the writer's queue; ready
+    // again once the writer has the lock.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get().await.0 != StatusCode::OK {
+        assert!(Instant::now() < deadline, "/readyz never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.stop().await;
+}
