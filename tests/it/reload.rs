@@ -813,3 +813,61 @@ async fn reload_latency_from_file_landing_to_serving_is_reported() {
     );
     watcher.abort();
 }
+
+/// Build output and hidden files under the rules directory (a Rust rule's
+/// `target/` built in place, `node_modules/`, `__pycache__/`, a build's
+/// `.x.wasm.tmp`, an editor's swap file) never trigger a reload, by file
+/// event or by the poll; a rule file still does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_output_under_the_rules_directory_triggers_no_reload() {
+    let env = flip_env("");
+    let server = ServeChild::spawn(&env.config_path);
+    let base = server.base.clone();
+    let v0 = until_status(&base, "flip v0", |s| s.version("flip").is_some())
+        .await
+        .version("flip")
+        .unwrap();
+    let reloads = |s: &RulesStatusView| s.0["reloads"].as_u64().unwrap();
+    let rules = rules_dir(&env);
+    // A rule's own folder appearing is worth a look (its code may be in
+    // it); what a build then writes inside it is not.
+    std::fs::create_dir_all(rules.join("my-rule/src")).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = reloads(&status(&base).await);
+
+    for (i, dir) in [
+        "my-rule/target/wasm32-wasip2/release",
+        "node_modules/componentize-qjs",
+        "my-rule/src/__pycache__",
+        ".git",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let dir = rules.join(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for n in 0..20 {
+            std::fs::write(dir.join(format!("out-{n}.bin")), format!("{i}-{n}")).unwrap();
+        }
+        write_by_rename(&dir.join("renamed.toml"), "name = \"not-a-rule\"");
+    }
+    write_in_place(&rules.join(".flip.rhai.swp"), "editor swap");
+    write_by_rename(&rules.join(".my-rule.wasm.tmp"), "half a build");
+    // Wide: past the debounce (300 ms) and several polls (500 ms).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = status(&base).await;
+    assert_eq!(
+        reloads(&s),
+        before,
+        "build output reloaded the rules: {}",
+        s.0
+    );
+    assert_eq!(s.version("flip").as_deref(), Some(v0.as_str()));
+
+    // The control: a rule's own file still reloads.
+    write_by_rename(&rules.join("flip.rhai"), &flip_script(1));
+    until_status(&base, "flip v1", |s| {
+        s.version("flip").is_some_and(|v| v != v0) && reloads(s) > before
+    })
+    .await;
+}

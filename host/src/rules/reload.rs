@@ -549,6 +549,9 @@ fn scan(dir: &Path) -> BTreeMap<PathBuf, Stamp> {
             return;
         };
         for entry in read.flatten() {
+            if is_not_rule_input(&entry.file_name()) {
+                continue;
+            }
             let path = entry.path();
             if path.is_dir() {
                 if depth < 4 {
@@ -562,6 +565,22 @@ fn scan(dir: &Path) -> BTreeMap<PathBuf, Stamp> {
     let mut out = BTreeMap::new();
     walk(dir, 0, &mut out);
     out
+}
+
+/// Names under the rules directory that no rule is read from: build output
+/// (`target/` of a Rust rule built in place, `node_modules/`,
+/// `__pycache__/`) and hidden files and folders (a build's `.x.wasm.tmp`,
+/// an editor's swap file). A build writing thousands of files there is no
+/// reason to reload, nor to stat them on every poll.
+fn is_not_rule_input(name: &std::ffi::OsStr) -> bool {
+    let name = name.as_encoded_bytes();
+    name.starts_with(b".") || [&b"target"[..], b"node_modules", b"__pycache__"].contains(&name)
+}
+
+/// Whether `path` lies under `dir` in a place [`is_not_rule_input`] skips.
+fn outside_rule_inputs(dir: &Path, path: &Path) -> bool {
+    path.strip_prefix(dir)
+        .is_ok_and(|rel| rel.iter().any(is_not_rule_input))
 }
 
 /// How a file-system event bears on when to reload.
@@ -690,7 +709,7 @@ async fn run(
             Some(ev) = events.recv() => {
                 let mut next = Some(ev);
                 while let Some(ev) = next {
-                    note(ev, &mut dirty, &mut urgent);
+                    note(&dir, ev, &mut dirty, &mut urgent);
                     next = events.try_recv().ok();
                 }
             }
@@ -750,11 +769,12 @@ async fn run(
 
 /// Folds one file-system event into the debounce state.
 fn note(
+    dir: &Path,
     ev: notify::Result<notify::Event>,
     dirty: &mut HashMap<PathBuf, (Instant, Option<Stamp>)>,
     urgent: &mut bool,
 ) {
-    let ev = match ev {
+    let mut ev = match ev {
         Ok(ev) => ev,
         Err(e) => {
             // Lost events (a queue overflow): read everything again.
@@ -763,6 +783,10 @@ fn note(
             return;
         }
     };
+    ev.paths.retain(|p| !outside_rule_inputs(dir, p));
+    if ev.paths.is_empty() {
+        return;
+    }
     match classify(&ev.kind) {
         Change::Settled => {
             for p in &ev.paths {
