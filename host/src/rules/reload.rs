@@ -783,8 +783,11 @@ fn note(
             return;
         }
     };
+    // An event about build output alone is no change; one naming no path
+    // at all (a rescan request) still counts.
+    let named = !ev.paths.is_empty();
     ev.paths.retain(|p| !outside_rule_inputs(dir, p));
-    if ev.paths.is_empty() {
+    if named && ev.paths.is_empty() {
         return;
     }
     match classify(&ev.kind) {
