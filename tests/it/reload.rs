@@ -151,6 +151,17 @@ async fn until_status(
     }
 }
 
+/// `sluice serve` on `env`, once it serves its first version of `flip`
+/// (returned).
+async fn serve_flip(env: &Env) -> (ServeChild, String) {
+    let server = ServeChild::spawn(&env.config_path);
+    let v0 = until_status(&server.base, "flip v0", |s| s.version("flip").is_some())
+        .await
+        .version("flip")
+        .unwrap();
+    (server, v0)
+}
+
 /// Posts one signed GitHub `issues` event; the id if accepted.
 async fn send(env: &Env, base: &str, n: u64) -> Option<String> {
     send_with(&env.signer("github"), base, n).await
@@ -553,12 +564,8 @@ async fn a_bad_rule_at_start_is_skipped_and_reported_while_serve_runs() {
 async fn sighup_reloads_rules_and_rereads_rotated_secrets() {
     // No watching: only SIGHUP may change the rules.
     let env = flip_env("watch = false\n");
-    let server = ServeChild::spawn(&env.config_path);
+    let (server, v0) = serve_flip(&env).await;
     let base = server.base.clone();
-    let v0 = until_status(&base, "flip v0", |s| s.version("flip").is_some())
-        .await
-        .version("flip")
-        .unwrap();
     let old_signer = env.signer("github");
     let body = Bytes::from_static(br#"{"action":"opened"}"#);
 
@@ -821,12 +828,8 @@ async fn reload_latency_from_file_landing_to_serving_is_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn build_output_under_the_rules_directory_triggers_no_reload() {
     let env = flip_env("");
-    let server = ServeChild::spawn(&env.config_path);
+    let (server, v0) = serve_flip(&env).await;
     let base = server.base.clone();
-    let v0 = until_status(&base, "flip v0", |s| s.version("flip").is_some())
-        .await
-        .version("flip")
-        .unwrap();
     let reloads = |s: &RulesStatusView| s.0["reloads"].as_u64().unwrap();
     let rules = rules_dir(&env);
     // A rule's own folder appearing is worth a look (its code may be in
