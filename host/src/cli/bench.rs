@@ -143,13 +143,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         baseline: BASELINE,
         rules: rows,
     };
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
-    } else {
-        print(&report, &mut out)?;
-    }
+    super::emit(args.json, &report, |out| print(&report, out))?;
     Ok(())
 }
 
@@ -291,13 +285,13 @@ fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(out, "native baseline: {}", report.baseline)?;
     writeln!(
         out,
-        "FRESH CPU: CPU time of every thread of the process per fresh call, so instances \
-         made and torn down off the event path count"
+        "  twin: the rule answered exactly as the baseline on every event (same work); \
+         reference: it does other work, the baseline is only a yardstick"
     )?;
     writeln!(
         out,
-        "  twin: the rule answered exactly as the baseline on every event (same work); \
-         reference: it does other work, the baseline is only a yardstick"
+        "FRESH CPU: CPU time of every thread of the process per fresh call, so instances \
+         made and torn down off the event path count"
     )?;
     writeln!(out)?;
     table(&LATENCY_COLUMNS, &latency, out)?;

@@ -62,6 +62,24 @@ impl RulesDirArg {
     }
 }
 
+/// Writes a read command's result to stdout: one JSON document with
+/// `--json`, else the command's own text.
+pub fn emit<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce(&mut std::io::StdoutLock<'static>) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, value)?;
+        writeln!(out)?;
+    } else {
+        text(&mut out)?;
+    }
+    Ok(())
+}
+
 /// Loads each rule of the config's rules directory on its own, as the
 /// rule-author commands see them (a broken rule is an entry with its error,
 /// not a failure of the command), keeping only the rule named `only` when

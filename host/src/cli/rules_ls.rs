@@ -117,13 +117,9 @@ pub async fn run(args: LsArgs) -> anyhow::Result<()> {
         server: live.as_ref().map(|(url, _)| url.clone()),
         rules: rows,
     };
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &listing)?;
-        writeln!(out)?;
-    } else {
-        print(&listing, recorded.is_some(), &mut out)?;
-    }
+    super::emit(args.json, &listing, |out| {
+        print(&listing, recorded.is_some(), out)
+    })?;
     Ok(())
 }
 

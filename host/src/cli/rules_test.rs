@@ -72,13 +72,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
     let config = args.rules.load()?;
     let (_engine, entries) = super::load_rule_entries(&config, args.rule.as_deref(), false)?;
     let reports: Vec<RuleReport> = entries.iter().map(test_rule).collect();
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &reports)?;
-        writeln!(out)?;
-    } else {
-        print(&reports, &mut out)?;
-    }
+    super::emit(args.json, &reports, |out| print(&reports, out))?;
     let failed: usize = reports
         .iter()
         .map(|r| r.vectors.iter().filter(|v| !v.passed).count())

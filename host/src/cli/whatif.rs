@@ -118,13 +118,7 @@ pub async fn run(args: WhatifArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let report = compare(&reader, &set, &filter).await?;
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
-    } else {
-        print(&report, &mut out)?;
-    }
+    super::emit(args.json, &report, |out| print(&report, out))?;
     Ok(())
 }
 
