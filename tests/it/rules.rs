@@ -2474,18 +2474,22 @@ fn the_pool_ceilings_are_config_and_a_manifest_asking_for_more_is_refused() {
 
 /// Rules keep the engine alive: a rule used after the `WasmEngine` it was
 /// loaded with has been dropped still has its deadline enforced.
+/// The component `plugins/out/<component>.wasm` loaded as rule `name` on
+/// `engine`, with WASI granted and `extra` manifest lines.
+fn plugin_rule(engine: &WasmEngine, name: &str, component_name: &str, extra: &str) -> Rule {
+    let manifest_path = repo().join(format!("{name}-test.toml"));
+    let text = format!(
+        "name = \"{name}\"\ncomponent = {:?}\n[grants]\nwasi = true{extra}",
+        component(component_name).display().to_string()
+    );
+    let m = Manifest::parse(&manifest_path, &text).unwrap();
+    Rule::from_manifest(&m, &manifest_path, &text, &RulesConfig::default(), engine).unwrap()
+}
+
 #[test]
 fn a_rule_outliving_its_engine_struct_is_still_interrupted() {
     let engine = WasmEngine::new(None).unwrap();
-    let path = component("loop");
-    let manifest_path = repo().join("outlive-test.toml");
-    let text = format!(
-        "name = \"loop\"\ncomponent = {:?}\n[grants]\nwasi = true\n[limits]\ntimeout_ms = 50",
-        path.display().to_string()
-    );
-    let m = Manifest::parse(&manifest_path, &text).unwrap();
-    let rule =
-        Rule::from_manifest(&m, &manifest_path, &text, &RulesConfig::default(), &engine).unwrap();
+    let rule = plugin_rule(&engine, "loop", "loop", "\n[limits]\ntimeout_ms = 50");
     drop(engine);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || tx.send(rule.classify(&issues_opened())));
@@ -2499,15 +2503,7 @@ fn a_rule_outliving_its_engine_struct_is_still_interrupted() {
 fn the_epoch_advances_only_while_a_guest_call_is_in_flight() {
     // An engine of its own: the shared one serves the other tests' calls.
     let engine = WasmEngine::new(None).unwrap();
-    let path = component("loop");
-    let manifest_path = repo().join("epoch-test.toml");
-    let text = format!(
-        "name = \"loop\"\ncomponent = {:?}\n[grants]\nwasi = true\n[limits]\ntimeout_ms = 50",
-        path.display().to_string()
-    );
-    let m = Manifest::parse(&manifest_path, &text).unwrap();
-    let rule =
-        Rule::from_manifest(&m, &manifest_path, &text, &RulesConfig::default(), &engine).unwrap();
+    let rule = plugin_rule(&engine, "loop", "loop", "\n[limits]\ntimeout_ms = 50");
     let idle = |what: &str| {
         // A tick already under way when the last call ended may still land.
         let mut before = engine.epoch_ticks();
@@ -2542,15 +2538,7 @@ fn the_epoch_ticker_lingers_after_a_call_then_parks() {
     // Waking a parked ticker costs the next call a futex wake and a likely
     // preemption; under steady traffic it stays awake between calls.
     let engine = WasmEngine::new(None).unwrap();
-    let path = component("bench-three-fields");
-    let manifest_path = repo().join("linger-test.toml");
-    let text = format!(
-        "name = \"bench\"\ncomponent = {:?}\n[grants]\nwasi = true",
-        path.display().to_string()
-    );
-    let m = Manifest::parse(&manifest_path, &text).unwrap();
-    let rule =
-        Rule::from_manifest(&m, &manifest_path, &text, &RulesConfig::default(), &engine).unwrap();
+    let rule = plugin_rule(&engine, "bench", "bench-three-fields", "");
     assert!(rule.classify(&issues_opened()).is_ok());
     let after_call = engine.epoch_ticks();
     let deadline = Instant::now() + Duration::from_secs(5);
