@@ -175,6 +175,19 @@ pub struct StoreConfig {
     pub dedup_ttl: Duration,
     /// Most delivery ids the in-memory dedup cache holds.
     pub dedup_capacity: u64,
+    /// Most body and header bytes waiting for the store's writer; an event
+    /// past it is answered 503 with `Retry-After` at once.
+    pub queue_bytes: usize,
+    /// Longest an event waits for the log to make it durable before it is
+    /// answered 503 (`Retry-After`); the provider's retry is then a duplicate
+    /// if the write finished after all.
+    #[serde(deserialize_with = "duration")]
+    pub append_timeout: Duration,
+    /// Events older than this are removed with their decisions, and log
+    /// segments holding only such events are deleted; dead letters stay this
+    /// long after they were dead-lettered. `0s` keeps everything.
+    #[serde(deserialize_with = "duration")]
+    pub retention: Duration,
 }
 
 impl Default for StoreConfig {
@@ -184,6 +197,9 @@ impl Default for StoreConfig {
             batch_max: 512,
             dedup_ttl: Duration::from_secs(24 * 3600),
             dedup_capacity: 200_000,
+            queue_bytes: 64 * 1024 * 1024,
+            append_timeout: Duration::from_secs(5),
+            retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }

@@ -84,11 +84,7 @@ impl AppState {
         crate::metrics::handle();
         let (sources, reports) = build_sources(&config, Generate::IfMissing)?;
         let db = config.data_dir().join(&config.store.path);
-        let store = SqliteStore::open_with_dedup_window(
-            &db,
-            config.store.batch_max,
-            config.store.dedup_ttl,
-        )
+        let store = SqliteStore::open_with(&db, crate::store::sqlite::Options::from_config(&config.store))
         .map_err(|e| anyhow::anyhow!("{}: store.path: {e}", config.origin))?;
         let state = AppState {
             shield: Shield::new(&config.shield),

@@ -23,7 +23,7 @@ use super::shield::client;
 use super::source::Source;
 use crate::AppState;
 use crate::event::{Provider, now_ms};
-use crate::store::Appended;
+use crate::store::{Appended, StoreError};
 
 /// Why a request was turned away before it became an event.
 #[derive(Debug)]
@@ -38,6 +38,8 @@ enum Refusal {
     Unverified(super::verify::VerifyError),
     Unusable(NormalizeError),
     StoreDown,
+    /// The store's write queue is full or the log is slow: retry soon.
+    StoreBusy,
 }
 
 impl IntoResponse for Refusal {
@@ -95,6 +97,18 @@ impl IntoResponse for Refusal {
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!({"error": "store unavailable, retry later"}),
             ),
+            Refusal::StoreBusy => {
+                let mut r = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"error": "store busy, retry later"})),
+                )
+                    .into_response();
+                r.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(OVER_BUDGET_RETRY_SECS),
+                );
+                return r;
+            }
         };
         (status, Json(body)).into_response()
     }
@@ -114,6 +128,7 @@ impl Refusal {
             Refusal::Unverified(_) => "unverified",
             Refusal::Unusable(_) => "unusable",
             Refusal::StoreDown => "store_unavailable",
+            Refusal::StoreBusy => "store_busy",
         }
     }
 }
@@ -229,9 +244,15 @@ async fn accept(
 
     // 5. Durable append; only now is the event acknowledged.
     let started = std::time::Instant::now();
-    let appended = state.store.append(event).await.map_err(|e| {
-        tracing::error!(source = %source.name, error = %e, "append failed");
-        Refusal::StoreDown
+    let appended = state.store.append(event).await.map_err(|e| match e {
+        StoreError::Busy(_) => {
+            tracing::warn!(source = %source.name, error = %e, "append refused");
+            Refusal::StoreBusy
+        }
+        e => {
+            tracing::error!(source = %source.name, error = %e, "append failed");
+            Refusal::StoreDown
+        }
     })?;
     metrics::histogram!("sluice_store_append_seconds").record(started.elapsed().as_secs_f64());
     match (&appended, until) {

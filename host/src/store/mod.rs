@@ -14,7 +14,7 @@
 //! renews leases while a batch is being routed. A lease that expires (a worker crashed) makes the event claimable
 //! again, so a crash between claim and decision loses nothing.
 
-pub mod bodies;
+pub mod log;
 pub mod sqlite;
 
 use std::time::Duration;
@@ -34,6 +34,10 @@ pub enum StoreError {
     /// The backend failed (I/O, corruption, connection).
     #[error("store backend failed: {0}")]
     Backend(String),
+    /// The store cannot take this write now (its write queue is full, or the
+    /// disk did not finish in time); a retry soon may succeed.
+    #[error("store busy: {0}")]
+    Busy(String),
     /// The store has shut down.
     #[error("store is closed")]
     Closed,
@@ -205,6 +209,17 @@ pub trait EventReader: Send + Sync {
     async fn decisions(&self, limit: usize) -> Result<Vec<RecordedDecision>, StoreError>;
 }
 
+/// What one retention pass removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Expired {
+    /// Events removed (with their decisions and dedup keys).
+    pub events: u64,
+    /// Of those, dead letters past their time.
+    pub dead_letters: u64,
+    /// Log segment files deleted.
+    pub segments: u64,
+}
+
 /// The durable event log and work queue.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -255,7 +270,13 @@ pub trait Store: Send + Sync + 'static {
     /// attempt count: a replay is a new start, not one more retry.
     async fn requeue(&self, id: &str) -> Result<(), StoreError>;
 
-    /// Number of events waiting to be routed (pending or with an expired lease).
+    /// Retention: removes every event received before `cutoff_ms`
+    /// (milliseconds since the epoch) with its decisions, dedup key and
+    /// work-queue entry, except dead letters dead-lettered at or after
+    /// `cutoff_ms`, and the log storage no remaining event needs.
+    async fn expire(&self, cutoff_ms: i64) -> Result<Expired, StoreError>;
+
+    /// Number of events not yet settled: waiting to be routed, or being routed.
     async fn queue_depth(&self) -> Result<u64, StoreError>;
 
     /// Checks that the store can take writes (for `/readyz`).

@@ -1,48 +1,57 @@
-//! The embedded store: SQLite (bundled) in WAL mode with one writer thread.
+//! The embedded store: an append-only event log (`log.rs`) as the durable
+//! record, SQLite (bundled, WAL, `synchronous = NORMAL`) as its index and
+//! work queue, and one writer thread that owns both.
 //!
-//! Every mutation goes to the writer, which drains whatever is queued (up to
-//! `batch_max`) into one transaction and commits it with `synchronous = FULL`:
-//! one fsync per batch, not per event (group commit). Each job runs inside its
-//! own savepoint, so one failing job does not undo the others, and its caller
-//! hears back only after the commit — an append is acknowledged only once it is
-//! durable. Reads use a separate connection and never wait for the writer.
+//! The writer drains whatever is queued (up to `batch_max` jobs). The batch's
+//! appends are deduplicated against the index, framed as log records and
+//! written with one `write` and one `fdatasync`; their callers hear back
+//! right then, durable. The same batch then applies the new records to the
+//! index (event row, dedup key, work-queue row, and the log position applied)
+//! and runs the other jobs (claims, settlements), each in its own savepoint,
+//! in one transaction that commits without a sync: what it holds can be
+//! rebuilt from the log, which is why `NORMAL` is enough. At start, the log's
+//! tail past the applied position is replayed into the index; the event's
+//! sequence number is the row key, so a replay interrupted and started again
+//! applies nothing twice. Reads use a separate connection and never wait for
+//! the writer.
 //!
-//! Payloads do not go into SQLite: they go to the body log (`bodies.rs`), one
-//! write and one `fdatasync` per batch, before the rows pointing at them
-//! commit. Appends are a job kind of their own so the writer can check
-//! duplicates, place bodies and write them once for the whole batch.
+//! The work queue is its own table holding only unsettled events, keyed for
+//! the claim order `(due_at_ms, seq)`: a claim is an index range scan of the
+//! rows it takes, whatever the backlog; settling deletes the row. Its depth
+//! is a counter, not a `count(*)`.
 //!
 //! Deduplication is the `dedup` table: one row per dedup key
 //! ([`crate::event::dedup_key`]) naming the event that holds it. A provider's
-//! id holds its key for good (`expires_at_ms` NULL); a body hash holds it until
-//! `received_at_ms` + the dedup window, a deadline stored with the row, so the
-//! window survives a restart, and a later copy past it takes the key over as
-//! a new event. The schema's version is SQLite's `user_version`; a database
-//! of another version is refused with a message, never half-read.
+//! id holds its key for good (`expires_at_ms` NULL); a body hash holds it
+//! until `received_at_ms` + the dedup window, a deadline stored with the row
+//! (and in the log record), so the window survives a restart. The index
+//! schema's version is SQLite's `user_version`; a database of another version
+//! is refused with a message, never half-read.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use serde::Serialize;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{Notify, oneshot};
 
-use super::bodies::{self, BodyReader, BodyRef, BodyWriter};
+use super::log::{self, LogReader, LogWriter, Position, Record, RecordRef, ScanEnd};
 use super::{
-    Appended, Claimed, EventReader, EventRecord, EventSummary, Lease, ListFilter, RecordedDecision,
-    Store, StoreError,
+    Appended, Claimed, EventReader, EventRecord, EventSummary, Expired, Lease, ListFilter,
+    RecordedDecision, Store, StoreError,
 };
 use crate::decision::Decision;
-use crate::event::{Event, EventStatus, IdOrigin, Provider, now_ms};
+use crate::event::{EventStatus, IdOrigin, now_ms};
 use crate::ingress::NewEvent;
 
 /// The schema this build reads and writes, kept in `PRAGMA user_version`
-/// (0: the first store, deduplicating on a unique `(source, delivery_id)`).
-const SCHEMA_VERSION: i64 = 1;
+/// (0: the first store; 1: bodies in a side log, rows as the record).
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -57,28 +66,33 @@ CREATE TABLE IF NOT EXISTS events (
     body_sha256     TEXT NOT NULL,
     conflict_with   TEXT,
     received_at_ms  INTEGER NOT NULL,
-    headers         TEXT NOT NULL,
-    body_segment    INTEGER NOT NULL,
-    body_offset     INTEGER NOT NULL,
+    log_segment     INTEGER NOT NULL,
+    log_offset      INTEGER NOT NULL,
+    log_len         INTEGER NOT NULL,
     size            INTEGER NOT NULL,
     status          TEXT NOT NULL DEFAULT 'pending',
     attempts        INTEGER NOT NULL DEFAULT 0,
-    available_at_ms INTEGER NOT NULL DEFAULT 0,
-    claimed_by      TEXT,
     last_error      TEXT
 );
-CREATE INDEX IF NOT EXISTS events_work ON events (status, available_at_ms);
 CREATE INDEX IF NOT EXISTS events_delivery ON events (source, delivery_id);
+CREATE INDEX IF NOT EXISTS events_segment ON events (log_segment);
+CREATE TABLE IF NOT EXISTS queue (
+    seq        INTEGER PRIMARY KEY,
+    due_at_ms  INTEGER NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    claimed_by TEXT
+);
+CREATE INDEX IF NOT EXISTS queue_due ON queue (due_at_ms, seq);
 CREATE TABLE IF NOT EXISTS dedup (
     key           TEXT PRIMARY KEY,
     event_id      TEXT NOT NULL,
     expires_at_ms INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS decisions (
-    seq        INTEGER PRIMARY KEY,
-    event_id   TEXT NOT NULL,
+    seq           INTEGER PRIMARY KEY,
+    event_id      TEXT NOT NULL,
     decided_at_ms INTEGER NOT NULL,
-    decision   TEXT NOT NULL
+    decision      TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS decisions_event ON decisions (event_id, seq);
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -86,7 +100,52 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason   TEXT NOT NULL,
     at_ms    INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS log_applied (
+    one      INTEGER PRIMARY KEY CHECK (one = 1),
+    segment  INTEGER NOT NULL,
+    offset   INTEGER NOT NULL,
+    next_seq INTEGER NOT NULL
+);
 ";
+
+/// How the embedded store behaves; [`Options::from_config`] takes the
+/// `[store]` keys.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Most jobs handled in one batch (one log sync, one index commit).
+    pub batch_max: usize,
+    /// How long a delivery known only by its body hash stays a duplicate.
+    pub dedup_window: Duration,
+    /// Most body and header bytes waiting for the writer; an append past it
+    /// is refused at once ([`StoreError::Busy`]).
+    pub queue_bytes: usize,
+    /// Longest an append waits for the log to be durable before it is
+    /// answered [`StoreError::Busy`] (it may still be stored; a retry of it
+    /// is then a duplicate).
+    pub append_timeout: Duration,
+    /// Where a log segment rolls over to the next (retention removes whole
+    /// segments).
+    pub segment_bytes: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options::from_config(&crate::config::StoreConfig::default())
+    }
+}
+
+impl Options {
+    /// The options the `[store]` section sets.
+    pub fn from_config(c: &crate::config::StoreConfig) -> Options {
+        Options {
+            batch_max: c.batch_max.max(1),
+            dedup_window: c.dedup_ttl,
+            queue_bytes: c.queue_bytes,
+            append_timeout: c.append_timeout,
+            segment_bytes: log::SEGMENT_BYTES,
+        }
+    }
+}
 
 /// A job for the writer: runs inside the batch transaction (or, given `None`,
 /// does not run because the batch could not start), and returns whether it
@@ -96,19 +155,32 @@ type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
 /// What the writer thread takes.
 enum Job {
-    /// Append one event (deduplicated, body to the body log).
-    Append(NewEvent, oneshot::Sender<Result<Appended, StoreError>>),
+    /// Append one event (deduplicated, to the log, then the index).
+    Append(NewEvent, AppendReply),
     /// Any other write, inside its own savepoint.
     Run(RunJob),
 }
 
-/// The SQLite store. Cheap to share behind an `Arc`.
+type AppendReply = oneshot::Sender<Result<Appended, StoreError>>;
+
+/// The embedded store. Cheap to share behind an `Arc`.
 pub struct SqliteStore {
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     reader: Arc<Mutex<Connection>>,
-    bodies: BodyReader,
+    log: LogReader,
     work: Arc<Notify>,
+    shared: Arc<Shared>,
+    options: Options,
+}
+
+/// What the writer thread and the callers both keep count of.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Events in the work queue (waiting or held by a worker).
+    depth: AtomicI64,
+    /// Body and header bytes of appends the writer has not answered yet.
+    queued_bytes: AtomicUsize,
 }
 
 /// A read-only view of a store on disk (the CLI's `events` commands).
@@ -117,7 +189,8 @@ pub struct ReadOnly {
     // A mutex only to be shared across threads (the read role is `Sync`);
     // the CLI reads from one task.
     conn: Mutex<Connection>,
-    bodies: BodyReader,
+    log: LogReader,
+    log_dir: PathBuf,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -127,30 +200,55 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path`, with the default
-    /// dedup window for body-hash ids (`store.dedup_ttl`'s default).
+    /// Opens (creating if needed) the store whose index is at `path`, with
+    /// the default options but `batch_max`.
     pub fn open(path: &Path, batch_max: usize) -> Result<SqliteStore, StoreError> {
-        let window = crate::config::StoreConfig::default().dedup_ttl;
-        SqliteStore::open_with_dedup_window(path, batch_max, window)
+        SqliteStore::open_with(
+            path,
+            Options {
+                batch_max,
+                ..Options::default()
+            },
+        )
     }
 
-    /// Opens (creating if needed) the database at `path`. A delivery known only
-    /// by its body hash is a duplicate for `dedup_window` after the first copy
-    /// was received; a provider's id stays a duplicate for good.
+    /// Opens (creating if needed) the store at `path` with a dedup window
+    /// for body-hash ids: a delivery known only by its body hash is a
+    /// duplicate for `dedup_window` after the first copy was received; a
+    /// provider's id stays a duplicate for good.
     pub fn open_with_dedup_window(
         path: &Path,
         batch_max: usize,
         dedup_window: Duration,
     ) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(
+            path,
+            Options {
+                batch_max,
+                dedup_window,
+                ..Options::default()
+            },
+        )
+    }
+
+    /// Opens (creating if needed) the store whose index is at `path` and
+    /// whose log is beside it (`sluice.db` → `sluice.log/`), replaying into
+    /// the index whatever the log holds past what the index has applied.
+    pub fn open_with(path: &Path, options: Options) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| {
                 StoreError::Backend(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
-        let conn = Connection::open(path)
+        let log_dir = log::dir_for(path);
+        // The log's lock first: a second process must not touch the index either.
+        let mut writer = LogWriter::open(&log_dir, options.segment_bytes).map_err(|e| {
+            StoreError::Backend(format!("cannot open the event log {}: {e}", log_dir.display()))
+        })?;
+        let mut conn = Connection::open(path)
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(Duration::from_secs(10))?;
         check_schema(&conn, path)?;
         conn.execute_batch(SCHEMA)?;
@@ -161,27 +259,37 @@ impl SqliteStore {
             "DELETE FROM dedup WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?1",
             [now_ms()],
         )?;
+        let replayed = recover(&mut conn, &mut writer, &log_dir)?;
+        if replayed > 0 {
+            tracing::info!(events = replayed, log = %log_dir.display(), "replayed the event log's tail into the index");
+        }
+        let depth: i64 = conn.query_row("SELECT count(*) FROM queue", [], |r| r.get(0))?;
         let reader = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         reader.busy_timeout(Duration::from_secs(10))?;
-        let body_dir = bodies::dir_for(path);
-        let body_writer = BodyWriter::open(&body_dir).map_err(|e| {
-            StoreError::Backend(format!("cannot open body log {}: {e}", body_dir.display()))
-        })?;
-        let body_reader = BodyReader::new(body_dir);
 
+        let shared = Arc::new(Shared {
+            depth: AtomicI64::new(depth),
+            queued_bytes: AtomicUsize::new(0),
+        });
         let (tx, rx) = mpsc::channel::<Job>();
         let work = Arc::new(Notify::new());
-        let notify = work.clone();
-        let batch_max = batch_max.max(1);
+        let state = WriterState {
+            conn,
+            log: writer,
+            log_dir: log_dir.clone(),
+            behind: false,
+            dedup_window: options.dedup_window,
+            shared: shared.clone(),
+            work: work.clone(),
+        };
+        let batch_max = options.batch_max.max(1);
         let thread = std::thread::Builder::new()
             .name("sluice-store-writer".into())
             .spawn(move || {
-                let run = std::panic::AssertUnwindSafe(|| {
-                    writer_loop(conn, body_writer, rx, batch_max, dedup_window, &notify)
-                });
+                let run = std::panic::AssertUnwindSafe(|| writer_loop(state, rx, batch_max));
                 if std::panic::catch_unwind(run).is_err() {
                     // Without its writer the gateway could only answer 503 and
                     // lose what providers do not retry: stop, so a supervisor
@@ -195,20 +303,24 @@ impl SqliteStore {
             writer: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             reader: Arc::new(Mutex::new(reader)),
-            bodies: body_reader,
+            log: LogReader::new(log_dir),
             work,
+            shared,
+            options,
         })
     }
 
-    /// Opens an existing database for reading only (the CLI's `events` commands).
+    /// Opens an existing store for reading only (the CLI's `events` commands).
     pub fn open_read_only(path: &Path) -> Result<ReadOnly, StoreError> {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
         conn.busy_timeout(Duration::from_secs(10))?;
         check_schema(&conn, path)?;
+        let log_dir = log::dir_for(path);
         Ok(ReadOnly {
             conn: Mutex::new(conn),
-            bodies: BodyReader::new(bodies::dir_for(path)),
+            log: LogReader::new(log_dir.clone()),
+            log_dir,
         })
     }
 
@@ -253,13 +365,17 @@ impl SqliteStore {
 
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection, &BodyReader) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&Connection, &LogReader) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let reader = self.reader.clone();
-        let bodies = self.bodies.clone();
-        tokio::task::spawn_blocking(move || f(&reader.lock().expect("reader lock"), &bodies))
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || f(&reader.lock().expect("reader lock"), &log))
             .await
             .map_err(|e| StoreError::Backend(format!("reader task failed: {e}")))?
+    }
+
+    fn add_depth(&self, n: i64) {
+        self.shared.depth.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -285,22 +401,230 @@ fn check_schema(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         };
         return Err(StoreError::Backend(format!(
             "{}: written by {by} sluice (store schema {version}; this build reads schema \
-             {SCHEMA_VERSION}); move it and its .bodies directory aside to start an empty store, \
-             or run the sluice that wrote it",
+             {SCHEMA_VERSION}); move it and the directories beside it of the same name \
+             (.log, .bodies) aside to start an empty store, or run the sluice that wrote it",
             path.display()
         )));
     }
     Ok(())
 }
 
-fn writer_loop(
-    mut conn: Connection,
-    mut bodies: BodyWriter,
-    rx: mpsc::Receiver<Job>,
-    batch_max: usize,
+/// How far the index has applied the log, and the next sequence number.
+fn applied(conn: &Connection) -> Result<(Position, i64), StoreError> {
+    let row = conn
+        .query_row(
+            "SELECT segment, offset, next_seq FROM log_applied WHERE one = 1",
+            [],
+            |r| {
+                Ok((
+                    Position {
+                        segment: r.get(0)?,
+                        offset: r.get::<_, i64>(1)? as u64,
+                    },
+                    r.get::<_, i64>(2)?,
+                ))
+            },
+        )
+        .optional()?;
+    Ok(row.unwrap_or((Position::default(), 1)))
+}
+
+fn set_applied(conn: &Connection, at: Position, next_seq: i64) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO log_applied (one, segment, offset, next_seq) VALUES (1, ?1, ?2, max(?3, 1)) \
+         ON CONFLICT (one) DO UPDATE SET segment = excluded.segment, offset = excluded.offset, \
+         next_seq = max(next_seq, excluded.next_seq)",
+    )?
+    .execute(params![at.segment, at.offset as i64, next_seq])?;
+    Ok(())
+}
+
+/// Records applied per replay transaction: a kill during a long replay
+/// loses at most this many records' work, redone at the next start.
+const REPLAY_CHUNK: usize = 2_000;
+
+/// Brings the index up to the log: replays every record past the applied
+/// position, cuts a torn record off the newest segment's tail, and reports
+/// (and marks) events the index points at but the log no longer holds.
+/// Returns how many events were added.
+fn recover(
+    conn: &mut Connection,
+    writer: &mut LogWriter,
+    log_dir: &Path,
+) -> Result<u64, StoreError> {
+    let (from, _) = applied(conn)?;
+    let newest = writer.segment();
+    let segments = log::segments(log_dir)
+        .map_err(|e| StoreError::Backend(format!("{}: {e}", log_dir.display())))?;
+    if from.segment != 0 && !segments.contains(&from.segment) {
+        tracing::error!(
+            segment = %log::segment_path(log_dir, from.segment).display(),
+            "the index has applied a log segment that is gone; events it held cannot be read"
+        );
+    }
+    let mut added = 0u64;
+    for &n in segments.iter().filter(|&&n| n >= from.segment) {
+        let start = if n == from.segment { from.offset } else { 0 };
+        let path = log::segment_path(log_dir, n);
+        let len = std::fs::metadata(&path)
+            .map(|m| m.len())
+            .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+        if len < start {
+            let lost = mark_lost_beyond(conn, n, len)?;
+            tracing::error!(
+                segment = %path.display(), bytes = len, index_applied = start, events_lost = lost,
+                "log segment shorter than the index claims; the events past its end are dead-lettered as lost"
+            );
+            set_applied(conn, Position { segment: n, offset: len }, 0)?;
+            continue;
+        }
+        let (end, n_added) = replay_segment(conn, log_dir, n, start)?;
+        added += n_added;
+        if let ScanEnd::Invalid { at, file_len, why } = end {
+            if n == newest {
+                let aside = writer.cut_tail(at).map_err(|e| {
+                    StoreError::Backend(format!("cannot cut the torn tail of {}: {e}", path.display()))
+                })?;
+                tracing::warn!(
+                    segment = %path.display(), at, bytes = file_len - at, %why, kept = %aside.display(),
+                    "cut a torn record off the log's tail (it was never acknowledged)"
+                );
+            } else {
+                tracing::error!(
+                    segment = %path.display(), at, bytes = file_len - at, %why,
+                    "a damaged record in the middle of the log: the records after it in this segment are not indexed"
+                );
+            }
+        }
+    }
+    Ok(added)
+}
+
+/// Replays one segment from `start` into the index, committing every
+/// [`REPLAY_CHUNK`] records together with the position reached.
+fn replay_segment(
+    conn: &mut Connection,
+    log_dir: &Path,
+    n: u32,
+    start: u64,
+) -> Result<(ScanEnd, u64), StoreError> {
+    let mut added = 0u64;
+    let mut chunk: Vec<(RecordRef, Record)> = Vec::with_capacity(REPLAY_CHUNK);
+    let mut flush = |conn: &mut Connection, chunk: &mut Vec<(RecordRef, Record)>| {
+        let txn = conn.transaction()?;
+        let mut next_seq = 0;
+        let mut end = None;
+        for (at, rec) in chunk.drain(..) {
+            if apply_record(&txn, &rec, at)? {
+                added += 1;
+            }
+            next_seq = next_seq.max(rec.seq + 1);
+            end = Some(at.end());
+        }
+        if let Some(end) = end {
+            set_applied(&txn, end, next_seq)?;
+        }
+        txn.commit()?;
+        Ok::<(), StoreError>(())
+    };
+    let scanned = log::scan(log_dir, n, start, |at, rec| {
+        chunk.push((at, rec));
+        if chunk.len() >= REPLAY_CHUNK {
+            flush(conn, &mut chunk)?;
+        }
+        Ok::<(), StoreError>(())
+    })
+    .map_err(|e| StoreError::Backend(format!("{}: {e}", log::segment_path(log_dir, n).display())))?;
+    let end = scanned?;
+    flush(conn, &mut chunk)?;
+    if let ScanEnd::Clean(len) = end {
+        // An empty tail still moves the applied position (a new segment).
+        let (at, _) = applied(conn)?;
+        if at < (Position { segment: n, offset: len }) {
+            set_applied(conn, Position { segment: n, offset: len }, 0)?;
+        }
+    }
+    Ok((end, added))
+}
+
+/// Dead-letters the events whose records lie past `len` in segment `n`.
+fn mark_lost_beyond(conn: &Connection, n: u32, len: u64) -> Result<u64, StoreError> {
+    let ids: Vec<String> = conn
+        .prepare(
+            "SELECT id FROM events WHERE log_segment = ?1 AND log_offset + log_len > ?2 \
+             AND status != 'dead'",
+        )?
+        .query_map(params![n, len as i64], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for id in &ids {
+        mark_dead(
+            conn,
+            id,
+            &format!("lost: its log record is past the end of segment {n} ({len} bytes)"),
+            None,
+        )?;
+    }
+    Ok(ids.len() as u64)
+}
+
+/// Adds one logged event to the index (row, dedup key, work-queue row);
+/// does nothing for an event already there. Returns whether it was added.
+fn apply_record(conn: &Connection, rec: &Record, at: RecordRef) -> Result<bool, StoreError> {
+    let added = conn
+        .prepare_cached(
+            "INSERT INTO events (seq, id, source, provider, kind, action, delivery_id, id_origin, \
+             body_sha256, conflict_with, received_at_ms, log_segment, log_offset, log_len, size) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
+             ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![
+            rec.seq,
+            rec.id,
+            rec.source,
+            rec.provider.as_str(),
+            rec.kind,
+            rec.action,
+            rec.delivery_id,
+            rec.id_origin.as_str(),
+            rec.body_sha256,
+            rec.conflict_with,
+            rec.received_at_ms,
+            at.segment,
+            at.offset as i64,
+            at.len,
+            rec.body.len() as i64,
+        ])?
+        == 1;
+    if !added {
+        return Ok(false);
+    }
+    // Only an expired key can be taken over; a live one was caught before
+    // the record was written.
+    conn.prepare_cached(
+        "INSERT INTO dedup (key, event_id, expires_at_ms) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (key) DO UPDATE SET event_id = excluded.event_id, \
+         expires_at_ms = excluded.expires_at_ms",
+    )?
+    .execute(params![rec.dedup_key, rec.id, rec.dedup_until_ms])?;
+    conn.prepare_cached("INSERT INTO queue (seq, due_at_ms) VALUES (?1, ?2)")?
+        .execute(params![rec.seq, rec.received_at_ms])?;
+    Ok(true)
+}
+
+/// What the writer thread owns.
+struct WriterState {
+    conn: Connection,
+    log: LogWriter,
+    log_dir: PathBuf,
+    /// The index missed records the log holds (an index write failed): they
+    /// are replayed before the next batch is deduplicated against it.
+    behind: bool,
     dedup_window: Duration,
-    work: &Notify,
-) {
+    shared: Arc<Shared>,
+    work: Arc<Notify>,
+}
+
+fn writer_loop(mut w: WriterState, rx: mpsc::Receiver<Job>, batch_max: usize) {
     while let Ok(first) = rx.recv() {
         let mut jobs = Vec::with_capacity(64);
         jobs.push(first);
@@ -312,25 +636,54 @@ fn writer_loop(
         }
         let (appends, runs): (Vec<_>, Vec<_>) =
             jobs.into_iter().partition(|j| matches!(j, Job::Append(..)));
-        if let Err(e) = bodies.roll_if_full() {
-            tracing::error!(error = %e, "cannot start a new body log segment; continuing in the current one");
+        if let Err(e) = w.log.roll_if_full() {
+            tracing::error!(error = %e, "cannot start a new log segment; continuing in the current one");
         }
-        let txn = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        if w.behind {
+            match recover(&mut w.conn, &mut w.log, &w.log_dir) {
+                Ok(n) => {
+                    w.behind = false;
+                    w.shared.depth.fetch_add(n as i64, Ordering::Relaxed);
+                }
+                Err(e) => tracing::error!(error = %e, "the index is still behind the log"),
+            }
+        }
+        // The appends are durable once `log_batch` returns; their callers hear
+        // back after the index commit below, which does not sync (a crash
+        // before it is mended by the replay at start), whatever its outcome.
+        let (answers, logged) = log_batch(&mut w, appends);
+        let txn = match w
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        {
             Ok(txn) => txn,
             Err(e) => {
                 let err = StoreError::Backend(format!("cannot begin transaction: {e}"));
-                for job in appends.into_iter().chain(runs) {
-                    match job {
-                        Job::Append(_, reply) => {
-                            let _ = reply.send(Err(err.clone()));
-                        }
-                        Job::Run(job) => job(None).1(Err(err.clone())),
+                w.behind |= !logged.is_empty();
+                send_answers(answers, &w.shared);
+                for job in runs {
+                    if let Job::Run(job) = job {
+                        job(None).1(Err(err.clone()));
                     }
                 }
                 continue;
             }
         };
-        let appended = append_batch(&txn, &mut bodies, appends, dedup_window);
+        let mut applied_ok = true;
+        for (rec, at) in &logged {
+            if let Err(e) = apply_record(&txn, rec, *at) {
+                tracing::error!(event = %rec.id, error = %e, "cannot index a logged event; it is replayed from the log");
+                applied_ok = false;
+                break;
+            }
+        }
+        if applied_ok
+            && !logged.is_empty()
+            && let Err(e) = set_applied(&txn, w.log.position(), logged[logged.len() - 1].0.seq + 1)
+        {
+            tracing::error!(error = %e, "cannot record the applied log position");
+            applied_ok = false;
+        }
         let replies: Vec<Reply> = runs
             .into_iter()
             .filter_map(|job| match job {
@@ -353,20 +706,22 @@ fn writer_loop(
         let commit = txn
             .commit()
             .map_err(|e| StoreError::Backend(format!("commit failed: {e}")));
-        // Wake the workers only for new work: a wake-up after every write
-        // (their own empty claims included) kept an idle gateway busy.
-        let new_work = commit.is_ok()
-            && appended
-                .iter()
-                .any(|(_, r)| matches!(r, Ok(Appended::Stored(_) | Appended::IdConflict { .. })));
-        for (reply, result) in appended {
-            let _ = reply.send(commit.clone().and(result));
+        let indexed = applied_ok && commit.is_ok();
+        if indexed {
+            w.shared
+                .depth
+                .fetch_add(logged.len() as i64, Ordering::Relaxed);
+        } else if !logged.is_empty() {
+            w.behind = true;
         }
+        send_answers(answers, &w.shared);
         for reply in replies {
             reply(commit.clone());
         }
-        if new_work {
-            work.notify_waiters();
+        // Wake the workers only for new work: a wake-up after every write
+        // (their own empty claims included) kept an idle gateway busy.
+        if indexed && !logged.is_empty() {
+            w.work.notify_waiters();
         }
     }
 }
@@ -375,99 +730,134 @@ fn savepoint(conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
     conn.prepare_cached(sql)?.execute([])
 }
 
-type AppendReply = oneshot::Sender<Result<Appended, StoreError>>;
+/// An append's caller, its answer, and the bytes it held in the queue.
+type Answer = (AppendReply, Result<Appended, StoreError>, usize);
 
-/// Deduplicates a batch of appends, writes the new bodies in one durable
-/// write, then inserts their rows and dedup keys. Returns each caller's
-/// answer, to be sent once the transaction's commit is known.
-fn append_batch(
-    conn: &Connection,
-    bodies: &mut BodyWriter,
-    appends: Vec<Job>,
-    dedup_window: Duration,
-) -> Vec<(AppendReply, Result<Appended, StoreError>)> {
-    let mut answers = Vec::with_capacity(appends.len());
-    let mut fresh: Vec<Fresh> = Vec::new();
+/// Deduplicates a batch of appends against the index and each other, and
+/// writes the new events to the log in one durable write. Returns every
+/// caller's answer (sent once the index has them too, so a 202's id can be
+/// read at once) and the records written, to be applied to the index.
+fn log_batch(w: &mut WriterState, appends: Vec<Job>) -> (Vec<Answer>, Vec<(Record, RecordRef)>) {
+    let mut answers: Vec<Answer> = Vec::with_capacity(appends.len());
+    let mut fresh: Vec<(Record, RecordRef, AppendReply, usize)> = Vec::new();
     // A copy of a delivery that is new in this very batch gets the same
     // outcome as the first copy, decided only once that one is written.
-    let mut copies: Vec<(AppendReply, usize)> = Vec::new();
+    let mut copies: Vec<(AppendReply, usize, usize)> = Vec::new();
     let mut in_batch: HashMap<String, usize> = HashMap::new();
     // Unsigned ids first seen in this batch, for conflicts within it.
     let mut ids_in_batch: HashMap<(String, String), String> = HashMap::new();
     let mut buf: Vec<u8> = Vec::new();
+    let (_, mut next_seq) = match applied(&w.conn) {
+        Ok(a) => a,
+        Err(e) => return (answer_all(appends, &e), Vec::new()),
+    };
+    if w.behind {
+        let err = StoreError::Backend("the index is behind the event log and cannot catch up".into());
+        return (answer_all(appends, &err), Vec::new());
+    }
     let now = now_ms();
     for job in appends {
         let Job::Append(ev, reply) = job else {
             continue;
         };
+        let bytes = queued_size(&ev);
         let key = ev.dedup_key();
         if let Some(&first) = in_batch.get(&key) {
-            copies.push((reply, first));
+            copies.push((reply, first, bytes));
             continue;
         }
-        match seen(conn, &ev, &key, now, &ids_in_batch) {
-            Ok(Seen::Duplicate(id)) => answers.push((reply, Ok(Appended::Duplicate(id)))),
-            Err(e) => answers.push((reply, Err(e))),
+        match seen(&w.conn, &ev, &key, now, &ids_in_batch) {
+            Ok(Seen::Duplicate(id)) => answers.push((reply, Ok(Appended::Duplicate(id)), bytes)),
+            Err(e) => answers.push((reply, Err(e), bytes)),
             Ok(Seen::New { conflict_with }) => {
                 let id = format!("evt_{}", uuid::Uuid::now_v7().simple());
-                let at = bodies.place(buf.len() as u64, ev.body().len());
-                buf.extend_from_slice(ev.body());
-                in_batch.insert(key.clone(), fresh.len());
                 if ev.id_origin() == IdOrigin::Unsigned {
                     ids_in_batch
                         .entry((ev.source().to_string(), ev.delivery_id().to_string()))
                         .or_insert_with(|| id.clone());
                 }
-                let until = ev.dedup_until_ms(dedup_window);
-                fresh.push(Fresh {
-                    ev,
+                let rec = Record {
+                    seq: next_seq,
                     id,
-                    at,
-                    key,
-                    until,
+                    source: ev.source().to_string(),
+                    provider: ev.provider(),
+                    kind: ev.kind().to_string(),
+                    action: ev.action().map(str::to_string),
+                    delivery_id: ev.delivery_id().to_string(),
+                    id_origin: ev.id_origin(),
+                    body_sha256: ev.body_sha256().to_string(),
                     conflict_with,
-                    reply,
-                });
+                    dedup_until_ms: ev.dedup_until_ms(w.dedup_window),
+                    dedup_key: key.clone(),
+                    received_at_ms: ev.received_at_ms(),
+                    headers: ev.headers().to_vec(),
+                    body: ev.body().clone(),
+                };
+                next_seq += 1;
+                let pending = buf.len() as u64;
+                let len = rec.frame_into(&mut buf);
+                let at = w.log.place(pending, len);
+                in_batch.insert(key, fresh.len());
+                fresh.push((rec, at, reply, bytes));
             }
         }
     }
-    let written = bodies
+    let written = w
+        .log
         .append_durably(&buf)
-        .map_err(|e| StoreError::Backend(format!("cannot write the body log: {e}")));
+        .map_err(|e| StoreError::Backend(format!("cannot write the event log: {e}")));
     let mut outcomes: Vec<Result<Appended, StoreError>> = Vec::with_capacity(fresh.len());
-    for f in fresh {
-        let result = match &written {
-            Ok(()) => insert_row(conn, &f).map(|()| match f.conflict_with {
-                None => Appended::Stored(f.id),
-                Some(conflict_with) => Appended::IdConflict {
-                    id: f.id,
-                    conflict_with,
-                },
-            }),
-            Err(e) => Err(e.clone()),
-        };
+    let mut logged = Vec::with_capacity(fresh.len());
+    for (rec, at, reply, bytes) in fresh {
+        let result = written.clone().map(|()| match &rec.conflict_with {
+            None => Appended::Stored(rec.id.clone()),
+            Some(conflict_with) => Appended::IdConflict {
+                id: rec.id.clone(),
+                conflict_with: conflict_with.clone(),
+            },
+        });
         outcomes.push(result.clone());
-        answers.push((f.reply, result));
+        answers.push((reply, result, bytes));
+        if written.is_ok() {
+            logged.push((rec, at));
+        }
     }
-    for (reply, first) in copies {
+    for (reply, first, bytes) in copies {
         let result = match &outcomes[first] {
             Ok(stored) => Ok(Appended::Duplicate(stored.id().to_string())),
             Err(e) => Err(e.clone()),
         };
-        answers.push((reply, result));
+        answers.push((reply, result, bytes));
     }
-    answers
+    (answers, logged)
 }
 
-/// An append that is new: its id, where its body goes and its dedup key.
-struct Fresh {
-    ev: NewEvent,
-    id: String,
-    at: BodyRef,
-    key: String,
-    until: Option<i64>,
-    conflict_with: Option<String>,
-    reply: AppendReply,
+/// The same error for every append in `jobs`.
+fn answer_all(jobs: Vec<Job>, err: &StoreError) -> Vec<Answer> {
+    jobs.into_iter()
+        .filter_map(|job| match job {
+            Job::Append(ev, reply) => Some((reply, Err(err.clone()), queued_size(&ev))),
+            Job::Run(_) => None,
+        })
+        .collect()
+}
+
+/// Sends the appends' answers and gives their bytes back to the queue budget.
+fn send_answers(answers: Vec<Answer>, shared: &Shared) {
+    for (reply, result, bytes) in answers {
+        shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let _ = reply.send(result);
+    }
+}
+
+/// What an append holds in the writer's queue, against `store.queue_bytes`.
+fn queued_size(ev: &NewEvent) -> usize {
+    ev.body().len()
+        + ev
+            .headers()
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
 }
 
 /// What the store already holds of a delivery.
@@ -531,68 +921,62 @@ fn holder(conn: &Connection, key: &str, now: i64) -> Result<Option<String>, Stor
         .optional()?)
 }
 
-fn insert_row(conn: &Connection, f: &Fresh) -> Result<(), StoreError> {
-    let ev = &f.ev;
-    let headers = serde_json::to_string(ev.headers()).expect("headers serialise");
-    conn.prepare_cached(
-        "INSERT INTO events (id, source, provider, kind, action, delivery_id, id_origin, \
-         body_sha256, conflict_with, received_at_ms, headers, body_segment, body_offset, size) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-    )?
-    .execute(params![
-        f.id,
-        ev.source(),
-        ev.provider().as_str(),
-        ev.kind(),
-        ev.action(),
-        ev.delivery_id(),
-        ev.id_origin().as_str(),
-        ev.body_sha256(),
-        f.conflict_with,
-        ev.received_at_ms(),
-        headers,
-        f.at.segment,
-        f.at.offset as i64,
-        f.at.len,
-    ])?;
-    // Only an expired key can be taken over; a live one was caught above.
-    conn.prepare_cached(
-        "INSERT INTO dedup (key, event_id, expires_at_ms) VALUES (?1, ?2, ?3) \
-         ON CONFLICT (key) DO UPDATE SET event_id = excluded.event_id, \
-         expires_at_ms = excluded.expires_at_ms",
-    )?
-    .execute(params![f.key, f.id, f.until])?;
-    Ok(())
-}
+/// The condition under which a lease still holds on a queue row:
+/// `?1` event id, `?2` worker, `?3` attempt.
+const HELD: &str = "WHERE seq = (SELECT seq FROM events WHERE id = ?1) \
+                    AND claimed_by = ?2 AND attempts = ?3";
 
-/// The condition under which a lease still holds: `?1` id, `?2` worker, `?3` attempt.
-const HELD: &str = "WHERE id = ?1 AND status = 'claimed' AND claimed_by = ?2 AND attempts = ?3";
-
-/// Moves an event to the dead-letter queue; with a lease, only while it holds.
+/// Moves an event to the dead-letter queue; with a lease, only while it
+/// holds. Returns whether the event left the work queue.
 fn mark_dead(
     conn: &Connection,
     id: &str,
     reason: &str,
     lease: Option<&Lease>,
-) -> Result<(), StoreError> {
-    let n = match lease {
-        Some(l) => conn
-            .prepare_cached(&format!("UPDATE events SET status = 'dead', claimed_by = NULL, last_error = ?4 {HELD}"))?
-            .execute(params![l.event_id, l.worker, l.attempt, reason])?,
-        None => conn
-            .prepare_cached("UPDATE events SET status = 'dead', claimed_by = NULL, last_error = ?2 WHERE id = ?1")?
-            .execute(params![id, reason])?,
+) -> Result<bool, StoreError> {
+    let dequeued = match lease {
+        Some(l) => {
+            let n = conn
+                .prepare_cached(&format!("DELETE FROM queue {HELD}"))?
+                .execute(params![l.event_id, l.worker, l.attempt])?;
+            if n == 0 {
+                return Err(StoreError::LeaseLost(id.to_string()));
+            }
+            true
+        }
+        None => {
+            conn.prepare_cached(
+                "DELETE FROM queue WHERE seq = (SELECT seq FROM events WHERE id = ?1)",
+            )?
+            .execute([id])?
+                == 1
+        }
     };
+    let n = conn
+        .prepare_cached(
+            "UPDATE events SET status = 'dead', last_error = ?2, \
+             attempts = coalesce(?3, attempts) WHERE id = ?1",
+        )?
+        .execute(params![id, reason, lease.map(|l| l.attempt)])?;
     if n == 0 {
-        return Err(StoreError::LeaseLost(id.to_string()));
+        return Err(StoreError::NotFound(id.to_string()));
     }
     conn.prepare_cached(
         "INSERT INTO dead_letters (event_id, reason, at_ms) VALUES (?1, ?2, ?3) \
          ON CONFLICT (event_id) DO UPDATE SET reason = excluded.reason, at_ms = excluded.at_ms",
     )?
     .execute(params![id, reason, now_ms()])?;
-    Ok(())
+    Ok(dequeued)
 }
+
+/// An index row's summary columns, the queue's view of it folded in.
+const SUMMARY_COLUMNS: &str = "e.id, e.delivery_id, e.id_origin, e.conflict_with, e.source, \
+     e.provider, e.kind, e.action, e.received_at_ms, e.size, \
+     CASE WHEN q.claimed_by IS NOT NULL THEN 'claimed' ELSE e.status END AS status, \
+     coalesce(q.attempts, e.attempts) AS attempts, e.last_error, \
+     e.seq, e.log_segment, e.log_offset, e.log_len";
+
+const SUMMARY_FROM: &str = "FROM events e LEFT JOIN queue q ON q.seq = e.seq";
 
 fn row_summary(row: &rusqlite::Row<'_>) -> rusqlite::Result<EventSummary> {
     let status: String = row.get("status")?;
@@ -612,48 +996,21 @@ fn row_summary(row: &rusqlite::Row<'_>) -> rusqlite::Result<EventSummary> {
     })
 }
 
-/// An event row without its body, and where the body is.
-fn row_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Event, BodyRef)> {
-    let provider: String = row.get("provider")?;
-    let headers: String = row.get("headers")?;
-    let at = BodyRef {
-        segment: row.get("body_segment")?,
-        offset: row.get::<_, i64>("body_offset")? as u64,
-        len: row.get("size")?,
-    };
-    let event = Event {
-        id: row.get("id")?,
-        source: row.get("source")?,
-        provider: Provider::parse(&provider).unwrap_or(Provider::None),
-        kind: row.get("kind")?,
-        action: row.get("action")?,
-        delivery_id: row.get("delivery_id")?,
-        received_at_ms: row.get("received_at_ms")?,
-        headers: serde_json::from_str(&headers).unwrap_or_default(),
-        body: Bytes::new(),
-    };
-    Ok((event, at))
+/// Where a row says its record is.
+fn row_record_ref(row: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, RecordRef)> {
+    Ok((
+        row.get("seq")?,
+        RecordRef {
+            segment: row.get("log_segment")?,
+            offset: row.get::<_, i64>("log_offset")? as u64,
+            len: row.get("log_len")?,
+        },
+    ))
 }
-
-/// Reads the body a row points at.
-fn with_body(bodies: &BodyReader, (mut event, at): (Event, BodyRef)) -> Result<Event, StoreError> {
-    let body = bodies.read(at).map_err(|e| {
-        StoreError::Backend(format!(
-            "cannot read the body of {} from the body log: {e}",
-            event.id
-        ))
-    })?;
-    event.body = Bytes::from(body);
-    Ok(event)
-}
-
-const EVENT_COLUMNS: &str = "id, source, provider, kind, action, delivery_id, id_origin, \
-                             conflict_with, received_at_ms, headers, body_segment, body_offset, \
-                             size, status, attempts, last_error";
 
 /// `get`, for the store and for the CLI's read-only access.
 pub fn get_record(ro: &ReadOnly, id: &str) -> Result<Option<EventRecord>, StoreError> {
-    record(&ro.conn.lock().expect("reader lock"), &ro.bodies, id)
+    record(&ro.conn.lock().expect("reader lock"), &ro.log, id)
 }
 
 /// `list`, for the store and for the CLI's read-only access.
@@ -695,28 +1052,27 @@ fn recent_decisions(conn: &Connection, limit: usize) -> Result<Vec<RecordedDecis
     Ok(out)
 }
 
-fn record(
-    conn: &Connection,
-    bodies: &BodyReader,
-    id: &str,
-) -> Result<Option<EventRecord>, StoreError> {
+fn record(conn: &Connection, log: &LogReader, id: &str) -> Result<Option<EventRecord>, StoreError> {
     let row = conn
         .query_row(
-            &format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = ?1"),
+            &format!("SELECT {SUMMARY_COLUMNS} {SUMMARY_FROM} WHERE e.id = ?1"),
             [id],
             |row| {
                 Ok((
                     row_summary(row)?,
-                    row_event(row)?,
+                    row_record_ref(row)?,
                     row.get::<_, Option<String>>("last_error")?,
                 ))
             },
         )
         .optional()?;
-    let Some((summary, event, last_error)) = row else {
+    let Some((summary, (seq, at), last_error)) = row else {
         return Ok(None);
     };
-    let event = with_body(bodies, event)?;
+    let event = log
+        .read(at, seq)
+        .map_err(|e| StoreError::Backend(format!("cannot read event {id} from the log: {e}")))?
+        .into_event();
     let decision: Option<String> = conn
         .query_row(
             "SELECT decision FROM decisions WHERE event_id = ?1 ORDER BY seq DESC LIMIT 1",
@@ -734,27 +1090,27 @@ fn record(
 }
 
 fn summaries(conn: &Connection, filter: &ListFilter) -> Result<Vec<EventSummary>, StoreError> {
-    let mut sql = String::from(
-        "SELECT id, delivery_id, id_origin, conflict_with, source, provider, kind, action, \
-         received_at_ms, size, status, attempts FROM events WHERE 1 = 1",
-    );
+    let mut sql = format!("SELECT {SUMMARY_COLUMNS} {SUMMARY_FROM} WHERE 1 = 1");
     let mut args: Vec<String> = Vec::new();
     if let Some(s) = &filter.source {
         args.push(s.clone());
-        sql.push_str(&format!(" AND source = ?{}", args.len()));
+        sql.push_str(&format!(" AND e.source = ?{}", args.len()));
     }
     if let Some(k) = &filter.kind {
         args.push(k.clone());
-        sql.push_str(&format!(" AND kind = ?{}", args.len()));
+        sql.push_str(&format!(" AND e.kind = ?{}", args.len()));
     }
     if let Some(st) = filter.status {
         args.push(st.as_str().to_string());
-        sql.push_str(&format!(" AND status = ?{}", args.len()));
+        sql.push_str(&format!(
+            " AND (CASE WHEN q.claimed_by IS NOT NULL THEN 'claimed' ELSE e.status END) = ?{}",
+            args.len()
+        ));
     }
     if let Some(since) = filter.since_ms {
         args.push(since.to_string());
         sql.push_str(&format!(
-            " AND received_at_ms >= CAST(?{} AS INTEGER)",
+            " AND e.received_at_ms >= CAST(?{} AS INTEGER)",
             args.len()
         ));
     }
@@ -762,7 +1118,7 @@ fn summaries(conn: &Connection, filter: &ListFilter) -> Result<Vec<EventSummary>
         args.push(rule.clone());
         sql.push_str(&format!(
             " AND EXISTS (SELECT 1 FROM json_each((SELECT decision FROM decisions \
-             WHERE event_id = events.id ORDER BY seq DESC LIMIT 1), '$.rules') AS r \
+             WHERE event_id = e.id ORDER BY seq DESC LIMIT 1), '$.rules') AS r \
              WHERE json_extract(r.value, '$.rule') = ?{} \
              AND json_extract(r.value, '$.outcome.failed.kind') = 'disabled')",
             args.len()
@@ -773,7 +1129,7 @@ fn summaries(conn: &Connection, filter: &ListFilter) -> Result<Vec<EventSummary>
     } else {
         filter.limit as i64
     };
-    sql.push_str(&format!(" ORDER BY seq DESC LIMIT {limit}"));
+    sql.push_str(&format!(" ORDER BY e.seq DESC LIMIT {limit}"));
     let mut stmt = conn.prepare(&sql)?;
     let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), row_summary)?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -790,7 +1146,7 @@ enum Attempt {
 }
 
 impl SqliteStore {
-    /// Puts a held event back to pending after `delay`, with `why` as its last error.
+    /// Puts a held event back in the queue after `delay`, with `why` as its last error.
     async fn release(
         &self,
         lease: &Lease,
@@ -806,37 +1162,329 @@ impl SqliteStore {
         self.write(move |conn| {
             let n = conn
                 .prepare_cached(&format!(
-                    "UPDATE events SET status = 'pending', claimed_by = NULL, available_at_ms = ?4, \
-                     last_error = ?5, attempts = max(attempts - ?6, 0) {HELD}"
+                    "UPDATE queue SET claimed_by = NULL, due_at_ms = ?4, \
+                     attempts = max(attempts - ?5, 0) {HELD}"
                 ))?
                 .execute(params![
                     lease.event_id,
                     lease.worker,
                     lease.attempt,
                     now_ms() + delay.as_millis() as i64,
-                    why,
                     give_back
                 ])?;
-            if n == 0 { Err(StoreError::LeaseLost(lease.event_id)) } else { Ok(()) }
+            if n == 0 {
+                return Err(StoreError::LeaseLost(lease.event_id));
+            }
+            conn.prepare_cached("UPDATE events SET last_error = ?2 WHERE id = ?1")?
+                .execute(params![lease.event_id, why])?;
+            Ok(())
         })
         .await
+    }
+
+    /// Leases up to `max` due rows of the work queue: `(seq, attempts, id, where)`.
+    async fn claim_rows(
+        &self,
+        worker: String,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<(i64, u32, String, RecordRef)>, StoreError> {
+        self.write(move |conn| {
+            let now = now_ms();
+            let until = now + lease.as_millis() as i64;
+            let mut rows = conn
+                .prepare_cached(
+                    "UPDATE queue SET due_at_ms = ?2, attempts = attempts + 1, claimed_by = ?1 \
+                     WHERE seq IN (SELECT seq FROM queue WHERE due_at_ms <= ?3 \
+                     ORDER BY due_at_ms, seq LIMIT ?4) RETURNING seq, attempts",
+                )?
+                .query_map(params![worker, until, now, max as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u32))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.sort_unstable();
+            let mut find = conn.prepare_cached(
+                "SELECT id, log_segment, log_offset, log_len FROM events WHERE seq = ?1",
+            )?;
+            let mut out = Vec::with_capacity(rows.len());
+            for (seq, attempts) in rows {
+                let (id, at) = find.query_row([seq], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        RecordRef {
+                            segment: r.get(1)?,
+                            offset: r.get::<_, i64>(2)? as u64,
+                            len: r.get(3)?,
+                        },
+                    ))
+                })?;
+                out.push((seq, attempts, id, at));
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+/// Events examined per retention transaction, so a long pass never holds
+/// the writer for long.
+const EXPIRE_CHUNK: usize = 1_000;
+
+/// How far arrival order and sequence order may disagree: an event is
+/// stamped on arrival and numbered when its batch is written, at most
+/// `store.append_timeout` later. A scan in sequence order stops this far past
+/// the cut-off.
+const ARRIVAL_SLACK_MS: i64 = 60_000;
+
+impl SqliteStore {
+    async fn expire_events(&self, cutoff_ms: i64) -> Result<Expired, StoreError> {
+        let mut total = Expired::default();
+        let mut after = 0i64;
+        loop {
+            let (chunk, next, done) = self
+                .write(move |conn| expire_chunk(conn, cutoff_ms, after))
+                .await?;
+            self.add_depth(-(chunk.dequeued as i64));
+            total.events += chunk.events;
+            total.dead_letters += chunk.dead_letters;
+            after = next;
+            if done {
+                break;
+            }
+        }
+        let unused: Vec<u32> = self
+            .write(|conn| {
+                let newest: Option<u32> = conn.query_row(
+                    "SELECT segment FROM log_applied WHERE one = 1",
+                    [],
+                    |r| r.get(0),
+                ).optional()?;
+                let mut used = conn.prepare_cached(
+                    "SELECT count(*) > 0 FROM events WHERE log_segment = ?1",
+                )?;
+                let mut unused = Vec::new();
+                for (n, _) in log_files(&log_dir_of(conn)?)? {
+                    if Some(n) < newest && !used.query_row([n], |r| r.get::<_, bool>(0))? {
+                        unused.push(n);
+                    }
+                }
+                Ok(unused)
+            })
+            .await?;
+        let dir = self.log.dir().to_path_buf();
+        for n in unused {
+            let path = log::segment_path(&dir, n);
+            self.log.forget(n);
+            match std::fs::remove_file(&path) {
+                Ok(()) => total.segments += 1,
+                Err(e) => tracing::warn!(segment = %path.display(), error = %e, "cannot remove an expired log segment"),
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// The log directory of the index `conn` is open on.
+fn log_dir_of(conn: &Connection) -> Result<PathBuf, StoreError> {
+    let path = conn
+        .path()
+        .ok_or_else(|| StoreError::Backend("the index has no file".into()))?;
+    Ok(log::dir_for(Path::new(path)))
+}
+
+/// The segment files in `dir` with their sizes, oldest first.
+fn log_files(dir: &Path) -> Result<Vec<(u32, u64)>, StoreError> {
+    let io = |e: std::io::Error| StoreError::Backend(format!("{}: {e}", dir.display()));
+    log::segments(dir)
+        .map_err(io)?
+        .into_iter()
+        .map(|n| {
+            let len = std::fs::metadata(log::segment_path(dir, n)).map_err(io)?.len();
+            Ok((n, len))
+        })
+        .collect()
+}
+
+/// What one retention transaction removed.
+struct ExpiredChunk {
+    events: u64,
+    dead_letters: u64,
+    dequeued: u64,
+}
+
+/// One retention step over the events after `after` in sequence order:
+/// returns what it removed, where to go on, and whether it is done.
+fn expire_chunk(
+    conn: &Connection,
+    cutoff_ms: i64,
+    after: i64,
+) -> Result<(ExpiredChunk, i64, bool), StoreError> {
+    let rows: Vec<(i64, String, i64, String, String, String, String, String, Option<i64>)> = conn
+        .prepare_cached(
+            "SELECT e.seq, e.id, e.received_at_ms, e.status, e.source, e.id_origin, \
+             e.delivery_id, e.body_sha256, d.at_ms FROM events e \
+             LEFT JOIN dead_letters d ON d.event_id = e.id \
+             WHERE e.seq > ?1 ORDER BY e.seq LIMIT ?2",
+        )?
+        .query_map(params![after, EXPIRE_CHUNK as i64], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+                r.get(8)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut out = ExpiredChunk {
+        events: 0,
+        dead_letters: 0,
+        dequeued: 0,
+    };
+    let mut last = after;
+    let mut done = rows.len() < EXPIRE_CHUNK;
+    for (seq, id, received, status, source, origin, delivery, sha, dead_at) in rows {
+        last = seq;
+        if received >= cutoff_ms.saturating_add(ARRIVAL_SLACK_MS) {
+            done = true;
+            break;
+        }
+        if received >= cutoff_ms {
+            continue;
+        }
+        let dead = status == EventStatus::Dead.as_str();
+        if dead && dead_at.is_some_and(|at| at >= cutoff_ms) {
+            continue;
+        }
+        let origin = IdOrigin::parse(&origin).unwrap_or(IdOrigin::Body);
+        let key = crate::event::dedup_key(&source, origin, &delivery, &sha);
+        conn.prepare_cached("DELETE FROM dedup WHERE key = ?1 AND event_id = ?2")?
+            .execute(params![key, id])?;
+        conn.prepare_cached("DELETE FROM decisions WHERE event_id = ?1")?
+            .execute([&id])?;
+        conn.prepare_cached("DELETE FROM dead_letters WHERE event_id = ?1")?
+            .execute([&id])?;
+        out.dequeued += conn
+            .prepare_cached("DELETE FROM queue WHERE seq = ?1")?
+            .execute([seq])? as u64;
+        conn.prepare_cached("DELETE FROM events WHERE seq = ?1")?
+            .execute([seq])?;
+        out.events += 1;
+        out.dead_letters += u64::from(dead);
+    }
+    Ok((out, last, done))
+}
+
+/// What `sluice store stats` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    /// Events in the index.
+    pub events: u64,
+    /// Events by status.
+    pub by_status: std::collections::BTreeMap<String, u64>,
+    /// Events waiting to be routed or being routed.
+    pub queue_depth: u64,
+    /// Dead letters.
+    pub dead_letters: u64,
+    /// Decisions recorded.
+    pub decisions: u64,
+    /// The oldest event's arrival (milliseconds since the epoch).
+    pub oldest_received_at_ms: Option<i64>,
+    /// The newest event's arrival.
+    pub newest_received_at_ms: Option<i64>,
+    /// The index file and its WAL, in bytes.
+    pub index_bytes: u64,
+    /// Log segment files.
+    pub log_segments: u64,
+    /// Their total size in bytes.
+    pub log_bytes: u64,
+    /// How far the index has applied the log.
+    pub applied_segment: u32,
+    /// The offset in that segment.
+    pub applied_offset: u64,
+}
+
+impl ReadOnly {
+    /// Sizes, counts and the oldest event.
+    pub fn stats(&self) -> Result<Stats, StoreError> {
+        let conn = self.conn.lock().expect("reader lock");
+        let count = |sql: &str| -> Result<u64, StoreError> {
+            Ok(conn.query_row(sql, [], |r| r.get::<_, i64>(0))? as u64)
+        };
+        let mut by_status = std::collections::BTreeMap::new();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT CASE WHEN q.claimed_by IS NOT NULL THEN 'claimed' ELSE e.status END AS st, \
+             count(*) {SUMMARY_FROM} GROUP BY st"
+        ))?;
+        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            let (st, n) = row?;
+            by_status.insert(st, n as u64);
+        }
+        let (oldest, newest) = conn.query_row(
+            "SELECT (SELECT received_at_ms FROM events ORDER BY seq LIMIT 1), \
+             (SELECT received_at_ms FROM events ORDER BY seq DESC LIMIT 1)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let (applied_at, _) = applied(&conn)?;
+        let index_path = conn.path().map(PathBuf::from).unwrap_or_default();
+        let size = |p: PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let index_bytes =
+            size(index_path.clone()) + size(PathBuf::from(format!("{}-wal", index_path.display())));
+        let files = log_files(&self.log_dir)?;
+        Ok(Stats {
+            events: by_status.values().sum(),
+            by_status,
+            queue_depth: count("SELECT count(*) FROM queue")?,
+            dead_letters: count("SELECT count(*) FROM dead_letters")?,
+            decisions: count("SELECT count(*) FROM decisions")?,
+            oldest_received_at_ms: oldest,
+            newest_received_at_ms: newest,
+            index_bytes,
+            log_segments: files.len() as u64,
+            log_bytes: files.iter().map(|(_, len)| len).sum(),
+            applied_segment: applied_at.segment,
+            applied_offset: applied_at.offset,
+        })
     }
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn append(&self, ev: NewEvent) -> Result<Appended, StoreError> {
+        let bytes = queued_size(&ev);
+        let queued = self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if queued > 0 && queued + bytes > self.options.queue_bytes {
+            self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(StoreError::Busy(format!(
+                "the store's write queue holds {queued} bytes, past store.queue_bytes ({})",
+                self.options.queue_bytes
+            )));
+        }
         let (tx, rx) = oneshot::channel();
-        self.sender()?
-            .send(Job::Append(ev, tx))
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        if let Err(e) = self
+            .sender()
+            .and_then(|s| s.send(Job::Append(ev, tx)).map_err(|_| StoreError::Closed))
+        {
+            self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(e);
+        }
+        match tokio::time::timeout(self.options.append_timeout, rx).await {
+            Ok(answer) => answer.map_err(|_| StoreError::Closed)?,
+            Err(_) => Err(StoreError::Busy(format!(
+                "the event log did not make the event durable within store.append_timeout ({} ms)",
+                self.options.append_timeout.as_millis()
+            ))),
+        }
     }
 
     async fn get(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {
         let id = id.to_string();
-        self.read(move |conn, bodies| record(conn, bodies, &id))
-            .await
+        self.read(move |conn, log| record(conn, log, &id)).await
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<EventSummary>, StoreError> {
@@ -850,38 +1498,19 @@ impl Store for SqliteStore {
         max: usize,
         lease: Duration,
     ) -> Result<Vec<Claimed>, StoreError> {
-        let worker = worker.to_string();
-        let worker_name = worker.clone();
-        let rows = self.write(move |conn| {
-            let now = now_ms();
-            let until = now + lease.as_millis() as i64;
-            let mut stmt = conn.prepare_cached(&format!(
-                "UPDATE events SET status = 'claimed', attempts = attempts + 1, claimed_by = ?1, \
-                 available_at_ms = ?2 WHERE seq IN (SELECT seq FROM events \
-                 WHERE status IN ('pending', 'claimed') AND available_at_ms <= ?3 ORDER BY seq LIMIT ?4) \
-                 RETURNING {EVENT_COLUMNS}, seq"
-            ))?;
-            let mut rows = stmt
-                .query_map(params![worker, until, now, max as i64], |row| {
-                    Ok((row.get::<_, i64>("seq")?, row_event(row)?, row.get::<_, i64>("attempts")? as u32))
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            rows.sort_by_key(|(seq, _, _)| *seq);
-            Ok(rows)
-        })
-        .await?;
+        let rows = self.claim_rows(worker.to_string(), max, lease).await?;
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let bodies = self.bodies.clone();
+        let log = self.log.clone();
+        let worker_name = worker.to_string();
         let (claimed, unreadable) = tokio::task::spawn_blocking(move || {
             let mut claimed = Vec::with_capacity(rows.len());
             let mut unreadable: Vec<(String, String)> = Vec::new();
-            for (_, event, attempt) in rows {
-                let id = event.0.id.clone();
-                match with_body(&bodies, event) {
-                    Ok(event) => claimed.push(Claimed {
-                        event,
+            for (seq, attempt, id, at) in rows {
+                match log.read(at, seq) {
+                    Ok(rec) => claimed.push(Claimed {
+                        event: rec.into_event(),
                         attempt,
                         worker: worker_name.clone(),
                     }),
@@ -891,14 +1520,18 @@ impl Store for SqliteStore {
             (claimed, unreadable)
         })
         .await
-        .map_err(|e| StoreError::Backend(format!("body read task failed: {e}")))?;
-        // An event whose body cannot be read would fail every claim forever:
+        .map_err(|e| StoreError::Backend(format!("log read task failed: {e}")))?;
+        // An event whose record cannot be read would fail every claim forever:
         // dead-letter it with the reason, and hand out the others.
         for (id, reason) in unreadable {
-            tracing::error!(event = %id, %reason, "dead-lettering an event whose body cannot be read");
-            let _ = self
+            tracing::error!(event = %id, %reason, "dead-lettering an event whose log record cannot be read");
+            let reason = format!("lost: {reason}");
+            if let Ok(true) = self
                 .write(move |conn| mark_dead(conn, &id, &reason, None))
-                .await;
+                .await
+            {
+                self.add_depth(-1);
+            }
         }
         Ok(claimed)
     }
@@ -910,18 +1543,24 @@ impl Store for SqliteStore {
         let at = decision.decided_at_ms;
         self.write(move |conn| {
             let n = conn
-                .prepare_cached(&format!(
-                    "UPDATE events SET status = 'routed', claimed_by = NULL, last_error = NULL {HELD}"
-                ))?
+                .prepare_cached(&format!("DELETE FROM queue {HELD}"))?
                 .execute(params![lease.event_id, lease.worker, lease.attempt])?;
             if n == 0 {
                 return Err(StoreError::LeaseLost(lease.event_id));
             }
-            conn.prepare_cached("INSERT INTO decisions (event_id, decided_at_ms, decision) VALUES (?1, ?2, ?3)")?
-                .execute(params![lease.event_id, at, json])?;
+            conn.prepare_cached(
+                "UPDATE events SET status = 'routed', attempts = ?2, last_error = NULL WHERE id = ?1",
+            )?
+            .execute(params![lease.event_id, lease.attempt])?;
+            conn.prepare_cached(
+                "INSERT INTO decisions (event_id, decided_at_ms, decision) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![lease.event_id, at, json])?;
             Ok(())
         })
-        .await
+        .await?;
+        self.add_depth(-1);
+        Ok(())
     }
 
     async fn retry_later(
@@ -942,7 +1581,7 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             let until = now_ms() + lease.as_millis() as i64;
             let mut stmt =
-                conn.prepare_cached(&format!("UPDATE events SET available_at_ms = ?4 {HELD}"))?;
+                conn.prepare_cached(&format!("UPDATE queue SET due_at_ms = ?4 {HELD}"))?;
             leases
                 .iter()
                 .map(|l| Ok(stmt.execute(params![l.event_id, l.worker, l.attempt, until])? == 1))
@@ -954,45 +1593,55 @@ impl Store for SqliteStore {
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), StoreError> {
         let (lease, reason) = (lease.clone(), reason.to_string());
         self.write(move |conn| mark_dead(conn, &lease.event_id, &reason, Some(&lease)))
-            .await
+            .await?;
+        self.add_depth(-1);
+        Ok(())
     }
 
     async fn requeue(&self, id: &str) -> Result<(), StoreError> {
         let id = id.to_string();
-        self.write(move |conn| {
-            let n = conn
-                .prepare_cached(
-                    "UPDATE events SET status = 'pending', claimed_by = NULL, available_at_ms = 0, \
-                     attempts = 0 WHERE id = ?1",
+        let added = self
+            .write(move |conn| {
+                let n = conn
+                    .prepare_cached(
+                        "UPDATE events SET status = 'pending', attempts = 0 WHERE id = ?1",
+                    )?
+                    .execute([&id])?;
+                if n == 0 {
+                    return Err(StoreError::NotFound(id));
+                }
+                let queued: bool = conn
+                    .prepare_cached(
+                        "SELECT count(*) > 0 FROM queue WHERE seq = (SELECT seq FROM events WHERE id = ?1)",
+                    )?
+                    .query_row([&id], |r| r.get(0))?;
+                conn.prepare_cached(
+                    "INSERT INTO queue (seq, due_at_ms) SELECT seq, 0 FROM events WHERE id = ?1 \
+                     ON CONFLICT (seq) DO UPDATE SET due_at_ms = 0, attempts = 0, claimed_by = NULL",
                 )?
                 .execute([&id])?;
-            if n == 0 {
-                return Err(StoreError::NotFound(id));
-            }
-            conn.prepare_cached("DELETE FROM dead_letters WHERE event_id = ?1")?
-                .execute([&id])?;
-            Ok(())
-        })
-        .await?;
+                conn.prepare_cached("DELETE FROM dead_letters WHERE event_id = ?1")?
+                    .execute([&id])?;
+                Ok(!queued)
+            })
+            .await?;
+        if added {
+            self.add_depth(1);
+        }
         self.work.notify_waiters();
         Ok(())
     }
 
+    async fn expire(&self, cutoff_ms: i64) -> Result<Expired, StoreError> {
+        self.expire_events(cutoff_ms).await
+    }
+
     async fn queue_depth(&self) -> Result<u64, StoreError> {
-        self.read(|conn, _| {
-            let n: i64 = conn.query_row(
-                "SELECT count(*) FROM events WHERE status = 'pending' \
-                 OR (status = 'claimed' AND available_at_ms <= ?1)",
-                [now_ms()],
-                |r| r.get(0),
-            )?;
-            Ok(n as u64)
-        })
-        .await
+        Ok(self.shared.depth.load(Ordering::Relaxed).max(0) as u64)
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
-        // A write through the writer proves the database takes commits.
+        // A write through the writer proves the index takes commits.
         self.write(|conn| {
             conn.execute_batch("CREATE TABLE IF NOT EXISTS readiness (x INTEGER)")?;
             Ok(())
