@@ -84,7 +84,10 @@ impl AppState {
         crate::metrics::handle();
         let (sources, reports) = build_sources(&config, Generate::IfMissing)?;
         let db = config.data_dir().join(&config.store.path);
-        let store = SqliteStore::open_with(&db, crate::store::sqlite::Options::from_config(&config.store))
+        let store = SqliteStore::open_with(
+            &db,
+            crate::store::sqlite::Options::from_config(&config.store),
+        )
         .map_err(|e| anyhow::anyhow!("{}: store.path: {e}", config.origin))?;
         let state = AppState {
             shield: Shield::new(&config.shield),
@@ -141,13 +144,55 @@ pub async fn serve(
         RouterOptions::from(&state.config.rules),
         router_stopped,
     ));
+    let retention = tokio::spawn(keep_retention(
+        state.store.clone(),
+        state.config.store.retention,
+        stop_router.subscribe(),
+    ));
     let served = run(state.clone(), listener, shutdown).await;
     let _ = stop_router.send(true);
     if let Err(e) = router.await {
         tracing::error!(error = %e, "router ended abnormally");
     }
+    let _ = retention.await;
     state.store.close().await;
     served
+}
+
+/// How often retention runs (and first, this long after start).
+const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Removes what is older than `retention` (`store.retention`; zero keeps
+/// everything) every [`RETENTION_EVERY`] until `stop` turns true.
+async fn keep_retention(
+    store: Arc<dyn Store>,
+    retention: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    if retention.is_zero() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(RETENTION_EVERY) => {}
+            _ = stop.changed() => return,
+        }
+        let age = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = crate::event::now_ms().saturating_sub(age);
+        match store.expire(cutoff).await {
+            Ok(gone) if gone.events > 0 || gone.segments > 0 => {
+                ::metrics::counter!("sluice_retention_removed_events_total").increment(gone.events);
+                tracing::info!(
+                    events = gone.events,
+                    dead_letters = gone.dead_letters,
+                    segments = gone.segments,
+                    "retention removed events older than store.retention"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "retention pass failed; trying again later"),
+        }
+    }
 }
 
 async fn render_metrics(State(state): State<Arc<AppState>>) -> String {

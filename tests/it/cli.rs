@@ -90,6 +90,32 @@ fn send_then_events_ls_and_show() {
     assert!(String::from_utf8_lossy(&text.stdout).contains("x-github-event: issues"));
     let missing = sluice(&["events", "show", "--config", &path, "evt_nope"]);
     assert!(!missing.status.success());
+
+    // The store's own figures agree with what was listed.
+    let stats = sluice(&["store", "stats", "--config", &path, "--json"]);
+    assert!(
+        stats.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    let s = &doc["stats"];
+    assert_eq!(s["events"], 51, "{doc:#}");
+    assert_eq!(s["log_segments"], 1, "{doc:#}");
+    let body = std::fs::metadata(&payload).unwrap().len();
+    assert!(s["log_bytes"].as_u64().unwrap() > 51 * body, "{doc:#}");
+    assert_eq!(
+        s["oldest_received_at_ms"],
+        rows.last().unwrap()["received_at_ms"],
+        "{doc:#}"
+    );
+    assert_eq!(doc["retention"], "30days");
+    let text = String::from_utf8_lossy(&sluice(&["store", "stats", "--config", &path]).stdout)
+        .into_owned();
+    assert!(
+        text.contains("events        51 (") && text.contains("retention     30days"),
+        "{text}"
+    );
     drop(server);
 }
 

@@ -67,7 +67,7 @@ pub(crate) fn db_path(config: &Config) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn time(ms: i64) -> String {
+pub(crate) fn time(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_millis(t).to_string()
 }

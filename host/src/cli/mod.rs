@@ -9,6 +9,7 @@ pub mod rules_ls;
 pub mod rules_test;
 pub mod send;
 pub mod serve;
+pub mod store;
 pub mod whatif;
 
 use std::path::PathBuf;
@@ -143,6 +144,9 @@ pub enum Command {
     /// Read stored events.
     #[command(subcommand)]
     Events(events::EventsCommand),
+    /// The store's sizes, counts and oldest event.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
     /// Dry-run the rules on a payload and print each rule's decision with timings.
     Route(route::RouteArgs),
     /// Rule-author commands: list the rules, run their test vectors.
@@ -177,6 +181,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Check(a) => check::run(a),
         Command::Send(a) => send::run(a).await,
         Command::Events(c) => events::run(c),
+        Command::Store(c) => store::run(c),
         Command::Route(a) => route::run(a),
         Command::Rules(RulesCommand::Ls(a)) => rules_ls::run(a).await,
         Command::Rules(RulesCommand::Test(a)) => rules_test::run(a),

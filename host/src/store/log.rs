@@ -293,10 +293,14 @@ impl<'a> Cursor<'a> {
         Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn i64(&mut self) -> Result<i64, String> {
-        Ok(i64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(i64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn opt_i64(&mut self) -> Result<Option<i64>, String> {
         Ok(match self.u8()? {
@@ -369,7 +373,10 @@ fn check_frame(path: &Path, offset: u64, frame: &[u8]) -> Result<Record, LogErro
         why,
     };
     if frame.len() < FRAME {
-        return Err(damaged(format!("{} bytes, shorter than a frame", frame.len())));
+        return Err(damaged(format!(
+            "{} bytes, shorter than a frame",
+            frame.len()
+        )));
     }
     let len = u32::from_le_bytes(frame[0..4].try_into().expect("4 bytes")) as usize;
     let crc = u32::from_le_bytes(frame[4..8].try_into().expect("4 bytes"));
@@ -410,7 +417,10 @@ impl LogReader {
 
     /// Forgets the open handle of a segment (it was removed).
     pub fn forget(&self, segment: u32) {
-        self.open.lock().expect("segment handles lock").remove(&segment);
+        self.open
+            .lock()
+            .expect("segment handles lock")
+            .remove(&segment);
     }
 
     /// The record at `at`, which must be event `seq`.
@@ -711,7 +721,10 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let fresh = LogReader::new(dir.path().to_path_buf());
         let err = fresh.read(at_b, 2).unwrap_err().to_string();
-        assert!(err.contains("checksum mismatch") && err.contains("00000001.seg"), "{err}");
+        assert!(
+            err.contains("checksum mismatch") && err.contains("00000001.seg"),
+            "{err}"
+        );
         let mut seen = Vec::new();
         let end = scan::<()>(dir.path(), 1, 0, |_, rec| {
             seen.push(rec.seq);

@@ -36,8 +36,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Serialize;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde::Serialize;
 use tokio::sync::{Notify, oneshot};
 
 use super::log::{self, LogReader, LogWriter, Position, Record, RecordRef, ScanEnd};
@@ -243,7 +243,10 @@ impl SqliteStore {
         let log_dir = log::dir_for(path);
         // The log's lock first: a second process must not touch the index either.
         let mut writer = LogWriter::open(&log_dir, options.segment_bytes).map_err(|e| {
-            StoreError::Backend(format!("cannot open the event log {}: {e}", log_dir.display()))
+            StoreError::Backend(format!(
+                "cannot open the event log {}: {e}",
+                log_dir.display()
+            ))
         })?;
         let mut conn = Connection::open(path)
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
@@ -475,7 +478,14 @@ fn recover(
                 segment = %path.display(), bytes = len, index_applied = start, events_lost = lost,
                 "log segment shorter than the index claims; the events past its end are dead-lettered as lost"
             );
-            set_applied(conn, Position { segment: n, offset: len }, 0)?;
+            set_applied(
+                conn,
+                Position {
+                    segment: n,
+                    offset: len,
+                },
+                0,
+            )?;
             continue;
         }
         let (end, n_added) = replay_segment(conn, log_dir, n, start)?;
@@ -483,7 +493,10 @@ fn recover(
         if let ScanEnd::Invalid { at, file_len, why } = end {
             if n == newest {
                 let aside = writer.cut_tail(at).map_err(|e| {
-                    StoreError::Backend(format!("cannot cut the torn tail of {}: {e}", path.display()))
+                    StoreError::Backend(format!(
+                        "cannot cut the torn tail of {}: {e}",
+                        path.display()
+                    ))
                 })?;
                 tracing::warn!(
                     segment = %path.display(), at, bytes = file_len - at, %why, kept = %aside.display(),
@@ -534,14 +547,28 @@ fn replay_segment(
         }
         Ok::<(), StoreError>(())
     })
-    .map_err(|e| StoreError::Backend(format!("{}: {e}", log::segment_path(log_dir, n).display())))?;
+    .map_err(|e| {
+        StoreError::Backend(format!("{}: {e}", log::segment_path(log_dir, n).display()))
+    })?;
     let end = scanned?;
     flush(conn, &mut chunk)?;
     if let ScanEnd::Clean(len) = end {
         // An empty tail still moves the applied position (a new segment).
         let (at, _) = applied(conn)?;
-        if at < (Position { segment: n, offset: len }) {
-            set_applied(conn, Position { segment: n, offset: len }, 0)?;
+        if at
+            < (Position {
+                segment: n,
+                offset: len,
+            })
+        {
+            set_applied(
+                conn,
+                Position {
+                    segment: n,
+                    offset: len,
+                },
+                0,
+            )?;
         }
     }
     Ok((end, added))
@@ -570,8 +597,8 @@ fn mark_lost_beyond(conn: &Connection, n: u32, len: u64) -> Result<u64, StoreErr
 /// Adds one logged event to the index (row, dedup key, work-queue row);
 /// does nothing for an event already there. Returns whether it was added.
 fn apply_record(conn: &Connection, rec: &Record, at: RecordRef) -> Result<bool, StoreError> {
-    let added = conn
-        .prepare_cached(
+    let added =
+        conn.prepare_cached(
             "INSERT INTO events (seq, id, source, provider, kind, action, delivery_id, id_origin, \
              body_sha256, conflict_with, received_at_ms, log_segment, log_offset, log_len, size) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
@@ -593,8 +620,7 @@ fn apply_record(conn: &Connection, rec: &Record, at: RecordRef) -> Result<bool, 
             at.offset as i64,
             at.len,
             rec.body.len() as i64,
-        ])?
-        == 1;
+        ])? == 1;
     if !added {
         return Ok(false);
     }
@@ -752,7 +778,8 @@ fn log_batch(w: &mut WriterState, appends: Vec<Job>) -> (Vec<Answer>, Vec<(Recor
         Err(e) => return (answer_all(appends, &e), Vec::new()),
     };
     if w.behind {
-        let err = StoreError::Backend("the index is behind the event log and cannot catch up".into());
+        let err =
+            StoreError::Backend("the index is behind the event log and cannot catch up".into());
         return (answer_all(appends, &err), Vec::new());
     }
     let now = now_ms();
@@ -853,8 +880,7 @@ fn send_answers(answers: Vec<Answer>, shared: &Shared) {
 /// What an append holds in the writer's queue, against `store.queue_bytes`.
 fn queued_size(ev: &NewEvent) -> usize {
     ev.body().len()
-        + ev
-            .headers()
+        + ev.headers()
             .iter()
             .map(|(k, v)| k.len() + v.len())
             .sum::<usize>()
@@ -1254,14 +1280,13 @@ impl SqliteStore {
         }
         let unused: Vec<u32> = self
             .write(|conn| {
-                let newest: Option<u32> = conn.query_row(
-                    "SELECT segment FROM log_applied WHERE one = 1",
-                    [],
-                    |r| r.get(0),
-                ).optional()?;
-                let mut used = conn.prepare_cached(
-                    "SELECT count(*) > 0 FROM events WHERE log_segment = ?1",
-                )?;
+                let newest: Option<u32> = conn
+                    .query_row("SELECT segment FROM log_applied WHERE one = 1", [], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                let mut used =
+                    conn.prepare_cached("SELECT count(*) > 0 FROM events WHERE log_segment = ?1")?;
                 let mut unused = Vec::new();
                 for (n, _) in log_files(&log_dir_of(conn)?)? {
                     if Some(n) < newest && !used.query_row([n], |r| r.get::<_, bool>(0))? {
@@ -1277,7 +1302,9 @@ impl SqliteStore {
             self.log.forget(n);
             match std::fs::remove_file(&path) {
                 Ok(()) => total.segments += 1,
-                Err(e) => tracing::warn!(segment = %path.display(), error = %e, "cannot remove an expired log segment"),
+                Err(e) => {
+                    tracing::warn!(segment = %path.display(), error = %e, "cannot remove an expired log segment")
+                }
             }
         }
         Ok(total)
@@ -1299,10 +1326,25 @@ fn log_files(dir: &Path) -> Result<Vec<(u32, u64)>, StoreError> {
         .map_err(io)?
         .into_iter()
         .map(|n| {
-            let len = std::fs::metadata(log::segment_path(dir, n)).map_err(io)?.len();
+            let len = std::fs::metadata(log::segment_path(dir, n))
+                .map_err(io)?
+                .len();
             Ok((n, len))
         })
         .collect()
+}
+
+/// What retention reads of one event.
+struct ExpiryRow {
+    seq: i64,
+    id: String,
+    received_at_ms: i64,
+    status: String,
+    source: String,
+    id_origin: String,
+    delivery_id: String,
+    body_sha256: String,
+    dead_at_ms: Option<i64>,
 }
 
 /// What one retention transaction removed.
@@ -1319,7 +1361,7 @@ fn expire_chunk(
     cutoff_ms: i64,
     after: i64,
 ) -> Result<(ExpiredChunk, i64, bool), StoreError> {
-    let rows: Vec<(i64, String, i64, String, String, String, String, String, Option<i64>)> = conn
+    let rows: Vec<ExpiryRow> = conn
         .prepare_cached(
             "SELECT e.seq, e.id, e.received_at_ms, e.status, e.source, e.id_origin, \
              e.delivery_id, e.body_sha256, d.at_ms FROM events e \
@@ -1327,17 +1369,17 @@ fn expire_chunk(
              WHERE e.seq > ?1 ORDER BY e.seq LIMIT ?2",
         )?
         .query_map(params![after, EXPIRE_CHUNK as i64], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-                r.get(7)?,
-                r.get(8)?,
-            ))
+            Ok(ExpiryRow {
+                seq: r.get(0)?,
+                id: r.get(1)?,
+                received_at_ms: r.get(2)?,
+                status: r.get(3)?,
+                source: r.get(4)?,
+                id_origin: r.get(5)?,
+                delivery_id: r.get(6)?,
+                body_sha256: r.get(7)?,
+                dead_at_ms: r.get(8)?,
+            })
         })?
         .collect::<Result<_, _>>()?;
     let mut out = ExpiredChunk {
@@ -1347,21 +1389,22 @@ fn expire_chunk(
     };
     let mut last = after;
     let mut done = rows.len() < EXPIRE_CHUNK;
-    for (seq, id, received, status, source, origin, delivery, sha, dead_at) in rows {
+    for row in rows {
+        let (seq, id) = (row.seq, row.id);
         last = seq;
-        if received >= cutoff_ms.saturating_add(ARRIVAL_SLACK_MS) {
+        if row.received_at_ms >= cutoff_ms.saturating_add(ARRIVAL_SLACK_MS) {
             done = true;
             break;
         }
-        if received >= cutoff_ms {
+        if row.received_at_ms >= cutoff_ms {
             continue;
         }
-        let dead = status == EventStatus::Dead.as_str();
-        if dead && dead_at.is_some_and(|at| at >= cutoff_ms) {
+        let dead = row.status == EventStatus::Dead.as_str();
+        if dead && row.dead_at_ms.is_some_and(|at| at >= cutoff_ms) {
             continue;
         }
-        let origin = IdOrigin::parse(&origin).unwrap_or(IdOrigin::Body);
-        let key = crate::event::dedup_key(&source, origin, &delivery, &sha);
+        let origin = IdOrigin::parse(&row.id_origin).unwrap_or(IdOrigin::Body);
+        let key = crate::event::dedup_key(&row.source, origin, &row.delivery_id, &row.body_sha256);
         conn.prepare_cached("DELETE FROM dedup WHERE key = ?1 AND event_id = ?2")?
             .execute(params![key, id])?;
         conn.prepare_cached("DELETE FROM decisions WHERE event_id = ?1")?
