@@ -42,7 +42,8 @@
 //! checks every request was accepted and every event got its decision.
 
 // The CPU clocks are only reachable through `libc::clock_gettime` (in
-// `common`); that one call is the only unsafe code.
+// `common`), and `malloc_trim` through libc: those two calls are the only
+// unsafe code.
 #![allow(unsafe_code)]
 
 mod common;
@@ -344,15 +345,38 @@ fn metric_values(name: &str) -> Option<Vec<(String, f64)>> {
     (!values.is_empty()).then_some(values)
 }
 
-/// Resident memory of the process, from `/proc/self/status`.
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .expect("VmRSS")
-        / 1024.0
+/// Resident memory of the process, from `/proc/self/status`, in MiB: as an
+/// operator would see it, then once the allocator has handed its free pages
+/// back (`malloc_trim`), which is closer to what is live.
+#[derive(Clone, Copy)]
+struct Rss {
+    seen: f64,
+    live: f64,
+}
+
+impl Rss {
+    fn now() -> Rss {
+        let read = || {
+            let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                .expect("VmRSS")
+                / 1024.0
+        };
+        let seen = read();
+        // SAFETY: glibc's malloc_trim only returns free heap memory to the
+        // kernel; any thread may call it at any time.
+        unsafe { libc::malloc_trim(0) };
+        Rss { seen, live: read() }
+    }
+}
+
+impl std::fmt::Display for Rss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.0}/{:.0}", self.seen, self.live)
+    }
 }
 
 /// The bench's own threads, whose CPU is not the server's.
@@ -490,9 +514,9 @@ fn main() {
     );
     println!(
         "{:<6} {:<13} {:>8} {:>9} {:>9} {:>10}  server CPU µs/event by stage",
-        "round", "server", "req/s", "intake", "drained", "µs/event"
+        "round", "server", "req/s", "intake", "to drain", "µs/event"
     );
-    let rss_start = rss_mib();
+    let rss_start = Rss::now();
     let mut rss_rounds = Vec::new();
     let mut sluice_rounds = Vec::new();
     let (mut bare_rates, mut bare_cpu, mut ratios, mut cpu_ratios) =
@@ -534,7 +558,7 @@ fn main() {
             cpu_us,
             stages,
         });
-        rss_rounds.push(rss_mib());
+        rss_rounds.push(Rss::now());
     }
 
     // The router alone: a backlog loaded with the router off, then drained.
@@ -549,7 +573,7 @@ fn main() {
     }
     let load_rate = backlog as f64 / load.as_secs_f64();
     assert_eq!(gw.queue_depth(), backlog as u64, "the whole backlog waits");
-    let rss_loaded = rss_mib();
+    let rss_loaded = Rss::now();
     let routed0 = routed_total();
     let mark = CpuMark::now();
     gw.start_router();
@@ -563,7 +587,7 @@ fn main() {
     let drain_rate = routed as f64 / span.wall.as_secs_f64();
     let drain_stages = bench.stages(&span, routed);
     let drain_cpu = per_event_us(bench.server_cpu(&span), routed);
-    let rss_drained = rss_mib();
+    let rss_drained = Rss::now();
     match drained {
         Ok(()) => gw.assert_all_decided(),
         Err(left) if bench_mode => println!(
@@ -601,12 +625,6 @@ fn main() {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let writer = |stages: &[(&str, f64)]| {
-        stages
-            .iter()
-            .find(|(s, _)| *s == "store writer")
-            .map_or(0.0, |x| x.1)
-    };
     println!();
     println!(
         "router alone: {backlog} events loaded with the router off at {load_rate:.0}/s; \
@@ -641,13 +659,12 @@ fn main() {
         stage_line(&drain_stages)
     );
     println!(
-        "| store writer, split by the router-alone run | | appends ≈ {:.1} µs, claims and settles ≈ {:.1} µs |",
-        writer(&stages) - writer(&drain_stages),
-        writer(&drain_stages)
-    );
-    println!(
-        "| VmRSS | start {rss_start:.0} MiB; after each round {}; backlog loaded {rss_loaded:.0}; after the drain {rss_drained:.0} MiB | |",
-        list(&rss_rounds, 0)
+        "| VmRSS, MiB as seen/after malloc_trim | start {rss_start}; after each round {}; backlog loaded {rss_loaded}; after the drain {rss_drained} | |",
+        rss_rounds
+            .iter()
+            .map(Rss::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!();
 
