@@ -20,26 +20,31 @@
 //! Threads are named by stage, so CPU splits by thread name
 //! (`/proc/self/task/*/schedstat`): `intake` (the HTTP server's two workers:
 //! shield, verify, normalise, dedup, hand-off, 202), `intake-blocking`,
-//! `sluice-store-writer` (every write: appends, claims, settles), `router`
-//! (the two router workers' runtime: claim and settle calls, the decision),
-//! `rules` (its blocking pool: rule calls and the claimed bodies' reads) and
-//! `sluice-ready` (instances made ahead of rule calls). Server CPU is the
-//! process's CPU minus the bench's own threads (the client, the main thread,
-//! the drain poller).
+//! `sluice-store-*` (the store's threads: today one writer, which makes every
+//! write: appends, claims, settles), `router` (the two router workers'
+//! runtime: claim and settle calls, the decision), `rules` (its blocking
+//! pool: rule calls and the claimed bodies' reads) and `sluice-ready`
+//! (instances made ahead of rule calls). Server CPU is the process's CPU minus
+//! the bench's own threads (the client, the main thread, the drain poller).
+//! When the store counts its own CPU by kind of work
+//! (`sluice_store_cpu_seconds_total{work=...}`), those counters are printed
+//! per event too.
 //!
 //! It measures, in order:
 //! 1. rounds alternating between sluice (router on, a burst of events, then
 //!    the wait until every one has a decision) and the bare handler (the same
 //!    burst): intake throughput of each, and server CPU per event, for sluice
 //!    from the burst's start to the drain's end;
-//! 2. the router alone: a backlog loaded with the router off, then the time
-//!    the router takes to drain it, against the intake rate of step 1;
+//! 2. the router alone: a backlog loaded with the router off, then the rate
+//!    at which the router drains it (for at most a minute under `cargo bench`),
+//!    against the intake rate of step 1;
 //! 3. VmRSS after each round, after the backlog is loaded and after it is
-//!    drained.
+//!    drained, as seen and after `malloc_trim` (what is live).
 //!
 //! `cargo bench --bench pipeline` for figures (100,000 events of backlog);
 //! `cargo test --release --benches` runs one tiny round as a smoke test that
-//! checks every request was accepted and every event got its decision.
+//! checks every request was accepted, the backlog drained and every event
+//! got its decision.
 
 // The CPU clocks are only reachable through `libc::clock_gettime` (in
 // `common`), and `malloc_trim` through libc: those two calls are the only
@@ -81,7 +86,7 @@ const POLL_THREAD: &str = "bench-poll";
 /// Thread-name prefixes of each stage, as the report names them.
 const STAGES: [(&str, &[&str]); 4] = [
     ("request path", &["intake"]),
-    ("store writer", &["sluice-store-wr"]),
+    ("store writer", &["sluice-store"]),
     ("router", &["router"]),
     ("rule calls", &["rules", "sluice-ready"]),
 ];
@@ -575,6 +580,7 @@ fn main() {
     assert_eq!(gw.queue_depth(), backlog as u64, "the whole backlog waits");
     let rss_loaded = Rss::now();
     let routed0 = routed_total();
+    let store0 = store_cpu();
     let mark = CpuMark::now();
     gw.start_router();
     let drained = gw.drain_within(drain_window);
@@ -587,6 +593,7 @@ fn main() {
     let drain_rate = routed as f64 / span.wall.as_secs_f64();
     let drain_stages = bench.stages(&span, routed);
     let drain_cpu = per_event_us(bench.server_cpu(&span), routed);
+    let drain_store = store_cpu_line(&store0, routed);
     let rss_drained = Rss::now();
     match drained {
         Ok(()) => gw.assert_all_decided(),
@@ -632,6 +639,9 @@ fn main() {
         span.wall,
         stage_line(&drain_stages)
     );
+    if let Some(line) = drain_store {
+        println!("router alone: store CPU µs/event by work: {line}");
+    }
     println!();
     println!("median over {rounds} rounds (paste into the README):");
     println!("| | events/s | server CPU per event |");
