@@ -56,20 +56,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let engine = WasmEngine::with_cache(
-        Some(
-            state
-                .config
-                .rules
-                .cache_dir(&state.config.base_dir, state.config.data_dir()),
-        ),
-        &state.config.rules.cache,
-        &state.config.rules.pool,
-    )?;
-    engine.reserve_for_calls(state.config.rules.workers);
-    let (reloader, watch) = start_rules(&state, engine)?;
+    let (reloader, watch) = load_rules(&state)?;
     let rules = reloader.rules().clone();
-    let _ = state.live_rules.set(rules.clone());
     // Registered before the address is printed: from then on a SIGHUP
     // reloads instead of ending the process.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -100,6 +88,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     watcher.abort();
     on_hangup.abort();
     served
+}
+
+/// The rules as `serve` runs them: the engine over the config's compile
+/// cache with room kept for the router workers' calls, every rule of
+/// `rules.dir` loaded tolerantly, and the set published to `state` for
+/// `/status/rules`. Spawn [`Watch::run`] to follow later changes to the
+/// directory. Call it on a multi-threaded runtime's worker (compiling blocks).
+pub fn load_rules(state: &AppState) -> anyhow::Result<(Arc<Reloader>, Watch)> {
+    let config = &state.config;
+    let engine = WasmEngine::with_cache(
+        Some(config.rules.cache_dir(&config.base_dir, config.data_dir())),
+        &config.rules.cache,
+        &config.rules.pool,
+    )?;
+    engine.reserve_for_calls(config.rules.workers);
+    let (reloader, watch) = start_rules(state, engine)?;
+    let _ = state.live_rules.set(reloader.rules().clone());
+    Ok((reloader, watch))
 }
 
 /// Loads the rules tolerantly (a bad rule is skipped and reported, not
