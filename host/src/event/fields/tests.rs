@@ -290,3 +290,123 @@ fn reads_after_the_whole_parse_borrow_it() {
         Some(std::borrow::Cow::Borrowed(_))
     ));
 }
+
+mod generated {
+    //! Documents written as text, so they can repeat keys and spell one key
+    //! two ways (with and without escapes), as no `Value` can.
+
+    use proptest::prelude::*;
+
+    use super::{Value, agrees, event};
+
+    /// Key text and a way to write it.
+    const KEYS: [(&str, &str); 11] = [
+        ("a", r#""a""#),
+        ("a", r#""\u0061""#),
+        ("b", r#""b""#),
+        ("a/b", r#""a/b""#),
+        ("a/b", r#""a\/b""#),
+        ("m~n", r#""m~n""#),
+        ("", r#""""#),
+        ("q\"", r#""q\"""#),
+        ("é", r#""é""#),
+        ("é", r#""\u00e9""#),
+        ("0", r#""0""#),
+    ];
+
+    const SCALARS: [&str; 11] = [
+        "null",
+        "true",
+        "0",
+        "-1",
+        "1.5e3",
+        "18446744073709551616",
+        r#""s""#,
+        r#""\u00e9\n""#,
+        r#""""#,
+        "{}",
+        "[]",
+    ];
+
+    #[derive(Debug, Clone)]
+    enum Doc {
+        Scalar(usize),
+        Array(Vec<Doc>),
+        Object(Vec<(usize, Doc)>),
+    }
+
+    fn doc() -> impl Strategy<Value = Doc> {
+        let leaf = (0..SCALARS.len()).prop_map(Doc::Scalar);
+        leaf.prop_recursive(5, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Doc::Array),
+                prop::collection::vec((0..KEYS.len(), inner), 0..7).prop_map(Doc::Object),
+            ]
+        })
+    }
+
+    fn write(doc: &Doc, pretty: bool, out: &mut String) {
+        let gap = if pretty { "\n  " } else { "" };
+        match doc {
+            Doc::Scalar(i) => out.push_str(SCALARS[*i]),
+            Doc::Array(items) => {
+                out.push('[');
+                for (n, item) in items.iter().enumerate() {
+                    if n > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(gap);
+                    write(item, pretty, out);
+                }
+                out.push_str(gap);
+                out.push(']');
+            }
+            Doc::Object(members) => {
+                out.push('{');
+                for (n, (key, value)) in members.iter().enumerate() {
+                    if n > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(gap);
+                    out.push_str(KEYS[*key].1);
+                    out.push_str(if pretty { " : " } else { ":" });
+                    write(value, pretty, out);
+                }
+                out.push_str(gap);
+                out.push('}');
+            }
+        }
+    }
+
+    /// Pointers from the key set and a few indices, two levels deep.
+    fn pointers() -> Vec<String> {
+        let tokens: Vec<String> = KEYS
+            .iter()
+            .map(|(k, _)| k.replace('~', "~0").replace('/', "~1"))
+            .chain(["1", "2", "00", "-"].map(String::from))
+            .collect();
+        let mut out = Vec::new();
+        for a in &tokens {
+            out.push(format!("/{a}"));
+            for b in &tokens {
+                out.push(format!("/{a}/{b}"));
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn reads_agree_with_the_whole_parse(doc in doc(), pretty in any::<bool>()) {
+            let mut text = String::new();
+            write(&doc, pretty, &mut text);
+            agrees(&text, text.as_bytes());
+            let whole: Value = serde_json::from_slice(text.as_bytes()).unwrap_or(Value::Null);
+            let ev = event(text.clone().into_bytes());
+            for p in pointers() {
+                let got = ev.get(&p);
+                prop_assert_eq!(got.as_deref(), whole.pointer(&p), "{} {}", text, p);
+            }
+        }
+    }
+}
