@@ -243,11 +243,15 @@ impl ParsedEvent {
         }
     }
 
-    /// Checks and indexes the body now, if no read has yet, so the field
-    /// reads that follow cost only what they read (the router calls it
-    /// before the first rule runs, outside every rule's deadline).
+    /// Checks and indexes the body now, unless a read did already or the
+    /// whole payload is parsed, so the field reads that follow cost only what
+    /// they read (the router calls it before the first rule runs, outside
+    /// every rule's deadline).
     pub fn scan(&self) {
-        self.index();
+        // Reads are served from the whole payload once it is parsed.
+        if self.payload.get().is_none() {
+            self.index();
+        }
     }
 
     fn index(&self) -> &fields::Index {
