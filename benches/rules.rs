@@ -18,9 +18,25 @@
 //! epoch ticker), so work moved off the event path is still counted.
 //!
 //! Every variant goes through `Rule::classify` (or the reused instance) with
-//! the payload already parsed, as the router shares one parse among all rules.
-//! After criterion's report, a summary prints p50/p99 per call and the ratio
-//! of each p50 to the native one, all measured in this run.
+//! the payload already indexed, as the router does once per event before the
+//! rules run. After criterion's report, a summary prints p50/p99 per call and
+//! the ratio of each p50 to the native one, all measured in this run.
+//!
+//! Two more groups time what reading the payload costs, on the GitHub
+//! `issues` `opened` payload as GitHub sends it (compact, 11.6 KB), each
+//! against parsing the whole payload into a `serde_json::Value` first (what
+//! every event paid before field reads went through the index):
+//!
+//! - `payload-three-fields`: a fresh event, then `/action`, `/issue/labels`
+//!   and `/repository/full_name` read with `ParsedEvent::get`: after the
+//!   whole parse (`whole-parse`), through the index built on the first read
+//!   (`index`), and on an event already indexed (`reads-only`: what each
+//!   further rule on the same event pays);
+//! - `route-issues-event`: the shipped rule set (`sluice.toml`'s `[rules]`:
+//!   `rules/github-router.wasm`, `rules/gitlab.rhai`) routing a fresh event
+//!   with `RuleSet::route`, with the payload parsed whole first or not.
+//!
+//! The summary prints their p50 and the ratio of each to the whole parse.
 //!
 //! `cargo bench --bench rules` (needs `plugins/build.sh` first);
 //! `cargo bench --bench rules -- none` prints only the summary.
@@ -34,12 +50,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
+use sluice::config::Config;
 use sluice::event::{Event, ParsedEvent, Provider};
 use sluice::rules::bench;
 use sluice::rules::config::RulesConfig;
 use sluice::rules::manifest::Manifest;
 use sluice::rules::wasm::{ReusedInstance, WasmEngine, WasmRule};
-use sluice::rules::{Rule, RuleCode};
+use sluice::rules::{Rule, RuleCode, RuleSet};
 
 const EVENTS: [(&str, &str); 6] = [
     ("issues", "issues/opened.payload.json"),
@@ -67,7 +84,7 @@ fn events() -> Vec<Arc<ParsedEvent>> {
                 None,
                 body.into(),
             )));
-            ev.payload(); // parsed once per event, shared by every rule
+            ev.scan(); // indexed once per event, shared by every rule
             ev
         })
         .collect()
@@ -275,6 +292,142 @@ fn summary(rules: &Rules, events: &[Arc<ParsedEvent>]) {
     );
 }
 
+/// The fields a typical rule reads.
+const THREE_FIELDS: [&str; 3] = ["/action", "/issue/labels", "/repository/full_name"];
+
+/// The GitHub `issues` `opened` payload as GitHub sends it (compact) or as
+/// the corpus stores it (pretty-printed).
+fn issue_event(compact: bool) -> Event {
+    let path = repo().join("../shared/corpus/github/issues/opened.payload.json");
+    let mut body = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    if compact {
+        let doc: serde_json::Value = serde_json::from_slice(&body).expect("corpus JSON");
+        body = serde_json::to_vec(&doc).expect("serialises");
+    }
+    Event::dry_run("github", Provider::Github, "issues", None, body.into())
+}
+
+fn three_fields(ev: &ParsedEvent) {
+    for pointer in THREE_FIELDS {
+        black_box(ev.get(black_box(pointer)));
+    }
+}
+
+/// A fresh event with its payload parsed whole, as every event was before
+/// field reads went through the index.
+fn parsed_whole(event: &Event) -> Arc<ParsedEvent> {
+    let ev = Arc::new(ParsedEvent::new(event.clone()));
+    ev.payload();
+    ev
+}
+
+/// The shipped rule set, loaded as `sluice serve` loads it.
+fn shipped_rules(engine: &WasmEngine) -> RuleSet {
+    let config = Config::load(Some(&repo().join("sluice.toml"))).unwrap_or_else(|e| panic!("{e}"));
+    config.load_rules(engine).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The payload-reading variants, by name, for criterion and the summary.
+type Variant<'a> = (&'static str, Box<dyn Fn() + 'a>);
+
+fn payload_variants<'a>(event: &'a Event, indexed: &'a ParsedEvent) -> [Variant<'a>; 3] {
+    [
+        (
+            "whole-parse",
+            Box::new(|| three_fields(&parsed_whole(event))),
+        ),
+        (
+            "index",
+            Box::new(|| three_fields(&ParsedEvent::new(event.clone()))),
+        ),
+        ("reads-only", Box::new(|| three_fields(indexed))),
+    ]
+}
+
+fn route_variants<'a>(event: &'a Event, set: &'a RuleSet) -> [Variant<'a>; 2] {
+    [
+        (
+            "whole-parse",
+            Box::new(|| drop(black_box(set.route(&parsed_whole(event))))),
+        ),
+        (
+            "index",
+            Box::new(|| {
+                drop(black_box(
+                    set.route(&Arc::new(ParsedEvent::new(event.clone()))),
+                ))
+            }),
+        ),
+    ]
+}
+
+fn payload_bench(c: &mut Criterion, set: &RuleSet) {
+    let event = issue_event(true);
+    let indexed = ParsedEvent::new(event.clone());
+    indexed.scan();
+    // The index answers as the whole parse does, or timing it means nothing.
+    let whole = parsed_whole(&event);
+    for pointer in THREE_FIELDS {
+        assert_eq!(indexed.get(pointer), whole.get(pointer), "{pointer}");
+    }
+    let fresh = Arc::new(ParsedEvent::new(event.clone()));
+    assert_eq!(set.route(&fresh).routes, set.route(&whole).routes);
+    let mut group = c.benchmark_group("payload-three-fields");
+    for (name, f) in payload_variants(&event, &indexed) {
+        group.bench_function(name, |b| b.iter(&f));
+    }
+    group.finish();
+    let mut group = c.benchmark_group("route-issues-event");
+    for (name, f) in route_variants(&event, set) {
+        group.bench_function(name, |b| b.iter(&f));
+    }
+    group.finish();
+}
+
+fn payload_summary(set: &RuleSet) {
+    // Under `cargo test` (no `--bench`), a few, so the test run stays short.
+    let n = if std::env::args().any(|a| a == "--bench") {
+        20_000
+    } else {
+        20
+    };
+    println!("\nreading the GitHub issues payload; p50 per event, in this run:");
+    println!(
+        "{:<52} {:>8} {:>8} {:>14}",
+        "variant", "p50 µs", "p99 µs", "whole/this"
+    );
+    for compact in [true, false] {
+        let event = issue_event(compact);
+        let indexed = ParsedEvent::new(event.clone());
+        indexed.scan();
+        let form = if compact {
+            format!("compact, {} B", event.body.len())
+        } else {
+            format!("pretty, {} B", event.body.len())
+        };
+        let rows =
+            payload_variants(&event, &indexed)
+                .into_iter()
+                .map(|(name, f)| (format!("three fields ({form}): {name}"), f, n))
+                .chain(route_variants(&event, set).into_iter().map(|(name, f)| {
+                    (format!("shipped rules route it ({form}): {name}"), f, n / 4)
+                }));
+        let mut whole = None;
+        for (name, f, n) in rows {
+            let m = bench::percentiles(|_| f(), n);
+            if name.ends_with("whole-parse") {
+                whole = Some(m);
+            }
+            let ratio = whole.map(|w| w.ratio(&m)).unwrap_or(1.0);
+            println!(
+                "{name:<52} {:>8.2} {:>8.2} {:>13.1}x",
+                m.p50_us, m.p99_us, ratio
+            );
+        }
+    }
+    println!("(whole/this: the whole-parse p50 over this one; above 1 is faster.)");
+}
+
 fn main() {
     let engine = WasmEngine::new(Some(
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/rule-cache"),
@@ -307,8 +460,11 @@ fn main() {
         eprintln!("{i} calls");
         return;
     }
+    let set = shipped_rules(&engine);
     let mut c = Criterion::default().configure_from_args();
     bench(&mut c, &rules, &events);
+    payload_bench(&mut c, &set);
     c.final_summary();
     summary(&rules, &events);
+    payload_summary(&set);
 }

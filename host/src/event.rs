@@ -2,9 +2,13 @@
 //!
 //! An [`Event`] is only ever built by the store from a row it committed; new
 //! events enter through [`crate::ingress::NewEvent`], which only verification
-//! can produce. Nothing here parses payloads eagerly: the router parses once per
-//! event into a [`ParsedEvent`] shared by every rule.
+//! can produce. Nothing here parses payloads eagerly: the router wraps each
+//! event in a [`ParsedEvent`] shared by every rule, which reads fields in
+//! place and parses only what it returns.
 
+mod fields;
+
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
@@ -216,33 +220,72 @@ impl Event {
     }
 }
 
-/// An event with its payload parsed at most once, shared by all rules.
+/// An event as the rules see it, shared by all of them: its payload is read
+/// in place. The first field read (or [`ParsedEvent::scan`]) checks the body
+/// and indexes its object keys in one pass; each [`ParsedEvent::get`] then
+/// parses only the value it returns. The whole document is parsed only for
+/// whoever asks for it ([`ParsedEvent::payload`], the empty pointer), once.
 #[derive(Debug)]
 pub struct ParsedEvent {
     /// The stored event.
     pub event: Event,
+    index: OnceLock<fields::Index>,
     payload: OnceLock<serde_json::Value>,
 }
 
 impl ParsedEvent {
-    /// Wraps a stored event; the body is parsed on first use.
+    /// Wraps a stored event; nothing is read until a rule asks.
     pub fn new(event: Event) -> Self {
         ParsedEvent {
             event,
+            index: OnceLock::new(),
             payload: OnceLock::new(),
         }
     }
 
-    /// The parsed payload (`null` when the body is not JSON).
+    /// Checks and indexes the body now, unless a read did already or the
+    /// whole payload is parsed, so the field reads that follow cost only what
+    /// they read (the router calls it before the first rule runs, outside
+    /// every rule's deadline).
+    pub fn scan(&self) {
+        // Reads are served from the whole payload once it is parsed.
+        if self.payload.get().is_none() {
+            self.index();
+        }
+    }
+
+    fn index(&self) -> &fields::Index {
+        self.index
+            .get_or_init(|| fields::Index::build(&self.event.body))
+    }
+
+    /// The whole payload, parsed on first use (`null` when the body is not
+    /// JSON). Reading fields through [`ParsedEvent::get`] is cheaper.
     pub fn payload(&self) -> &serde_json::Value {
         self.payload.get_or_init(|| {
+            if let Some(fields::Index::Invalid) = self.index.get() {
+                return serde_json::Value::Null;
+            }
             serde_json::from_slice(&self.event.body).unwrap_or(serde_json::Value::Null)
         })
     }
 
-    /// The value at an RFC 6901 JSON pointer.
-    pub fn get(&self, pointer: &str) -> Option<&serde_json::Value> {
-        self.payload().pointer(pointer)
+    /// The value at an RFC 6901 JSON pointer, exactly as
+    /// `serde_json::Value::pointer` finds it in the parsed payload (the empty
+    /// pointer is the whole document). Borrowed when the whole payload is
+    /// parsed already; otherwise only this value is parsed, from the body.
+    pub fn get(&self, pointer: &str) -> Option<Cow<'_, serde_json::Value>> {
+        if pointer.is_empty() {
+            return Some(Cow::Borrowed(self.payload()));
+        }
+        if let Some(whole) = self.payload.get() {
+            return whole.pointer(pointer).map(Cow::Borrowed);
+        }
+        match self.index() {
+            fields::Index::Invalid => None,
+            fields::Index::Whole => self.payload().pointer(pointer).map(Cow::Borrowed),
+            fields::Index::Keys(keys) => keys.get(&self.event.body, pointer).map(Cow::Owned),
+        }
     }
 }
 

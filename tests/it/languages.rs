@@ -101,10 +101,8 @@ fn corpus() -> Vec<(String, Arc<ParsedEvent>)> {
 
 /// What the bench rule must answer, worked out here from the event itself.
 fn expected(ev: &ParsedEvent) -> Verdict {
-    let repo = ev
-        .get("/repository/full_name")
-        .and_then(|v| v.as_str())
-        .unwrap_or("?");
+    let repo = ev.get("/repository/full_name");
+    let repo = repo.as_deref().and_then(|v| v.as_str()).unwrap_or("?");
     let action = ev.event.action.as_deref().unwrap_or("-");
     Verdict::Routes(vec![Route {
         agent: "bench".into(),

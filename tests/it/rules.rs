@@ -989,6 +989,41 @@ fn rhai_sees_the_event_and_its_config() {
 }
 
 #[test]
+fn rhai_reads_the_whole_payload_with_the_empty_pointer_and_fields_after_it() {
+    let script = r#"
+        fn classify(event) {
+            let first = event.get("/repository/full_name");
+            let doc = event.get("");
+            let labels = [];
+            for key in doc.keys() { labels.push(`key:${key}`); }
+            labels.sort();
+            labels.push(`doc:${doc.repository.full_name}`);
+            labels.push(`first:${first}`);
+            labels.push(`after:${event.get("/repository/full_name")}`);
+            labels.push(`labels:${event.get("/issue/labels").len()}`);
+            [#{ agent: "a", priority: "low", reason: "", labels: labels }]
+        }
+    "#;
+    let r = rhai("whole", script, "").unwrap();
+    let Ok(Verdict::Routes(rs)) = r.classify(&issues_opened()) else {
+        panic!()
+    };
+    assert_eq!(
+        rs[0].labels,
+        vec![
+            "key:action",
+            "key:issue",
+            "key:repository",
+            "key:sender",
+            "doc:Codertocat/Hello-World",
+            "first:Codertocat/Hello-World",
+            "after:Codertocat/Hello-World",
+            "labels:1",
+        ]
+    );
+}
+
+#[test]
 fn rhai_scripts_get_no_eval_and_no_imports() {
     let err = rhai("ev", "fn classify(event) { eval(\"1\") }", "")
         .unwrap_err()

@@ -38,7 +38,8 @@ use crate::rules::{Rule, RuleCode, WasmEngine};
 pub fn three_fields(ev: &ParsedEvent) -> Result<Verdict, RuleFailure> {
     let kind = &ev.event.kind;
     let action = ev.event.action.as_deref();
-    let repo = ev.get("/repository/full_name").and_then(|v| v.as_str());
+    let repo = ev.get("/repository/full_name");
+    let repo = repo.as_deref().and_then(serde_json::Value::as_str);
     Ok(Verdict::Routes(vec![Route {
         agent: "bench".into(),
         workflow: None,
@@ -271,7 +272,7 @@ impl Drop for TempDir {
     }
 }
 
-/// Provider payloads read from a directory, parsed once each.
+/// Provider payloads read from a directory, each checked and indexed once.
 #[derive(Debug, Default)]
 pub struct Events {
     /// The events, in path order.
@@ -321,7 +322,7 @@ pub fn load_events(dir: &Path) -> anyhow::Result<Events> {
                     None,
                     body.into(),
                 ));
-                ev.payload(); // parsed once, as the router shares one parse among rules
+                ev.scan(); // indexed once, as the router does before the rules run
                 out.events.push(Arc::new(ev));
                 out.paths.push(path);
             }

@@ -599,9 +599,10 @@ impl RuleSet {
                 });
                 continue;
             }
-            // The payload is parsed once per event, before the first rule that
-            // wants it starts, so no rule's deadline or duration pays for it.
-            ev.payload();
+            // The payload is checked and indexed once per event, before the
+            // first rule that wants it starts, so no rule's deadline or
+            // duration pays for it; each field read then parses only its value.
+            ev.scan();
             let start = Instant::now();
             let mut reads = Reads::default();
             let result = match entry.breaker.admit() {

@@ -267,8 +267,11 @@ fn build_engine(
         })
         .register_fn("get", |e: &mut ScriptEvent, pointer: &str| -> Dynamic {
             let found = e.0.get(pointer);
-            READS.with_borrow_mut(|r| r.json(pointer, found));
-            found.map(json_to_dynamic).unwrap_or(Dynamic::UNIT)
+            READS.with_borrow_mut(|r| r.json(pointer, found.as_deref()));
+            found
+                .as_deref()
+                .map(json_to_dynamic)
+                .unwrap_or(Dynamic::UNIT)
         });
     engine
 }

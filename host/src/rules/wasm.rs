@@ -1211,8 +1211,8 @@ impl wit_types::HostEvent for RuleState {
         pointer: String,
     ) -> wasmtime::Result<Option<wit_types::Value>> {
         let found = self.table.get(&ev)?.0.get(&pointer);
-        let value = found.map(to_wit_value);
-        self.reads.json(pointer, found);
+        let value = found.as_deref().map(to_wit_value);
+        self.reads.json(pointer, found.as_deref());
         Ok(value)
     }
 
