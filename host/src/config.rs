@@ -196,7 +196,7 @@ impl Default for StoreConfig {
             path: PathBuf::from("sluice.db"),
             batch_max: 512,
             dedup_ttl: Duration::from_secs(24 * 3600),
-            dedup_capacity: 200_000,
+            dedup_capacity: 20_000,
             queue_bytes: 64 * 1024 * 1024,
             append_timeout: Duration::from_secs(5),
             retention: Duration::from_secs(30 * 24 * 3600),

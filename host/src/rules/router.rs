@@ -136,16 +136,18 @@ impl Worker {
         }
     }
 
-    /// Routes a claimed batch one event after another. All its leases were
-    /// taken at once, so before each event the worker renews those still to
-    /// route whenever what is left of the lease might not cover this event's
-    /// worst case (the rule set refuses a worst case longer than the lease)
-    /// with room to spare: no event of the batch expires while it waits its
-    /// turn, and none is routed twice.
+    /// Routes a claimed batch one event after another and records its
+    /// decisions in one write at the end. All its leases were taken at once,
+    /// so before each event the worker renews the batch's leases whenever
+    /// what is left of them might not cover this event's worst case (the rule
+    /// set refuses a worst case longer than the lease) with room to spare: no
+    /// event of the batch expires while it waits its turn or its write, and
+    /// none is routed twice.
     async fn route_batch(&self, claimed: Vec<Claimed>) {
         let leases: Vec<Lease> = claimed.iter().map(Claimed::lease).collect();
         let mut expires = Instant::now() + self.options.lease;
         let mut held = vec![true; claimed.len()];
+        let mut done = Vec::with_capacity(claimed.len());
         for (i, c) in claimed.into_iter().enumerate() {
             if self.stopping() {
                 break;
@@ -154,9 +156,11 @@ impl Worker {
             let margin = worst + self.options.lease / 2;
             if expires.saturating_duration_since(Instant::now()) < margin {
                 let renewed_at = Instant::now();
-                match self.store.extend(&leases[i..], self.options.lease).await {
+                // The events routed so far wait for the batch's write, so
+                // their leases are renewed too, with those still to route.
+                match self.store.extend(&leases, self.options.lease).await {
                     Ok(still) => {
-                        held[i..].copy_from_slice(&still);
+                        held.copy_from_slice(&still);
                         expires = renewed_at + self.options.lease;
                     }
                     Err(e) => {
@@ -168,11 +172,44 @@ impl Worker {
                 tracing::warn!(event = %leases[i].event_id, "lease lost before routing; another worker has the event");
                 continue;
             }
-            self.route_one(c).await;
+            if let Some(decided) = self.route_one(c).await {
+                done.push(decided);
+            }
+        }
+        self.complete(done).await;
+    }
+
+    /// Records the batch's decisions in one write. An event whose decision
+    /// is not recorded is routed again once its lease expires.
+    async fn complete(&self, done: Vec<(Lease, crate::decision::Decision)>) {
+        if done.is_empty() {
+            return;
+        }
+        match self.store.complete_all(&done).await {
+            Ok(results) => {
+                for ((lease, _), result) in done.iter().zip(results) {
+                    match result {
+                        Ok(()) => {}
+                        // Routing outlived the lease and another worker has the event now.
+                        Err(e @ StoreError::LeaseLost(_)) => {
+                            tracing::warn!(event = %lease.event_id, error = %e, "decision dropped")
+                        }
+                        Err(e) => {
+                            tracing::error!(event = %lease.event_id, error = %e, "cannot record the decision")
+                        }
+                    }
+                }
+            }
+            // The leases will expire and the events be routed again.
+            Err(e) => {
+                tracing::error!(events = done.len(), error = %e, "cannot record the decisions")
+            }
         }
     }
 
-    async fn route_one(&self, claimed: Claimed) {
+    /// Routes one event. A decision to record is handed back (the batch's
+    /// are recorded together); every other outcome is settled here.
+    async fn route_one(&self, claimed: Claimed) -> Option<(Lease, crate::decision::Decision)> {
         let lease = claimed.lease();
         let id = lease.event_id.clone();
         if lease.attempt > self.options.max_attempts {
@@ -185,7 +222,7 @@ impl Worker {
             if let Err(e) = self.store.dead_letter(&lease, &reason).await {
                 tracing::error!(event = %id, error = %e, "cannot dead-letter the event");
             }
-            return;
+            return None;
         }
         let received_at_ms = claimed.event.received_at_ms;
         let set = self.rules.load_full();
@@ -197,7 +234,7 @@ impl Worker {
                 let reason = format!("routing panicked: {e}");
                 tracing::error!(event = %id, %reason);
                 self.retry_or_dead_letter(&lease, &reason).await;
-                return;
+                return None;
             }
         };
         if let Some(defer) = &decision.defer {
@@ -211,30 +248,22 @@ impl Worker {
                     self.options.max_defer.as_millis()
                 );
                 self.retry_or_dead_letter(&lease, &reason).await;
-                return;
+                return None;
             }
             tracing::info!(event = %id, delay = ?defer.delay, reason = %defer.reason, "routing deferred; not an attempt");
             metrics::counter!("sluice_routing_deferred_total").increment(1);
             if let Err(e) = self.store.defer(&lease, defer.delay, &defer.reason).await {
                 tracing::error!(event = %id, error = %e, "cannot release the event; its lease will expire");
             }
-            return;
+            return None;
         }
         record_metrics(&decision);
         if let Some(reason) = &decision.dead_letter {
             self.retry_or_dead_letter(&lease, reason).await;
-            return;
+            return None;
         }
         tracing::debug!(event = %id, routes = decision.routes.len(), "routed");
-        match self.store.complete(&lease, &decision).await {
-            Ok(()) => {}
-            // Routing outlived the lease and another worker has the event now.
-            Err(e @ StoreError::LeaseLost(_)) => {
-                tracing::warn!(event = %id, error = %e, "decision dropped")
-            }
-            // The lease will expire and the event be routed again.
-            Err(e) => tracing::error!(event = %id, error = %e, "cannot record the decision"),
-        }
+        Some((lease, decision))
     }
 
     async fn retry_or_dead_letter(&self, lease: &Lease, reason: &str) {

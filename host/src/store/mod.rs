@@ -244,6 +244,20 @@ pub trait Store: Send + Sync + 'static {
     /// Records the decision for a claimed event and releases it as routed.
     async fn complete(&self, lease: &Lease, decision: &Decision) -> Result<(), StoreError>;
 
+    /// [`Store::complete`] for several events at once (a router worker's
+    /// batch: one write where the backend can). Per event, in order: settled,
+    /// or why not; the outer error is for a write that did not happen at all.
+    async fn complete_all(
+        &self,
+        done: &[(Lease, Decision)],
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let mut out = Vec::with_capacity(done.len());
+        for (lease, decision) in done {
+            out.push(self.complete(lease, decision).await);
+        }
+        Ok(out)
+    }
+
     /// Releases a claimed event to be routed again after `delay`.
     async fn retry_later(
         &self,
