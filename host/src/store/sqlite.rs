@@ -473,7 +473,7 @@ fn recover(
             .map(|m| m.len())
             .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
         if len < start {
-            let lost = mark_lost_beyond(conn, n, len)?;
+            let lost = mark_lost_beyond(conn, n, &path, len)?;
             tracing::error!(
                 segment = %path.display(), bytes = len, index_applied = start, events_lost = lost,
                 "log segment shorter than the index claims; the events past its end are dead-lettered as lost"
@@ -574,8 +574,9 @@ fn replay_segment(
     Ok((end, added))
 }
 
-/// Dead-letters the events whose records lie past `len` in segment `n`.
-fn mark_lost_beyond(conn: &Connection, n: u32, len: u64) -> Result<u64, StoreError> {
+/// Dead-letters the events whose records lie past `len` in segment `n`
+/// (the file `path`), naming the file as a claim that cannot read one does.
+fn mark_lost_beyond(conn: &Connection, n: u32, path: &Path, len: u64) -> Result<u64, StoreError> {
     let ids: Vec<String> = conn
         .prepare(
             "SELECT id FROM events WHERE log_segment = ?1 AND log_offset + log_len > ?2 \
@@ -587,7 +588,10 @@ fn mark_lost_beyond(conn: &Connection, n: u32, len: u64) -> Result<u64, StoreErr
         mark_dead(
             conn,
             id,
-            &format!("lost: its log record is past the end of segment {n} ({len} bytes)"),
+            &format!(
+                "lost: {}: its log record is past the end of the segment ({len} bytes)",
+                path.display()
+            ),
             None,
         )?;
     }
