@@ -558,6 +558,104 @@ fn sorted(mut v: Vec<(String, Bytes)>) -> Vec<(String, Bytes)> {
     v
 }
 
+/// A newest segment cut short inside a record: the events past its end are
+/// dead-lettered as lost (naming the segment), the rest are intact; new
+/// appends land after the last whole record, where lost ones were, and read
+/// back right while the lost ones still read as errors; the index rebuilt
+/// from the log holds every kept and new event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_segment_shorter_than_the_index_claims_loses_only_what_is_past_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    let seg = segment(&db, 1);
+    let store = open(&db, log::SEGMENT_BYTES);
+    let stored = store_new(&store, 0..12).await;
+    close(store);
+    let (recs, _) = records(&db, 1);
+    let first_lost = recs[recs.len() - 4].0;
+    let lost: Vec<String> = recs[recs.len() - 4..]
+        .iter()
+        .map(|(_, r)| r.id.clone())
+        .collect();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(first_lost.offset + 5)
+        .unwrap();
+    let kept: Vec<_> = stored
+        .iter()
+        .filter(|(id, _)| !lost.contains(id))
+        .cloned()
+        .collect();
+
+    let store = open(&db, log::SEGMENT_BYTES);
+    for id in &lost {
+        assert_lost(&store, &db, id, &seg, "past the end").await;
+    }
+    let dead: HashSet<String> = store
+        .list(&ListFilter {
+            status: Some(EventStatus::Dead),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(
+        dead,
+        lost.iter().cloned().collect(),
+        "only the lost are dead"
+    );
+    for (id, body) in &kept {
+        assert_eq!(&store.get(id).await.unwrap().unwrap().event.body, body);
+    }
+    let new = store_new(&store, 12..18).await;
+    let (recs, end) = records(&db, 1);
+    assert_eq!(
+        end,
+        ScanEnd::Clean(file_len(&seg)),
+        "the new records follow the last whole one, not the cut one's bytes"
+    );
+    let first_new = recs
+        .iter()
+        .filter(|(_, r)| new.iter().any(|(id, _)| *id == r.id))
+        .map(|(at, _)| at.offset)
+        .min();
+    assert_eq!(
+        first_new,
+        Some(first_lost.offset),
+        "where the lost ones were"
+    );
+    let aside = seg.with_extension(format!("seg.torn-{}", first_lost.offset));
+    assert_eq!(
+        std::fs::read(&aside).unwrap_or_default().len(),
+        5,
+        "the cut bytes are kept"
+    );
+    for id in &lost {
+        assert_lost(&store, &db, id, &seg, "past the end").await;
+    }
+    let mut live = kept.clone();
+    live.extend(new.iter().cloned());
+    assert_eq!(
+        sorted(claim_all(&store, 100).await),
+        sorted(live.clone()),
+        "the kept and the new events are handed out, the lost ones not"
+    );
+    assert_eq!(store.queue_depth().await.unwrap(), live.len() as u64);
+    close(store);
+    let ids: Vec<&str> = live.iter().map(|(id, _)| id.as_str()).collect();
+    assert_log_whole(&db, &ids);
+
+    // The index rebuilt from the log holds every kept and new event.
+    remove_index(&db);
+    let store = open(&db, log::SEGMENT_BYTES);
+    assert_holds(&store, &live).await;
+    close(store);
+}
+
 /// Damage the start-up check cannot see (it compares the segment the index
 /// has applied up to with that position): an older segment cut short, and a
 /// record zeroed in place behind the applied position. A claim dead-letters
