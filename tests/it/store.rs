@@ -15,6 +15,17 @@ use sluice::ingress::verify::{StandardWebhooks, Verifier};
 use sluice::store::{Appended, Claimed, ListFilter, SqliteStore, Store, StoreError};
 
 fn event(source: &str, delivery: &str, kind: &str) -> NewEvent {
+    event_with_body(
+        source,
+        delivery,
+        kind,
+        Bytes::from_static(br#"{"action":"opened","n":1}"#),
+    )
+}
+
+/// An event of the generic provider with an unsigned delivery id, a kind
+/// header and `body`.
+pub(crate) fn event_with_body(source: &str, delivery: &str, kind: &str, body: Bytes) -> NewEvent {
     let mut h = HeaderMap::new();
     h.insert(
         HeaderName::from_static("x-delivery"),
@@ -28,9 +39,7 @@ fn event(source: &str, delivery: &str, kind: &str) -> NewEvent {
         delivery_header: Some(HeaderName::from_static("x-delivery")),
         kind_header: Some(HeaderName::from_static("x-event")),
     };
-    let verified = Verifier::None
-        .verify_at(h, Bytes::from_static(br#"{"action":"opened","n":1}"#), 0)
-        .unwrap();
+    let verified = Verifier::None.verify_at(h, body, 0).unwrap();
     normalize(source, Provider::Hmac, &naming, verified, 1_700_000_000_000).unwrap()
 }
 

@@ -408,6 +408,8 @@ pub struct ServeChild {
     child: Child,
     /// `http://127.0.0.1:PORT`, as the server printed it.
     pub base: String,
+    /// The address, once the server prints it.
+    listening: std::sync::mpsc::Receiver<String>,
 }
 
 impl ServeChild {
@@ -419,32 +421,41 @@ impl ServeChild {
 
     /// As [`ServeChild::spawn`], with extra environment variables.
     pub fn spawn_with(config: &Path, env: &[(&str, &str)]) -> ServeChild {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        cmd.args(["serve", "--config"])
-            .arg(config)
-            .env_remove("SLUICE_CONFIG")
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        ServeChild::spawn_command(cmd)
+        ServeChild::spawn_command(serve_command(config, env))
+    }
+
+    /// Starts `sluice serve --config PATH` as [`ServeChild::spawn`] does but
+    /// returns at once, for a test that acts while the server starts up
+    /// (`base` is empty).
+    pub fn start(config: &Path) -> ServeChild {
+        ServeChild::start_command(serve_command(config, &[]))
     }
 
     /// Starts `cmd`, which runs `sluice serve` (itself or by `exec`, so the
     /// child's pid is the server's), and waits for its address as
     /// [`ServeChild::spawn`] does. stdout is taken; stderr is as `cmd` says.
+    pub fn spawn_command(cmd: Command) -> ServeChild {
+        let mut guard = ServeChild::start_command(cmd);
+        guard.base = guard
+            .listening
+            .recv_timeout(Duration::from_secs(60))
+            .expect("sluice serve printed its address within 60 s");
+        guard
+    }
+
+    /// Starts `cmd` as [`ServeChild::spawn_command`] does, without waiting.
     #[allow(clippy::zombie_processes)] // reaped in Drop
-    pub fn spawn_command(mut cmd: Command) -> ServeChild {
+    fn start_command(mut cmd: Command) -> ServeChild {
         cmd.stdout(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn sluice");
         let out = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
         // From here on the guard owns the process: a panic below still kills it.
-        let mut guard = ServeChild {
+        let guard = ServeChild {
             child,
             base: String::new(),
+            listening: rx,
         };
-        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut sent = false;
             // Keep draining stdout so the child never blocks on a full pipe.
@@ -456,9 +467,6 @@ impl ServeChild {
                 }
             }
         });
-        guard.base = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("sluice serve printed its address within 60 s");
         guard
     }
 
@@ -472,6 +480,21 @@ impl ServeChild {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `sluice serve --config PATH` with `RUST_LOG=warn`, stderr to the test's,
+/// and extra environment variables.
+fn serve_command(config: &Path, env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(["serve", "--config"])
+        .arg(config)
+        .env_remove("SLUICE_CONFIG")
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
 }
 
 impl Drop for ServeChild {

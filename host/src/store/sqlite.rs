@@ -480,16 +480,21 @@ fn recover(
             .map(|m| m.len())
             .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
         if len < start {
-            let lost = mark_lost_beyond(conn, n, len)?;
+            let lost = mark_lost_beyond(conn, n, &path, len)?;
             tracing::error!(
                 segment = %path.display(), bytes = len, index_applied = start, events_lost = lost,
                 "log segment shorter than the index claims; the events past its end are dead-lettered as lost"
             );
+            let end = if n == newest {
+                cut_partial_record(conn, writer, log_dir, n, len)?
+            } else {
+                len
+            };
             set_applied(
                 conn,
                 Position {
                     segment: n,
-                    offset: len,
+                    offset: end,
                 },
                 0,
             )?;
@@ -581,8 +586,47 @@ fn replay_segment(
     Ok((end, added))
 }
 
-/// Dead-letters the events whose records lie past `len` in segment `n`.
-fn mark_lost_beyond(conn: &Connection, n: u32, len: u64) -> Result<u64, StoreError> {
+/// Cuts the newest segment, `n`, found shorter than the index claims (`len`
+/// bytes), back to the end of its last whole record: appends must not follow
+/// part of a record, or a scan of the segment (an index rebuilt from the
+/// log) would stop there and never reach them. Returns where it ends now.
+fn cut_partial_record(
+    conn: &Connection,
+    writer: &mut LogWriter,
+    log_dir: &Path,
+    n: u32,
+    len: u64,
+) -> Result<u64, StoreError> {
+    let path = log::segment_path(log_dir, n);
+    // The records up to the last one the index holds whole are known good.
+    let whole: i64 = conn.query_row(
+        "SELECT coalesce(max(log_offset + log_len), 0) FROM events \
+         WHERE log_segment = ?1 AND log_offset + log_len <= ?2",
+        params![n, len as i64],
+        |r| r.get(0),
+    )?;
+    let end = log::scan::<()>(log_dir, n, whole as u64, |_, _| Ok(()))
+        .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?
+        .unwrap_or(ScanEnd::Clean(len));
+    let ScanEnd::Invalid { at, file_len, why } = end else {
+        return Ok(len);
+    };
+    let aside = writer.cut_tail(at).map_err(|e| {
+        StoreError::Backend(format!(
+            "cannot cut the partial record off {}: {e}",
+            path.display()
+        ))
+    })?;
+    tracing::warn!(
+        segment = %path.display(), at, bytes = file_len - at, %why, kept = %aside.display(),
+        "cut the part of a lost record off the log's tail"
+    );
+    Ok(at)
+}
+
+/// Dead-letters the events whose records lie past `len` in segment `n`
+/// (the file `path`), naming the file as a claim that cannot read one does.
+fn mark_lost_beyond(conn: &Connection, n: u32, path: &Path, len: u64) -> Result<u64, StoreError> {
     let ids: Vec<String> = conn
         .prepare(
             "SELECT id FROM events WHERE log_segment = ?1 AND log_offset + log_len > ?2 \
@@ -594,7 +638,10 @@ fn mark_lost_beyond(conn: &Connection, n: u32, len: u64) -> Result<u64, StoreErr
         mark_dead(
             conn,
             id,
-            &format!("lost: its log record is past the end of segment {n} ({len} bytes)"),
+            &format!(
+                "lost: {}: its log record is past the end of the segment ({len} bytes)",
+                path.display()
+            ),
             None,
         )?;
     }
