@@ -635,17 +635,37 @@ fn mark_lost_beyond(conn: &Connection, n: u32, path: &Path, len: u64) -> Result<
         .query_map(params![n, len as i64], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     for id in &ids {
-        mark_dead(
+        mark_lost(
             conn,
             id,
             &format!(
-                "lost: {}: its log record is past the end of the segment ({len} bytes)",
+                "{}: its log record is past the end of the segment ({len} bytes)",
                 path.display()
             ),
-            None,
         )?;
     }
     Ok(ids.len() as u64)
+}
+
+/// Dead-letters an event whose log record is gone or damaged, with a reason
+/// starting `lost:`, and frees its dedup key: the provider's redelivery of
+/// it is stored again instead of answered as a duplicate of what cannot be
+/// read. Returns whether it left the work queue.
+fn mark_lost(conn: &Connection, id: &str, why: &str) -> Result<bool, StoreError> {
+    let dequeued = mark_dead(conn, id, &format!("lost: {why}"), None)?;
+    let row: Option<(String, String, String, String)> = conn
+        .prepare_cached(
+            "SELECT source, id_origin, delivery_id, body_sha256 FROM events WHERE id = ?1",
+        )?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .optional()?;
+    if let Some((source, origin, delivery, sha)) = row {
+        let origin = IdOrigin::parse(&origin).unwrap_or(IdOrigin::Body);
+        let key = crate::event::dedup_key(&source, origin, &delivery, &sha);
+        conn.prepare_cached("DELETE FROM dedup WHERE key = ?1 AND event_id = ?2")?
+            .execute(params![key, id])?;
+    }
+    Ok(dequeued)
 }
 
 /// Adds one logged event to the index (row, dedup key, work-queue row);
@@ -1647,11 +1667,7 @@ impl Store for SqliteStore {
         // dead-letter it with the reason, and hand out the others.
         for (id, reason) in unreadable {
             tracing::error!(event = %id, %reason, "dead-lettering an event whose log record cannot be read");
-            let reason = format!("lost: {reason}");
-            if let Ok(true) = self
-                .write(move |conn| mark_dead(conn, &id, &reason, None))
-                .await
-            {
+            if let Ok(true) = self.write(move |conn| mark_lost(conn, &id, &reason)).await {
                 self.add_depth(-1);
             }
         }
