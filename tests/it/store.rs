@@ -504,3 +504,79 @@ async fn sqlite_store_dedups_by_what_the_signature_covers() {
     );
     dedup_conformance(store.clone(), window).await;
 }
+
+/// The ids of claimed events, in the order the claim handed them out.
+fn ids(claimed: &[Claimed]) -> Vec<&str> {
+    claimed.iter().map(|c| c.event.id.as_str()).collect()
+}
+
+/// Appends an event of the generic provider stamped now, under its own
+/// delivery id; returns its id.
+async fn append_now(store: &dyn Store, delivery: &str) -> String {
+    match store
+        .append(hmac_event("q", Some(delivery), br#"{"n":1}"#))
+        .await
+        .unwrap()
+    {
+        Appended::Stored(id) => id,
+        other => panic!("{delivery} is new: {other:?}"),
+    }
+}
+
+/// Claims hand out events by due time, then arrival: within one claim's
+/// batch too, as a worker routes its batch in the order it gets it.
+pub async fn claim_order_is_due_time_then_arrival(store: Arc<dyn Store>) {
+    // Stamped at the same instant: due together, claimed in arrival order.
+    let mut same = Vec::new();
+    for d in ["order-a", "order-b", "order-c"] {
+        let Appended::Stored(id) = store.append(event("o", d, "k")).await.unwrap() else {
+            panic!("{d} is new")
+        };
+        same.push(id);
+    }
+    let first = store.claim("w1", 2, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(ids(&first), vec![same[0].as_str(), same[1].as_str()]);
+    let rest = claim(store.as_ref(), "w1").await;
+    assert_eq!(ids(&rest), vec![same[2].as_str()]);
+
+    // Released in the order c, a (each due when released), b later still,
+    // then a new arrival: due order, whatever the arrival order.
+    let wait = || tokio::time::sleep(Duration::from_millis(5));
+    store
+        .retry_later(&rest[0].lease(), Duration::ZERO, "agent down")
+        .await
+        .unwrap();
+    wait().await;
+    store
+        .retry_later(&first[0].lease(), Duration::ZERO, "agent down")
+        .await
+        .unwrap();
+    wait().await;
+    store
+        .retry_later(&first[1].lease(), Duration::from_secs(2), "agent down")
+        .await
+        .unwrap();
+    wait().await;
+    let late = append_now(store.as_ref(), "order-late").await;
+    let batch = claim(store.as_ref(), "w2").await;
+    assert_eq!(
+        ids(&batch),
+        vec![same[2].as_str(), same[0].as_str(), late.as_str()],
+        "one claim's batch is in due order"
+    );
+    for c in &batch {
+        store
+            .retry_later(&c.lease(), Duration::from_secs(60), "later")
+            .await
+            .unwrap();
+    }
+    let b = claim_when_ready(store.as_ref(), "w3").await;
+    assert_eq!(ids(&b), vec![same[1].as_str()], "due once its delay passed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_claims_in_due_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("s.db"), 64).unwrap());
+    claim_order_is_due_time_then_arrival(store).await;
+}
