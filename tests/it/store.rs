@@ -909,3 +909,25 @@ async fn sqlite_expire_drops_decisions_for_good() {
     assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 3);
     assert_eq!(store.queue_depth().await.unwrap(), 2);
 }
+
+/// A claim reads the work queue's `queue_due` index in claim order: a range
+/// scan of the rows it takes, never a sort of every due row.
+#[test]
+fn sqlite_claim_reads_the_due_index_without_sorting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    SqliteStore::open(&path, 8).unwrap().close();
+    let plan = SqliteStore::open_read_only(&path)
+        .unwrap()
+        .claim_plan()
+        .unwrap();
+    assert!(
+        plan.iter()
+            .any(|step| step.contains("USING COVERING INDEX queue_due")),
+        "{plan:?}"
+    );
+    assert!(
+        !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+        "{plan:?}"
+    );
+}

@@ -1416,6 +1416,17 @@ pub struct Stats {
 }
 
 impl ReadOnly {
+    /// How SQLite runs a claim's scan of the work queue, one
+    /// `EXPLAIN QUERY PLAN` line per step: it must read the `queue_due`
+    /// index in order, never sort the due rows, so that a claim costs the
+    /// same at any backlog.
+    pub fn claim_plan(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn.lock().expect("reader lock");
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {CLAIM_ORDER}"))?;
+        let steps = stmt.query_map(params![0i64, 1i64], |r| r.get::<_, String>(3))?;
+        Ok(steps.collect::<Result<_, _>>()?)
+    }
+
     /// Sizes, counts and the oldest event.
     pub fn stats(&self) -> Result<Stats, StoreError> {
         let conn = self.conn.lock().expect("reader lock");
