@@ -22,8 +22,8 @@
 //! no sort.
 //!
 //! `cargo bench --bench store` for figures: an interleaved run of rounds
-//! first (median and p90 per round, and the 1M/1k ratio of the medians), then
-//! criterion's estimates. `cargo test --release --benches` builds 1k and 10k
+//! first (median and p90 of a round and of its claim alone, and the 1M/1k
+//! ratios of the medians), then criterion's estimates of a round. `cargo test --release --benches` builds 1k and 10k
 //! backlogs only and checks the order over enough rounds to reach the top-ups.
 
 use std::collections::VecDeque;
@@ -63,8 +63,10 @@ struct Backlog {
     last_due: i64,
     /// Top-up events appended so far (their delivery ids).
     topped_up: usize,
-    /// Claims (with their completions) measured, one per round.
+    /// Claims with their completions, one per round.
     rounds: Vec<Duration>,
+    /// The claims alone, one per round.
+    claims: Vec<Duration>,
     _dir: tempfile::TempDir,
 }
 
@@ -171,6 +173,7 @@ fn build(size: usize) -> Backlog {
         last_due: i64::MIN,
         topped_up: 0,
         rounds: Vec::new(),
+        claims: Vec::new(),
         _dir: dir,
     }
 }
@@ -229,8 +232,9 @@ impl Backlog {
     }
 
     /// One worker's round: claims a batch and completes each event. Returns
-    /// how long that took, and checks what was claimed against the due order.
-    async fn round(&mut self, batch: usize) -> Duration {
+    /// how long the claim took and the whole round, and checks what was
+    /// claimed against the due order.
+    async fn round(&mut self, batch: usize) -> (Duration, Duration) {
         self.top_up(batch).await;
         let decision = decision();
         let started = Instant::now();
@@ -239,6 +243,7 @@ impl Backlog {
             .claim("bench", batch, LEASE)
             .await
             .expect("claim");
+        let claim = started.elapsed();
         for c in &claimed {
             self.store
                 .complete(&c.lease(), &decision)
@@ -247,7 +252,7 @@ impl Backlog {
         }
         let took = started.elapsed();
         self.check_order(&claimed, batch);
-        took
+        (claim, took)
     }
 
     fn check_order(&mut self, claimed: &[Claimed], batch: usize) {
@@ -289,38 +294,60 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn compare(rt: &Runtime, backlogs: &mut [Backlog], rounds: usize, batch: usize) {
     for _ in 0..rounds {
         for b in backlogs.iter_mut() {
-            let took = rt.block_on(b.round(batch));
+            let (claim, took) = rt.block_on(b.round(batch));
+            b.claims.push(claim);
             b.rounds.push(took);
         }
     }
     println!();
-    println!("claim of {batch} + complete of each, {rounds} rounds per backlog, interleaved:");
-    let mut medians = Vec::new();
-    for b in backlogs.iter_mut() {
-        let mut sorted = b.rounds.clone();
-        sorted.sort_unstable();
-        let (p50, p90) = (percentile(&sorted, 0.5), percentile(&sorted, 0.9));
-        medians.push(p50);
+    println!(
+        "{rounds} rounds per backlog, interleaved (one worker: claim {batch}, complete each):"
+    );
+    let mut figures = Vec::new();
+    for b in backlogs.iter() {
+        let (round, claim) = (median_p90(&b.rounds), median_p90(&b.claims));
         println!(
-            "  {:>4} pending: median {:>7.0} µs per round ({:.1} µs per event), p90 {:>7.0} µs",
+            "  {:>4} pending: round median {:>6.0} µs ({:.1} µs per event), p90 {:>6.0} µs; \
+             claim alone median {:>5.0} µs, p90 {:>6.0} µs",
             b.name,
-            p50.as_secs_f64() * 1e6,
-            p50.as_secs_f64() * 1e6 / batch as f64,
-            p90.as_secs_f64() * 1e6
+            micros(round.0),
+            micros(round.0) / batch as f64,
+            micros(round.1),
+            micros(claim.0),
+            micros(claim.1)
         );
+        figures.push((round.0, claim.0));
     }
-    if let (Some(first), Some(last)) = (medians.first(), medians.last())
+    if let (Some(first), Some(last)) = (figures.first(), figures.last())
         && backlogs.len() > 1
     {
-        let ratio = last.as_secs_f64() / first.as_secs_f64();
-        println!(
-            "  ratio {} / {}: {ratio:.2}×; aim ≤ 1.5×: {}",
+        let names = format!(
+            "{} / {}",
             backlogs[backlogs.len() - 1].name,
-            backlogs[0].name,
+            backlogs[0].name
+        );
+        let ratio = micros(last.0) / micros(first.0);
+        println!(
+            "  ratio {names}, round medians: {ratio:.2}×; aim ≤ 1.5×: {}",
             if ratio <= 1.5 { "met" } else { "NOT met" }
+        );
+        println!(
+            "  ratio {names}, claim medians: {:.2}×",
+            micros(last.1) / micros(first.1)
         );
     }
     println!();
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// The median and the 90th percentile.
+fn median_p90(times: &[Duration]) -> (Duration, Duration) {
+    let mut sorted = times.to_vec();
+    sorted.sort_unstable();
+    (percentile(&sorted, 0.5), percentile(&sorted, 0.9))
 }
 
 fn main() {
@@ -362,7 +389,7 @@ fn main() {
                 bench.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
-                        total += rt.block_on(b.round(batch));
+                        total += rt.block_on(b.round(batch)).1;
                     }
                     total
                 })
