@@ -728,7 +728,7 @@ pub async fn claim_order_is_due_time_then_arrival(store: Arc<dyn Store>) {
         .unwrap();
     wait().await;
     store
-        .retry_later(&first[1].lease(), Duration::from_secs(2), "agent down")
+        .retry_later(&first[1].lease(), Duration::from_secs(5), "agent down")
         .await
         .unwrap();
     wait().await;
