@@ -1,6 +1,7 @@
 //! The store conformance suite: every backend must pass it. It runs against
 //! the embedded SQLite store here; a NATS JetStream backend runs the same
-//! `conformance` function.
+//! `conformance`, `dedup_conformance` and `work_queue_conformance` functions
+//! (the last one's parts each on an empty store of their own).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -512,4 +513,430 @@ async fn sqlite_store_dedups_by_what_the_signature_covers() {
         SqliteStore::open_with_dedup_window(&dir.path().join("s.db"), 64, window).unwrap(),
     );
     dedup_conformance(store.clone(), window).await;
+}
+
+/// The ids of claimed events, in the order the claim handed them out.
+fn ids(claimed: &[Claimed]) -> Vec<&str> {
+    claimed.iter().map(|c| c.event.id.as_str()).collect()
+}
+
+/// Appends an event of the generic provider stamped now, under its own
+/// delivery id; returns its id.
+async fn append_now(store: &dyn Store, delivery: &str) -> String {
+    match store
+        .append(hmac_event("q", Some(delivery), br#"{"n":1}"#))
+        .await
+        .unwrap()
+    {
+        Appended::Stored(id) => id,
+        other => panic!("{delivery} is new: {other:?}"),
+    }
+}
+
+/// `defer` gives the claim's attempt back (the next claim has the same
+/// attempt number); `retry_later` counts it.
+pub async fn defer_gives_the_attempt_back(store: Arc<dyn Store>) {
+    let id = append_now(store.as_ref(), "defer").await;
+    let first = claim(store.as_ref(), "w1").await;
+    assert_eq!(ids(&first), vec![id.as_str()]);
+    assert_eq!(first[0].attempt, 1);
+    store
+        .defer(&first[0].lease(), Duration::ZERO, "rule switched off")
+        .await
+        .unwrap();
+    let again = claim_when_ready(store.as_ref(), "w2").await;
+    assert_eq!(again[0].attempt, 1, "a deferral is not an attempt");
+    store
+        .retry_later(&again[0].lease(), Duration::ZERO, "agent down")
+        .await
+        .unwrap();
+    let retried = claim_when_ready(store.as_ref(), "w1").await;
+    assert_eq!(retried[0].attempt, 2, "a retry is an attempt");
+    store
+        .defer(&retried[0].lease(), Duration::ZERO, "no capacity")
+        .await
+        .unwrap();
+    let after = claim_when_ready(store.as_ref(), "w2").await;
+    assert_eq!(
+        after[0].attempt, 2,
+        "a deferral after a retry keeps the retry's count"
+    );
+    assert!(matches!(
+        store
+            .defer(&retried[0].lease(), Duration::ZERO, "late")
+            .await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    store
+        .complete(&after[0].lease(), &decision())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(&id).await.unwrap().unwrap().summary.attempts,
+        2,
+        "the routed event's attempts count the retry, not the deferrals"
+    );
+}
+
+/// `extend` renews the leases that still hold, and only those: a lease that
+/// lapsed and was claimed again, or whose event was settled, is not renewed.
+pub async fn extend_renews_only_held_leases(store: Arc<dyn Store>) {
+    let a = append_now(store.as_ref(), "extend-a").await;
+    let b = append_now(store.as_ref(), "extend-b").await;
+    let held = claim(store.as_ref(), "w1").await;
+    assert_eq!(ids(&held), vec![a.as_str(), b.as_str()]);
+    let leases: Vec<_> = held.iter().map(Claimed::lease).collect();
+    assert_eq!(
+        store
+            .extend(&leases, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        vec![true, true]
+    );
+    store.complete(&leases[0], &decision()).await.unwrap();
+    assert_eq!(
+        store
+            .extend(&leases, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        vec![false, true],
+        "a settled event's lease is not renewed"
+    );
+
+    // A renewed lease outlives the one the claim took.
+    let c = append_now(store.as_ref(), "extend-c").await;
+    let short = store.claim("w1", 10, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(ids(&short), vec![c.as_str()]);
+    assert_eq!(
+        store
+            .extend(&[short[0].lease()], Duration::from_secs(60))
+            .await
+            .unwrap(),
+        vec![true]
+    );
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert!(
+        claim(store.as_ref(), "w2").await.is_empty(),
+        "a renewed lease lapsed at the claim's first expiry"
+    );
+
+    // A lease that lapses and is claimed again is gone for good.
+    let d = append_now(store.as_ref(), "extend-d").await;
+    let lapsing = store
+        .claim("w1", 10, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(ids(&lapsing), vec![d.as_str()]);
+    let reclaimed = claim_when_ready(store.as_ref(), "w2").await;
+    assert_eq!(ids(&reclaimed), vec![d.as_str()]);
+    assert_eq!(
+        store
+            .extend(
+                &[lapsing[0].lease(), reclaimed[0].lease(), short[0].lease()],
+                Duration::from_secs(60)
+            )
+            .await
+            .unwrap(),
+        vec![false, true, true]
+    );
+    assert!(matches!(
+        store.complete(&lapsing[0].lease(), &decision()).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    store
+        .complete(&reclaimed[0].lease(), &decision())
+        .await
+        .unwrap();
+}
+
+/// `queue_depth` counts the stored events not yet settled (waiting or
+/// claimed): it drops on complete and dead-letter, rises on requeue, and a
+/// duplicate, a retry or a deferral leaves it as it is.
+pub async fn queue_depth_counts_unsettled_events(store: Arc<dyn Store>) {
+    let depth = async || store.queue_depth().await.unwrap();
+    assert_eq!(depth().await, 0);
+    let a = append_now(store.as_ref(), "depth-a").await;
+    let b = append_now(store.as_ref(), "depth-b").await;
+    let c = append_now(store.as_ref(), "depth-c").await;
+    assert_eq!(depth().await, 3);
+    assert!(matches!(
+        store
+            .append(hmac_event("q", Some("depth-a"), br#"{"n":1}"#))
+            .await
+            .unwrap(),
+        Appended::Duplicate(_)
+    ));
+    assert_eq!(depth().await, 3, "a duplicate is not queued");
+    let held = store.claim("w1", 2, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(ids(&held), vec![a.as_str(), b.as_str()]);
+    assert_eq!(depth().await, 3, "claimed events are not settled");
+    store
+        .retry_later(&held[1].lease(), Duration::ZERO, "agent down")
+        .await
+        .unwrap();
+    assert_eq!(depth().await, 3);
+    store.complete(&held[0].lease(), &decision()).await.unwrap();
+    assert_eq!(depth().await, 2);
+    let next = claim_when_ready(store.as_ref(), "w1").await;
+    assert_eq!(
+        ids(&next),
+        vec![c.as_str(), b.as_str()],
+        "b is due since its retry"
+    );
+    store
+        .defer(&next[0].lease(), Duration::ZERO, "no capacity")
+        .await
+        .unwrap();
+    assert_eq!(depth().await, 2);
+    store
+        .dead_letter(&next[1].lease(), "gave up")
+        .await
+        .unwrap();
+    assert_eq!(depth().await, 1);
+    store.requeue(&a).await.unwrap();
+    assert_eq!(depth().await, 2, "a replayed event is queued again");
+    store.requeue(&b).await.unwrap();
+    assert_eq!(depth().await, 3, "a replayed dead letter is queued again");
+    store.requeue(&c).await.unwrap();
+    assert_eq!(depth().await, 3, "replaying a queued event queues it once");
+    let all = claim(store.as_ref(), "w2").await;
+    assert_eq!(all.len(), 3);
+    for c in &all {
+        store.complete(&c.lease(), &decision()).await.unwrap();
+    }
+    assert_eq!(depth().await, 0);
+}
+
+/// Claims hand out events by due time, then arrival: within one claim's
+/// batch too, as a worker routes its batch in the order it gets it.
+pub async fn claim_order_is_due_time_then_arrival(store: Arc<dyn Store>) {
+    // Stamped at the same instant: due together, claimed in arrival order.
+    let mut same = Vec::new();
+    for d in ["order-a", "order-b", "order-c"] {
+        let Appended::Stored(id) = store.append(event("o", d, "k")).await.unwrap() else {
+            panic!("{d} is new")
+        };
+        same.push(id);
+    }
+    let first = store.claim("w1", 2, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(ids(&first), vec![same[0].as_str(), same[1].as_str()]);
+    let rest = claim(store.as_ref(), "w1").await;
+    assert_eq!(ids(&rest), vec![same[2].as_str()]);
+
+    // Released in the order c, a (each due when released), b later still,
+    // then a new arrival: due order, whatever the arrival order.
+    let wait = || tokio::time::sleep(Duration::from_millis(5));
+    store
+        .retry_later(&rest[0].lease(), Duration::ZERO, "agent down")
+        .await
+        .unwrap();
+    wait().await;
+    store
+        .retry_later(&first[0].lease(), Duration::ZERO, "agent down")
+        .await
+        .unwrap();
+    wait().await;
+    store
+        .retry_later(&first[1].lease(), Duration::from_secs(5), "agent down")
+        .await
+        .unwrap();
+    wait().await;
+    let late = append_now(store.as_ref(), "order-late").await;
+    let batch = claim(store.as_ref(), "w2").await;
+    assert_eq!(
+        ids(&batch),
+        vec![same[2].as_str(), same[0].as_str(), late.as_str()],
+        "one claim's batch is in due order"
+    );
+    for c in &batch {
+        store
+            .retry_later(&c.lease(), Duration::from_secs(60), "later")
+            .await
+            .unwrap();
+    }
+    let b = claim_when_ready(store.as_ref(), "w3").await;
+    assert_eq!(ids(&b), vec![same[1].as_str()], "due once its delay passed");
+}
+
+/// A dead-lettered event leaves the work queue (never claimed again) and is
+/// listed as dead, its reason the last error.
+pub async fn dead_letter_leaves_the_queue(store: Arc<dyn Store>) {
+    let x = append_now(store.as_ref(), "dead-x").await;
+    let first = claim(store.as_ref(), "w1").await;
+    assert_eq!(ids(&first), vec![x.as_str()]);
+    store
+        .retry_later(&first[0].lease(), Duration::ZERO, "agent down")
+        .await
+        .unwrap();
+    let again = claim_when_ready(store.as_ref(), "w1").await;
+    assert_eq!(ids(&again), vec![x.as_str()]);
+    let y = append_now(store.as_ref(), "dead-y").await;
+    store
+        .dead_letter(&again[0].lease(), "payload rejected")
+        .await
+        .unwrap();
+    assert_eq!(store.queue_depth().await.unwrap(), 1);
+    let dead = store
+        .list(&ListFilter {
+            status: Some(EventStatus::Dead),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        dead.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        vec![x.as_str()]
+    );
+    assert_eq!(dead[0].status, EventStatus::Dead);
+    assert_eq!(dead[0].attempts, 2);
+    let rec = store.get(&x).await.unwrap().unwrap();
+    assert_eq!(rec.summary.status, EventStatus::Dead);
+    assert_eq!(rec.last_error.as_deref(), Some("payload rejected"));
+    assert!(matches!(
+        store.dead_letter(&again[0].lease(), "twice").await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    let rest = claim(store.as_ref(), "w2").await;
+    assert_eq!(ids(&rest), vec![y.as_str()], "a dead letter is not claimed");
+    store.complete(&rest[0].lease(), &decision()).await.unwrap();
+    assert!(claim(store.as_ref(), "w2").await.is_empty());
+    assert_eq!(store.queue_depth().await.unwrap(), 0);
+}
+
+/// `expire(cutoff)` removes exactly the events received before the cutoff,
+/// with their decisions, dedup keys and queue entries, except a dead letter
+/// dead-lettered at or after the cutoff; newer events stay. Returns the ids
+/// it expected removed.
+pub async fn expire_removes_what_arrived_before_the_cutoff(store: Arc<dyn Store>) -> Vec<String> {
+    let routed = append_now(store.as_ref(), "exp-routed").await;
+    let dead_early = append_now(store.as_ref(), "exp-dead-early").await;
+    let dead_late = append_now(store.as_ref(), "exp-dead-late").await;
+    let pending = append_now(store.as_ref(), "exp-pending").await;
+    let held = store.claim("w1", 3, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(
+        ids(&held),
+        vec![routed.as_str(), dead_early.as_str(), dead_late.as_str()]
+    );
+    store.complete(&held[0].lease(), &decision()).await.unwrap();
+    store
+        .dead_letter(&held[1].lease(), "before the cutoff")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cutoff = sluice::event::now_ms();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let newer = append_now(store.as_ref(), "exp-newer").await;
+    store
+        .dead_letter(&held[2].lease(), "after the cutoff")
+        .await
+        .unwrap();
+    assert_eq!(store.queue_depth().await.unwrap(), 2);
+
+    let expired = store.expire(cutoff).await.unwrap();
+    assert_eq!(
+        (expired.events, expired.dead_letters),
+        (3, 1),
+        "{expired:?}"
+    );
+    for id in [&routed, &dead_early, &pending] {
+        assert!(store.get(id).await.unwrap().is_none(), "{id} expired");
+    }
+    let kept = store.get(&dead_late).await.unwrap().unwrap();
+    assert_eq!(kept.summary.status, EventStatus::Dead);
+    assert_eq!(kept.last_error.as_deref(), Some("after the cutoff"));
+    assert_eq!(
+        store.get(&newer).await.unwrap().unwrap().summary.status,
+        EventStatus::Pending
+    );
+    let all = store.list(&ListFilter::default()).await.unwrap();
+    assert_eq!(
+        all.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        vec![newer.as_str(), dead_late.as_str()]
+    );
+    assert_eq!(store.queue_depth().await.unwrap(), 1);
+    let left = claim(store.as_ref(), "w2").await;
+    assert_eq!(ids(&left), vec![newer.as_str()]);
+    assert_eq!(
+        store.expire(cutoff).await.unwrap(),
+        sluice::store::Expired::default(),
+        "a second pass finds nothing"
+    );
+    // Its dedup key went with it: the same delivery again is a new event.
+    let again = append_now(store.as_ref(), "exp-routed").await;
+    assert_ne!(again, routed);
+    vec![routed, dead_early, pending]
+}
+
+/// The work-queue semantics every backend must have, each part on a store
+/// of its own that `open` makes empty.
+pub async fn work_queue_conformance(open: impl AsyncFn() -> Arc<dyn Store>) {
+    defer_gives_the_attempt_back(open().await).await;
+    extend_renews_only_held_leases(open().await).await;
+    queue_depth_counts_unsettled_events(open().await).await;
+    claim_order_is_due_time_then_arrival(open().await).await;
+    dead_letter_leaves_the_queue(open().await).await;
+    expire_removes_what_arrived_before_the_cutoff(open().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_work_queue_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let opened = std::sync::atomic::AtomicUsize::new(0);
+    work_queue_conformance(async || {
+        let n = opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let store = SqliteStore::open(&dir.path().join(format!("{n}/s.db")), 64).unwrap();
+        let store: Arc<dyn Store> = Arc::new(store);
+        store
+    })
+    .await;
+}
+
+/// Retention takes an expired event's decisions with it, and the store
+/// reopened holds what the pass left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_expire_drops_decisions_for_good() {
+    use sluice::store::EventReader;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let store = Arc::new(SqliteStore::open(&path, 64).unwrap());
+    let gone = expire_removes_what_arrived_before_the_cutoff(store.clone()).await;
+    let reader = SqliteStore::open_read_only(&path).unwrap();
+    let decided: Vec<String> = reader
+        .decisions(100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.event_id)
+        .collect();
+    assert!(
+        gone.iter().all(|id| !decided.contains(id)),
+        "an expired event's decision is still listed: {decided:?}"
+    );
+    store.close();
+    let store = SqliteStore::open(&path, 64).unwrap();
+    assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 3);
+    assert_eq!(store.queue_depth().await.unwrap(), 2);
+}
+
+/// A claim reads the work queue's `queue_due` index in claim order: a range
+/// scan of the rows it takes, never a sort of every due row.
+#[test]
+fn sqlite_claim_reads_the_due_index_without_sorting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    SqliteStore::open(&path, 8).unwrap().close();
+    let plan = SqliteStore::open_read_only(&path)
+        .unwrap()
+        .claim_plan()
+        .unwrap();
+    assert!(
+        plan.iter()
+            .any(|step| step.contains("USING COVERING INDEX queue_due")),
+        "{plan:?}"
+    );
+    assert!(
+        !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+        "{plan:?}"
+    );
 }

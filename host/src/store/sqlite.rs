@@ -1317,22 +1317,24 @@ impl SqliteStore {
         self.write(move |conn| {
             let now = now_ms();
             let until = now + lease.as_millis() as i64;
-            let mut rows = conn
-                .prepare_cached(
-                    "UPDATE queue SET due_at_ms = ?2, attempts = attempts + 1, claimed_by = ?1 \
-                     WHERE seq IN (SELECT seq FROM queue WHERE due_at_ms <= ?3 \
-                     ORDER BY due_at_ms, seq LIMIT ?4) RETURNING seq, attempts",
-                )?
-                .query_map(params![worker, until, now, max as i64], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u32))
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            rows.sort_unstable();
+            // The batch goes out in claim order (the worker routes it in
+            // that order); the lease overwrites the due time it is read by.
+            let due: Vec<i64> = conn
+                .prepare_cached(CLAIM_ORDER)?
+                .query_map(params![now, max as i64], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let mut take = conn.prepare_cached(
+                "UPDATE queue SET due_at_ms = ?2, attempts = attempts + 1, claimed_by = ?1 \
+                 WHERE seq = ?3 RETURNING attempts",
+            )?;
             let mut find = conn.prepare_cached(
                 "SELECT id, log_segment, log_offset, log_len FROM events WHERE seq = ?1",
             )?;
-            let mut out = Vec::with_capacity(rows.len());
-            for (seq, attempts) in rows {
+            let mut out = Vec::with_capacity(due.len());
+            for seq in due {
+                let attempts = take.query_row(params![worker, until, seq], |r| {
+                    Ok(r.get::<_, i64>(0)? as u32)
+                })?;
                 let (id, at) = find.query_row([seq], |r| {
                     Ok((
                         r.get::<_, String>(0)?,
@@ -1350,6 +1352,11 @@ impl SqliteStore {
         .await
     }
 }
+
+/// The claim order: the work queue's due rows (`?1` now), by due time then
+/// arrival, at most `?2` of them, read off the `queue_due` index in order.
+const CLAIM_ORDER: &str =
+    "SELECT seq FROM queue WHERE due_at_ms <= ?1 ORDER BY due_at_ms, seq LIMIT ?2";
 
 /// Events examined per retention transaction, so a long pass never holds
 /// the writer for long.
@@ -1551,6 +1558,17 @@ pub struct Stats {
 }
 
 impl ReadOnly {
+    /// How SQLite runs a claim's scan of the work queue, one
+    /// `EXPLAIN QUERY PLAN` line per step: it must read the `queue_due`
+    /// index in order, never sort the due rows, so that a claim costs the
+    /// same at any backlog.
+    pub fn claim_plan(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn.lock().expect("reader lock");
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {CLAIM_ORDER}"))?;
+        let steps = stmt.query_map(params![0i64, 1i64], |r| r.get::<_, String>(3))?;
+        Ok(steps.collect::<Result<_, _>>()?)
+    }
+
     /// Sizes, counts and the oldest event.
     pub fn stats(&self) -> Result<Stats, StoreError> {
         let conn = self.conn.lock().expect("reader lock");
