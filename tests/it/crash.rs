@@ -645,6 +645,16 @@ async fn a_log_segment_shorter_than_the_index_claims_loses_only_what_is_past_its
         "the kept and the new events are handed out, the lost ones not"
     );
     assert_eq!(store.queue_depth().await.unwrap(), live.len() as u64);
+    // A provider's redelivery of a lost event is stored again; one of a kept
+    // event is still its duplicate.
+    let again = append_all(&store, 0..12).await;
+    for (i, ((id, _), a)) in stored.iter().zip(&again).enumerate() {
+        match a {
+            Appended::Stored(new) if lost.contains(id) => live.push((new.clone(), body(i))),
+            a => assert_eq!(a, &Appended::Duplicate(id.clone()), "{id}"),
+        }
+    }
+    assert_eq!(live.len(), kept.len() + new.len() + lost.len());
     close(store);
     let ids: Vec<&str> = live.iter().map(|(id, _)| id.as_str()).collect();
     assert_log_whole(&db, &ids);

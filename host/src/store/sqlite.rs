@@ -985,10 +985,12 @@ fn seen(
         });
     }
     // The same id and body under another origin (GitLab's Idempotency-Key
-    // after the same delivery came signed) is still the same delivery.
+    // after the same delivery came signed) is still the same delivery; an
+    // event whose log record was lost is no delivery to match.
     let earlier = conn
         .prepare_cached(
             "SELECT id, body_sha256 = ?3 FROM events WHERE source = ?1 AND delivery_id = ?2 \
+             AND NOT (status = 'dead' AND last_error LIKE 'lost:%') \
              ORDER BY body_sha256 = ?3 DESC, seq LIMIT 1",
         )?
         .query_row(
