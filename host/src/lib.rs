@@ -86,7 +86,7 @@ impl AppState {
         let db = config.data_dir().join(&config.store.path);
         let store = SqliteStore::open_with(
             &db,
-            crate::store::sqlite::Options::from_config(&config.store),
+            crate::store::sqlite::Options::from_config(&config.store, &config.rules),
         )
         .map_err(|e| anyhow::anyhow!("{}: store.path: {e}", config.origin))?;
         let state = AppState {

@@ -1813,7 +1813,6 @@ fn options() -> RouterOptions {
         // that need an expired lease take one with a claim of their own.
         lease: Duration::from_secs(60),
         poll: Duration::from_millis(20),
-        max_attempts: 3,
         retry_base: Duration::from_millis(5),
         retry_max: Duration::from_millis(20),
         max_defer: Duration::from_secs(3600),

@@ -13,7 +13,7 @@ use sluice::event::{EventStatus, IdOrigin, Provider};
 use sluice::ingress::NewEvent;
 use sluice::ingress::normalize::{Naming, normalize};
 use sluice::ingress::verify::{StandardWebhooks, Verifier};
-use sluice::store::{Appended, Claimed, ListFilter, SqliteStore, Store, StoreError};
+use sluice::store::{Appended, Claimed, ListFilter, Released, SqliteStore, Store, StoreError};
 
 fn event(source: &str, delivery: &str, kind: &str) -> NewEvent {
     event_with_body(
@@ -670,6 +670,8 @@ pub async fn queue_depth_counts_unsettled_events(store: Arc<dyn Store>) {
     let held = store.claim("w1", 2, Duration::from_secs(60)).await.unwrap();
     assert_eq!(ids(&held), vec![a.as_str(), b.as_str()]);
     assert_eq!(depth().await, 3, "claimed events are not settled");
+    // Past c's arrival millisecond, so b's new due time orders after c's.
+    tokio::time::sleep(Duration::from_millis(5)).await;
     store
         .retry_later(&held[1].lease(), Duration::ZERO, "agent down")
         .await
@@ -877,6 +879,66 @@ pub async fn work_queue_conformance(open: impl AsyncFn() -> Arc<dyn Store>) {
     claim_order_is_due_time_then_arrival(open().await).await;
     dead_letter_leaves_the_queue(open().await).await;
     expire_removes_what_arrived_before_the_cutoff(open().await).await;
+    the_last_attempt_dead_letters(open().await).await;
+    claims_past_the_last_attempt_dead_letter(open().await).await;
+}
+
+/// The backend owns the attempt count: a failed attempt is retried until the
+/// last one allowed (three by default), which dead-letters the event.
+pub async fn the_last_attempt_dead_letters(store: Arc<dyn Store>) {
+    let id = append_now(store.as_ref(), "d-nak").await;
+    for attempt in 1..=3u32 {
+        let c = store.claim("w", 1, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(ids(&c), vec![id.as_str()]);
+        assert_eq!(c[0].attempt, attempt);
+        let released = store
+            .retry_later(&c[0].lease(), Duration::ZERO, "agent down")
+            .await
+            .unwrap();
+        let expected = if attempt < 3 {
+            Released::Retrying
+        } else {
+            Released::DeadLettered
+        };
+        assert_eq!(released, expected, "attempt {attempt}");
+    }
+    assert!(claim(store.as_ref(), "w").await.is_empty());
+    let rec = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(rec.summary.status, EventStatus::Dead);
+    assert!(
+        rec.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("agent down"),
+        "{:?}",
+        rec.last_error
+    );
+    assert_eq!(store.queue_depth().await.unwrap(), 0);
+}
+
+/// Claims whose workers never settled (they died mid-route) count too: the
+/// claim after the last one allowed dead-letters the event instead of
+/// handing it out again.
+pub async fn claims_past_the_last_attempt_dead_letter(store: Arc<dyn Store>) {
+    let id = append_now(store.as_ref(), "d-crashy").await;
+    for attempt in 1..=3u32 {
+        let c = claim_when_ready(store.as_ref(), "crashy").await;
+        assert_eq!((ids(&c), c[0].attempt), (vec![id.as_str()], attempt));
+        // Not settled: the next claim waits for this lease to lapse.
+        store
+            .extend(&[c[0].lease()], Duration::from_millis(50))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    assert!(claim(store.as_ref(), "w").await.is_empty());
+    let rec = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(rec.summary.status, EventStatus::Dead);
+    assert_eq!(
+        rec.last_error.as_deref(),
+        Some("routing never finished in 3 claims")
+    );
+    assert_eq!(store.queue_depth().await.unwrap(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

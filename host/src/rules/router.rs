@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use crate::event::ParsedEvent;
 use crate::rules::SharedRuleSet;
 use crate::rules::config::RulesConfig;
-use crate::store::{Claimed, Lease, Store, StoreError};
+use crate::store::{Claimed, Lease, Released, Store, StoreError};
 
 /// How the workers lease, poll and retry (taken from [`RulesConfig`]).
 #[derive(Debug, Clone)]
@@ -33,8 +33,6 @@ pub struct RouterOptions {
     pub lease: Duration,
     /// Longest idle wait before polling again.
     pub poll: Duration,
-    /// Attempts before a `dead-letter` failure dead-letters.
-    pub max_attempts: u32,
     /// First retry delay (doubled per attempt, full jitter).
     pub retry_base: Duration,
     /// Longest retry delay.
@@ -51,7 +49,6 @@ impl From<&RulesConfig> for RouterOptions {
             batch: c.batch.max(1),
             lease: Duration::from_millis(c.lease_ms),
             poll: Duration::from_millis(c.poll_ms.max(1)),
-            max_attempts: c.max_attempts.max(1),
             retry_base: Duration::from_millis(c.retry_base_ms),
             retry_max: Duration::from_millis(c.retry_max_ms),
             max_defer: Duration::from_millis(c.max_defer_ms),
@@ -212,18 +209,6 @@ impl Worker {
     async fn route_one(&self, claimed: Claimed) -> Option<(Lease, crate::decision::Decision)> {
         let lease = claimed.lease();
         let id = lease.event_id.clone();
-        if lease.attempt > self.options.max_attempts {
-            // Earlier claims never settled: each worker that took the event died
-            // or lost its lease mid-route (a crash it may cause itself). Stop
-            // before running the rules again.
-            let reason = format!("routing never finished in {} claims", lease.attempt - 1);
-            tracing::error!(event = %id, %reason, "dead-lettering event");
-            metrics::counter!("sluice_dead_letters_total").increment(1);
-            if let Err(e) = self.store.dead_letter(&lease, &reason).await {
-                tracing::error!(event = %id, error = %e, "cannot dead-letter the event");
-            }
-            return None;
-        }
         let received_at_ms = claimed.event.received_at_ms;
         let set = self.rules.load_full();
         let ev = Arc::new(ParsedEvent::new(claimed.event));
@@ -266,19 +251,22 @@ impl Worker {
         Some((lease, decision))
     }
 
+    /// A failed attempt: released to be routed again after a backoff, or
+    /// dead-lettered by the store when it was the last one allowed.
     async fn retry_or_dead_letter(&self, lease: &Lease, reason: &str) {
         let (id, attempt) = (&lease.event_id, lease.attempt);
-        let result = if attempt >= self.options.max_attempts {
-            tracing::warn!(event = %id, attempt, %reason, "dead-lettering event");
-            metrics::counter!("sluice_dead_letters_total").increment(1);
-            self.store.dead_letter(lease, reason).await
-        } else {
-            let delay = backoff(attempt, self.options.retry_base, self.options.retry_max);
-            tracing::info!(event = %id, attempt, ?delay, %reason, "routing failed; retrying later");
-            self.store.retry_later(lease, delay, reason).await
-        };
-        if let Err(e) = result {
-            tracing::error!(event = %id, error = %e, "cannot release the event; its lease will expire");
+        let delay = backoff(attempt, self.options.retry_base, self.options.retry_max);
+        match self.store.retry_later(lease, delay, reason).await {
+            Ok(Released::Retrying) => {
+                tracing::info!(event = %id, attempt, ?delay, %reason, "routing failed; retrying later")
+            }
+            Ok(Released::DeadLettered) => {
+                tracing::warn!(event = %id, attempt, %reason, "routing failed on its last attempt; dead-lettered");
+                metrics::counter!("sluice_dead_letters_total").increment(1);
+            }
+            Err(e) => {
+                tracing::error!(event = %id, error = %e, "cannot release the event; its lease will expire")
+            }
         }
     }
 }

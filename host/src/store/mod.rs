@@ -9,10 +9,12 @@
 //! payloads.
 //!
 //! Router workers use it as a work queue: `claim` leases pending events,
-//! `complete` records the decision, `retry_later` and `dead_letter` handle
-//! failures, `defer` releases without counting an attempt, and `extend`
-//! renews leases while a batch is being routed. A lease that expires (a worker crashed) makes the event claimable
-//! again, so a crash between claim and decision loses nothing.
+//! `complete` records the decision, `retry_later` handles a failure (and
+//! dead-letters on the last attempt: the backend owns the count),
+//! `dead_letter` gives up at once, `defer` releases without counting an
+//! attempt, and `extend` renews leases while a batch is being routed. A
+//! lease that expires (a worker crashed) makes the event claimable again, so
+//! a crash between claim and decision loses nothing.
 
 pub mod log;
 pub mod sqlite;
@@ -54,6 +56,15 @@ impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         StoreError::Backend(e.to_string())
     }
+}
+
+/// What became of a failed attempt ([`Store::retry_later`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Released {
+    /// It will be claimed again after the delay.
+    Retrying,
+    /// It was the last attempt allowed: the event is a dead letter now.
+    DeadLettered,
 }
 
 /// The result of an append.
@@ -258,13 +269,16 @@ pub trait Store: Send + Sync + 'static {
         Ok(out)
     }
 
-    /// Releases a claimed event to be routed again after `delay`.
+    /// Releases a claimed event to be routed again after `delay`: a failed
+    /// attempt (a nak). The backend owns the attempt count: when this was the
+    /// event's last allowed attempt (`rules.max_attempts`), the event goes to
+    /// the dead letters with `error` instead, and the answer says so.
     async fn retry_later(
         &self,
         lease: &Lease,
         delay: Duration,
         error: &str,
-    ) -> Result<(), StoreError>;
+    ) -> Result<Released, StoreError>;
 
     /// Releases a claimed event to be routed again after `delay` without
     /// counting the claim as an attempt: the event could not be routed for a

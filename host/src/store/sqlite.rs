@@ -43,7 +43,7 @@ use tokio::sync::{Notify, oneshot};
 use super::log::{self, LogReader, LogWriter, Position, Record, RecordRef, ScanEnd};
 use super::{
     Appended, Claimed, EventReader, EventRecord, EventSummary, Expired, Lease, ListFilter,
-    RecordedDecision, Store, StoreError,
+    RecordedDecision, Released, Store, StoreError,
 };
 use crate::decision::Decision;
 use crate::event::{EventStatus, IdOrigin, now_ms};
@@ -126,18 +126,29 @@ pub struct Options {
     /// Where a log segment rolls over to the next (retention removes whole
     /// segments).
     pub segment_bytes: u64,
+    /// Attempts an event gets (`rules.max_attempts`): a failed last attempt
+    /// dead-letters it, and a claim past it (earlier claims never settled:
+    /// their workers died mid-route) dead-letters it without handing it out.
+    pub max_deliver: u32,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options::from_config(&crate::config::StoreConfig::default())
+        Options::from_config(
+            &crate::config::StoreConfig::default(),
+            &crate::rules::config::RulesConfig::default(),
+        )
     }
 }
 
 impl Options {
-    /// The options the `[store]` section sets.
-    pub fn from_config(c: &crate::config::StoreConfig) -> Options {
+    /// The options the `[store]` section and `rules.max_attempts` set.
+    pub fn from_config(
+        c: &crate::config::StoreConfig,
+        rules: &crate::rules::config::RulesConfig,
+    ) -> Options {
         Options {
+            max_deliver: rules.max_attempts.max(1),
             batch_max: c.batch_max.max(1),
             dedup_window: c.dedup_ttl,
             queue_bytes: c.queue_bytes,
@@ -1273,16 +1284,28 @@ enum Attempt {
 }
 
 impl SqliteStore {
-    /// Puts a held event back in the queue after `delay`, with `why` as its last error.
+    /// Puts a held event back in the queue after `delay`, with `why` as its
+    /// last error; a counted attempt that was the last one allowed
+    /// dead-letters it instead.
     async fn release(
         &self,
         lease: &Lease,
         delay: Duration,
         why: &str,
         attempt: Attempt,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Released, StoreError> {
         let (lease, why) = (lease.clone(), why.to_string());
         let give_back = match attempt {
+            Attempt::Counted if lease.attempt >= self.options.max_deliver => {
+                let reason = format!(
+                    "{why} (attempt {} of {})",
+                    lease.attempt, self.options.max_deliver
+                );
+                self.write(move |conn| mark_dead(conn, &lease.event_id, &reason, Some(&lease)))
+                    .await?;
+                self.add_depth(-1);
+                return Ok(Released::DeadLettered);
+            }
             Attempt::Counted => 0,
             Attempt::GivenBack => 1,
         };
@@ -1304,7 +1327,7 @@ impl SqliteStore {
             }
             conn.prepare_cached("UPDATE events SET last_error = ?2 WHERE id = ?1")?
                 .execute(params![lease.event_id, why])?;
-            Ok(())
+            Ok(Released::Retrying)
         })
         .await
     }
@@ -1316,6 +1339,7 @@ impl SqliteStore {
         max: usize,
         lease: Duration,
     ) -> Result<Vec<(i64, u32, String, RecordRef)>, StoreError> {
+        let max_deliver = self.options.max_deliver;
         self.write(move |conn| {
             let now = now_ms();
             let until = now + lease.as_millis() as i64;
@@ -1333,10 +1357,15 @@ impl SqliteStore {
                 "SELECT id, log_segment, log_offset, log_len FROM events WHERE seq = ?1",
             )?;
             let mut out = Vec::with_capacity(due.len());
+            let mut spent = Vec::new();
             for seq in due {
                 let attempts = take.query_row(params![worker, until, seq], |r| {
                     Ok(r.get::<_, i64>(0)? as u32)
                 })?;
+                if attempts > max_deliver {
+                    spent.push((seq, attempts));
+                    continue;
+                }
                 let (id, at) = find.query_row([seq], |r| {
                     Ok((
                         r.get::<_, String>(0)?,
@@ -1349,9 +1378,27 @@ impl SqliteStore {
                 })?;
                 out.push((seq, attempts, id, at));
             }
-            Ok(out)
+            drop((take, find));
+            // Earlier claims never settled: each worker that took the event
+            // died or lost its lease mid-route (a crash it may cause itself).
+            // It is not handed out again.
+            for (seq, attempts) in &spent {
+                let id: String =
+                    conn.query_row("SELECT id FROM events WHERE seq = ?1", [seq], |r| r.get(0))?;
+                let reason = format!("routing never finished in {} claims", attempts - 1);
+                tracing::error!(event = %id, %reason, "dead-lettering event");
+                mark_dead(conn, &id, &reason, None)?;
+            }
+            Ok((out, spent.len()))
         })
         .await
+        .map(|(out, spent)| {
+            if spent > 0 {
+                ::metrics::counter!("sluice_dead_letters_total").increment(spent as u64);
+                self.add_depth(-(spent as i64));
+            }
+            out
+        })
     }
 }
 
@@ -1728,12 +1775,14 @@ impl Store for SqliteStore {
         lease: &Lease,
         delay: Duration,
         error: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Released, StoreError> {
         self.release(lease, delay, error, Attempt::Counted).await
     }
 
     async fn defer(&self, lease: &Lease, delay: Duration, reason: &str) -> Result<(), StoreError> {
-        self.release(lease, delay, reason, Attempt::GivenBack).await
+        self.release(lease, delay, reason, Attempt::GivenBack)
+            .await
+            .map(|_| ())
     }
 
     async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<Vec<bool>, StoreError> {
