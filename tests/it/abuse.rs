@@ -634,3 +634,302 @@ max_body_bytes = 4194304
     }
     gw.stop().await;
 }
+
+/// POSTs a signed request to `/hooks/{source}`; returns the status, the
+/// `Retry-After` header (if any) and the JSON body (or null).
+async fn post_with_retry_after(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<Bytes>,
+    >,
+    url: &str,
+    signed: &sluice::cli::send::Signed,
+) -> Answer {
+    use http_body_util::BodyExt as _;
+    let mut req = http::Request::post(url);
+    for (h, v) in &signed.headers {
+        req = req.header(h, v.as_str());
+    }
+    let resp = client
+        .request(
+            req.body(http_body_util::Full::new(signed.body.clone()))
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let status = resp.status();
+    let retry = resp
+        .headers()
+        .get(http::header::RETRY_AFTER)
+        .map(|v| v.to_str().expect("ASCII Retry-After").to_owned());
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (
+        status,
+        retry,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// One answer: the status, the `Retry-After` header and the JSON body.
+type Answer = (StatusCode, Option<String>, serde_json::Value);
+
+/// POSTs every delivery to `url` at once, each on its own connection;
+/// returns the answers in order (all within 60 s).
+async fn burst(url: &str, deliveries: &[sluice::cli::send::Signed]) -> Vec<Answer> {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let tasks: Vec<_> = deliveries
+            .iter()
+            .cloned()
+            .map(|signed| {
+                let url = url.to_owned();
+                tokio::spawn(async move {
+                    let client = crate::support::client();
+                    post_with_retry_after(&client, &url, &signed).await
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.expect("join"));
+        }
+        out
+    })
+    .await
+    .expect("the burst was answered within 60 s")
+}
+
+/// Asserts a store-busy refusal: 503, a whole number of seconds to wait, and
+/// the documented error.
+fn assert_store_busy(
+    status: StatusCode,
+    retry: &Option<String>,
+    body: &serde_json::Value,
+    what: &str,
+) {
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{what}: {body}");
+    let secs: u64 = retry
+        .as_deref()
+        .unwrap_or_else(|| panic!("{what}: a 503 without Retry-After"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{what}: Retry-After {retry:?}: {e}"));
+    assert!(secs >= 1, "{what}: Retry-After {secs}");
+    assert_eq!(body["error"], "store busy, retry later", "{what}: {body}");
+}
+
+/// A real GitHub push payload, compacted, made unique by one added field so
+/// each delivery's stored body can be told apart.
+fn unique_push_body(n: usize) -> Bytes {
+    let file = crate::support::corpus().join("github/push/payload.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(file).expect("corpus push payload")).unwrap();
+    v["sluice_test_delivery"] = serde_json::json!(n);
+    Bytes::from(serde_json::to_vec(&v).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_queue_answers_503_and_loses_nothing() {
+    const BURST: usize = 128;
+    let bodies: Vec<Bytes> = (0..BURST).map(unique_push_body).collect();
+    let largest = bodies.iter().map(Bytes::len).max().unwrap();
+    // Room for about one body: a second append while one waits for the
+    // writer is refused. A long append timeout, so every 503 here is the
+    // queue's (refused before it was queued), never a slow disk's.
+    let env = Env::new(&format!(
+        "\n[store]\nqueue_bytes = {largest}\nappend_timeout = \"60s\"\n"
+    ));
+    env.set_server(&[("max_connections_per_client", "1024")]);
+    let gw = Gateway::start(env.config()).await;
+    let signer = env.signer("github");
+    let deliveries: Vec<sluice::cli::send::Signed> = bodies
+        .iter()
+        .map(|b| signer.sign("push", b).unwrap())
+        .collect();
+    let delivery_id =
+        |s: &sluice::cli::send::Signed| crate::support::header(s, "x-github-delivery");
+
+    // The whole burst at once, each on its own connection.
+    let url = gw.url("/hooks/github");
+    let answers = burst(&url, &deliveries).await;
+
+    let mut accepted = Vec::new(); // (delivery index, event id)
+    let mut refused = Vec::new(); // delivery index
+    for (i, (status, retry, body)) in answers.iter().enumerate() {
+        match *status {
+            StatusCode::ACCEPTED => {
+                let id = body["id"].as_str().expect("202 carries an id").to_owned();
+                accepted.push((i, id));
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_store_busy(*status, retry, body, &format!("delivery {i}"));
+                refused.push(i);
+            }
+            other => panic!("delivery {i}: only 202 or a store-busy 503, got {other}: {body}"),
+        }
+    }
+    assert!(
+        !refused.is_empty(),
+        "{BURST} concurrent deliveries against a one-body queue: none was refused"
+    );
+    assert!(
+        !accepted.is_empty(),
+        "every delivery of the burst was refused"
+    );
+
+    // Once the burst is over, the refused deliveries are taken on retry.
+    for &i in &refused {
+        let (status, retry, body) = post_with_retry_after(&gw.client, &url, &deliveries[i]).await;
+        assert_eq!(
+            status,
+            StatusCode::ACCEPTED,
+            "retry of refused delivery {i}: {body} (Retry-After {retry:?})"
+        );
+        accepted.push((i, body["id"].as_str().expect("an id").to_owned()));
+    }
+    gw.stop().await;
+
+    // Every acknowledged event is stored with its own body, each delivery once.
+    let ro = sluice::store::sqlite::SqliteStore::open_read_only(&env.db()).unwrap();
+    for (i, id) in &accepted {
+        let rec = sluice::store::sqlite::get_record(&ro, id)
+            .unwrap()
+            .unwrap_or_else(|| {
+                panic!("delivery {i}: event {id} was answered 202 but is not stored")
+            });
+        assert_eq!(
+            rec.summary.delivery_id,
+            delivery_id(&deliveries[*i]),
+            "{id}"
+        );
+        assert_eq!(
+            rec.event.body, bodies[*i],
+            "delivery {i}: event {id} holds another body"
+        );
+    }
+    let stored = crate::support::stored_events(&env);
+    let mut per_delivery = std::collections::HashMap::<String, usize>::new();
+    for s in &stored {
+        *per_delivery.entry(s.delivery_id.clone()).or_default() += 1;
+    }
+    assert_eq!(stored.len(), BURST, "{} refused of {BURST}", refused.len());
+    for d in &deliveries {
+        assert_eq!(
+            per_delivery.get(&delivery_id(d)),
+            Some(&1),
+            "{}",
+            delivery_id(d)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_past_its_timeout_is_503_yet_stored_once() {
+    // No time at all. `timeout` polls the append once before its timer, and
+    // the timer fires on the runtime's next 1 ms tick, so a write the log
+    // finishes within that tick is still answered 202. A burst makes the
+    // writer batch: the appends queued behind a batch's fsync are late.
+    let env = Env::new("\n[store]\nappend_timeout = \"0s\"\n");
+    assert_eq!(env.config().store.append_timeout, Duration::ZERO);
+    let gw = Gateway::start(env.config()).await;
+    let signer = env.signer("github");
+    let url = gw.url("/hooks/github");
+
+    let mut deliveries = Vec::new(); // (delivery, answer)
+    for round in 0..5 {
+        let signed: Vec<_> = (0..16)
+            .map(|n| {
+                signer
+                    .sign("push", &unique_push_body(round * 100 + n))
+                    .unwrap()
+            })
+            .collect();
+        let answers = burst(&url, &signed).await;
+        deliveries.extend(signed.into_iter().zip(answers));
+        if deliveries
+            .iter()
+            .any(|(_, (s, _, _))| *s == StatusCode::SERVICE_UNAVAILABLE)
+        {
+            break;
+        }
+    }
+    let mut late = Vec::new();
+    for (signed, (status, retry, body)) in &deliveries {
+        let what = crate::support::header(signed, "x-github-delivery");
+        match *status {
+            StatusCode::ACCEPTED => {}
+            _ => {
+                assert_store_busy(*status, retry, body, &what);
+                late.push(signed.clone());
+            }
+        }
+    }
+    assert!(
+        !late.is_empty(),
+        "with append_timeout = 0s, {} appends in bursts of 16 were all answered in time",
+        deliveries.len()
+    );
+
+    // The writes go on after the answers: every late event shows up in the
+    // store, once.
+    let wanted: std::collections::HashSet<String> = deliveries
+        .iter()
+        .map(|(s, _)| crate::support::header(s, "x-github-delivery"))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ids: std::collections::HashMap<String, String> = loop {
+        let stored = crate::support::stored_events(&env);
+        if stored.len() >= wanted.len() {
+            assert_eq!(stored.len(), wanted.len(), "each delivery stored once");
+            break stored.into_iter().map(|s| (s.delivery_id, s.id)).collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} events reached the store in 20 s",
+            stored.len(),
+            wanted.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        ids.keys()
+            .cloned()
+            .collect::<std::collections::HashSet<_>>(),
+        wanted,
+        "each delivery stored once"
+    );
+    for (signed, (status, _, body)) in &deliveries {
+        if *status == StatusCode::ACCEPTED {
+            let delivery = crate::support::header(signed, "x-github-delivery");
+            assert_eq!(body["id"], ids[&delivery].as_str(), "{body}");
+        }
+    }
+    gw.stop().await;
+
+    // The provider retries against a gateway with the default timeout: each
+    // late delivery is a duplicate of what was stored, not a second event.
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    std::fs::write(
+        &env.config_path,
+        text.replace("append_timeout = \"0s\"\n", ""),
+    )
+    .unwrap();
+    assert_eq!(env.config().store.append_timeout, Duration::from_secs(5));
+    let gw = Gateway::start(env.config()).await;
+    let url = gw.url("/hooks/github");
+    for signed in &late {
+        let delivery = crate::support::header(signed, "x-github-delivery");
+        let (status, _, body) = post_with_retry_after(&gw.client, &url, signed).await;
+        assert_eq!(status, StatusCode::OK, "retry of {delivery}: {body}");
+        assert_eq!(body["status"], "duplicate", "{body}");
+        assert_eq!(body["id"], ids[&delivery].as_str(), "{body}");
+    }
+    gw.stop().await;
+
+    let stored = crate::support::stored_events(&env);
+    assert_eq!(stored.len(), wanted.len(), "no retry stored a second copy");
+    let ro = sluice::store::sqlite::SqliteStore::open_read_only(&env.db()).unwrap();
+    for signed in &late {
+        let id = &ids[&crate::support::header(signed, "x-github-delivery")];
+        let rec = sluice::store::sqlite::get_record(&ro, id).unwrap().unwrap();
+        assert_eq!(rec.event.body, signed.body, "{id}");
+    }
+}

@@ -210,3 +210,30 @@ fn rules_are_optional_unless_the_config_names_them() {
         "a named rules directory must exist: {e}"
     );
 }
+
+#[test]
+fn store_limits_are_checked_by_key() {
+    for (text, key) in [
+        ("[store]\nqueue_bytes = -1\n", "store.queue_bytes"),
+        ("[store]\nqueue_bytes = \"lots\"\n", "store.queue_bytes"),
+        (
+            "[store]\nappend_timeout = \"soon\"\n",
+            "store.append_timeout",
+        ),
+        ("[store]\nappend_timeout = 5\n", "store.append_timeout"),
+        ("[store]\nretention = \"x\"\n", "store.retention"),
+    ] {
+        let e = err(text);
+        assert!(e.starts_with("test.toml: "), "{text}: {e}");
+        assert!(e.contains(key), "{text}: {e}");
+    }
+    // A zero timeout and a zero retention are values, not mistakes.
+    let c = Config::parse(
+        "[store]\nappend_timeout = \"0s\"\nretention = \"0s\"\nqueue_bytes = 0\n",
+        "test.toml",
+    )
+    .unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.store.append_timeout, std::time::Duration::ZERO);
+    assert_eq!(c.store.retention, std::time::Duration::ZERO);
+}
