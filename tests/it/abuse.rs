@@ -2,7 +2,9 @@
 //! oversized, truncated, non-UTF-8, deeply nested and empty bodies, absurd
 //! headers, slow-drip clients, unknown sources, and the per-IP shield; one
 //! client's share of connections and of the body bytes buffered before
-//! verification; hostile signature headers and `X-Forwarded-For` values.
+//! verification; hostile signature headers and `X-Forwarded-For` values;
+//! the store's back-pressure (a full write queue, an append past its
+//! timeout): 503 with `Retry-After`, and nothing lost or doubled.
 
 use std::time::{Duration, Instant};
 
@@ -785,6 +787,19 @@ async fn a_full_store_queue_answers_503_and_loses_nothing() {
         );
         accepted.push((i, body["id"].as_str().expect("an id").to_owned()));
     }
+    // A body larger than the whole queue is still taken when it comes alone:
+    // the first append into an empty queue always passes.
+    let mut big: serde_json::Value = serde_json::from_slice(&bodies[0]).unwrap();
+    big["sluice_test_padding"] = serde_json::json!("x".repeat(2 * largest));
+    let big = Bytes::from(serde_json::to_vec(&big).unwrap());
+    let big_delivery = signer.sign("push", &big).unwrap();
+    let (status, _, body) = post_with_retry_after(&gw.client, &url, &big_delivery).await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "a lone body past queue_bytes: {body}"
+    );
+    let big_id = body["id"].as_str().expect("an id").to_owned();
     gw.stop().await;
 
     // Every acknowledged event is stored with its own body, each delivery once.
@@ -805,12 +820,21 @@ async fn a_full_store_queue_answers_503_and_loses_nothing() {
             "delivery {i}: event {id} holds another body"
         );
     }
+    let rec = sluice::store::sqlite::get_record(&ro, &big_id)
+        .unwrap()
+        .expect("the lone large event is stored");
+    assert_eq!(rec.event.body, big);
     let stored = crate::support::stored_events(&env);
     let mut per_delivery = std::collections::HashMap::<String, usize>::new();
     for s in &stored {
         *per_delivery.entry(s.delivery_id.clone()).or_default() += 1;
     }
-    assert_eq!(stored.len(), BURST, "{} refused of {BURST}", refused.len());
+    assert_eq!(
+        stored.len(),
+        BURST + 1,
+        "{} refused of {BURST}",
+        refused.len()
+    );
     for d in &deliveries {
         assert_eq!(
             per_delivery.get(&delivery_id(d)),
