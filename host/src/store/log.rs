@@ -531,6 +531,33 @@ pub fn scan<E>(
     Ok(Ok(ScanEnd::Clean(offset)))
 }
 
+/// The start of the first whole, valid record after `from` in segment `n`,
+/// if there is one: where a scan that stopped at damaged bytes picks up, so
+/// records written after the damage are not taken for a torn tail. Reads the
+/// rest of the segment; used only when a scan found damage.
+pub fn resync(dir: &Path, n: u32, from: u64) -> std::io::Result<Option<u64>> {
+    let path = segment_path(dir, n);
+    let mut file = File::open(&path)?;
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(from))?;
+    let mut rest = Vec::new();
+    file.read_to_end(&mut rest)?;
+    for p in 1..rest.len() {
+        // A frame's payload starts with the format byte: a cheap first test
+        // before the length and the checksum.
+        if rest.get(p + FRAME) != Some(&FORMAT) {
+            continue;
+        }
+        let len = u32::from_le_bytes(rest[p..p + 4].try_into().expect("4 bytes")) as usize;
+        let Some(frame) = rest.get(p..p + FRAME + len) else {
+            continue;
+        };
+        if len as u32 <= MAX_PAYLOAD && check_frame(&path, from + p as u64, frame).is_ok() {
+            return Ok(Some(from + p as u64));
+        }
+    }
+    Ok(None)
+}
+
 /// The writer's end: appends whole batches. Owned by the store's writer thread.
 #[derive(Debug)]
 pub struct LogWriter {

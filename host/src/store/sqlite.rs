@@ -511,25 +511,44 @@ fn recover(
             )?;
             continue;
         }
-        let (end, n_added) = replay_segment(conn, log_dir, n, start)?;
-        added += n_added;
-        if let ScanEnd::Invalid { at, file_len, why } = end {
-            if n == newest {
-                let aside = writer.cut_tail(at).map_err(|e| {
-                    StoreError::Backend(format!(
-                        "cannot cut the torn tail of {}: {e}",
-                        path.display()
-                    ))
-                })?;
-                tracing::warn!(
-                    segment = %path.display(), at, bytes = file_len - at, %why, kept = %aside.display(),
-                    "cut a torn record off the log's tail (it was never acknowledged)"
-                );
-            } else {
-                tracing::error!(
-                    segment = %path.display(), at, bytes = file_len - at, %why,
-                    "a damaged record in the middle of the log: the records after it in this segment are not indexed"
-                );
+        let mut start = start;
+        loop {
+            let (end, n_added) = replay_segment(conn, log_dir, n, start)?;
+            added += n_added;
+            let ScanEnd::Invalid { at, file_len, why } = end else {
+                break;
+            };
+            let next = log::resync(log_dir, n, at)
+                .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+            match next {
+                // Whole records follow: this is damage, not a torn tail.
+                Some(next) => {
+                    tracing::error!(
+                        segment = %path.display(), at, bytes = next - at, %why,
+                        "damaged bytes in the middle of the log; the records after them are replayed"
+                    );
+                    start = next;
+                }
+                None if n == newest => {
+                    let aside = writer.cut_tail(at).map_err(|e| {
+                        StoreError::Backend(format!(
+                            "cannot cut the torn tail of {}: {e}",
+                            path.display()
+                        ))
+                    })?;
+                    tracing::warn!(
+                        segment = %path.display(), at, bytes = file_len - at, %why, kept = %aside.display(),
+                        "cut a torn record off the log's tail (it was never acknowledged)"
+                    );
+                    break;
+                }
+                None => {
+                    tracing::error!(
+                        segment = %path.display(), at, bytes = file_len - at, %why,
+                        "damaged bytes at the end of an older log segment; no whole record follows them"
+                    );
+                    break;
+                }
             }
         }
     }
