@@ -267,9 +267,6 @@ impl SqliteStore {
         // random: a page cache that holds more of them keeps those reads off
         // the disk (a bound, not a growth: 16 MiB).
         conn.pragma_update(None, "cache_size", -16_384)?;
-        // A checkpoint copies each page once however often the WAL holds it:
-        // fewer, larger checkpoints write (and sync) the index less.
-        conn.pragma_update(None, "wal_autocheckpoint", 8_192)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         check_schema(&conn, path)?;
         conn.execute_batch(SCHEMA)?;
