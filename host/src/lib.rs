@@ -179,7 +179,13 @@ async fn keep_retention(
         }
         let age = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         let cutoff = crate::event::now_ms().saturating_sub(age);
-        match store.expire(cutoff).await {
+        // A long first pass over a large store must not hold up shutdown:
+        // what it removed so far stays removed.
+        let pass = tokio::select! {
+            pass = store.expire(cutoff) => pass,
+            _ = stop.changed() => return,
+        };
+        match pass {
             Ok(gone) if gone.events > 0 || gone.segments > 0 => {
                 ::metrics::counter!("sluice_retention_removed_events_total").increment(gone.events);
                 tracing::info!(

@@ -806,10 +806,11 @@ pub async fn dead_letter_leaves_the_queue(store: Arc<dyn Store>) {
     assert_eq!(store.queue_depth().await.unwrap(), 0);
 }
 
-/// `expire(cutoff)` removes exactly the events received before the cutoff,
-/// with their decisions, dedup keys and queue entries, except a dead letter
-/// dead-lettered at or after the cutoff; newer events stay. Returns the ids
-/// it expected removed.
+/// `expire(cutoff)` removes exactly the settled events received before the
+/// cutoff, with their decisions and dedup keys, except a dead letter
+/// dead-lettered at or after the cutoff; newer events stay, and so does an
+/// older one not routed yet (it goes once settled). Returns the ids it
+/// expected removed.
 pub async fn expire_removes_what_arrived_before_the_cutoff(store: Arc<dyn Store>) -> Vec<String> {
     let routed = append_now(store.as_ref(), "exp-routed").await;
     let dead_early = append_now(store.as_ref(), "exp-dead-early").await;
@@ -838,12 +839,17 @@ pub async fn expire_removes_what_arrived_before_the_cutoff(store: Arc<dyn Store>
     let expired = store.expire(cutoff).await.unwrap();
     assert_eq!(
         (expired.events, expired.dead_letters),
-        (3, 1),
+        (2, 1),
         "{expired:?}"
     );
-    for id in [&routed, &dead_early, &pending] {
+    for id in [&routed, &dead_early] {
         assert!(store.get(id).await.unwrap().is_none(), "{id} expired");
     }
+    assert_eq!(
+        store.get(&pending).await.unwrap().unwrap().summary.status,
+        EventStatus::Pending,
+        "an unrouted event is kept past the cutoff"
+    );
     let kept = store.get(&dead_late).await.unwrap().unwrap();
     assert_eq!(kept.summary.status, EventStatus::Dead);
     assert_eq!(kept.last_error.as_deref(), Some("after the cutoff"));
@@ -854,16 +860,21 @@ pub async fn expire_removes_what_arrived_before_the_cutoff(store: Arc<dyn Store>
     let all = store.list(&ListFilter::default()).await.unwrap();
     assert_eq!(
         all.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
-        vec![newer.as_str(), dead_late.as_str()]
+        vec![newer.as_str(), pending.as_str(), dead_late.as_str()]
     );
-    assert_eq!(store.queue_depth().await.unwrap(), 1);
+    assert_eq!(store.queue_depth().await.unwrap(), 2);
     let left = claim(store.as_ref(), "w2").await;
-    assert_eq!(ids(&left), vec![newer.as_str()]);
+    assert_eq!(ids(&left), vec![pending.as_str(), newer.as_str()]);
     assert_eq!(
         store.expire(cutoff).await.unwrap(),
         sluice::store::Expired::default(),
-        "a second pass finds nothing"
+        "a second pass finds nothing while the old one is being routed"
     );
+    // Once routed, the old one goes too.
+    store.complete(&left[0].lease(), &decision()).await.unwrap();
+    let expired = store.expire(cutoff).await.unwrap();
+    assert_eq!(expired.events, 1, "{expired:?}");
+    assert!(store.get(&pending).await.unwrap().is_none());
     // Its dedup key went with it: the same delivery again is a new event.
     let again = append_now(store.as_ref(), "exp-routed").await;
     assert_ne!(again, routed);
@@ -1001,4 +1012,47 @@ fn sqlite_claim_reads_the_due_index_without_sorting() {
         !plan.iter().any(|step| step.contains("TEMP B-TREE")),
         "{plan:?}"
     );
+}
+
+/// An event whose index write fails half-way (its row in, its queue entry
+/// not) is not committed half: the batch's records are indexed whole or
+/// not at all, and the replay from the log mends it, so it is routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_half_indexed_event_is_mended_by_the_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    let store = SqliteStore::open(&db, 64).unwrap();
+    let body = |tag: &str| Bytes::from(format!("{{\"tag\":\"{tag}\"}}"));
+    let id = |a: Appended| match a {
+        Appended::Stored(id) => id,
+        other => panic!("{other:?}"),
+    };
+    let a = id(store
+        .append(event_with_body("s", "a", "k", body("a")))
+        .await
+        .unwrap());
+    let side = rusqlite::Connection::open(&db).unwrap();
+    side.busy_timeout(Duration::from_secs(10)).unwrap();
+    side.execute_batch(
+        "CREATE TRIGGER inject BEFORE INSERT ON queue BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+    )
+    .unwrap();
+    let b = id(store
+        .append(event_with_body("s", "b", "k", body("b")))
+        .await
+        .unwrap());
+    side.execute_batch("DROP TRIGGER inject;").unwrap();
+    let c = id(store
+        .append(event_with_body("s", "c", "k", body("c")))
+        .await
+        .unwrap());
+    let claimed: Vec<String> = store
+        .claim("w", 10, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.event.id)
+        .collect();
+    assert_eq!(claimed, vec![a, b, c]);
+    assert_eq!(store.queue_depth().await.unwrap(), 3);
 }

@@ -235,7 +235,11 @@ async fn accept(
 
     // 4. Dedup, in memory first; the store's dedup table is the authority.
     let key = event.dedup_key();
-    if let Some(id) = state.dedup.get(&key) {
+    // A cached id whose event is gone (lost with its log record, or removed
+    // by retention) is no duplicate: the store decides this copy's fate.
+    if let Some(id) = state.dedup.get(&key)
+        && state.store.holds(&id).await.unwrap_or(true)
+    {
         metrics::counter!("sluice_dedup_hits_total", "source" => source.name.clone(), "layer" => "cache").increment(1);
         return Ok(("duplicate", duplicate(&id)));
     }

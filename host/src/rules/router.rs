@@ -169,6 +169,12 @@ impl Worker {
                 tracing::warn!(event = %leases[i].event_id, "lease lost before routing; another worker has the event");
                 continue;
             }
+            // An event claimed before may be what crashed the worker that held
+            // it: the decisions made so far are recorded before it runs, so a
+            // crash it causes again does not take them along.
+            if c.attempt > 1 && !done.is_empty() {
+                self.complete(std::mem::take(&mut done)).await;
+            }
             if let Some(decided) = self.route_one(c).await {
                 done.push(decided);
             }

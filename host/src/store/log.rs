@@ -431,9 +431,13 @@ impl LogReader {
             match open.get(&at.segment) {
                 Some(f) => f.clone(),
                 None => {
-                    let f = Arc::new(File::open(&path).map_err(|e| LogError::Missing {
-                        path: path.display().to_string(),
-                        why: e.to_string(),
+                    let f = Arc::new(File::open(&path).map_err(|e| {
+                        let (path, why) = (path.display().to_string(), e.to_string());
+                        if e.kind() == std::io::ErrorKind::NotFound {
+                            LogError::Missing { path, why }
+                        } else {
+                            LogError::Io { path, why }
+                        }
                     })?);
                     open.insert(at.segment, f.clone());
                     f
@@ -564,7 +568,7 @@ pub struct LogWriter {
     dir: PathBuf,
     segment_bytes: u64,
     segment: u32,
-    file: File,
+    file: Arc<File>,
     len: u64,
     /// Held for the writer's life: two processes appending to one log would
     /// hand out overlapping offsets.
@@ -619,7 +623,7 @@ impl LogWriter {
             dir: dir.to_path_buf(),
             segment_bytes,
             segment,
-            file,
+            file: Arc::new(file),
             len,
             _lock: lock,
         })
@@ -663,21 +667,35 @@ impl LogWriter {
 
     /// Appends a batch of framed records in one write and makes them durable.
     pub fn append_durably(&mut self, batch: &[u8]) -> std::io::Result<()> {
+        self.append(batch)?;
+        self.file.sync_data()
+    }
+
+    /// Appends a batch of framed records in one write, not yet durable: a
+    /// `sync_data` on [`LogWriter::file`] makes it so.
+    pub fn append(&mut self, batch: &[u8]) -> std::io::Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
-        let result = self
-            .file
-            .write_all(batch)
-            .and_then(|_| self.file.sync_data());
-        // On failure the file may hold part of the batch: re-read its true
-        // length so later offsets stay right. Nothing in it was acknowledged;
-        // the index never points at it, and a scan at start cuts it off.
-        self.len = match &result {
-            Ok(()) => self.len + batch.len() as u64,
-            Err(_) => self.file.metadata().map(|m| m.len()).unwrap_or(self.len),
-        };
+        let result = (&*self.file).write_all(batch);
+        match &result {
+            Ok(()) => self.len += batch.len() as u64,
+            // The file may hold part of the batch (a full disk): cut it back,
+            // so the next batch does not land after bytes a scan would stop
+            // at. If even that fails, go on after whatever is there; a scan
+            // resynchronises on the next whole record.
+            Err(_) => {
+                if self.file.set_len(self.len).is_err() {
+                    self.len = self.file.metadata().map(|m| m.len()).unwrap_or(self.len);
+                }
+            }
+        }
         result
+    }
+
+    /// The segment being written, to sync it from another thread.
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
     }
 
     /// Cuts the newest segment at `at`: the bytes past it are a torn record

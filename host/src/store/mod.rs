@@ -241,6 +241,13 @@ pub trait Store: Send + Sync + 'static {
     /// One event with its decision.
     async fn get(&self, id: &str) -> Result<Option<EventRecord>, StoreError>;
 
+    /// Whether event `id` is still held and readable: not removed by
+    /// retention, not lost with its log record. Intake's in-memory dedup
+    /// cache asks before it answers a copy as a duplicate of `id`.
+    async fn holds(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.get(id).await.is_ok_and(|r| r.is_some()))
+    }
+
     /// Events matching a filter, newest first.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<EventSummary>, StoreError>;
 

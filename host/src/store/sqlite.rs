@@ -1,19 +1,21 @@
 //! The embedded store: an append-only event log (`log.rs`) as the durable
 //! record, SQLite (bundled, WAL, `synchronous = NORMAL`) as its index and
-//! work queue, and one writer thread that owns both.
+//! work queue, a writer thread that owns both, and a syncer thread.
 //!
 //! The writer drains whatever is queued (up to `batch_max` jobs). The batch's
 //! appends are deduplicated against the index, framed as log records and
-//! written with one `write` and one `fdatasync`; their callers hear back
-//! right then, durable. The same batch then applies the new records to the
-//! index (event row, dedup key, work-queue row, and the log position applied)
-//! and runs the other jobs (claims, settlements), each in its own savepoint,
-//! in one transaction that commits without a sync: what it holds can be
-//! rebuilt from the log, which is why `NORMAL` is enough. At start, the log's
-//! tail past the applied position is replayed into the index; the event's
-//! sequence number is the row key, so a replay interrupted and started again
-//! applies nothing twice. Reads use a separate connection and never wait for
-//! the writer.
+//! written with one `write`. The same batch then applies the new records to
+//! the index (event row, dedup key, work-queue row, and the log position
+//! applied; all of them or none) and runs the other jobs (claims,
+//! settlements), each in its own savepoint, in one transaction that commits
+//! without a sync: what it holds can be rebuilt from the log, which is why
+//! `NORMAL` is enough. The syncer then makes the batch's write durable with
+//! one `fdatasync` (covering every batch written since its last one) and
+//! answers the appends, in batch order, while the writer goes on. At start,
+//! the log's tail past the applied position is replayed into the index; the
+//! event's sequence number is the row key, so a replay interrupted and
+//! started again applies nothing twice. Reads use a separate connection and
+//! never wait for the writer.
 //!
 //! The work queue is its own table holding only unsettled events, keyed for
 //! the claim order `(due_at_ms, seq)`: a claim is an index range scan of the
@@ -294,6 +296,11 @@ impl SqliteStore {
         });
         let (tx, rx) = mpsc::channel::<Job>();
         let work = Arc::new(Notify::new());
+        let (sync_tx, sync_rx) = mpsc::channel::<Synced>();
+        let syncer_shared = shared.clone();
+        let syncer = spawn_or_abort("sluice-store-sync", move || {
+            syncer_loop(sync_rx, &syncer_shared)
+        })?;
         let state = WriterState {
             conn,
             log: writer,
@@ -302,21 +309,15 @@ impl SqliteStore {
             dedup_window: options.dedup_window,
             shared: shared.clone(),
             work: work.clone(),
+            sync: sync_tx,
+            next_seq: 1,
         };
         let batch_max = options.batch_max.max(1);
-        let thread = std::thread::Builder::new()
-            .name("sluice-store-writer".into())
-            .spawn(move || {
-                let run = std::panic::AssertUnwindSafe(|| writer_loop(state, rx, batch_max));
-                if std::panic::catch_unwind(run).is_err() {
-                    // Without its writer the gateway could only answer 503 and
-                    // lose what providers do not retry: stop, so a supervisor
-                    // restarts it on the same data (nothing acknowledged is lost).
-                    tracing::error!("the store writer panicked; aborting");
-                    std::process::abort();
-                }
-            })
-            .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
+        let thread = spawn_or_abort("sluice-store-writer", move || {
+            writer_loop(state, rx, batch_max);
+            // The writer has handed over its last batch; the syncer answers it.
+            let _ = syncer.join();
+        })?;
         Ok(SqliteStore {
             writer: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
@@ -401,6 +402,26 @@ impl Drop for SqliteStore {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// Starts one of the store's threads. Without it the gateway could only
+/// answer 503 and lose what providers do not retry, so a panic in it stops
+/// the process, for a supervisor to restart it on the same data (nothing
+/// acknowledged is lost).
+fn spawn_or_abort(
+    name: &str,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>, StoreError> {
+    let thread_name = name.to_string();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+                tracing::error!(thread = %thread_name, "a store thread panicked; aborting");
+                std::process::abort();
+            }
+        })
+        .map_err(|e| StoreError::Backend(format!("cannot start the {name} thread: {e}")))
 }
 
 /// Refuses a database written with another schema, naming the file.
@@ -749,6 +770,59 @@ struct WriterState {
     dedup_window: Duration,
     shared: Arc<Shared>,
     work: Arc<Notify>,
+    /// The syncer: makes each batch's log write durable, then answers its
+    /// appends, in batch order.
+    sync: mpsc::Sender<Synced>,
+    /// The next sequence number, past every one ever framed (a batch whose
+    /// write failed used its numbers too: they are never handed out twice).
+    next_seq: i64,
+}
+
+/// A batch's appends, to be answered once `file` (the segment the batch was
+/// written to, if it wrote anything) is durable.
+struct Synced {
+    file: Option<Arc<std::fs::File>>,
+    answers: Vec<Answer>,
+}
+
+/// The syncer thread: one `fdatasync` for every batch written since the last
+/// one, then their answers, in order. The writer goes on with the next batch
+/// (indexing, claims, settlements) meanwhile, so a sync's wait overlaps the
+/// writer's work instead of adding to it. A duplicate's answer waits behind
+/// the sync of the batch before it, so a 200 never precedes the durability of
+/// the copy it points at.
+fn syncer_loop(rx: mpsc::Receiver<Synced>, shared: &Shared) {
+    while let Ok(first) = rx.recv() {
+        let mut round = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            round.push(more);
+        }
+        let mut synced: Vec<Arc<std::fs::File>> = Vec::new();
+        let mut failed: Option<StoreError> = None;
+        for file in round.iter().filter_map(|s| s.file.as_ref()) {
+            if synced.iter().any(|f| Arc::ptr_eq(f, file)) {
+                continue;
+            }
+            if let Err(e) = file.sync_data() {
+                tracing::error!(error = %e, "cannot sync the event log");
+                failed = Some(StoreError::Backend(format!(
+                    "cannot sync the event log: {e}"
+                )));
+            }
+            synced.push(file.clone());
+        }
+        for batch in round {
+            let answers = match &failed {
+                None => batch.answers,
+                Some(err) => batch
+                    .answers
+                    .into_iter()
+                    .map(|(reply, result, bytes)| (reply, result.and(Err(err.clone())), bytes))
+                    .collect(),
+            };
+            send_answers(answers, shared);
+        }
+    }
 }
 
 fn writer_loop(mut w: WriterState, rx: mpsc::Receiver<Job>, batch_max: usize) {
@@ -764,7 +838,8 @@ fn writer_loop(mut w: WriterState, rx: mpsc::Receiver<Job>, batch_max: usize) {
         let (appends, runs): (Vec<_>, Vec<_>) =
             jobs.into_iter().partition(|j| matches!(j, Job::Append(..)));
         if let Err(e) = w.log.roll_if_full() {
-            tracing::error!(error = %e, "cannot start a new log segment; continuing in the current one");
+            let next = log::segment_path(&w.log_dir, w.log.segment() + 1);
+            tracing::error!(segment = %next.display(), error = %e, "cannot start a new log segment; continuing in the current one");
         }
         if w.behind {
             match recover(&mut w.conn, &mut w.log, &w.log_dir) {
@@ -775,10 +850,15 @@ fn writer_loop(mut w: WriterState, rx: mpsc::Receiver<Job>, batch_max: usize) {
                 Err(e) => tracing::error!(error = %e, "the index is still behind the log"),
             }
         }
-        // The appends are durable once `log_batch` returns; their callers hear
-        // back after the index commit below, which does not sync (a crash
-        // before it is mended by the replay at start), whatever its outcome.
+        // The appends are written once `log_batch` returns; their callers hear
+        // back from the syncer once the write is durable, after the index
+        // commit below (which does not sync: a crash before it is mended by
+        // the replay at start), whatever its outcome.
         let (answers, logged) = log_batch(&mut w, appends);
+        let synced = Synced {
+            file: (!logged.is_empty()).then(|| w.log.file()),
+            answers,
+        };
         let txn = match w
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -787,7 +867,7 @@ fn writer_loop(mut w: WriterState, rx: mpsc::Receiver<Job>, batch_max: usize) {
             Err(e) => {
                 let err = StoreError::Backend(format!("cannot begin transaction: {e}"));
                 w.behind |= !logged.is_empty();
-                send_answers(answers, &w.shared);
+                let _ = w.sync.send(synced);
                 for job in runs {
                     if let Job::Run(job) = job {
                         job(None).1(Err(err.clone()));
@@ -796,14 +876,23 @@ fn writer_loop(mut w: WriterState, rx: mpsc::Receiver<Job>, batch_max: usize) {
                 continue;
             }
         };
-        let mut applied_ok = true;
+        // The batch's records go in whole or not at all (a half-indexed event,
+        // its row without its queue entry, would never be routed and the
+        // replay would take it as done); the other jobs keep their own fate.
+        let mut applied_ok = savepoint(&txn, "SAVEPOINT logged").is_ok();
         for (rec, at) in &logged {
+            if !applied_ok {
+                break;
+            }
             if let Err(e) = apply_record(&txn, rec, *at) {
                 tracing::error!(event = %rec.id, error = %e, "cannot index a logged event; it is replayed from the log");
                 applied_ok = false;
-                break;
             }
         }
+        if !applied_ok {
+            let _ = savepoint(&txn, "ROLLBACK TO logged");
+        }
+        let _ = savepoint(&txn, "RELEASE logged");
         if applied_ok
             && !logged.is_empty()
             && let Err(e) = set_applied(&txn, w.log.position(), logged[logged.len() - 1].0.seq + 1)
@@ -841,7 +930,7 @@ fn writer_loop(mut w: WriterState, rx: mpsc::Receiver<Job>, batch_max: usize) {
         } else if !logged.is_empty() {
             w.behind = true;
         }
-        send_answers(answers, &w.shared);
+        let _ = w.sync.send(synced);
         for reply in replies {
             reply(commit.clone());
         }
@@ -861,9 +950,10 @@ fn savepoint(conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
 type Answer = (AppendReply, Result<Appended, StoreError>, usize);
 
 /// Deduplicates a batch of appends against the index and each other, and
-/// writes the new events to the log in one durable write. Returns every
-/// caller's answer (sent once the index has them too, so a 202's id can be
-/// read at once) and the records written, to be applied to the index.
+/// writes the new events to the log in one write. Returns every caller's
+/// answer (sent once the write is durable and the index has them too, so a
+/// 202's id can be read at once) and the records written, to be applied to
+/// the index.
 fn log_batch(w: &mut WriterState, appends: Vec<Job>) -> (Vec<Answer>, Vec<(Record, RecordRef)>) {
     let mut answers: Vec<Answer> = Vec::with_capacity(appends.len());
     let mut fresh: Vec<(Record, RecordRef, AppendReply, usize)> = Vec::new();
@@ -874,8 +964,8 @@ fn log_batch(w: &mut WriterState, appends: Vec<Job>) -> (Vec<Answer>, Vec<(Recor
     // Unsigned ids first seen in this batch, for conflicts within it.
     let mut ids_in_batch: HashMap<(String, String), String> = HashMap::new();
     let mut buf: Vec<u8> = Vec::new();
-    let (_, mut next_seq) = match applied(&w.conn) {
-        Ok(a) => a,
+    let mut next_seq = match applied(&w.conn) {
+        Ok((_, n)) => n.max(w.next_seq),
         Err(e) => return (answer_all(appends, &e), Vec::new()),
     };
     if w.behind {
@@ -930,10 +1020,14 @@ fn log_batch(w: &mut WriterState, appends: Vec<Job>) -> (Vec<Answer>, Vec<(Recor
             }
         }
     }
-    let written = w
-        .log
-        .append_durably(&buf)
-        .map_err(|e| StoreError::Backend(format!("cannot write the event log: {e}")));
+    w.next_seq = next_seq;
+    let segment = log::segment_path(&w.log_dir, w.log.segment());
+    let written = w.log.append(&buf).map_err(|e| {
+        StoreError::Backend(format!(
+            "cannot write the event log {}: {e}",
+            segment.display()
+        ))
+    });
     let mut outcomes: Vec<Result<Appended, StoreError>> = Vec::with_capacity(fresh.len());
     let mut logged = Vec::with_capacity(fresh.len());
     for (rec, at, reply, bytes) in fresh {
@@ -1441,7 +1535,6 @@ impl SqliteStore {
             let (chunk, next, done) = self
                 .write(move |conn| expire_chunk(conn, cutoff_ms, after))
                 .await?;
-            self.add_depth(-(chunk.dequeued as i64));
             total.events += chunk.events;
             total.dead_letters += chunk.dead_letters;
             after = next;
@@ -1516,13 +1609,14 @@ struct ExpiryRow {
     delivery_id: String,
     body_sha256: String,
     dead_at_ms: Option<i64>,
+    /// Still in the work queue: acknowledged and not settled yet.
+    queued: bool,
 }
 
 /// What one retention transaction removed.
 struct ExpiredChunk {
     events: u64,
     dead_letters: u64,
-    dequeued: u64,
 }
 
 /// One retention step over the events after `after` in sequence order:
@@ -1535,8 +1629,9 @@ fn expire_chunk(
     let rows: Vec<ExpiryRow> = conn
         .prepare_cached(
             "SELECT e.seq, e.id, e.received_at_ms, e.status, e.source, e.id_origin, \
-             e.delivery_id, e.body_sha256, d.at_ms FROM events e \
+             e.delivery_id, e.body_sha256, d.at_ms, q.seq IS NOT NULL FROM events e \
              LEFT JOIN dead_letters d ON d.event_id = e.id \
+             LEFT JOIN queue q ON q.seq = e.seq \
              WHERE e.seq > ?1 ORDER BY e.seq LIMIT ?2",
         )?
         .query_map(params![after, EXPIRE_CHUNK as i64], |r| {
@@ -1550,13 +1645,13 @@ fn expire_chunk(
                 delivery_id: r.get(6)?,
                 body_sha256: r.get(7)?,
                 dead_at_ms: r.get(8)?,
+                queued: r.get(9)?,
             })
         })?
         .collect::<Result<_, _>>()?;
     let mut out = ExpiredChunk {
         events: 0,
         dead_letters: 0,
-        dequeued: 0,
     };
     let mut last = after;
     let mut done = rows.len() < EXPIRE_CHUNK;
@@ -1574,6 +1669,11 @@ fn expire_chunk(
         if dead && row.dead_at_ms.is_some_and(|at| at >= cutoff_ms) {
             continue;
         }
+        // An event not routed yet is kept until it is settled: routed, or
+        // dead-lettered when its attempts run out.
+        if row.queued {
+            continue;
+        }
         let origin = IdOrigin::parse(&row.id_origin).unwrap_or(IdOrigin::Body);
         let key = crate::event::dedup_key(&row.source, origin, &row.delivery_id, &row.body_sha256);
         conn.prepare_cached("DELETE FROM dedup WHERE key = ?1 AND event_id = ?2")?
@@ -1582,9 +1682,6 @@ fn expire_chunk(
             .execute([&id])?;
         conn.prepare_cached("DELETE FROM dead_letters WHERE event_id = ?1")?
             .execute([&id])?;
-        out.dequeued += conn
-            .prepare_cached("DELETE FROM queue WHERE seq = ?1")?
-            .execute([seq])? as u64;
         conn.prepare_cached("DELETE FROM events WHERE seq = ?1")?
             .execute([seq])?;
         out.events += 1;
@@ -1717,6 +1814,19 @@ impl Store for SqliteStore {
         self.read(move |conn, _| summaries(conn, &filter)).await
     }
 
+    async fn holds(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.read(move |conn, _| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT 1 FROM events WHERE id = ?1 \
+                     AND NOT (status = 'dead' AND last_error LIKE 'lost:%')",
+                )?
+                .exists([id])?)
+        })
+        .await
+    }
+
     async fn claim(
         &self,
         worker: &str,
@@ -1731,7 +1841,7 @@ impl Store for SqliteStore {
         let worker_name = worker.to_string();
         let (claimed, unreadable) = tokio::task::spawn_blocking(move || {
             let mut claimed = Vec::with_capacity(rows.len());
-            let mut unreadable: Vec<(String, String)> = Vec::new();
+            let mut unreadable: Vec<(String, u32, log::LogError)> = Vec::new();
             for (seq, attempt, id, at) in rows {
                 match log.read(at, seq) {
                     Ok(rec) => claimed.push(Claimed {
@@ -1739,17 +1849,32 @@ impl Store for SqliteStore {
                         attempt,
                         worker: worker_name.clone(),
                     }),
-                    Err(e) => unreadable.push((id, e.to_string())),
+                    Err(e) => unreadable.push((id, attempt, e)),
                 }
             }
             (claimed, unreadable)
         })
         .await
         .map_err(|e| StoreError::Backend(format!("log read task failed: {e}")))?;
-        // An event whose record cannot be read would fail every claim forever:
-        // dead-letter it with the reason, and hand out the others.
-        for (id, reason) in unreadable {
-            tracing::error!(event = %id, %reason, "dead-lettering an event whose log record cannot be read");
+        for (id, attempt, e) in unreadable {
+            let reason = e.to_string();
+            if let log::LogError::Io { .. } = e {
+                // The record may be fine (too many open files, a passing I/O
+                // error): try again later, without counting an attempt.
+                tracing::warn!(event = %id, %reason, "cannot read an event's log record now; retrying later");
+                let lease = Lease {
+                    event_id: id,
+                    worker: worker.to_string(),
+                    attempt,
+                };
+                let _ = self
+                    .release(&lease, Duration::from_secs(1), &reason, Attempt::GivenBack)
+                    .await;
+                continue;
+            }
+            // Gone, short or damaged: it would fail every claim forever.
+            // Dead-letter it with the reason, and hand out the others.
+            tracing::error!(event = %id, %reason, "dead-lettering an event whose log record is lost");
             if let Ok(true) = self.write(move |conn| mark_lost(conn, &id, &reason)).await {
                 self.add_depth(-1);
             }
