@@ -52,8 +52,9 @@ use crate::event::{EventStatus, IdOrigin, now_ms};
 use crate::ingress::NewEvent;
 
 /// The schema this build reads and writes, kept in `PRAGMA user_version`
-/// (0: the first store; 1: bodies in a side log, rows as the record).
-const SCHEMA_VERSION: i64 = 2;
+/// (0: the first store; 1: bodies in a side log, rows as the record; 2: the
+/// event log as the record, dedup keyed by text).
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -86,8 +87,8 @@ CREATE TABLE IF NOT EXISTS queue (
 );
 CREATE INDEX IF NOT EXISTS queue_due ON queue (due_at_ms, seq);
 CREATE TABLE IF NOT EXISTS dedup (
-    key           TEXT PRIMARY KEY,
-    event_id      TEXT NOT NULL,
+    key           BLOB PRIMARY KEY,
+    seq           INTEGER NOT NULL,
     expires_at_ms INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS decisions (
@@ -710,8 +711,10 @@ fn mark_lost(conn: &Connection, id: &str, why: &str) -> Result<bool, StoreError>
     if let Some((source, origin, delivery, sha)) = row {
         let origin = IdOrigin::parse(&origin).unwrap_or(IdOrigin::Body);
         let key = crate::event::dedup_key(&source, origin, &delivery, &sha);
-        conn.prepare_cached("DELETE FROM dedup WHERE key = ?1 AND event_id = ?2")?
-            .execute(params![key, id])?;
+        conn.prepare_cached(
+            "DELETE FROM dedup WHERE key = ?1 AND seq = (SELECT seq FROM events WHERE id = ?2)",
+        )?
+        .execute(params![key_digest(&key), id])?;
     }
     Ok(dequeued)
 }
@@ -749,11 +752,11 @@ fn apply_record(conn: &Connection, rec: &Record, at: RecordRef) -> Result<bool, 
     // Only an expired key can be taken over; a live one was caught before
     // the record was written.
     conn.prepare_cached(
-        "INSERT INTO dedup (key, event_id, expires_at_ms) VALUES (?1, ?2, ?3) \
-         ON CONFLICT (key) DO UPDATE SET event_id = excluded.event_id, \
+        "INSERT INTO dedup (key, seq, expires_at_ms) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (key) DO UPDATE SET seq = excluded.seq, \
          expires_at_ms = excluded.expires_at_ms",
     )?
-    .execute(params![rec.dedup_key, rec.id, rec.dedup_until_ms])?;
+    .execute(params![key_digest(&rec.dedup_key), rec.seq, rec.dedup_until_ms])?;
     conn.prepare_cached("INSERT INTO queue (seq, due_at_ms) VALUES (?1, ?2)")?
         .execute(params![rec.seq, rec.received_at_ms])?;
     Ok(true)
@@ -1137,11 +1140,24 @@ fn seen(
 fn holder(conn: &Connection, key: &str, now: i64) -> Result<Option<String>, StoreError> {
     Ok(conn
         .prepare_cached(
-            "SELECT event_id FROM dedup WHERE key = ?1 \
-             AND (expires_at_ms IS NULL OR expires_at_ms > ?2)",
+            "SELECT e.id FROM dedup d JOIN events e ON e.seq = d.seq WHERE d.key = ?1 \
+             AND (d.expires_at_ms IS NULL OR d.expires_at_ms > ?2)",
         )?
-        .query_row(params![key, now], |r| r.get(0))
+        .query_row(params![key_digest(key), now], |r| r.get(0))
         .optional()?)
+}
+
+/// The dedup table's key for a dedup key: the first 16 bytes of its SHA-256.
+/// A key is a hundred bytes or so (source, origin, body hash, delivery id)
+/// and is looked up and inserted at random; a short fixed-size key keeps that
+/// B-tree a fifth of the size, so more of it stays in the page cache. A
+/// collision of 128 bits is not a practical concern.
+fn key_digest(key: &str) -> [u8; 16] {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&digest[..16]);
+    out
 }
 
 /// The condition under which a lease still holds on a queue row:
@@ -1676,8 +1692,8 @@ fn expire_chunk(
         }
         let origin = IdOrigin::parse(&row.id_origin).unwrap_or(IdOrigin::Body);
         let key = crate::event::dedup_key(&row.source, origin, &row.delivery_id, &row.body_sha256);
-        conn.prepare_cached("DELETE FROM dedup WHERE key = ?1 AND event_id = ?2")?
-            .execute(params![key, id])?;
+        conn.prepare_cached("DELETE FROM dedup WHERE key = ?1 AND seq = ?2")?
+            .execute(params![key_digest(&key), seq])?;
         conn.prepare_cached("DELETE FROM decisions WHERE event_id = ?1")?
             .execute([&id])?;
         conn.prepare_cached("DELETE FROM dead_letters WHERE event_id = ?1")?
