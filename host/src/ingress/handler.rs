@@ -62,16 +62,7 @@ impl IntoResponse for Refusal {
                 return r;
             }
             Refusal::OverBudget => {
-                let mut r = (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Json(json!({"error": "too many bodies in flight, retry later"})),
-                )
-                    .into_response();
-                r.headers_mut().insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(OVER_BUDGET_RETRY_SECS),
-                );
-                return r;
+                return retry_soon("too many bodies in flight, retry later");
             }
             Refusal::TooLarge(limit) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -97,21 +88,24 @@ impl IntoResponse for Refusal {
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!({"error": "store unavailable, retry later"}),
             ),
-            Refusal::StoreBusy => {
-                let mut r = (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Json(json!({"error": "store busy, retry later"})),
-                )
-                    .into_response();
-                r.headers_mut().insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(OVER_BUDGET_RETRY_SECS),
-                );
-                return r;
-            }
+            Refusal::StoreBusy => return retry_soon("store busy, retry later"),
         };
         (status, Json(body)).into_response()
     }
+}
+
+/// A 503 that asks the sender to retry in a second or so.
+fn retry_soon(error: &str) -> Response {
+    let mut r = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({ "error": error })),
+    )
+        .into_response();
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(OVER_BUDGET_RETRY_SECS),
+    );
+    r
 }
 
 impl Refusal {

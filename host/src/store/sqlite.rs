@@ -756,7 +756,11 @@ fn apply_record(conn: &Connection, rec: &Record, at: RecordRef) -> Result<bool, 
          ON CONFLICT (key) DO UPDATE SET seq = excluded.seq, \
          expires_at_ms = excluded.expires_at_ms",
     )?
-    .execute(params![key_digest(&rec.dedup_key), rec.seq, rec.dedup_until_ms])?;
+    .execute(params![
+        key_digest(&rec.dedup_key),
+        rec.seq,
+        rec.dedup_until_ms
+    ])?;
     conn.prepare_cached("INSERT INTO queue (seq, due_at_ms) VALUES (?1, ?2)")?
         .execute(params![rec.seq, rec.received_at_ms])?;
     Ok(true)
