@@ -133,24 +133,56 @@ impl Worker {
         }
     }
 
-    /// Routes a claimed batch one event after another and records its
-    /// decisions in one write at the end. All its leases were taken at once,
-    /// so before each event the worker renews the batch's leases whenever
-    /// what is left of them might not cover this event's worst case (the rule
-    /// set refuses a worst case longer than the lease) with room to spare: no
-    /// event of the batch expires while it waits its turn or its write, and
-    /// none is routed twice.
+    /// Routes a claimed batch and records its decisions in one write at the
+    /// end. Events are routed in order, several to one hand-off to the
+    /// blocking pool: as many as the rule set's worst case lets finish within
+    /// half a lease. All the batch's leases were taken at once, so before each
+    /// hand-off the worker renews them whenever what is left of them might not
+    /// cover that hand-off's worst case with room to spare (the rule set
+    /// refuses a worst case longer than the lease): no event of the batch
+    /// expires while it waits its turn or its write, and none is routed twice.
     async fn route_batch(&self, claimed: Vec<Claimed>) {
         let leases: Vec<Lease> = claimed.iter().map(Claimed::lease).collect();
         let mut expires = Instant::now() + self.options.lease;
         let mut held = vec![true; claimed.len()];
         let mut done = Vec::with_capacity(claimed.len());
-        for (i, c) in claimed.into_iter().enumerate() {
+        let mut rest = claimed.into_iter().enumerate().peekable();
+        // What one event took so far in this batch: a rule with no deadline
+        // (a native rule) has no worst case to plan by, so the first hand-off
+        // takes one event and the next ones go by what it took (twice over).
+        let mut seen: Option<Duration> = None;
+        while rest.peek().is_some() {
             if self.stopping() {
                 break;
             }
-            let worst = self.rules.load().worst_case();
-            let margin = worst + self.options.lease / 2;
+            let worst = self
+                .rules
+                .load()
+                .worst_case()
+                .max(seen.unwrap_or_default() * 2);
+            let per_hand_off = match (worst.as_nanos(), seen) {
+                (0, None) => 1,
+                (0, Some(_)) => usize::MAX,
+                (w, _) => usize::try_from((self.options.lease / 2).as_nanos() / w)
+                    .unwrap_or(usize::MAX)
+                    .max(1),
+            };
+            // An event claimed before may be what crashed the worker that
+            // held it: it goes alone, after the decisions made so far are
+            // recorded, so a crash it causes again does not take them along.
+            let mut chunk: Vec<(usize, Claimed)> = Vec::new();
+            while let Some((_, c)) = rest.peek() {
+                let retried = c.attempt > 1;
+                if chunk.len() == per_hand_off || (retried && !chunk.is_empty()) {
+                    break;
+                }
+                chunk.push(rest.next().expect("peeked"));
+                if retried {
+                    break;
+                }
+            }
+            let n = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+            let margin = worst.saturating_mul(n) + self.options.lease / 2;
             if expires.saturating_duration_since(Instant::now()) < margin {
                 let renewed_at = Instant::now();
                 // The events routed so far wait for the batch's write, so
@@ -165,19 +197,27 @@ impl Worker {
                     }
                 }
             }
-            if !held[i] {
-                tracing::warn!(event = %leases[i].event_id, "lease lost before routing; another worker has the event");
-                continue;
-            }
-            // An event claimed before may be what crashed the worker that held
-            // it: the decisions made so far are recorded before it runs, so a
-            // crash it causes again does not take them along.
-            if c.attempt > 1 && !done.is_empty() {
+            let chunk: Vec<Claimed> = chunk
+                .into_iter()
+                .filter_map(|(i, c)| {
+                    if held[i] {
+                        Some(c)
+                    } else {
+                        tracing::warn!(event = %leases[i].event_id, "lease lost before routing; another worker has the event");
+                        None
+                    }
+                })
+                .collect();
+            if chunk.iter().any(|c| c.attempt > 1) && !done.is_empty() {
                 self.complete(std::mem::take(&mut done)).await;
             }
-            if let Some(decided) = self.route_one(c).await {
+            let started = Instant::now();
+            let len = u32::try_from(chunk.len()).unwrap_or(u32::MAX).max(1);
+            for decided in self.route_chunk(chunk).await {
                 done.push(decided);
             }
+            let each = started.elapsed() / len;
+            seen = Some(seen.map_or(each, |s| s.max(each)));
         }
         self.complete(done).await;
     }
@@ -210,24 +250,60 @@ impl Worker {
         }
     }
 
-    /// Routes one event. A decision to record is handed back (the batch's
-    /// are recorded together); every other outcome is settled here.
-    async fn route_one(&self, claimed: Claimed) -> Option<(Lease, crate::decision::Decision)> {
-        let lease = claimed.lease();
-        let id = lease.event_id.clone();
-        let received_at_ms = claimed.event.received_at_ms;
-        let set = self.rules.load_full();
-        let ev = Arc::new(ParsedEvent::new(claimed.event));
-        let decision = match tokio::task::spawn_blocking(move || set.route(&ev)).await {
-            Ok(d) => d,
+    /// Routes events one after another in one hand-off to the blocking pool
+    /// (each with the rule set current when it starts). The decisions to
+    /// record are handed back (the batch's are recorded together); every
+    /// other outcome is settled here.
+    async fn route_chunk(&self, chunk: Vec<Claimed>) -> Vec<(Lease, crate::decision::Decision)> {
+        if chunk.is_empty() {
+            return Vec::new();
+        }
+        let heads: Vec<(Lease, i64)> = chunk
+            .iter()
+            .map(|c| (c.lease(), c.event.received_at_ms))
+            .collect();
+        let rules = self.rules.clone();
+        let routed = tokio::task::spawn_blocking(move || {
+            chunk
+                .into_iter()
+                .map(|c| {
+                    rules
+                        .load_full()
+                        .route(&Arc::new(ParsedEvent::new(c.event)))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let mut out = Vec::with_capacity(heads.len());
+        match routed {
+            Ok(decisions) => {
+                for ((lease, received_at_ms), decision) in heads.into_iter().zip(decisions) {
+                    if let Some(decided) = self.settle(lease, received_at_ms, decision).await {
+                        out.push(decided);
+                    }
+                }
+            }
             Err(e) => {
                 // `RuleSet::route` catches rule panics; reaching here is a host bug.
                 let reason = format!("routing panicked: {e}");
-                tracing::error!(event = %id, %reason);
-                self.retry_or_dead_letter(&lease, &reason).await;
-                return None;
+                for (lease, _) in heads {
+                    tracing::error!(event = %lease.event_id, %reason);
+                    self.retry_or_dead_letter(&lease, &reason).await;
+                }
             }
-        };
+        }
+        out
+    }
+
+    /// Acts on one event's decision: a decision to record is handed back; a
+    /// deferral, retry or dead letter is settled here.
+    async fn settle(
+        &self,
+        lease: Lease,
+        received_at_ms: i64,
+        decision: crate::decision::Decision,
+    ) -> Option<(Lease, crate::decision::Decision)> {
+        let id = lease.event_id.clone();
         if let Some(defer) = &decision.defer {
             let waited = crate::event::now_ms().saturating_sub(received_at_ms);
             if u128::try_from(waited).unwrap_or(0) > self.options.max_defer.as_millis() {
