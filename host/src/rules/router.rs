@@ -1,11 +1,12 @@
 //! Router workers: the tasks that take stored events off the log, run the
 //! current rule set on each, and record the decision.
 //!
-//! A worker claims a batch with a lease, routes each event on a blocking
-//! thread (rules are synchronous and CPU-bound), then completes it, retries it
-//! later, or dead-letters it as the failure policy says; an event whose rule
-//! cannot run now (switched off, no capacity) is deferred without counting an
-//! attempt. It renews the batch's leases as it goes. It never acknowledges
+//! A worker claims a batch with a lease, routes its events on the blocking
+//! pool, several per hand-off (rules are synchronous and CPU-bound), then
+//! records the batch's decisions in one write, or retries an event later or
+//! dead-letters it as the failure policy says; an event whose rule cannot run
+//! now (switched off, no capacity) is deferred without counting an attempt.
+//! It renews the batch's leases as it goes. It never acknowledges
 //! an event before its decision is stored, so a crash between claim and
 //! decision leaves the event to be claimed again when the lease expires.
 //! Workers never touch ingress and never hold a rule set across events: each
