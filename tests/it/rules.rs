@@ -2599,3 +2599,57 @@ fn the_epoch_ticker_lingers_after_a_call_then_parks() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(engine.epoch_ticks(), before, "the ticker woke with no call");
 }
+
+/// A worker told to stop mid-batch records what it routed and gives the rest
+/// back as they were, without spending an attempt: a restart routes them as
+/// first tries, and a graceful stop never walks an event toward the dead
+/// letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_mid_batch_gives_the_rest_back_unspent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(&dir);
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(append_gitlab(&store, "Push Hook", "push.json").await);
+    }
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let slow = Rule::native("slow", {
+        let started = started.clone();
+        move |_| {
+            started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(Verdict::Routes(vec![route("ok", Priority::Low, &[])]))
+        }
+    });
+    let rules = Arc::new(ArcSwap::from_pointee(set_of_one(slow)));
+    let options = RouterOptions {
+        workers: 1,
+        batch: 4,
+        ..options()
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(router::run(store.clone(), rules, options, shutdown));
+    until("the first event to be routing", || {
+        started.load(std::sync::atomic::Ordering::SeqCst) >= 1
+    })
+    .await;
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    let routed = started.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        routed < ids.len(),
+        "the stop came mid-batch: {routed} routed"
+    );
+    for (k, id) in ids.iter().enumerate() {
+        let rec = store.get(id).await.unwrap().unwrap();
+        if k < routed {
+            assert_eq!(rec.summary.status, EventStatus::Routed, "{id}");
+        } else {
+            assert_eq!(rec.summary.status, EventStatus::Pending, "{id}");
+            assert_eq!(rec.summary.attempts, 0, "{id}: the stop spent no attempt");
+        }
+    }
+    let again = store.claim("w", 10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(again.len(), ids.len() - routed);
+    assert!(again.iter().all(|c| c.attempt == 1), "first tries again");
+}

@@ -557,6 +557,12 @@ impl RuleSet {
         self.entries.iter().filter_map(|e| e.rule.timeout).sum()
     }
 
+    /// Whether every rule has a deadline, so [`RuleSet::worst_case`] bounds
+    /// an event's routing (a native rule has none).
+    pub fn bounded(&self) -> bool {
+        self.entries.iter().all(|e| e.rule.timeout.is_some())
+    }
+
     /// The rules, in order.
     pub fn rules(&self) -> impl ExactSizeIterator<Item = &Rule> {
         self.entries.iter().map(|e| &*e.rule)

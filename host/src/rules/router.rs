@@ -12,6 +12,7 @@
 //! Workers never touch ingress and never hold a rule set across events: each
 //! event loads the set current when it starts.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -147,43 +148,55 @@ impl Worker {
         let mut expires = Instant::now() + self.options.lease;
         let mut held = vec![true; claimed.len()];
         let mut done = Vec::with_capacity(claimed.len());
-        let mut rest = claimed.into_iter().enumerate().peekable();
-        // What one event took so far in this batch: a rule with no deadline
-        // (a native rule) has no worst case to plan by, so the first hand-off
-        // takes one event and the next ones go by what it took (twice over).
-        let mut seen: Option<Duration> = None;
-        while rest.peek().is_some() {
+        let mut rest: VecDeque<(usize, Claimed)> = claimed.into_iter().enumerate().collect();
+        let budget = self.options.lease / 2;
+        while !rest.is_empty() {
             if self.stopping() {
+                // Not routed: back to the queue as it was, no attempt spent.
+                for (_, c) in rest.drain(..) {
+                    if let Err(e) = self
+                        .store
+                        .defer(&c.lease(), Duration::ZERO, "the worker stopped")
+                        .await
+                    {
+                        tracing::warn!(event = %c.event.id, error = %e, "cannot release the event; its lease will expire");
+                    }
+                }
                 break;
             }
-            let worst = self
-                .rules
-                .load()
-                .worst_case()
-                .max(seen.unwrap_or_default() * 2);
-            let per_hand_off = match (worst.as_nanos(), seen) {
-                (0, None) => 1,
-                (0, Some(_)) => usize::MAX,
-                (w, _) => usize::try_from((self.options.lease / 2).as_nanos() / w)
-                    .unwrap_or(usize::MAX)
-                    .max(1),
+            let set = self.rules.load();
+            let worst = set.worst_case();
+            // A rule with no deadline (a native rule) gives no worst case to
+            // plan by: one event per hand-off, the lease checked before each.
+            let per_hand_off = if !set.bounded() {
+                1
+            } else {
+                usize::try_from(
+                    budget
+                        .as_nanos()
+                        .checked_div(worst.as_nanos())
+                        .unwrap_or(u128::MAX),
+                )
+                .unwrap_or(usize::MAX)
+                .max(1)
             };
+            drop(set);
             // An event claimed before may be what crashed the worker that
             // held it: it goes alone, after the decisions made so far are
             // recorded, so a crash it causes again does not take them along.
             let mut chunk: Vec<(usize, Claimed)> = Vec::new();
-            while let Some((_, c)) = rest.peek() {
+            while let Some((_, c)) = rest.front() {
                 let retried = c.attempt > 1;
                 if chunk.len() == per_hand_off || (retried && !chunk.is_empty()) {
                     break;
                 }
-                chunk.push(rest.next().expect("peeked"));
+                chunk.push(rest.pop_front().expect("front"));
                 if retried {
                     break;
                 }
             }
             let n = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
-            let margin = worst.saturating_mul(n) + self.options.lease / 2;
+            let margin = worst.saturating_mul(n) + budget;
             if expires.saturating_duration_since(Instant::now()) < margin {
                 let renewed_at = Instant::now();
                 // The events routed so far wait for the batch's write, so
@@ -198,27 +211,25 @@ impl Worker {
                     }
                 }
             }
-            let chunk: Vec<Claimed> = chunk
+            let chunk: Vec<(usize, Claimed)> = chunk
                 .into_iter()
-                .filter_map(|(i, c)| {
-                    if held[i] {
-                        Some(c)
-                    } else {
-                        tracing::warn!(event = %leases[i].event_id, "lease lost before routing; another worker has the event");
-                        None
+                .filter(|(i, _)| {
+                    if !held[*i] {
+                        tracing::warn!(event = %leases[*i].event_id, "lease lost before routing; another worker has the event");
                     }
+                    held[*i]
                 })
                 .collect();
-            if chunk.iter().any(|c| c.attempt > 1) && !done.is_empty() {
+            if chunk.iter().any(|(_, c)| c.attempt > 1) && !done.is_empty() {
                 self.complete(std::mem::take(&mut done)).await;
             }
-            let started = Instant::now();
-            let len = u32::try_from(chunk.len()).unwrap_or(u32::MAX).max(1);
-            for decided in self.route_chunk(chunk).await {
-                done.push(decided);
+            let (decided, left) = self.route_chunk(chunk, budget).await;
+            done.extend(decided);
+            // A hand-off stops early when the rule set grew mid-way (a reload)
+            // and the next event might not finish within the budget.
+            for item in left.into_iter().rev() {
+                rest.push_front(item);
             }
-            let each = started.elapsed() / len;
-            seen = Some(seen.map_or(each, |s| s.max(each)));
         }
         self.complete(done).await;
     }
@@ -255,45 +266,50 @@ impl Worker {
     /// (each with the rule set current when it starts). The decisions to
     /// record are handed back (the batch's are recorded together); every
     /// other outcome is settled here.
-    async fn route_chunk(&self, chunk: Vec<Claimed>) -> Vec<(Lease, crate::decision::Decision)> {
+    async fn route_chunk(
+        &self,
+        chunk: Vec<(usize, Claimed)>,
+        budget: Duration,
+    ) -> (
+        Vec<(Lease, crate::decision::Decision)>,
+        Vec<(usize, Claimed)>,
+    ) {
         if chunk.is_empty() {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         }
-        let heads: Vec<(Lease, i64)> = chunk
-            .iter()
-            .map(|c| (c.lease(), c.event.received_at_ms))
-            .collect();
         let rules = self.rules.clone();
         let routed = tokio::task::spawn_blocking(move || {
-            chunk
-                .into_iter()
-                .map(|c| {
-                    rules
-                        .load_full()
-                        .route(&Arc::new(ParsedEvent::new(c.event)))
-                })
-                .collect::<Vec<_>>()
+            let started = Instant::now();
+            let mut decided = Vec::with_capacity(chunk.len());
+            let mut left = Vec::new();
+            for (i, c) in chunk {
+                let set = rules.load_full();
+                if !decided.is_empty() && started.elapsed() + set.worst_case() > budget {
+                    left.push((i, c));
+                    continue;
+                }
+                let head = (c.lease(), c.event.received_at_ms);
+                decided.push((head, set.route(&Arc::new(ParsedEvent::new(c.event)))));
+            }
+            (decided, left)
         })
         .await;
-        let mut out = Vec::with_capacity(heads.len());
-        match routed {
-            Ok(decisions) => {
-                for ((lease, received_at_ms), decision) in heads.into_iter().zip(decisions) {
-                    if let Some(decided) = self.settle(lease, received_at_ms, decision).await {
-                        out.push(decided);
-                    }
-                }
-            }
+        let (decided, left) = match routed {
+            Ok(routed) => routed,
             Err(e) => {
-                // `RuleSet::route` catches rule panics; reaching here is a host bug.
-                let reason = format!("routing panicked: {e}");
-                for (lease, _) in heads {
-                    tracing::error!(event = %lease.event_id, %reason);
-                    self.retry_or_dead_letter(&lease, &reason).await;
-                }
+                // `RuleSet::route` catches rule panics; reaching here is a host
+                // bug. The events' leases expire and they are claimed again.
+                tracing::error!(error = %e, "routing panicked");
+                return (Vec::new(), Vec::new());
+            }
+        };
+        let mut out = Vec::with_capacity(decided.len());
+        for ((lease, received_at_ms), decision) in decided {
+            if let Some(d) = self.settle(lease, received_at_ms, decision).await {
+                out.push(d);
             }
         }
-        out
+        (out, left)
     }
 
     /// Acts on one event's decision: a decision to record is handed back; a

@@ -655,6 +655,9 @@ impl LogWriter {
     /// Rolls over to a new segment if the current one is full. Call between batches.
     pub fn roll_if_full(&mut self) -> std::io::Result<()> {
         if self.len >= self.segment_bytes {
+            // The index moves on to the next segment; what it holds of this
+            // one must be durable first (the syncer may not have got to it).
+            self.file.sync_data()?;
             *self = LogWriter::open_segment(
                 &self.dir,
                 self.segment_bytes,

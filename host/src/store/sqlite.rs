@@ -281,6 +281,19 @@ impl SqliteStore {
             [now_ms()],
         )?;
         let replayed = recover(&mut conn, &mut writer, &log_dir)?;
+        // What the last process wrote but had not synced yet is in the page
+        // cache only: make it durable before anything is answered from it.
+        let (applied_at, _) = applied(&conn)?;
+        for n in log::segments(&log_dir)
+            .map_err(|e| StoreError::Backend(format!("{}: {e}", log_dir.display())))?
+            .into_iter()
+            .filter(|&n| n >= applied_at.segment)
+        {
+            let path = log::segment_path(&log_dir, n);
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| StoreError::Backend(format!("cannot sync {}: {e}", path.display())))?;
+        }
         if replayed > 0 {
             tracing::info!(events = replayed, log = %log_dir.display(), "replayed the event log's tail into the index");
         }
@@ -805,29 +818,22 @@ fn syncer_loop(rx: mpsc::Receiver<Synced>, shared: &Shared) {
             round.push(more);
         }
         let mut synced: Vec<Arc<std::fs::File>> = Vec::new();
-        let mut failed: Option<StoreError> = None;
         for file in round.iter().filter_map(|s| s.file.as_ref()) {
             if synced.iter().any(|f| Arc::ptr_eq(f, file)) {
                 continue;
             }
             if let Err(e) = file.sync_data() {
-                tracing::error!(error = %e, "cannot sync the event log");
-                failed = Some(StoreError::Backend(format!(
-                    "cannot sync the event log: {e}"
-                )));
+                // After a failed fsync the kernel may have dropped the pages and
+                // report the next one as a success: nothing written since can
+                // be trusted, and the index already names it. Stop; the restart
+                // rebuilds the index from what the disk really holds.
+                tracing::error!(error = %e, "cannot sync the event log; aborting");
+                std::process::abort();
             }
             synced.push(file.clone());
         }
         for batch in round {
-            let answers = match &failed {
-                None => batch.answers,
-                Some(err) => batch
-                    .answers
-                    .into_iter()
-                    .map(|(reply, result, bytes)| (reply, result.and(Err(err.clone())), bytes))
-                    .collect(),
-            };
-            send_answers(answers, shared);
+            send_answers(batch.answers, shared);
         }
     }
 }
@@ -850,9 +856,15 @@ fn writer_loop(mut w: WriterState, rx: mpsc::Receiver<Job>, batch_max: usize) {
         }
         if w.behind {
             match recover(&mut w.conn, &mut w.log, &w.log_dir) {
-                Ok(n) => {
+                Ok(_) => {
                     w.behind = false;
-                    w.shared.depth.fetch_add(n as i64, Ordering::Relaxed);
+                    // Replay adds and may dead-letter events: count again.
+                    if let Ok(n) = w
+                        .conn
+                        .query_row("SELECT count(*) FROM queue", [], |r| r.get::<_, i64>(0))
+                    {
+                        w.shared.depth.store(n, Ordering::Relaxed);
+                    }
                 }
                 Err(e) => tracing::error!(error = %e, "the index is still behind the log"),
             }
@@ -896,10 +908,6 @@ fn writer_loop(mut w: WriterState, rx: mpsc::Receiver<Job>, batch_max: usize) {
                 applied_ok = false;
             }
         }
-        if !applied_ok {
-            let _ = savepoint(&txn, "ROLLBACK TO logged");
-        }
-        let _ = savepoint(&txn, "RELEASE logged");
         if applied_ok
             && !logged.is_empty()
             && let Err(e) = set_applied(&txn, w.log.position(), logged[logged.len() - 1].0.seq + 1)
@@ -907,6 +915,10 @@ fn writer_loop(mut w: WriterState, rx: mpsc::Receiver<Job>, batch_max: usize) {
             tracing::error!(error = %e, "cannot record the applied log position");
             applied_ok = false;
         }
+        if !applied_ok {
+            let _ = savepoint(&txn, "ROLLBACK TO logged");
+        }
+        let _ = savepoint(&txn, "RELEASE logged");
         let replies: Vec<Reply> = runs
             .into_iter()
             .filter_map(|job| match job {
@@ -1880,7 +1892,8 @@ impl Store for SqliteStore {
             let reason = e.to_string();
             if let log::LogError::Io { .. } = e {
                 // The record may be fine (too many open files, a passing I/O
-                // error): try again later, without counting an attempt.
+                // error): try again later. It counts as an attempt, so an error
+                // that does not pass dead-letters the event in the end.
                 tracing::warn!(event = %id, %reason, "cannot read an event's log record now; retrying later");
                 let lease = Lease {
                     event_id: id,
@@ -1888,7 +1901,7 @@ impl Store for SqliteStore {
                     attempt,
                 };
                 let _ = self
-                    .release(&lease, Duration::from_secs(1), &reason, Attempt::GivenBack)
+                    .release(&lease, Duration::from_secs(1), &reason, Attempt::Counted)
                     .await;
                 continue;
             }
