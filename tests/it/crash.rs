@@ -269,6 +269,20 @@ async fn store_new(store: &Arc<SqliteStore>, range: Range<usize>) -> Vec<(String
         .collect()
 }
 
+/// A closed store in a new temp dir holding events `range` in one segment:
+/// the dir, the index path, the segment's path and each event's (id, body).
+async fn closed_store_with(
+    range: Range<usize>,
+) -> (tempfile::TempDir, PathBuf, PathBuf, Vec<(String, Bytes)>) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    let seg = segment(&db, 1);
+    let store = open(&db, log::SEGMENT_BYTES);
+    let stored = store_new(&store, range).await;
+    close(store);
+    (dir, db, seg, stored)
+}
+
 /// Closes the store and lets go of its files.
 fn close(store: Arc<SqliteStore>) {
     store.close();
@@ -457,12 +471,7 @@ impl Tail {
 /// replayed instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_record_at_the_log_tail_is_cut_off_and_kept_aside() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("s.db");
-    let seg = segment(&db, 1);
-    let store = open(&db, log::SEGMENT_BYTES);
-    let mut stored = store_new(&store, 0..20).await;
-    close(store);
+    let (_dir, db, seg, mut stored) = closed_store_with(0..20).await;
     let mut next = 20;
     for tail in [
         Tail::Whole,
@@ -517,12 +526,7 @@ async fn a_torn_record_at_the_log_tail_is_cut_off_and_kept_aside() {
 /// out with the damaged bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_record_the_index_applied_is_never_handed_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("s.db");
-    let seg = segment(&db, 1);
-    let store = open(&db, log::SEGMENT_BYTES);
-    let stored = store_new(&store, 0..10).await;
-    close(store);
+    let (_dir, db, seg, stored) = closed_store_with(0..10).await;
     let (recs, _) = records(&db, 1);
     let (last_at, last) = recs.last().unwrap().clone();
     let mut bytes = std::fs::read(&seg).unwrap();
@@ -558,12 +562,7 @@ async fn a_damaged_record_the_index_applied_is_never_handed_out() {
 /// record after it, and the segment is not cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_past_damage_mid_segment_keeps_the_records_after_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("s.db");
-    let seg = segment(&db, 1);
-    let store = open(&db, log::SEGMENT_BYTES);
-    let stored = store_new(&store, 0..10).await;
-    close(store);
+    let (dir, db, seg, stored) = closed_store_with(0..10).await;
     let (recs, _) = records(&db, 1);
     let (at, damaged) = recs[4].clone();
     let mut bytes = std::fs::read(&seg).unwrap();
@@ -605,12 +604,7 @@ fn sorted(mut v: Vec<(String, Bytes)>) -> Vec<(String, Bytes)> {
 /// from the log holds every kept and new event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_segment_shorter_than_the_index_claims_loses_only_what_is_past_its_end() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("s.db");
-    let seg = segment(&db, 1);
-    let store = open(&db, log::SEGMENT_BYTES);
-    let stored = store_new(&store, 0..12).await;
-    close(store);
+    let (_dir, db, seg, stored) = closed_store_with(0..12).await;
     let (recs, _) = records(&db, 1);
     let first_lost = recs[recs.len() - 4].0;
     let lost: Vec<String> = recs[recs.len() - 4..]
