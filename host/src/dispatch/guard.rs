@@ -158,6 +158,18 @@ pub enum GuardError {
         /// The rule that refused it.
         class: Class,
     },
+    /// The connection reached an address the policy does not allow by a path
+    /// the checks before dialling missed; it is closed before carrying a
+    /// byte. A backstop: no URL form is known to get here.
+    #[error("agent URL host {host} connected to {addr} ({class}); closed unused, refused")]
+    RefusedPeer {
+        /// The URL's host as written.
+        host: String,
+        /// The connected peer's address.
+        addr: IpAddr,
+        /// The rule that refused it.
+        class: Class,
+    },
     /// The name resolved to no address at all.
     #[error("agent URL host {host} resolved to no address")]
     NoAddress {
@@ -468,7 +480,7 @@ where
             // The address actually connected to, whatever led there.
             let peer = io.inner().peer_addr()?;
             if let Err(class) = policy.check(peer.ip()) {
-                return Err(GuardError::Refused {
+                return Err(GuardError::RefusedPeer {
                     host,
                     addr: peer.ip(),
                     class,
