@@ -1,8 +1,9 @@
 //! The outbound-connection guard over real HTTP: a hyper-util client on the
 //! guarded connector against an axum server on 127.0.0.1. Loopback is refused
 //! unless allowed (as an IP literal and through `localhost`), private and
-//! metadata literals are refused before any dial, and a name that resolves to
-//! a private address on a later connection is refused on that connection.
+//! metadata literals are refused before any dial, numeric spellings such as
+//! `127.1` are caught at resolution, and a name that resolves to a private
+//! address on a later connection is refused on that connection.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -303,5 +304,28 @@ async fn a_name_rebinding_to_a_private_address_is_refused_on_that_connection() {
     assert!(
         script.0.lock().unwrap().is_empty(),
         "every request resolved again"
+    );
+}
+
+#[tokio::test]
+async fn numeric_spellings_of_loopback_are_resolved_and_refused() {
+    // Not IP literals to hyper-util (Rust's parser takes dotted quads only),
+    // so they go to the system resolver, which reads them as 127.0.0.1: the
+    // resolver's answer is what is checked.
+    let (addr, hits) = agent().await;
+    let port = addr.port();
+    let strict = client(GuardedConnector::new(Egress::default()));
+    for host in ["127.1", "2130706433", "0x7f000001", "0177.0.0.1"] {
+        let url = format!("http://{host}:{port}/");
+        let e = get(strict.get(uri(url.clone()))).await.unwrap_err();
+        let (got_host, ip, class) = refused_class(&e);
+        assert_eq!(got_host, host, "{url}");
+        assert_eq!(ip, "127.0.0.1".parse::<IpAddr>().unwrap(), "{url}");
+        assert_eq!(class, Class::Loopback, "{url}");
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "a refused request got through"
     );
 }

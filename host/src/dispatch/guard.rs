@@ -15,6 +15,10 @@
 //!   connected peer address once more before the connection carries a byte,
 //!   so a URL form the first two checks missed still cannot be used.
 //!
+//! A delivery client is hyper-util's legacy `Client` built on a
+//! [`GuardedConnector`] for the agent's [`Egress`]; set timeouts through
+//! [`GuardedConnector::http_mut`].
+//!
 //! Addresses are classified by [`classify`]; IPv4 embedded in IPv6 (mapped,
 //! compatible, NAT64 well-known prefix, 6to4) is classified as the IPv4
 //! address it embeds, since that is where the packets end up.
