@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod config;
 pub mod decision;
+pub mod dispatch;
 pub mod event;
 pub mod ingress;
 pub mod metrics;

@@ -15,6 +15,7 @@ mod engine;
 mod explain;
 mod fuzz;
 mod grants;
+mod guard;
 mod idle;
 mod languages;
 mod metrics;

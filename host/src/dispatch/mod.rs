@@ -1,0 +1,7 @@
+//! Delivery of routed events to agents over HTTP lives here.
+//!
+//! [`guard`] is the outbound-connection guard every delivery connection goes
+//! through: it decides which addresses an agent URL may reach and makes sure
+//! the address dialled is the address it checked.
+
+pub mod guard;
