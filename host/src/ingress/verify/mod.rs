@@ -271,12 +271,22 @@ impl MacKeys {
 
     /// The MAC of `parts` under the first key (for signing test requests).
     pub(crate) fn sign(&self, parts: &[&[u8]]) -> Vec<u8> {
-        let mut mac = self.0[0].clone();
-        for p in parts {
-            mac.update(p);
-        }
-        mac.finalize().into_bytes().to_vec()
+        mac_of(&self.0[0], parts)
     }
+
+    /// The MAC of `parts` under each key, in key order (for signing with
+    /// every secret of a rotation at once).
+    pub(crate) fn sign_each(&self, parts: &[&[u8]]) -> Vec<Vec<u8>> {
+        self.0.iter().map(|key| mac_of(key, parts)).collect()
+    }
+}
+
+fn mac_of(key: &Hmac<Sha256>, parts: &[&[u8]]) -> Vec<u8> {
+    let mut mac = key.clone();
+    for p in parts {
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().to_vec()
 }
 
 /// A header as a string; `None` when absent, an error when not visible ASCII.

@@ -137,18 +137,44 @@ impl StandardWebhooks {
         }
     }
 
-    /// The three headers a sender would add for `body`.
+    /// The three headers a sender would add for `body`, signed with the
+    /// first secret.
     pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> Vec<(&'static str, String)> {
         let ts = timestamp.to_string();
         let sig = self
             .keys
             .sign(&[id.as_bytes(), b".", ts.as_bytes(), b".", body]);
-        vec![
-            ("webhook-id", id.to_string()),
-            ("webhook-timestamp", ts),
-            ("webhook-signature", format!("v1,{}", B64.encode(sig))),
-        ]
+        signed_headers(id, ts, [sig])
     }
+
+    /// The three headers for `body` with one `v1,` entry per secret, in the
+    /// order the secrets were given, so a receiver holding any one of them
+    /// verifies it (secret rotation). With no secrets the signature header
+    /// is empty.
+    pub fn sign_all(&self, id: &str, timestamp: i64, body: &[u8]) -> Vec<(&'static str, String)> {
+        let ts = timestamp.to_string();
+        let sigs = self
+            .keys
+            .sign_each(&[id.as_bytes(), b".", ts.as_bytes(), b".", body]);
+        signed_headers(id, ts, sigs)
+    }
+}
+
+fn signed_headers(
+    id: &str,
+    ts: String,
+    sigs: impl IntoIterator<Item = Vec<u8>>,
+) -> Vec<(&'static str, String)> {
+    let signature = sigs
+        .into_iter()
+        .map(|sig| format!("v1,{}", B64.encode(sig)))
+        .collect::<Vec<_>>()
+        .join(" ");
+    vec![
+        ("webhook-id", id.to_string()),
+        ("webhook-timestamp", ts),
+        ("webhook-signature", signature),
+    ]
 }
 
 fn decode_key(secret: &[u8]) -> Result<Vec<u8>, BadKey> {
