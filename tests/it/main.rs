@@ -12,6 +12,7 @@ mod costs;
 mod crash;
 mod dedup;
 mod engine;
+mod envelope;
 mod explain;
 mod fuzz;
 mod grants;
