@@ -169,8 +169,9 @@ type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
 /// What the writer thread takes.
 enum Job {
-    /// Append one event (deduplicated, to the log, then the index).
-    Append(NewEvent, AppendReply),
+    /// Append one event (deduplicated, to the log, then the index), with the
+    /// bytes it holds of `store.queue_bytes`.
+    Append(NewEvent, AppendReply, usize),
     /// Any other write, inside its own savepoint.
     Run(RunJob),
 }
@@ -204,7 +205,6 @@ pub struct ReadOnly {
     // the CLI reads from one task.
     conn: Mutex<Connection>,
     log: LogReader,
-    log_dir: PathBuf,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -283,7 +283,7 @@ impl SqliteStore {
         let replayed = recover(&mut conn, &mut writer, &log_dir)?;
         // What the last process wrote but had not synced yet is in the page
         // cache only: make it durable before anything is answered from it.
-        let (applied_at, _) = applied(&conn)?;
+        let (applied_at, next_seq) = applied(&conn)?;
         for n in log::segments(&log_dir)
             .map_err(|e| StoreError::Backend(format!("{}: {e}", log_dir.display())))?
             .into_iter()
@@ -324,7 +324,7 @@ impl SqliteStore {
             shared: shared.clone(),
             work: work.clone(),
             sync: sync_tx,
-            next_seq: 1,
+            next_seq,
         };
         let batch_max = options.batch_max.max(1);
         let thread = spawn_or_abort("sluice-store-writer", move || {
@@ -349,11 +349,9 @@ impl SqliteStore {
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
         conn.busy_timeout(Duration::from_secs(10))?;
         check_schema(&conn, path)?;
-        let log_dir = log::dir_for(path);
         Ok(ReadOnly {
             conn: Mutex::new(conn),
-            log: LogReader::new(log_dir.clone()),
-            log_dir,
+            log: LogReader::new(log::dir_for(path)),
         })
     }
 
@@ -858,6 +856,9 @@ fn writer_loop(mut w: WriterState, rx: mpsc::Receiver<Job>, batch_max: usize) {
             match recover(&mut w.conn, &mut w.log, &w.log_dir) {
                 Ok(_) => {
                     w.behind = false;
+                    if let Ok((_, n)) = applied(&w.conn) {
+                        w.next_seq = w.next_seq.max(n);
+                    }
                     // Replay adds and may dead-letter events: count again.
                     if let Ok(n) = w
                         .conn
@@ -983,10 +984,7 @@ fn log_batch(w: &mut WriterState, appends: Vec<Job>) -> (Vec<Answer>, Vec<(Recor
     // Unsigned ids first seen in this batch, for conflicts within it.
     let mut ids_in_batch: HashMap<(String, String), String> = HashMap::new();
     let mut buf: Vec<u8> = Vec::new();
-    let mut next_seq = match applied(&w.conn) {
-        Ok((_, n)) => n.max(w.next_seq),
-        Err(e) => return (answer_all(appends, &e), Vec::new()),
-    };
+    let mut next_seq = w.next_seq;
     if w.behind {
         let err =
             StoreError::Backend("the index is behind the event log and cannot catch up".into());
@@ -994,10 +992,9 @@ fn log_batch(w: &mut WriterState, appends: Vec<Job>) -> (Vec<Answer>, Vec<(Recor
     }
     let now = now_ms();
     for job in appends {
-        let Job::Append(ev, reply) = job else {
+        let Job::Append(ev, reply, bytes) = job else {
             continue;
         };
-        let bytes = queued_size(&ev);
         let key = ev.dedup_key();
         if let Some(&first) = in_batch.get(&key) {
             copies.push((reply, first, bytes));
@@ -1077,7 +1074,7 @@ fn log_batch(w: &mut WriterState, appends: Vec<Job>) -> (Vec<Answer>, Vec<(Recor
 fn answer_all(jobs: Vec<Job>, err: &StoreError) -> Vec<Answer> {
     jobs.into_iter()
         .filter_map(|job| match job {
-            Job::Append(ev, reply) => Some((reply, Err(err.clone()), queued_size(&ev))),
+            Job::Append(_, reply, bytes) => Some((reply, Err(err.clone()), bytes)),
             Job::Run(_) => None,
         })
         .collect()
@@ -1789,7 +1786,7 @@ impl ReadOnly {
         let size = |p: PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         let index_bytes =
             size(index_path.clone()) + size(PathBuf::from(format!("{}-wal", index_path.display())));
-        let files = log_files(&self.log_dir)?;
+        let files = log_files(self.log.dir())?;
         Ok(Stats {
             events: by_status.values().sum(),
             by_status,
@@ -1820,10 +1817,10 @@ impl Store for SqliteStore {
             )));
         }
         let (tx, rx) = oneshot::channel();
-        if let Err(e) = self
-            .sender()
-            .and_then(|s| s.send(Job::Append(ev, tx)).map_err(|_| StoreError::Closed))
-        {
+        if let Err(e) = self.sender().and_then(|s| {
+            s.send(Job::Append(ev, tx, bytes))
+                .map_err(|_| StoreError::Closed)
+        }) {
             self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
             return Err(e);
         }
