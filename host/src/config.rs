@@ -13,6 +13,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
+use crate::dispatch::config::{AdminConfig, AgentConfig, DispatchConfig, WorkflowConfig};
 use crate::event::Provider;
 use crate::rules::RulesConfig;
 
@@ -64,6 +65,18 @@ pub struct Config {
     /// Routing rules.
     #[serde(default)]
     pub rules: RulesConfig,
+    /// Where routed events go, by agent name.
+    #[serde(default)]
+    pub agents: BTreeMap<String, AgentConfig>,
+    /// Named, ordered steps over agents, by workflow name.
+    #[serde(default)]
+    pub workflows: BTreeMap<String, WorkflowConfig>,
+    /// What every agent shares.
+    #[serde(default)]
+    pub dispatch: DispatchConfig,
+    /// The operator's API.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Where this config came from, for error messages.
     #[serde(skip)]
     pub origin: String,
@@ -316,14 +329,14 @@ impl SourceConfig {
     }
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s).map_err(|e| {
         serde::de::Error::custom(format!("expected a duration like \"10s\" or \"5m\": {e}"))
     })
 }
 
-fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+pub(crate) fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration(d).map(Some)
 }
 
@@ -385,6 +398,10 @@ impl Config {
         })?;
         config.origin = origin.to_string();
         config.rules.grants.set_origin(origin);
+        config.rules.grants.set_declared(
+            config.agents.keys().cloned().collect(),
+            config.workflows.keys().cloned().collect(),
+        );
         Ok(config)
     }
 
@@ -477,6 +494,43 @@ impl Config {
                         known.join(", ")
                     ),
                 ));
+            }
+        }
+        crate::dispatch::config::validate(&self.agents, &self.workflows)
+            .map_err(|(key, message)| ConfigError::new(&self.origin, key, message))?;
+        // An approval naming an agent or workflow this config does not
+        // declare would route to nowhere: refused here, not at the first event.
+        for (rule, approval) in self.rules.grants.iter() {
+            for (list, names, declared) in [
+                (
+                    "agents",
+                    &approval.agents,
+                    self.agents.keys().collect::<Vec<_>>(),
+                ),
+                (
+                    "workflows",
+                    &approval.workflows,
+                    self.workflows.keys().collect(),
+                ),
+            ] {
+                if let Some((i, n)) =
+                    names.0.iter().enumerate().find(|(_, n)| {
+                        n.as_str() != crate::rules::grants::ANY && !declared.contains(n)
+                    })
+                {
+                    return Err(ConfigError::new(
+                        &self.origin,
+                        format!("rules.grants.{rule}.{list}[{i}]"),
+                        format!(
+                            "{n:?} is not declared under [{list}] (declared: {})",
+                            declared
+                                .iter()
+                                .map(|s| s.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
             }
         }
         for (name, src) in &self.sources {
@@ -695,7 +749,14 @@ impl Config {
 }
 
 /// Keys whose values name where a secret lives.
-const SECRET_KEYS: [&str; 3] = ["secret", "secrets", "signing_secrets"];
+const SECRET_KEYS: [&str; 6] = [
+    "secret",
+    "secrets",
+    "signing_secrets",
+    "signing_secret",
+    "bearer",
+    "token",
+];
 
 /// What a secret key expects; said instead of echoing what was found there.
 const SECRET_SHAPE: &str = "expected { env = \"VAR\" }, { file = \"path\" }, { env = \"VAR\", generate = true } \

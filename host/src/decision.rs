@@ -59,6 +59,14 @@ pub struct Route {
     /// Free-form labels, `key:value` by convention.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub labels: Vec<String>,
+    /// Deliveries to this agent with the same key go out one at a time, in
+    /// the order their events arrived (interface 0.2.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering_key: Option<String>,
+    /// What the agent gets as the envelope's `event.payload` instead of the
+    /// whole body: a JSON value the rule shaped (interface 0.2.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<serde_json::Value>,
 }
 
 /// A rule's answer for one event.

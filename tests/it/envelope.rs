@@ -43,6 +43,8 @@ fn route(agent: &str, workflow: Option<&str>) -> Route {
         priority: Priority::High,
         reason: "new issue".into(),
         labels: vec!["repo:hello-world".into()],
+        ordering_key: None,
+        payload: None,
     }
 }
 

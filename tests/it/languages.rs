@@ -110,6 +110,8 @@ fn expected(ev: &ParsedEvent) -> Verdict {
         priority: Priority::Medium,
         reason: format!("{}.{action} in {repo}", ev.event.kind),
         labels: vec![],
+        ordering_key: None,
+        payload: None,
     }])
 }
 

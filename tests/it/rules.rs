@@ -179,6 +179,8 @@ fn route(agent: &str, priority: Priority, labels: &[&str]) -> Route {
         priority,
         reason: format!("{agent} at {}", priority.as_str()),
         labels: labels.iter().map(|s| s.to_string()).collect(),
+        ordering_key: None,
+        payload: None,
     }
 }
 

@@ -51,6 +51,8 @@ fn decision() -> Decision {
         priority: Priority::High,
         reason: "test".into(),
         labels: vec!["k:v".into()],
+        ordering_key: None,
+        payload: None,
     };
     Decision {
         rules: vec![RuleRecord {

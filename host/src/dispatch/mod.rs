@@ -5,5 +5,6 @@
 //! the address dialled is the address it checked. [`envelope`] is what a
 //! delivery POSTs and how it is signed.
 
+pub mod config;
 pub mod envelope;
 pub mod guard;

@@ -50,6 +50,8 @@ pub fn three_fields(ev: &ParsedEvent) -> Result<Verdict, RuleFailure> {
             repo.unwrap_or("?")
         ),
         labels: Vec::new(),
+        ordering_key: None,
+        payload: None,
     }]))
 }
 

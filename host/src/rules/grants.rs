@@ -9,7 +9,7 @@
 //! a [`RuleFailure::Violation`]. This module only decides; it never runs a
 //! rule, and it never widens a scope past what the manifest asked for.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -154,6 +154,10 @@ pub struct Approvals {
     by_rule: BTreeMap<String, Approval>,
     #[serde(skip)]
     origin: Option<String>,
+    /// The agent and workflow names the config declares, when known: a rule
+    /// asking to route to another is refused at load.
+    #[serde(skip)]
+    declared: Option<(BTreeSet<String>, BTreeSet<String>)>,
 }
 
 impl Approvals {
@@ -172,6 +176,12 @@ impl Approvals {
         self.origin = Some(origin.to_owned());
     }
 
+    /// Records the agents and workflows the config declares (`[agents]`,
+    /// `[workflows]`), which every name a rule asks to route to must be.
+    pub fn set_declared(&mut self, agents: BTreeSet<String>, workflows: BTreeSet<String>) {
+        self.declared = Some((agents, workflows));
+    }
+
     /// ` (in <file>)`, or nothing when the file is not known.
     fn in_file(&self) -> String {
         self.origin
@@ -186,6 +196,7 @@ impl FromIterator<(String, Approval)> for Approvals {
         Approvals {
             by_rule: iter.into_iter().collect(),
             origin: None,
+            declared: None,
         }
     }
 }
@@ -260,6 +271,25 @@ pub fn approve(
                 "grants.{list} asks for {}, which {key}.{list}{in_file} does not approve",
                 quoted(&short)
             ));
+        }
+    }
+    if let Some((agents, workflows)) = &approvals.declared {
+        for (list, asked, declared) in [
+            ("agents", &scope.agents, agents),
+            ("workflows", &scope.workflows, workflows),
+        ] {
+            let unknown: Vec<String> = asked
+                .0
+                .iter()
+                .filter(|n| n.as_str() != ANY && !declared.contains(n.as_str()))
+                .cloned()
+                .collect();
+            if !unknown.is_empty() {
+                missing.push(format!(
+                    "grants.{list} names {}, which the config{in_file} does not declare under [{list}]",
+                    quoted(&unknown)
+                ));
+            }
         }
     }
     if scope.wasi && !approval.wasi {

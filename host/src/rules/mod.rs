@@ -699,6 +699,8 @@ impl RuleSet {
                                 priority: Priority::Medium,
                                 reason: format!("rule {} failed: {failure}", rule.name),
                                 labels: vec![format!("rule-failed:{}", rule.name)],
+                                ordering_key: None,
+                                payload: None,
                             },
                         ),
                         FailurePolicy::DeadLetter => {

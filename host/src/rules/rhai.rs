@@ -373,6 +373,8 @@ fn route(item: Dynamic) -> Result<Route, String> {
         priority: Priority::Medium,
         reason: String::new(),
         labels: Vec::new(),
+        ordering_key: None,
+        payload: None,
     };
     let mut has_agent = false;
     for (key, v) in map {

@@ -1039,6 +1039,8 @@ fn verdict(decision: wit_types::Decision) -> Result<Verdict, RuleFailure> {
                     },
                     reason: r.reason,
                     labels: r.labels,
+                    ordering_key: None,
+                    payload: None,
                 })
                 .collect();
             output::bound(routes).map(Verdict::Routes)
