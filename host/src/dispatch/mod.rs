@@ -8,3 +8,4 @@
 pub mod config;
 pub mod envelope;
 pub mod guard;
+pub mod transport;
