@@ -16,6 +16,7 @@
 //! lease that expires (a worker crashed) makes the event claimable again, so
 //! a crash between claim and decision loses nothing.
 
+pub mod dispatch;
 pub mod log;
 pub mod sqlite;
 

@@ -53,8 +53,11 @@ use crate::ingress::NewEvent;
 
 /// The schema this build reads and writes, kept in `PRAGMA user_version`
 /// (0: the first store; 1: bodies in a side log, rows as the record; 2: the
-/// event log as the record, dedup keyed by text).
-const SCHEMA_VERSION: i64 = 3;
+/// event log as the record, dedup keyed by text; 3: dedup keyed by digest;
+/// 4 adds the dispatch tables to 3, which is upgraded in place).
+const SCHEMA_VERSION: i64 = 4;
+
+mod dispatch;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -185,6 +188,7 @@ pub struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
     log: LogReader,
     work: Arc<Notify>,
+    deliveries_work: tokio::sync::watch::Sender<u64>,
     shared: Arc<Shared>,
     options: Options,
 }
@@ -273,6 +277,7 @@ impl SqliteStore {
         conn.busy_timeout(Duration::from_secs(10))?;
         check_schema(&conn, path)?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(dispatch::SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         // Expired body-hash keys are overwritten when their body comes again;
         // the rest are dropped here.
@@ -338,6 +343,7 @@ impl SqliteStore {
             reader: Arc::new(Mutex::new(reader)),
             log: LogReader::new(log_dir),
             work,
+            deliveries_work: tokio::sync::watch::Sender::new(0),
             shared,
             options,
         })
@@ -444,7 +450,8 @@ fn check_schema(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         [],
         |r| r.get(0),
     )?;
-    if has_events && version != SCHEMA_VERSION {
+    // Schema 4 only adds tables to 3: upgraded in place by creating them.
+    if has_events && version != SCHEMA_VERSION && version != 3 {
         let by = if version < SCHEMA_VERSION {
             "an older"
         } else {
@@ -1184,9 +1191,10 @@ const HELD: &str = "WHERE seq = (SELECT seq FROM events WHERE id = ?1) \
 fn settle_routed(
     conn: &Connection,
     lease: &Lease,
-    decided_at_ms: i64,
+    decision: &Decision,
     json: &str,
 ) -> Result<Result<(), StoreError>, StoreError> {
+    let decided_at_ms = decision.decided_at_ms;
     let n = conn
         .prepare_cached(&format!("DELETE FROM queue {HELD}"))?
         .execute(params![lease.event_id, lease.worker, lease.attempt])?;
@@ -1201,6 +1209,8 @@ fn settle_routed(
         "INSERT INTO decisions (event_id, decided_at_ms, decision) VALUES (?1, ?2, ?3)",
     )?
     .execute(params![lease.event_id, decided_at_ms, json])?;
+    // The deliveries the decision implies, in the same write.
+    dispatch::queue_routes(conn, &lease.event_id, decision, decided_at_ms)?;
     Ok(Ok(()))
 }
 
@@ -1927,18 +1937,21 @@ impl Store for SqliteStore {
             .map(|(lease, decision)| {
                 let json = serde_json::to_string(decision)
                     .map_err(|e| StoreError::Backend(e.to_string()))?;
-                Ok((lease.clone(), decision.decided_at_ms, json))
+                Ok((lease.clone(), decision.clone(), json))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         let results = self
             .write(move |conn| {
                 rows.iter()
-                    .map(|(lease, at, json)| settle_routed(conn, lease, *at, json))
+                    .map(|(lease, decision, json)| settle_routed(conn, lease, decision, json))
                     .collect::<Result<Vec<_>, StoreError>>()
             })
             .await?;
         let settled = results.iter().filter(|r| r.is_ok()).count();
         self.add_depth(-(settled as i64));
+        if settled > 0 {
+            self.deliveries_work.send_modify(|n| *n += 1);
+        }
         Ok(results)
     }
 
