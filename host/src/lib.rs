@@ -37,6 +37,7 @@ use crate::rules::SharedRuleSet;
 use crate::rules::reload::SharedStatus;
 use crate::rules::router::RouterOptions;
 use crate::secret::Generate;
+use crate::store::dispatch::DispatchStore;
 use crate::store::{SqliteStore, Store};
 
 pub use server::run;
@@ -56,6 +57,9 @@ pub struct AppState {
     pub dedup: Dedup,
     /// The durable event log.
     pub store: Arc<dyn Store>,
+    /// The same store's dispatch role: deliveries, attempts, workflow runs,
+    /// the dead-letter queue.
+    pub dispatch: Arc<dyn DispatchStore>,
     /// What each rule file loaded as, served at `/status/rules` (kept by the
     /// rules' [`Reloader`](crate::rules::reload::Reloader)).
     pub rules_status: SharedStatus,
@@ -90,6 +94,7 @@ impl AppState {
             crate::store::sqlite::Options::from_config(&config.store, &config.rules),
         )
         .map_err(|e| anyhow::anyhow!("{}: store.path: {e}", config.origin))?;
+        let store = Arc::new(store);
         let state = AppState {
             shield: Shield::new(&config.shield),
             body_budget: BodyBudget::new(
@@ -98,7 +103,8 @@ impl AppState {
             ),
             dedup: Dedup::new(config.store.dedup_capacity, config.store.dedup_ttl),
             sources: ArcSwap::from_pointee(sources),
-            store: Arc::new(store),
+            dispatch: store.clone(),
+            store,
             rules_status: SharedStatus::default(),
             live_rules: std::sync::OnceLock::new(),
             rules_recorded: tokio::sync::Mutex::new(None),
