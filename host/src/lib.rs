@@ -145,12 +145,25 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (stop_router, router_stopped) = tokio::sync::watch::channel(false);
+    let dispatcher = if state.config.dispatch.enabled {
+        let d = crate::dispatch::dispatcher::Dispatcher::build(
+            &state.config,
+            state.dispatch.clone(),
+            Generate::IfMissing,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Some(d)
+    } else {
+        tracing::warn!("dispatch.enabled = false: deliveries are queued, none is sent");
+        None
+    };
     let router = tokio::spawn(rules::router::run(
         state.store.clone(),
         rules,
         RouterOptions::from(&state.config.rules),
         router_stopped,
     ));
+    let dispatcher = dispatcher.map(|d| tokio::spawn(d.run(stop_router.subscribe())));
     let retention = tokio::spawn(keep_retention(
         state.store.clone(),
         state.config.store.retention,
@@ -160,6 +173,11 @@ pub async fn serve(
     let _ = stop_router.send(true);
     if let Err(e) = router.await {
         tracing::error!(error = %e, "router ended abnormally");
+    }
+    if let Some(d) = dispatcher
+        && let Err(e) = d.await
+    {
+        tracing::error!(error = %e, "dispatcher ended abnormally");
     }
     let _ = retention.await;
     state.store.close().await;

@@ -2,7 +2,9 @@
 //! signature.
 //!
 //! The body is the JSON of an [`Envelope`]: `{"event": …, "route": …,
-//! "attempt": n}` (and `"step"` for a workflow step). It is signed the
+//! "attempt": n}` (and `"step"` and `"input"`, the previous step's answer,
+//! for a workflow step). A route with a shaped `payload` carries that in
+//! place of the body. It is signed the
 //! Standard Webhooks way, so an agent verifies it with any off-the-shelf
 //! library: `webhook-id` is the [`idempotency_key`] (one per event, route and
 //! step, the same on every attempt, so an agent can drop a repeat),
@@ -38,6 +40,11 @@ pub struct Envelope<'a> {
     /// The workflow step this delivery is for; absent for a plain agent route.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step: Option<&'a str>,
+    /// The previous workflow step's answer (one agent's JSON answer, or an
+    /// object of them by agent for a parallel step); absent on a first step
+    /// and for a plain route.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input: Option<&'a serde_json::Value>,
 }
 
 /// The event part of an [`Envelope`].
@@ -69,6 +76,9 @@ pub enum Payload<'a> {
     /// A JSON body, embedded as the JSON value it is, byte for byte (key
     /// order and number spelling kept; nothing is re-encoded).
     Json(&'a RawValue),
+    /// What the rule shaped for the agent (a route's `payload`), instead of
+    /// the body.
+    Shaped(&'a serde_json::Value),
     /// A body that is not JSON, as a JSON string (bytes that are not UTF-8
     /// become U+FFFD). Stored bodies are JSON in practice: intake stores a
     /// form-encoded GitHub body decoded.
@@ -99,12 +109,22 @@ impl<'a> Envelope<'a> {
                 action: event.action.as_deref(),
                 delivery_id: &event.delivery_id,
                 received_at_ms: event.received_at_ms,
-                payload: Payload::of(&event.body),
+                payload: match &route.payload {
+                    Some(shaped) => Payload::Shaped(shaped),
+                    None => Payload::of(&event.body),
+                },
             },
             route,
             attempt,
             step,
+            input: None,
         }
+    }
+
+    /// The same envelope carrying the previous step's answer.
+    pub fn with_input(mut self, input: Option<&'a serde_json::Value>) -> Self {
+        self.input = input;
+        self
     }
 
     /// The body to POST: the envelope as compact JSON.

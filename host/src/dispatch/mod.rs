@@ -6,6 +6,7 @@
 //! delivery POSTs and how it is signed.
 
 pub mod config;
+pub mod dispatcher;
 pub mod envelope;
 pub mod guard;
 pub mod transport;

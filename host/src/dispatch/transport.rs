@@ -106,3 +106,13 @@ pub trait Transport: Send + Sync + 'static {
     /// Makes one attempt.
     async fn send(&self, request: &Request) -> Outcome;
 }
+
+/// Builds the transport of agent `name` (placeholder until the transports land).
+pub fn build(
+    name: &str,
+    _agent: &crate::dispatch::config::AgentConfig,
+    _config: &crate::config::Config,
+    _generate: crate::secret::Generate,
+) -> Result<std::sync::Arc<dyn Transport>, String> {
+    Err(format!("agents.{name}: no transport yet"))
+}

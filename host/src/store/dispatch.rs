@@ -265,6 +265,12 @@ pub fn parse_delivery_name(s: &str) -> Option<i64> {
 /// The dispatch role of a store backend.
 #[async_trait]
 pub trait DispatchStore: Send + Sync + 'static {
+    /// Voids the claims a process that ended left on deliveries, so they go
+    /// out again at once instead of when their leases run out. Only for a
+    /// backend one process owns (the embedded store: its log lock keeps out
+    /// a second process); a shared backend lets leases run out instead.
+    async fn release_claims(&self) -> Result<u64, StoreError>;
+
     /// Leases up to `max` due deliveries to `agent` for `lease`: priority
     /// first, then due time, then arrival; a delivery whose ordering key has
     /// an earlier unsettled delivery to the same agent is skipped; a paused

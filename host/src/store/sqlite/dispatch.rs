@@ -423,6 +423,21 @@ impl SqliteStore {
 
 #[async_trait]
 impl DispatchStore for SqliteStore {
+    async fn release_claims(&self) -> Result<u64, StoreError> {
+        let n = self
+            .write(|conn| {
+                Ok(conn
+                    .prepare_cached(
+                        "UPDATE deliveries SET due_at_ms = ?1, claimed_by = NULL \
+                         WHERE status = 'queued' AND claimed_by IS NOT NULL",
+                    )?
+                    .execute([now_ms()])? as u64)
+            })
+            .await?;
+        self.deliveries_work.send_modify(|n| *n += 1);
+        Ok(n)
+    }
+
     async fn claim_deliveries(
         &self,
         agent: &str,
@@ -853,7 +868,7 @@ impl DispatchStore for SqliteStore {
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             out.extend(events);
-            out.sort_by(|a, b| b.at_ms.cmp(&a.at_ms));
+            out.sort_by_key(|d| std::cmp::Reverse(d.at_ms));
             out.truncate(limit);
             Ok(out)
         })
