@@ -3,6 +3,7 @@
 //! `sluice` binary and kills it with SIGKILL.
 
 mod abuse;
+mod agent_server;
 mod author;
 mod bench;
 mod cli;
@@ -11,6 +12,7 @@ mod corpus;
 mod costs;
 mod crash;
 mod dedup;
+mod dispatch;
 mod engine;
 mod envelope;
 mod explain;

@@ -116,6 +116,9 @@ prefix = "sha256="
 encoding = "hex"
 delivery_header = "X-Delivery"
 kind_header = "X-Event"
+
+[admin]
+listen = "127.0.0.1:0"
 {extra}
 "#,
             data = dir.path().join("data").display()
@@ -254,13 +257,18 @@ pub const APPROVE_ALL: &str =
     "sources = [\"*\"]\nkinds = [\"*\"]\nagents = [\"*\"]\nworkflows = [\"*\"]\nwasi = true";
 
 /// The shipped config's approvals of the shipped rules (`[rules.grants.*]`
-/// of sluice.toml), to append to a test config that loads `rules/`.
+/// of sluice.toml) and the agents they name, to append to a test config that loads `rules/`.
 pub fn shipped_grants() -> &'static str {
     let text = sluice::config::EMBEDDED_DEFAULTS;
     let start = text
         .find("[rules.grants.")
         .expect("sluice.toml approves the shipped rules");
-    &text[start..]
+    // With the agents they name (outboxes under the data dir); not the
+    // dispatch and admin tables, which a test sets itself.
+    let end = text
+        .find("\n[dispatch]")
+        .expect("sluice.toml has [dispatch] after its agents");
+    &text[start..end]
 }
 
 pub fn client() -> Client<HttpConnector, Full<Bytes>> {
@@ -597,6 +605,8 @@ pub struct RoutingGateway {
     pub base: String,
     /// The gateway's store.
     pub store: std::sync::Arc<dyn Store>,
+    /// The same store's dispatch role.
+    pub dispatch: std::sync::Arc<dyn sluice::store::dispatch::DispatchStore>,
     /// The rule set the workers route with.
     pub rules: sluice::rules::SharedRuleSet,
     stop: Option<oneshot::Sender<()>>,
@@ -614,6 +624,7 @@ impl RoutingGateway {
         let addr = listener.local_addr().expect("addr");
         let (state, _) = AppState::build(config).expect("state builds");
         let store = state.store.clone();
+        let dispatch = state.dispatch.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(sluice::serve(state, rules.clone(), listener, async move {
             let _ = stopped.await;
@@ -621,6 +632,7 @@ impl RoutingGateway {
         RoutingGateway {
             base: format!("http://{addr}"),
             store,
+            dispatch,
             rules,
             stop: Some(stop),
             server: Some(server),
