@@ -479,3 +479,108 @@ fn a_grant_naming_an_undeclared_agent_is_a_config_error() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_dispatch_and_workflows_loses_nothing_and_records_no_step_twice() {
+    use crate::support::ServeChild;
+    const EVENTS: usize = 120;
+    let agents = AgentServer::start(AGENT_SECRET).await;
+    let slow = Script { latency: Some(Duration::from_millis(15)), ..Default::default() };
+    for a in ["plain", "first", "second", "ordered"] {
+        agents.script(a, slow.clone());
+    }
+    let env = dispatch_env(
+        &[
+            http_agent("plain", &agents.url("plain"), "concurrency = 4"),
+            http_agent("first", &agents.url("first"), "concurrency = 4"),
+            http_agent("second", &agents.url("second"), "concurrency = 4"),
+            http_agent("ordered", &agents.url("ordered"), "concurrency = 8"),
+        ]
+        .concat(),
+        "[workflows.two]\nsteps = [{ agent = \"first\" }, { agent = \"second\" }]\n",
+    );
+    let mut child = ServeChild::spawn(&env.config_path);
+    let mut ids = Vec::new();
+    for n in 0..EVENTS {
+        let routes = json!([
+            {"agent": "plain"},
+            {"agent": "first", "workflow": "two"},
+            {"agent": "ordered", "ordering_key": format!("k{}", n % 3)},
+        ]);
+        ids.push(send(&env, &child.base, n, routes).await);
+    }
+    // Kill it while deliveries and workflow steps are under way.
+    agents
+        .until(Duration::from_secs(30), "dispatch under way", |seen| {
+            seen.iter().filter(|r| r.agent == "second").count() >= 5
+        })
+        .await;
+    let before = agents.seen().len();
+    child.kill();
+    assert!(
+        agents.delivered("second").len() < EVENTS && before < 4 * EVENTS,
+        "killed mid-way ({before} attempts seen)"
+    );
+    let child = ServeChild::spawn(&env.config_path);
+    agents
+        .until(Duration::from_secs(60), "every delivery after the restart", |seen| {
+            ["plain", "second", "ordered"].iter().all(|a| {
+                seen.iter()
+                    .filter(|r| r.agent == *a && r.status == 200)
+                    .map(|r| r.id.clone())
+                    .collect::<HashSet<_>>()
+                    .len()
+                    >= EVENTS
+            })
+        })
+        .await;
+    drop(child);
+    let seen = agents.seen();
+    assert!(seen.iter().all(|r| r.verified));
+    for a in ["plain", "first", "second", "ordered"] {
+        // Each event reached each agent under one key.
+        let mut by_event: BTreeMap<String, HashSet<String>> = BTreeMap::new();
+        for r in seen.iter().filter(|r| r.agent == a) {
+            by_event
+                .entry(r.body["event"]["id"].as_str().unwrap().into())
+                .or_default()
+                .insert(r.id.clone());
+        }
+        assert_eq!(by_event.len(), EVENTS, "{a}: every event");
+        assert!(by_event.values().all(|k| k.len() == 1), "{a}: one key per event");
+    }
+    // A workflow's second step never went out before its first was done.
+    for r in seen.iter().filter(|r| r.agent == "second") {
+        let event = &r.body["event"]["id"];
+        let first_done = seen
+            .iter()
+            .filter(|f| f.agent == "first" && f.status == 200 && &f.body["event"]["id"] == event)
+            .map(|f| f.at)
+            .min()
+            .expect("step one delivered");
+        assert!(first_done <= r.at, "step two after step one");
+        assert_eq!(r.body["input"], json!({"ok": true, "agent": "first"}));
+    }
+    // Ordered keys: first deliveries per key in arrival order.
+    for k in 0..3u64 {
+        let mut firsts = Vec::new();
+        let mut got = HashSet::new();
+        for r in seen.iter().filter(|r| r.agent == "ordered" && r.status == 200) {
+            let n = r.body["event"]["payload"]["n"].as_u64().unwrap();
+            if n % 3 == k && got.insert(n) {
+                firsts.push(n);
+            }
+        }
+        let mut sorted = firsts.clone();
+        sorted.sort();
+        assert_eq!(firsts, sorted, "key k{k} in arrival order");
+    }
+    // Each run finished with both steps recorded once.
+    let store = sluice::store::SqliteStore::open(&env.db(), 64).unwrap();
+    for id in &ids {
+        let runs = store.runs(id).await.unwrap();
+        assert_eq!(runs.len(), 1, "{id}");
+        let names: Vec<_> = runs[0].steps_done.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["step-1", "step-2"], "{id}: {runs:?}");
+    }
+}
