@@ -485,7 +485,10 @@ async fn sigkill_during_dispatch_and_workflows_loses_nothing_and_records_no_step
     use crate::support::ServeChild;
     const EVENTS: usize = 120;
     let agents = AgentServer::start(AGENT_SECRET).await;
-    let slow = Script { latency: Some(Duration::from_millis(15)), ..Default::default() };
+    let slow = Script {
+        latency: Some(Duration::from_millis(15)),
+        ..Default::default()
+    };
     for a in ["plain", "first", "second", "ordered"] {
         agents.script(a, slow.clone());
     }
@@ -523,16 +526,20 @@ async fn sigkill_during_dispatch_and_workflows_loses_nothing_and_records_no_step
     );
     let child = ServeChild::spawn(&env.config_path);
     agents
-        .until(Duration::from_secs(60), "every delivery after the restart", |seen| {
-            ["plain", "second", "ordered"].iter().all(|a| {
-                seen.iter()
-                    .filter(|r| r.agent == *a && r.status == 200)
-                    .map(|r| r.id.clone())
-                    .collect::<HashSet<_>>()
-                    .len()
-                    >= EVENTS
-            })
-        })
+        .until(
+            Duration::from_secs(60),
+            "every delivery after the restart",
+            |seen| {
+                ["plain", "second", "ordered"].iter().all(|a| {
+                    seen.iter()
+                        .filter(|r| r.agent == *a && r.status == 200)
+                        .map(|r| r.id.clone())
+                        .collect::<HashSet<_>>()
+                        .len()
+                        >= EVENTS
+                })
+            },
+        )
         .await;
     drop(child);
     let seen = agents.seen();
@@ -547,7 +554,10 @@ async fn sigkill_during_dispatch_and_workflows_loses_nothing_and_records_no_step
                 .insert(r.id.clone());
         }
         assert_eq!(by_event.len(), EVENTS, "{a}: every event");
-        assert!(by_event.values().all(|k| k.len() == 1), "{a}: one key per event");
+        assert!(
+            by_event.values().all(|k| k.len() == 1),
+            "{a}: one key per event"
+        );
     }
     // A workflow's second step never went out before its first was done.
     for r in seen.iter().filter(|r| r.agent == "second") {
@@ -565,7 +575,10 @@ async fn sigkill_during_dispatch_and_workflows_loses_nothing_and_records_no_step
     for k in 0..3u64 {
         let mut firsts = Vec::new();
         let mut got = HashSet::new();
-        for r in seen.iter().filter(|r| r.agent == "ordered" && r.status == 200) {
+        for r in seen
+            .iter()
+            .filter(|r| r.agent == "ordered" && r.status == 200)
+        {
             let n = r.body["event"]["payload"]["n"].as_u64().unwrap();
             if n % 3 == k && got.insert(n) {
                 firsts.push(n);

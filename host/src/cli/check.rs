@@ -39,6 +39,31 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
             println!("  {}: {from}", r.key);
         }
     }
+    let agents = crate::dispatch::dispatcher::Dispatcher::build_agents(&config, Generate::Preview)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (name, a) in &agents {
+        let to = match a.config.kind {
+            crate::dispatch::config::AgentKind::Http => a.config.url.clone().unwrap_or_default(),
+            crate::dispatch::config::AgentKind::Nats => format!(
+                "{} {}",
+                a.config.server.as_deref().unwrap_or(""),
+                a.config.subject.as_deref().unwrap_or("")
+            ),
+            crate::dispatch::config::AgentKind::Exec => {
+                a.config.command.clone().unwrap_or_default().join(" ")
+            }
+            crate::dispatch::config::AgentKind::Outbox => config
+                .data_dir()
+                .join(&config.dispatch.outbox_dir)
+                .join(format!("{name}.jsonl"))
+                .display()
+                .to_string(),
+        };
+        println!("agent {name}: {} → {to}", a.config.kind.as_str());
+    }
+    for (name, w) in &config.workflows {
+        println!("workflow {name}: {} steps", w.steps.len());
+    }
     let engine = WasmEngine::with_pool(None, &config.rules.pool)?;
     let rules = config.load_rules(&engine)?;
     let dir = config.rules.rules_dir(&config.base_dir);

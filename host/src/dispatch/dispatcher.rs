@@ -184,6 +184,16 @@ impl Dispatcher {
         store: Arc<dyn DispatchStore>,
         generate: Generate,
     ) -> Result<Dispatcher, String> {
+        let agents = Dispatcher::build_agents(config, generate)?;
+        Ok(Dispatcher::new(store, agents, config.workflows.clone()))
+    }
+
+    /// Builds every agent of `config` (what `sluice check` tries without
+    /// generating secrets).
+    pub fn build_agents(
+        config: &Config,
+        generate: Generate,
+    ) -> Result<BTreeMap<String, Arc<AgentRuntime>>, String> {
         let mut agents = BTreeMap::new();
         for (name, agent) in &config.agents {
             let transport = crate::dispatch::transport::build(name, agent, config, generate)?;
@@ -193,7 +203,7 @@ impl Dispatcher {
                 Arc::new(AgentRuntime::new(name, agent.clone(), transport, signer)),
             );
         }
-        Ok(Dispatcher::new(store, agents, config.workflows.clone()))
+        Ok(agents)
     }
 
     /// A dispatcher over agents already built (tests, benches).
