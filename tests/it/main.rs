@@ -28,4 +28,5 @@ mod rule_logs;
 mod rules;
 mod store;
 mod support;
+mod transports;
 mod vectors;
