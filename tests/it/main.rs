@@ -30,4 +30,5 @@ mod rule_logs;
 mod rules;
 mod store;
 mod support;
+mod transports;
 mod vectors;

@@ -5,11 +5,17 @@
 //! A transport makes one attempt and classifies its result; it never
 //! retries, sleeps or counts. Retries, backoff, breakers and limits are the
 //! dispatcher's, the same for every kind.
+//!
+//! One module per [`AgentKind`]: [`http`], [`exec`], [`nats`] and
+//! [`outbox`]; [`build`] makes an agent's transport from its config.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+
+use crate::dispatch::config::{AgentConfig, AgentKind};
 
 /// One attempt's request: the signed envelope and its headers.
 #[derive(Debug, Clone)]
@@ -107,12 +113,38 @@ pub trait Transport: Send + Sync + 'static {
     async fn send(&self, request: &Request) -> Outcome;
 }
 
-/// Builds the transport of agent `name` (placeholder until the transports land).
+/// Builds the transport of agent `name` from its config: an HTTP client on
+/// the guarded connector, a lazily connected JetStream publisher, a program
+/// runner or an outbox file. `generate` says whether a generated bearer
+/// token may be created (`serve`) or only previewed (`check`).
+///
+/// The error names the key at fault (`agents.NAME.url`) and what is wrong,
+/// never a secret's value.
 pub fn build(
     name: &str,
-    _agent: &crate::dispatch::config::AgentConfig,
-    _config: &crate::config::Config,
-    _generate: crate::secret::Generate,
-) -> Result<std::sync::Arc<dyn Transport>, String> {
-    Err(format!("agents.{name}: no transport yet"))
+    agent: &AgentConfig,
+    config: &crate::config::Config,
+    generate: crate::secret::Generate,
+) -> Result<Arc<dyn Transport>, String> {
+    Ok(match agent.kind {
+        AgentKind::Http => Arc::new(http::HttpTransport::new(name, agent, config, generate)?),
+        AgentKind::Exec => Arc::new(exec::ExecTransport::new(name, agent)?),
+        AgentKind::Nats => Arc::new(nats::NatsTransport::new(name, agent)?),
+        AgentKind::Outbox => Arc::new(outbox::OutboxTransport::new(name, config)?),
+    })
 }
+
+/// `agents.NAME.KEY`, as errors name a key.
+fn key(name: &str, key: &str) -> String {
+    format!("agents.{name}.{key}")
+}
+
+/// The answer as JSON, when it is JSON.
+fn json_answer(bytes: &[u8]) -> Option<serde_json::Value> {
+    serde_json::from_slice(bytes).ok()
+}
+
+pub mod exec;
+pub mod http;
+pub mod nats;
+pub mod outbox;
