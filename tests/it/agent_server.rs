@@ -166,17 +166,20 @@ async fn receive(
     if let Some(l) = script.latency {
         tokio::time::sleep(l).await;
     }
-    let stalled = n == 1 && script.stall_first.is_some();
-    if let Some(stall) = script.stall_first.filter(|_| stalled) {
+    if let Some(stall) = script.stall_first.filter(|_| n == 1) {
+        // Recorded as it arrives, as a failure: the sender gives up first.
+        server.inner.lock().unwrap().seen.push(Received {
+            agent,
+            id,
+            at,
+            body: envelope,
+            verified,
+            status: 504,
+        });
         tokio::time::sleep(stall).await;
+        return (StatusCode::GATEWAY_TIMEOUT, "stalled").into_response();
     }
-    let (status, response) = if stalled {
-        // The sender gave up long ago; recorded as a failure.
-        (
-            504,
-            (StatusCode::GATEWAY_TIMEOUT, "stalled").into_response(),
-        )
-    } else if script.down || n <= script.fail_first {
+    let (status, response) = if script.down || n <= script.fail_first {
         (
             503,
             (StatusCode::SERVICE_UNAVAILABLE, "down").into_response(),

@@ -50,9 +50,21 @@ pub fn dispatch_env(agents: &str, extra: &str) -> Env {
 
 /// An http agent at `url` with quick retries, loopback allowed.
 pub fn http_agent(name: &str, url: &str, keys: &str) -> String {
-    format!(
-        "[agents.{name}]\nkind = \"http\"\nurl = {url:?}\nallow_loopback = true\nbackoff = \"100ms\"\nmax_backoff = \"2s\"\ntimeout = \"1s\"\n{keys}\n"
-    )
+    let mut text =
+        format!("[agents.{name}]\nkind = \"http\"\nurl = {url:?}\nallow_loopback = true\n{keys}\n");
+    for (key, default) in [
+        ("backoff", "\"100ms\""),
+        ("max_backoff", "\"2s\""),
+        ("timeout", "\"1s\""),
+    ] {
+        if !keys
+            .lines()
+            .any(|l| l.split('=').next().map(str::trim) == Some(key))
+        {
+            text.push_str(&format!("{key} = {default}\n"));
+        }
+    }
+    text
 }
 
 /// Sends one signed event to `/hooks/standard` routed along `routes`;
@@ -110,9 +122,18 @@ async fn every_event_reaches_its_agents_through_failures_429s_and_timeouts() {
     );
     let env = dispatch_env(
         &[
-            http_agent("flaky", &agents.url("flaky"), ""),
+            // Breakers that stay closed: this test is about retries.
+            http_agent(
+                "flaky",
+                &agents.url("flaky"),
+                "breaker = { failures = 100 }",
+            ),
             http_agent("limited", &agents.url("limited"), ""),
-            http_agent("stalling", &agents.url("stalling"), "timeout = \"300ms\""),
+            http_agent(
+                "stalling",
+                &agents.url("stalling"),
+                "timeout = \"300ms\"\nbreaker = { failures = 100 }",
+            ),
             http_agent(
                 "down",
                 &agents.url("down"),

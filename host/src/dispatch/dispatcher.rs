@@ -410,10 +410,11 @@ async fn attempt(d: &Dispatcher, agent: &AgentRuntime, delivery: ClaimedDelivery
     };
     let latency = started.elapsed();
     // A failed attempt counts toward the breaker only when it says the agent
-    // is unwell (timeouts, connection errors, 429, 5xx); a final 4xx is an
-    // answer from a working agent.
+    // is unwell (timeouts, connection errors, 5xx). A 429 is a working agent
+    // asking for room (its `Retry-After` is honoured per delivery), and a
+    // final 4xx is an answer from a working agent.
     let breaker_outcome = match &outcome {
-        Outcome::Retry { .. } => BreakerOutcome::Broke,
+        Outcome::Retry { status, .. } if *status != Some(429) => BreakerOutcome::Broke,
         _ => BreakerOutcome::Ran,
     };
     if agent.breaker.record(breaker_outcome, trial) {
