@@ -736,7 +736,9 @@ impl RuleSet {
 }
 
 /// Adds a route, merging with an existing one for the same agent and
-/// workflow: the higher priority (and its reason) wins, labels are unioned.
+/// workflow: the higher priority (and its reason) wins, labels are unioned,
+/// and the first rule (in rule order) to set an ordering key or a payload
+/// keeps it; a later rule's only fills one left unset.
 fn merge_route(routes: &mut Vec<Route>, new: Route) {
     match routes
         .iter_mut()
@@ -751,6 +753,12 @@ fn merge_route(routes: &mut Vec<Route>, new: Route) {
                 if !existing.labels.contains(&label) {
                     existing.labels.push(label);
                 }
+            }
+            if existing.ordering_key.is_none() {
+                existing.ordering_key = new.ordering_key;
+            }
+            if existing.payload.is_none() {
+                existing.payload = new.payload;
             }
         }
         None => routes.push(new),
