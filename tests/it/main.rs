@@ -29,3 +29,4 @@ mod rules;
 mod store;
 mod support;
 mod vectors;
+mod wit_versions;
