@@ -290,6 +290,15 @@ impl Rule {
         &self.code
     }
 
+    /// The `sluice:router` interface version a component rule targets; none
+    /// for scripts and native rules.
+    pub fn interface(&self) -> Option<wasm::WitVersion> {
+        match &self.code {
+            RuleCode::Wasm(w) => Some(w.wit_version()),
+            _ => None,
+        }
+    }
+
     /// Whether the rule wants this event (provider and kind filters) and is
     /// granted it (source and kind): the host never calls it otherwise.
     pub fn wants(&self, ev: &Event) -> bool {
