@@ -47,6 +47,7 @@ COMPONENTS=(
     "github-router      github-router         shipped"
     "bench-three-fields bench-three-fields    rule"
     "call-count         call-count            rule"
+    "shaped             shaped                rule"
     "loop               hostile-loop          hostile"
     "membomb            hostile-membomb       hostile"
     "recursion          hostile-recursion     hostile"
@@ -66,6 +67,9 @@ GUESTS=(
     "three-fields-js   js        rules/three-fields-js/rule.js"
     "three-fields-py   python    rules/three-fields-py/app.py"
 )
+# The C, JavaScript and Python guests stay on interface 0.1.0 (the host
+# serves both); the Rust SDK, and so every cargo-built component but
+# `ungranted` (its own bindings), targets 0.2.0.
 WIT_DIR="$repo/wit/sluice-router@0.1.0"
 
 say() { tc_say "$@"; }
@@ -115,6 +119,10 @@ world_items() {
         }'
 }
 
+# The interface versions the host serves; a component must export the
+# classifier of one of them and import sluice:router interfaces of that one.
+SERVED_VERSIONS="0.1.0 0.2.0"
+
 verify() { # name file role [language]
     local name="$1" file="$2" role="$3" lang="${4:-rust}" items problems=()
     items="$(world_items "$file")" || die "$name: wasm-tools cannot read $file"
@@ -128,19 +136,22 @@ verify() { # name file role [language]
         python) extra="exports" ;;
         *) extra="" ;;
     esac
-    local e found=0
+    local e version="" v
     while IFS= read -r e; do
         [ -z "$e" ] && continue
-        if [ "$e" = "sluice:router/classifier@0.1.0" ]; then found=1
+        v="${e#sluice:router/classifier@}"
+        if [ "$v" != "$e" ] && [[ " $SERVED_VERSIONS " == *" $v "* ]] && [ -z "$version" ]; then
+            version="$v"
         elif [ -n "$extra" ] && [ "$e" = "$extra" ]; then :
-        else problems+=("exports $e besides sluice:router/classifier@0.1.0"); fi
+        else problems+=("exports $e besides one sluice:router/classifier"); fi
     done <<<"$exports"
-    [ "$found" = 1 ] || problems+=("does not export sluice:router/classifier@0.1.0")
+    [ -n "$version" ] || problems+=("exports no sluice:router/classifier of $SERVED_VERSIONS")
     local evil=0 i
     while IFS= read -r i; do
         [ -z "$i" ] && continue
         case "$i" in
-            sluice:router/types@0.1.0 | sluice:router/log@0.1.0 | sluice:router/config@0.1.0) ;;
+            "sluice:router/types@$version" | "sluice:router/log@$version" | \
+                "sluice:router/config@$version") ;;
             wasi:*) [ "$lang" = rust ] && [ "$TOOLCHAIN" = rustup ] ||
                 problems+=("imports $i from a no-WASI build") ;;
             evil:net/socket@0.1.0) evil=1; [ "$role" = ungranted ] || problems+=("imports $i") ;;
@@ -154,9 +165,9 @@ verify() { # name file role [language]
     fi
     # Summary for the table: sluice/evil imports by name, WASI ones counted.
     local own wasi
-    own="$(grep -v '^wasi:' <<<"$imports" | sed -E 's/@0\.1\.0$//' | paste -sd ' ' -)"
+    own="$(grep -v '^wasi:' <<<"$imports" | sed -E 's/@[0-9.]+$//' | paste -sd ' ' -)"
     wasi="$(grep -c '^wasi:' <<<"$imports" || true)"
-    IMPORT_SUMMARY="$own"
+    IMPORT_SUMMARY="@$version $own"
     [ "$wasi" -gt 0 ] && IMPORT_SUMMARY="$IMPORT_SUMMARY + $wasi wasi:*"
     return 0
 }
@@ -250,7 +261,7 @@ done
 echo "$TOOLCHAIN" > "$out/TOOLCHAIN"
 
 echo
-echo "components in plugins/out ($TOOLCHAIN, $TARGET), all exporting sluice:router/classifier@0.1.0:"
+echo "components in plugins/out ($TOOLCHAIN, $TARGET), each exporting sluice:router/classifier@<version>:"
 printf '%-20s %10s\n' "name" "bytes"
 printf '%s\n' "${rows[@]}"
 echo "shipped: rules/github-router.wasm"

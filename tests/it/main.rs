@@ -32,3 +32,4 @@ mod store;
 mod support;
 mod transports;
 mod vectors;
+mod wit_versions;

@@ -1287,6 +1287,8 @@ fn the_sdk_limits_are_the_hosts() {
         ("MAX_LABELS", output::MAX_LABELS),
         ("MAX_LABEL", output::MAX_LABEL),
         ("MAX_ERROR", output::MAX_ERROR),
+        ("MAX_ORDERING_KEY", output::MAX_ORDERING_KEY),
+        ("MAX_PAYLOAD", output::MAX_PAYLOAD),
         ("MAX_LOG_MESSAGE", sluice::rules::log::MAX_MESSAGE),
         ("MAX_LOG_FIELDS", sluice::rules::log::MAX_FIELDS),
         ("MAX_LOG_FIELD_KEY", sluice::rules::log::MAX_FIELD_KEY),

@@ -65,11 +65,19 @@ pub const RUST_SDK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/plugins/sdk-rus
 const TOOLCHAIN_SH: &str =
     include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/plugins/toolchain.sh"));
 
-/// The WIT package rules are built against, written beside each component
-/// skeleton (an empty directory has no `wit/`).
+/// The WIT package C, JavaScript and Python skeletons are built against
+/// (`sluice:router@0.1.0`), written beside each of them (an empty directory
+/// has no `wit/`).
 const ROUTER_WIT: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/wit/sluice-router@0.1.0/router.wit"
+));
+
+/// The WIT package a Rust skeleton targets (`sluice:router@0.2.0`, as the
+/// SDK it depends on does), written beside it for reference.
+const ROUTER_WIT_0_2: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/wit/sluice-router@0.2.0/router.wit"
 ));
 
 /// The one command that builds a component skeleton written into `dir`.
@@ -240,12 +248,24 @@ timeout_ms = 50
     )
 }
 
+/// The WIT a skeleton in `lang` builds against: 0.2.0 for Rust (the SDK's),
+/// 0.1.0 for the others (the host serves both).
+fn wit_for(lang: Lang) -> &'static str {
+    match lang {
+        Lang::Rust => ROUTER_WIT_0_2,
+        _ => ROUTER_WIT,
+    }
+}
+
 /// `build.sh`, `toolchain.sh` and the WIT, in the component's folder.
 fn build_files(folder: &Path, name: &str, lang: Lang) -> Vec<(PathBuf, String)> {
     vec![
         (folder.join("build.sh"), build_script(name, lang)),
         (folder.join("toolchain.sh"), TOOLCHAIN_SH.to_owned()),
-        (folder.join("wit").join("router.wit"), ROUTER_WIT.to_owned()),
+        (
+            folder.join("wit").join("router.wit"),
+            wit_for(lang).to_owned(),
+        ),
     ]
 }
 
@@ -393,10 +413,13 @@ impl sluice_rule::Rule for Rule {{
             return Ok(Decision::ignore("not an opened issue"));
         }}
         let repo = ev.str("/repository/full_name").unwrap_or_default();
+        let number = ev.int("/issue/number").unwrap_or_default();
         Ok(Route::to(config::get_or("agent", "{name}-agent"))
             .priority(Priority::Medium)
             .reason(format!("issue opened in {{repo}}"))
             .label(format!("repo:{{repo}}"))
+            // One issue's events reach the agent one at a time, in order.
+            .ordering_key(format!("{{repo}}#{{number}}"))
             .into())
     }}
 }}

@@ -49,6 +49,10 @@ pub struct RuleRow {
     /// `rhai`, or the language a component's `producers` section names
     /// (`rust`, `c`, ...), else `component`.
     pub language: Option<String>,
+    /// The `sluice:router` interface version a component targets
+    /// (`0.1.0`, `0.2.0`), when it loads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interface: Option<&'static str>,
     /// The code file's size in bytes.
     pub size: Option<u64>,
     /// `ok`, or why the rule does not load.
@@ -189,6 +193,12 @@ fn row(e: &Entry) -> RuleRow {
         manifest: e.manifest_path.clone(),
         version: e.rule.as_ref().ok().map(|r| r.version().to_owned()),
         language,
+        interface: e
+            .rule
+            .as_ref()
+            .ok()
+            .and_then(|r| r.interface())
+            .map(|v| v.as_str()),
         size,
         state: match &e.rule {
             Ok(_) => "ok".to_owned(),

@@ -290,6 +290,15 @@ impl Rule {
         &self.code
     }
 
+    /// The `sluice:router` interface version a component rule targets; none
+    /// for scripts and native rules.
+    pub fn interface(&self) -> Option<wasm::WitVersion> {
+        match &self.code {
+            RuleCode::Wasm(w) => Some(w.wit_version()),
+            _ => None,
+        }
+    }
+
     /// Whether the rule wants this event (provider and kind filters) and is
     /// granted it (source and kind): the host never calls it otherwise.
     pub fn wants(&self, ev: &Event) -> bool {
@@ -736,7 +745,9 @@ impl RuleSet {
 }
 
 /// Adds a route, merging with an existing one for the same agent and
-/// workflow: the higher priority (and its reason) wins, labels are unioned.
+/// workflow: the higher priority (and its reason) wins, labels are unioned,
+/// and the first rule (in rule order) to set an ordering key or a payload
+/// keeps it; a later rule's only fills one left unset.
 fn merge_route(routes: &mut Vec<Route>, new: Route) {
     match routes
         .iter_mut()
@@ -751,6 +762,12 @@ fn merge_route(routes: &mut Vec<Route>, new: Route) {
                 if !existing.labels.contains(&label) {
                     existing.labels.push(label);
                 }
+            }
+            if existing.ordering_key.is_none() {
+                existing.ordering_key = new.ordering_key;
+            }
+            if existing.payload.is_none() {
+                existing.payload = new.payload;
             }
         }
         None => routes.push(new),

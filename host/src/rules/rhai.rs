@@ -3,6 +3,9 @@
 //! returns an array of route maps
 //! (`#{agent: "x", priority: "high", workflow: (), reason: "..", labels: ["k:v"]}`),
 //! `#{ignore: "reason"}`, or `()` for no routes; `throw` is a rule error.
+//! A route map may also carry what interface 0.2.0 added to routes:
+//! `ordering_key: "owner/repo#42"` and `payload: #{...}` (any value, sent to
+//! the agent as JSON instead of the event's body).
 //!
 //! Each rule gets its own `rhai::Engine` carrying its limits (operations,
 //! call depth, string/array/map sizes, expression depth, a wall-clock
@@ -43,6 +46,7 @@ thread_local! {
 
 /// A compiled rhai rule.
 pub struct RhaiRule {
+    name: Arc<str>,
     engine: rhai::Engine,
     ast: AST,
     limits: Limits,
@@ -82,6 +86,7 @@ impl RhaiRule {
             bail!("the script defines no `fn classify(event)`");
         }
         Ok(RhaiRule {
+            name: name.into(),
             engine,
             ast,
             limits: limits.clone(),
@@ -119,7 +124,7 @@ impl RhaiRule {
         drop(CALL_LOG.take());
         let reads = READS.with_borrow_mut(ReadLog::take);
         let result = match result {
-            Ok(value) => verdict(value),
+            Ok(value) => verdict(&self.name, value),
             Err(e) => Err(self.failure(*e)),
         };
         (result, reads)
@@ -313,7 +318,9 @@ fn json_to_dynamic(v: &serde_json::Value) -> Dynamic {
 
 /// Converts a script's answer into a verdict, rejecting anything malformed.
 /// The answer is taken apart, never copied: it is the script's last use of it.
-fn verdict(value: Dynamic) -> Result<Verdict, RuleFailure> {
+/// A payload that has no JSON form is an output failure naming `rule` and
+/// the route's agent.
+fn verdict(rule: &str, value: Dynamic) -> Result<Verdict, RuleFailure> {
     let bad = |m: String| RuleFailure::Trap(format!("bad answer: {m}"));
     if value.is_unit() {
         return Ok(Verdict::Routes(Vec::new()));
@@ -352,12 +359,31 @@ fn verdict(value: Dynamic) -> Result<Verdict, RuleFailure> {
     let routes = items
         .into_iter()
         .enumerate()
-        .map(|(i, item)| route(item).map_err(|m| bad(format!("route {i}: {m}"))))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|(i, item)| {
+            let (mut route, payload) = route(item).map_err(|m| bad(format!("route {i}: {m}")))?;
+            if let Some(payload) = payload {
+                route.payload = Some(payload_json(rule, &route.agent, &payload)?);
+            }
+            Ok(route)
+        })
+        .collect::<Result<Vec<_>, RuleFailure>>()?;
     output::bound(routes).map(Verdict::Routes)
 }
 
-fn route(item: Dynamic) -> Result<Route, String> {
+/// A route's `payload` value as JSON (rhai's serde form: maps → objects,
+/// arrays → arrays, `()` → null). A value with no JSON form (a function
+/// pointer, an event) fails the answer.
+fn payload_json(rule: &str, agent: &str, v: &Dynamic) -> Result<serde_json::Value, RuleFailure> {
+    rhai::serde::from_dynamic::<serde_json::Value>(v).map_err(|e| {
+        RuleFailure::Output(format!(
+            "rule {rule}, route to agent {}: payload has no JSON form: {e}",
+            truncate(agent, output::MAX_NAME)
+        ))
+    })
+}
+
+/// One route map, and its `payload` value still as the script made it.
+fn route(item: Dynamic) -> Result<(Route, Option<Dynamic>), String> {
     let type_name = item.type_name();
     let Some(map) = item.try_cast::<rhai::Map>() else {
         return Err(format!("expected a map, got {type_name}"));
@@ -377,6 +403,7 @@ fn route(item: Dynamic) -> Result<Route, String> {
         payload: None,
     };
     let mut has_agent = false;
+    let mut payload = None;
     for (key, v) in map {
         match key.as_str() {
             "agent" => {
@@ -403,9 +430,14 @@ fn route(item: Dynamic) -> Result<Route, String> {
                     .map(|l| string("label", l))
                     .collect::<Result<_, _>>()?;
             }
+            "ordering_key" if v.is_unit() => {}
+            "ordering_key" => route.ordering_key = Some(string("ordering_key", v)?),
+            "payload" if v.is_unit() => {}
+            "payload" => payload = Some(v),
             other => {
                 return Err(format!(
-                    "unknown key {other:?} (known: agent, workflow, priority, reason, labels)"
+                    "unknown key {other:?} (known: agent, workflow, priority, reason, labels, \
+                     ordering_key, payload)"
                 ));
             }
         }
@@ -413,5 +445,5 @@ fn route(item: Dynamic) -> Result<Route, String> {
     if !has_agent {
         return Err("missing agent".into());
     }
-    Ok(route)
+    Ok((route, payload))
 }

@@ -1,7 +1,13 @@
 //! WebAssembly component rules: the one place that owns wasmtime engine policy
 //! (component model, epoch deadlines, pooling allocator or its on-demand
 //! fallback, memory limits, wasmtime's compile cache) and the host side of
-//! the `sluice:router@0.1.0` world.
+//! the `sluice:router` world in every version served ([`SERVED`]).
+//!
+//! Each served version has its own bindings module ([`v0_1`], [`v0_2`]); a
+//! component is bound to the version whose `classifier` it exports. The
+//! imports (`log`, `config`, the `event` resource) are the same in every
+//! version, so their host side is written once ([`host_imports!`]) and
+//! implemented for each version's traits.
 //!
 //! A rule is compiled and linked once per version ([`WasmRule`] holds its
 //! `InstancePre`); every event gets a fresh `Store` and instance, so a trap,
@@ -34,7 +40,7 @@ use crate::rules::ready::{Filler, Made, ReadyPool};
 
 /// The generated bindings of `wit/sluice-router@0.1.0` (world `rule`).
 #[allow(missing_docs, clippy::all)]
-pub mod bindings {
+pub mod v0_1 {
     wasmtime::component::bindgen!({
         path: "wit/sluice-router@0.1.0",
         world: "rule",
@@ -45,7 +51,140 @@ pub mod bindings {
     });
 }
 
-use bindings::sluice::router::{config as wit_config, log as wit_log, types as wit_types};
+/// The generated bindings of `wit/sluice-router@0.2.0` (world `rule`): 0.1.0
+/// plus a route's `ordering-key` and `payload`. Its `event` resource is the
+/// same host type as 0.1.0's.
+#[allow(missing_docs, clippy::all)]
+pub mod v0_2 {
+    wasmtime::component::bindgen!({
+        path: "wit/sluice-router@0.2.0",
+        world: "rule",
+        with: { "sluice:router/types.event": super::EventRef },
+        imports: { default: trappable },
+    });
+}
+
+/// The bindings of the first version (kept under their old name).
+pub use v0_1 as bindings;
+
+/// The versions of `sluice:router` this host serves, oldest first.
+pub const SERVED: [WitVersion; 2] = [WitVersion::V0_1, WitVersion::V0_2];
+
+/// A version of the `sluice:router` interface a component rule targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WitVersion {
+    /// `sluice:router@0.1.0`: routes, ignores, errors.
+    V0_1,
+    /// `sluice:router@0.2.0`: routes gain `ordering-key` and `payload`.
+    V0_2,
+}
+
+impl WitVersion {
+    /// The version number, `0.1.0` or `0.2.0`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WitVersion::V0_1 => "0.1.0",
+            WitVersion::V0_2 => "0.2.0",
+        }
+    }
+
+    /// The export a component of this version has.
+    pub fn export(self) -> &'static str {
+        match self {
+            WitVersion::V0_1 => "sluice:router/classifier@0.1.0",
+            WitVersion::V0_2 => "sluice:router/classifier@0.2.0",
+        }
+    }
+
+    /// The version whose `classifier` a component exports (the newest, if
+    /// it exports several), or an error naming what it exports and the
+    /// versions served.
+    fn of(engine: &Engine, component: &Component) -> anyhow::Result<WitVersion> {
+        let exports: Vec<String> = component
+            .component_type()
+            .exports(engine)
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        if let Some(v) = SERVED
+            .into_iter()
+            .rev()
+            .find(|v| exports.iter().any(|e| e == v.export()))
+        {
+            return Ok(v);
+        }
+        let served = SERVED.map(WitVersion::export).join(" or ");
+        let found = if exports.is_empty() {
+            "nothing".to_owned()
+        } else {
+            exports.join(", ")
+        };
+        bail!(
+            "exports no interface version this host serves: a rule must export {served} \
+             (it exports {found})"
+        )
+    }
+}
+
+impl std::fmt::Display for WitVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A component linked against the bindings of its version.
+#[derive(Clone)]
+enum Pre {
+    V0_1(v0_1::RulePre<RuleState>),
+    V0_2(v0_2::RulePre<RuleState>),
+}
+
+/// An instance of a component, called through the bindings of its version.
+enum Instance {
+    V0_1(v0_1::Rule),
+    V0_2(v0_2::Rule),
+}
+
+impl Pre {
+    fn new(
+        version: WitVersion,
+        pre: wasmtime::component::InstancePre<RuleState>,
+    ) -> anyhow::Result<Pre> {
+        let context = || format!("the component does not export {}", version.export());
+        Ok(match version {
+            WitVersion::V0_1 => Pre::V0_1(
+                v0_1::RulePre::new(pre)
+                    .map_err(anyhow::Error::from)
+                    .with_context(context)?,
+            ),
+            WitVersion::V0_2 => Pre::V0_2(
+                v0_2::RulePre::new(pre)
+                    .map_err(anyhow::Error::from)
+                    .with_context(context)?,
+            ),
+        })
+    }
+
+    fn version(&self) -> WitVersion {
+        match self {
+            Pre::V0_1(_) => WitVersion::V0_1,
+            Pre::V0_2(_) => WitVersion::V0_2,
+        }
+    }
+
+    fn engine(&self) -> &Engine {
+        match self {
+            Pre::V0_1(p) => p.instance_pre().engine(),
+            Pre::V0_2(p) => p.instance_pre().engine(),
+        }
+    }
+
+    fn instantiate(&self, store: &mut Store<RuleState>) -> wasmtime::Result<Instance> {
+        Ok(match self {
+            Pre::V0_1(p) => Instance::V0_1(p.instantiate(store)?),
+            Pre::V0_2(p) => Instance::V0_2(p.instantiate(store)?),
+        })
+    }
+}
 
 /// How often the epoch ticker advances the engine's epoch while a call runs.
 const TICK: Duration = Duration::from_millis(1);
@@ -250,13 +389,9 @@ impl Core {
         spawn_ticker(&engine, epoch.clone())?;
 
         let mut linker = Linker::new(&engine);
-        bindings::Rule::add_to_linker::<_, HasSelf<RuleState>>(&mut linker, |s| s)
-            .map_err(anyhow::Error::from)
-            .context("linking the sluice:router imports")?;
+        link_sluice(&mut linker)?;
         let mut wasi_linker = Linker::new(&engine);
-        bindings::Rule::add_to_linker::<_, HasSelf<RuleState>>(&mut wasi_linker, |s| s)
-            .map_err(anyhow::Error::from)
-            .context("linking the sluice:router imports")?;
+        link_sluice(&mut wasi_linker)?;
         wasmtime_wasi::p2::add_to_linker_sync(&mut wasi_linker)
             .map_err(anyhow::Error::from)
             .context("linking WASI")?;
@@ -272,6 +407,18 @@ impl Core {
             filler,
         })
     }
+}
+
+/// Links the `sluice:router` imports of every served version (their names
+/// carry the version, so they live side by side in one linker).
+fn link_sluice(linker: &mut Linker<RuleState>) -> anyhow::Result<()> {
+    v0_1::Rule::add_to_linker::<_, HasSelf<RuleState>>(linker, |s| s)
+        .map_err(anyhow::Error::from)
+        .context("linking the sluice:router@0.1.0 imports")?;
+    v0_2::Rule::add_to_linker::<_, HasSelf<RuleState>>(linker, |s| s)
+        .map_err(anyhow::Error::from)
+        .context("linking the sluice:router@0.2.0 imports")?;
+    Ok(())
 }
 
 /// Builds the engine on the pooling allocator, or on on-demand allocation
@@ -402,8 +549,9 @@ impl WasmEngine {
 
     /// Compiles (or loads from the cache), checks and links one component.
     ///
-    /// Fails when the component imports anything the manifest did not grant,
-    /// naming the import. `name` and `config` are what the guest sees as its
+    /// Fails when the component exports no served version of
+    /// `sluice:router/classifier` ([`SERVED`]), or imports anything the
+    /// manifest did not grant, naming the import. `name` and `config` are what the guest sees as its
     /// identity and `config.get` values.
     pub fn load(
         &self,
@@ -423,6 +571,7 @@ impl WasmEngine {
         let component = Component::new(&core.engine, bytes)
             .map_err(anyhow::Error::from)
             .map_err(|e| self.name_pool_ceiling(e))?;
+        let version = WitVersion::of(&core.engine, &component)?;
         check_imports(&core.engine, &component, grants)?;
         let linker = if grants.wasi {
             &core.wasi_linker
@@ -432,9 +581,7 @@ impl WasmEngine {
         let pre = linker
             .instantiate_pre(&component)
             .map_err(anyhow::Error::from)?;
-        let pre = bindings::RulePre::new(pre)
-            .map_err(anyhow::Error::from)
-            .context("the component does not export sluice:router/classifier@0.1.0")?;
+        let pre = Pre::new(version, pre)?;
         let sandbox = Sandbox {
             info: Arc::new(RuleInfo {
                 name: name.into(),
@@ -682,13 +829,13 @@ pub struct InstancesServed {
 }
 
 /// A store and the instance in it, not yet called.
-type Fresh = (Store<RuleState>, bindings::Rule);
+type Fresh = (Store<RuleState>, Instance);
 
 /// What every instance of one rule version is made from.
 #[derive(Clone)]
 struct Sandbox {
     info: Arc<RuleInfo>,
-    pre: bindings::RulePre<RuleState>,
+    pre: Pre,
     epoch: Arc<EpochGate>,
     timeout: Duration,
     memory_bytes: usize,
@@ -700,6 +847,7 @@ impl std::fmt::Debug for WasmRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WasmRule")
             .field("name", &self.sandbox.info.name)
+            .field("version", &self.sandbox.pre.version())
             .field("timeout", &self.sandbox.timeout)
             .field("ready", &self.ready.as_ref().map(ReadyPool::len))
             .finish()
@@ -746,6 +894,11 @@ impl WasmRule {
     /// pool, and instantiating in the background has not failed.
     pub fn has_ready_pool(&self) -> bool {
         self.ready.as_ref().is_some_and(|r| !r.is_broken())
+    }
+
+    /// The interface version the component targets.
+    pub fn wit_version(&self) -> WitVersion {
+        self.sandbox.pre.version()
     }
 
     /// The wall-clock budget of one call.
@@ -875,7 +1028,7 @@ impl Sandbox {
             log: self.info.log.call(),
             reads: ReadLog::default(),
         };
-        let mut store = Store::new(self.pre.instance_pre().engine(), state);
+        let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limits);
         store.set_hostcall_fuel(hostcall_fuel());
         store.set_epoch_deadline(self.deadline_ticks());
@@ -893,7 +1046,7 @@ impl Sandbox {
     fn call(
         &self,
         store: &mut Store<RuleState>,
-        rule: &bindings::Rule,
+        rule: &Instance,
         ev: &Arc<ParsedEvent>,
     ) -> Result<Verdict, RuleFailure> {
         store.data_mut().log.finish();
@@ -902,11 +1055,18 @@ impl Sandbox {
             .table
             .push(EventRef(ev.clone()))
             .map_err(|e| RuleFailure::Trap(format!("cannot hand the event to the rule: {e}")))?;
-        match rule
-            .sluice_router_classifier()
-            .call_classify(&mut *store, handle)
-        {
-            Ok(Ok(decision)) => verdict(decision),
+        let answer = match rule {
+            Instance::V0_1(r) => r
+                .sluice_router_classifier()
+                .call_classify(&mut *store, handle)
+                .map(|a| a.map(verdict_v0_1)),
+            Instance::V0_2(r) => r
+                .sluice_router_classifier()
+                .call_classify(&mut *store, handle)
+                .map(|a| a.map(|d| verdict_v0_2(&self.info.name, d))),
+        };
+        match answer {
+            Ok(Ok(verdict)) => verdict,
             Ok(Err(message)) => Err(RuleFailure::Guest(
                 truncate(&message, output::MAX_ERROR).into_owned(),
             )),
@@ -960,7 +1120,7 @@ impl Sandbox {
 pub struct ReusedInstance<'a> {
     rule: &'a Sandbox,
     store: Store<RuleState>,
-    instance: bindings::Rule,
+    instance: Instance,
     poisoned: bool,
 }
 
@@ -992,18 +1152,25 @@ impl ReusedInstance<'_> {
 
 /// The most bytes one lift may copy out of a sandbox (wasmtime's "hostcall
 /// fuel", set per store): the largest answer the output limits allow — every
-/// route at its longest agent, workflow, reason and labels, counted as
+/// route at its longest agent, workflow, reason, labels, ordering key and
+/// payload (interface 0.2.0, the larger answer of the served versions), counted as
 /// wasmtime counts (string bytes, and each list element at the size of its
 /// host type) — or the largest log call kept, whichever is more. A hostile
 /// answer (a list of routes all pointing at one large region of guest memory)
 /// then costs the host at most this much before it fails, instead of the
 /// 128 MiB wasmtime allows by default; anything over it is past what the host
-/// would keep anyway. About 0.7 MB.
+/// would keep anyway. About 1.7 MB (1 MiB of it payloads).
 pub fn hostcall_fuel() -> usize {
     use std::mem::size_of;
+    use v0_2::sluice::router::types as wit;
     let labels = output::MAX_LABELS * (size_of::<String>() + output::MAX_LABEL);
-    let route = size_of::<wit_types::Route>() + 2 * output::MAX_NAME + output::MAX_REASON + labels;
-    let answer = size_of::<Result<wit_types::Decision, String>>() + output::MAX_ROUTES * route;
+    let route = size_of::<wit::Route>()
+        + 2 * output::MAX_NAME
+        + output::MAX_REASON
+        + labels
+        + output::MAX_ORDERING_KEY
+        + output::MAX_PAYLOAD;
+    let answer = size_of::<Result<wit::Decision, String>>() + output::MAX_ROUTES * route;
     let field = size_of::<(String, String)>() + log::MAX_FIELD_KEY + log::MAX_FIELD_VALUE;
     let log = log::MAX_MESSAGE + log::MAX_FIELDS * field;
     answer.max(log)
@@ -1019,24 +1186,19 @@ fn is_hostcall_fuel_exhausted(e: &wasmtime::Error) -> bool {
     })
 }
 
-/// Converts the guest's decision to the host's, enforcing the output limits.
-fn verdict(decision: wit_types::Decision) -> Result<Verdict, RuleFailure> {
+/// Converts a 0.1.0 guest's decision to the host's, enforcing the output
+/// limits. Its routes carry no ordering key and no payload.
+fn verdict_v0_1(decision: v0_1::sluice::router::types::Decision) -> Result<Verdict, RuleFailure> {
+    use v0_1::sluice::router::types as wit;
     match decision {
-        wit_types::Decision::Ignore(reason) => Ok(Verdict::Ignore(
-            truncate(&reason, output::MAX_REASON).into_owned(),
-        )),
-        wit_types::Decision::Routes(routes) => {
+        wit::Decision::Ignore(reason) => Ok(ignore(&reason)),
+        wit::Decision::Routes(routes) => {
             let routes = routes
                 .into_iter()
                 .map(|r| Route {
                     agent: r.agent,
                     workflow: r.workflow,
-                    priority: match r.priority {
-                        wit_types::Priority::Critical => Priority::Critical,
-                        wit_types::Priority::High => Priority::High,
-                        wit_types::Priority::Medium => Priority::Medium,
-                        wit_types::Priority::Low => Priority::Low,
-                    },
+                    priority: r.priority.into(),
                     reason: r.reason,
                     labels: r.labels,
                     ordering_key: None,
@@ -1046,6 +1208,48 @@ fn verdict(decision: wit_types::Decision) -> Result<Verdict, RuleFailure> {
             output::bound(routes).map(Verdict::Routes)
         }
     }
+}
+
+/// Converts a 0.2.0 guest's decision to the host's, enforcing the output
+/// limits: a payload must parse as JSON and stay under
+/// [`output::MAX_PAYLOAD`], else the answer is an output failure naming
+/// `rule` and the route's agent.
+fn verdict_v0_2(
+    rule: &str,
+    decision: v0_2::sluice::router::types::Decision,
+) -> Result<Verdict, RuleFailure> {
+    use v0_2::sluice::router::types as wit;
+    match decision {
+        wit::Decision::Ignore(reason) => Ok(ignore(&reason)),
+        wit::Decision::Routes(routes) => {
+            // Before parsing any payload: a hostile answer's count is refused
+            // without the work.
+            output::check_count(routes.len())?;
+            let routes = routes
+                .into_iter()
+                .map(|r| {
+                    let payload = r
+                        .payload
+                        .map(|p| output::parse_payload(rule, &r.agent, &p))
+                        .transpose()?;
+                    Ok(Route {
+                        agent: r.agent,
+                        workflow: r.workflow,
+                        priority: r.priority.into(),
+                        reason: r.reason,
+                        labels: r.labels,
+                        ordering_key: r.ordering_key,
+                        payload,
+                    })
+                })
+                .collect::<Result<Vec<_>, RuleFailure>>()?;
+            output::bound(routes).map(Verdict::Routes)
+        }
+    }
+}
+
+fn ignore(reason: &str) -> Verdict {
+    Verdict::Ignore(truncate(reason, output::MAX_REASON).into_owned())
 }
 
 /// The event handed to a guest: a shared reference to the parsed event.
@@ -1150,125 +1354,159 @@ impl WasiView for RuleState {
     }
 }
 
-impl wit_types::Host for RuleState {}
+/// The host side of the imports every version shares (`types` with the
+/// `event` resource, `log`, `config`), for version module `$v`. Each
+/// version's bindgen makes its own traits and `value`/`level` types, so the
+/// one body is implemented once per version; the resource itself is the same
+/// host type ([`EventRef`]) in all of them.
+macro_rules! host_imports {
+    ($v:ident) => {
+        const _: () = {
+            use $v::sluice::router::{config as wit_config, log as wit_log, types as wit_types};
 
-impl wit_types::HostEvent for RuleState {
-    fn id(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<String> {
-        let id = &self.table.get(&ev)?.0.event.id;
-        self.reads.text("id", Some(id));
-        Ok(id.clone())
-    }
+            impl wit_types::Host for RuleState {}
 
-    fn source(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<String> {
-        let source = &self.table.get(&ev)?.0.event.source;
-        self.reads.text("source", Some(source));
-        Ok(source.clone())
-    }
+            impl wit_types::HostEvent for RuleState {
+                fn id(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<String> {
+                    let id = &self.table.get(&ev)?.0.event.id;
+                    self.reads.text("id", Some(id));
+                    Ok(id.clone())
+                }
 
-    fn provider(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<String> {
-        let provider = self.table.get(&ev)?.0.event.provider.as_str();
-        self.reads.text("provider", Some(provider));
-        Ok(provider.to_owned())
-    }
+                fn source(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<String> {
+                    let source = &self.table.get(&ev)?.0.event.source;
+                    self.reads.text("source", Some(source));
+                    Ok(source.clone())
+                }
 
-    fn kind(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<String> {
-        let kind = &self.table.get(&ev)?.0.event.kind;
-        self.reads.text("kind", Some(kind));
-        Ok(kind.clone())
-    }
+                fn provider(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<String> {
+                    let provider = self.table.get(&ev)?.0.event.provider.as_str();
+                    self.reads.text("provider", Some(provider));
+                    Ok(provider.to_owned())
+                }
 
-    fn action(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<Option<String>> {
-        let action = &self.table.get(&ev)?.0.event.action;
-        self.reads.text("action", action.as_deref());
-        Ok(action.clone())
-    }
+                fn kind(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<String> {
+                    let kind = &self.table.get(&ev)?.0.event.kind;
+                    self.reads.text("kind", Some(kind));
+                    Ok(kind.clone())
+                }
 
-    fn delivery_id(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<String> {
-        let id = &self.table.get(&ev)?.0.event.delivery_id;
-        self.reads.text("delivery_id", Some(id));
-        Ok(id.clone())
-    }
+                fn action(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<Option<String>> {
+                    let action = &self.table.get(&ev)?.0.event.action;
+                    self.reads.text("action", action.as_deref());
+                    Ok(action.clone())
+                }
 
-    fn received_at(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<u64> {
-        let at = self.table.get(&ev)?.0.event.received_at_ms;
-        self.reads.number("received_at", at);
-        Ok(u64::try_from(at).unwrap_or(0))
-    }
+                fn delivery_id(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<String> {
+                    let id = &self.table.get(&ev)?.0.event.delivery_id;
+                    self.reads.text("delivery_id", Some(id));
+                    Ok(id.clone())
+                }
 
-    fn header(&mut self, ev: Resource<EventRef>, name: String) -> wasmtime::Result<Option<String>> {
-        let value = self.table.get(&ev)?.0.event.header(&name);
-        self.reads.header(&name, value.is_some());
-        Ok(value.map(str::to_owned))
-    }
+                fn received_at(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<u64> {
+                    let at = self.table.get(&ev)?.0.event.received_at_ms;
+                    self.reads.number("received_at", at);
+                    Ok(u64::try_from(at).unwrap_or(0))
+                }
 
-    fn headers(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<Vec<(String, String)>> {
-        let headers = &self.table.get(&ev)?.0.event.headers;
-        self.reads.withheld("headers");
-        Ok(headers.clone())
-    }
+                fn header(
+                    &mut self,
+                    ev: Resource<EventRef>,
+                    name: String,
+                ) -> wasmtime::Result<Option<String>> {
+                    let value = self.table.get(&ev)?.0.event.header(&name);
+                    self.reads.header(&name, value.is_some());
+                    Ok(value.map(str::to_owned))
+                }
 
-    fn get(
-        &mut self,
-        ev: Resource<EventRef>,
-        pointer: String,
-    ) -> wasmtime::Result<Option<wit_types::Value>> {
-        let found = self.table.get(&ev)?.0.get(&pointer);
-        let value = found.as_deref().map(to_wit_value);
-        self.reads.json(pointer, found.as_deref());
-        Ok(value)
-    }
+                fn headers(
+                    &mut self,
+                    ev: Resource<EventRef>,
+                ) -> wasmtime::Result<Vec<(String, String)>> {
+                    let headers = &self.table.get(&ev)?.0.event.headers;
+                    self.reads.withheld("headers");
+                    Ok(headers.clone())
+                }
 
-    fn body(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<Vec<u8>> {
-        let body = &self.table.get(&ev)?.0.event.body;
-        self.reads.withheld("body");
-        Ok(body.to_vec())
-    }
+                fn get(
+                    &mut self,
+                    ev: Resource<EventRef>,
+                    pointer: String,
+                ) -> wasmtime::Result<Option<wit_types::Value>> {
+                    let found = self.table.get(&ev)?.0.get(&pointer);
+                    let value = found.as_deref().map(to_wit_value);
+                    self.reads.json(pointer, found.as_deref());
+                    Ok(value)
+                }
 
-    fn drop(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<()> {
-        self.table.delete(ev)?;
-        Ok(())
-    }
-}
+                fn body(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<Vec<u8>> {
+                    let body = &self.table.get(&ev)?.0.event.body;
+                    self.reads.withheld("body");
+                    Ok(body.to_vec())
+                }
 
-/// A JSON value as the WIT `value` variant (arrays and objects as compact JSON).
-fn to_wit_value(v: &serde_json::Value) -> wit_types::Value {
-    use serde_json::Value as J;
-    match v {
-        J::Null => wit_types::Value::Null,
-        J::Bool(b) => wit_types::Value::Boolean(*b),
-        J::Number(n) => match n.as_i64() {
-            Some(i) => wit_types::Value::Integer(i),
-            None => wit_types::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
-        },
-        J::String(s) => wit_types::Value::Text(s.clone()),
-        J::Array(_) | J::Object(_) => wit_types::Value::Composite(v.to_string()),
-    }
-}
+                fn drop(&mut self, ev: Resource<EventRef>) -> wasmtime::Result<()> {
+                    self.table.delete(ev)?;
+                    Ok(())
+                }
+            }
 
-impl wit_log::Host for RuleState {
-    fn log(
-        &mut self,
-        level: wit_log::Level,
-        message: String,
-        fields: Vec<(String, String)>,
-    ) -> wasmtime::Result<()> {
-        let level = match level {
-            wit_log::Level::Trace => tracing::Level::TRACE,
-            wit_log::Level::Debug => tracing::Level::DEBUG,
-            wit_log::Level::Info => tracing::Level::INFO,
-            wit_log::Level::Warn => tracing::Level::WARN,
-            wit_log::Level::Error => tracing::Level::ERROR,
+            /// A JSON value as the WIT `value` variant (arrays and objects as compact JSON).
+            fn to_wit_value(v: &serde_json::Value) -> wit_types::Value {
+                use serde_json::Value as J;
+                match v {
+                    J::Null => wit_types::Value::Null,
+                    J::Bool(b) => wit_types::Value::Boolean(*b),
+                    J::Number(n) => match n.as_i64() {
+                        Some(i) => wit_types::Value::Integer(i),
+                        None => wit_types::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+                    },
+                    J::String(s) => wit_types::Value::Text(s.clone()),
+                    J::Array(_) | J::Object(_) => wit_types::Value::Composite(v.to_string()),
+                }
+            }
+
+            impl wit_log::Host for RuleState {
+                fn log(
+                    &mut self,
+                    level: wit_log::Level,
+                    message: String,
+                    fields: Vec<(String, String)>,
+                ) -> wasmtime::Result<()> {
+                    let level = match level {
+                        wit_log::Level::Trace => tracing::Level::TRACE,
+                        wit_log::Level::Debug => tracing::Level::DEBUG,
+                        wit_log::Level::Info => tracing::Level::INFO,
+                        wit_log::Level::Warn => tracing::Level::WARN,
+                        wit_log::Level::Error => tracing::Level::ERROR,
+                    };
+                    self.log.write(level, &message, &fields);
+                    Ok(())
+                }
+            }
+
+            impl wit_config::Host for RuleState {
+                fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+                    Ok(self.info.config.get(&key).cloned())
+                }
+            }
+
+            impl From<wit_types::Priority> for Priority {
+                fn from(p: wit_types::Priority) -> Priority {
+                    match p {
+                        wit_types::Priority::Critical => Priority::Critical,
+                        wit_types::Priority::High => Priority::High,
+                        wit_types::Priority::Medium => Priority::Medium,
+                        wit_types::Priority::Low => Priority::Low,
+                    }
+                }
+            }
         };
-        self.log.write(level, &message, &fields);
-        Ok(())
-    }
+    };
 }
 
-impl wit_config::Host for RuleState {
-    fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
-        Ok(self.info.config.get(&key).cloned())
-    }
-}
+host_imports!(v0_1);
+host_imports!(v0_2);
 
 /// The rule set is shared across worker threads.
 const _: () = {

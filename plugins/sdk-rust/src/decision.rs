@@ -8,7 +8,8 @@ use crate::{Decision, Priority, Route};
 
 impl Route {
     /// A route to `agent` with priority [`Priority::Medium`], no workflow, an
-    /// empty reason and no labels; refine it with the builder methods.
+    /// empty reason, no labels, no ordering key and no payload; refine it with
+    /// the builder methods.
     pub fn to(agent: impl Into<String>) -> Route {
         Route {
             agent: agent.into(),
@@ -16,7 +17,33 @@ impl Route {
             priority: Priority::Medium,
             reason: String::new(),
             labels: Vec::new(),
+            ordering_key: None,
+            payload: None,
         }
+    }
+
+    /// Deliver this agent's events that share `key` one at a time, in the
+    /// order they arrived (for example `owner/repo#42` for one issue). At
+    /// most [`MAX_ORDERING_KEY`](crate::limits::MAX_ORDERING_KEY) bytes.
+    pub fn ordering_key(mut self, key: impl Into<String>) -> Route {
+        self.ordering_key = Some(key.into());
+        self
+    }
+
+    /// Send the agent this JSON value instead of the event's whole body.
+    /// At most [`MAX_PAYLOAD`](crate::limits::MAX_PAYLOAD) bytes as JSON text.
+    /// Needs the `json` feature.
+    #[cfg(feature = "json")]
+    pub fn payload_json(self, payload: &serde_json::Value) -> Route {
+        self.payload_raw(payload.to_string())
+    }
+
+    /// Send the agent this JSON text instead of the event's whole body. The
+    /// host refuses the whole answer when it does not parse as JSON; prefer
+    /// [`Route::payload_json`] where the `json` feature can be had.
+    pub fn payload_raw(mut self, json: impl Into<String>) -> Route {
+        self.payload = Some(json.into());
+        self
     }
 
     /// Set how urgent the delivery is.
@@ -163,6 +190,23 @@ mod tests {
         let r = Route::to("x");
         assert_eq!(r.priority, Priority::Medium);
         assert!(r.workflow.is_none() && r.reason.is_empty() && r.labels.is_empty());
+        assert!(r.ordering_key.is_none() && r.payload.is_none());
+    }
+
+    #[test]
+    fn ordering_key_and_payload() {
+        let r = Route::to("x")
+            .ordering_key("o/r#7")
+            .payload_raw(r#"{"n":7}"#);
+        assert_eq!(r.ordering_key.as_deref(), Some("o/r#7"));
+        assert_eq!(r.payload.as_deref(), Some(r#"{"n":7}"#));
+    }
+
+    #[cfg(feature = "json")]
+    #[test]
+    fn payload_json_is_compact_json_text() {
+        let r = Route::to("x").payload_json(&serde_json::json!({"a": [1, "b"]}));
+        assert_eq!(r.payload.as_deref(), Some(r#"{"a":[1,"b"]}"#));
     }
 
     #[test]

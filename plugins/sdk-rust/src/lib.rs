@@ -1,7 +1,9 @@
 //! `sluice-rule`: the guest SDK for writing sluice routing rules in Rust.
 //!
-//! A rule is a WebAssembly component that exports `sluice:router/classifier@0.1.0`
-//! (the WIT package in `wit/sluice-router@0.1.0/` at the top of the repository).
+//! A rule is a WebAssembly component that exports `sluice:router/classifier@0.2.0`
+//! (the WIT package in `wit/sluice-router@0.2.0/` at the top of the repository;
+//! the host still serves components built against 0.1.0 by earlier versions of
+//! this crate).
 //! The host hands it one stored event at a time and the rule answers with the
 //! routes that should receive it, an explicit ignore, or an error. This crate
 //! generates the bindings for that contract and adds the few helpers that make a
@@ -49,7 +51,7 @@ pub mod config;
 pub mod limits;
 pub mod log;
 
-/// The bindings `wit-bindgen` generates for world `sluice:router/rule@0.1.0`.
+/// The bindings `wit-bindgen` generates for world `sluice:router/rule@0.2.0`.
 ///
 /// Everything a rule needs is re-exported at the crate root; reach in here only
 /// for the raw generated items (for example the export trait, to export a
@@ -57,7 +59,7 @@ pub mod log;
 #[allow(missing_docs)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../../wit/sluice-router@0.1.0",
+        path: "../../wit/sluice-router@0.2.0",
         world: "rule",
         // `export_rule!` expands in the rule's crate, so the generated export
         // macro must be public and must find these bindings by absolute path.
@@ -93,7 +95,7 @@ pub trait Rule {
     }
 }
 
-/// Export a [`Rule`] as this component's `sluice:router/classifier@0.1.0`.
+/// Export a [`Rule`] as this component's `sluice:router/classifier@0.2.0`.
 ///
 /// Use it once, at the top level of a `cdylib` crate:
 ///

@@ -10,8 +10,9 @@
 //! only describes a route (labels, reasons, error messages) is cut at a
 //! character boundary, and labels past [`MAX_LABELS`] are dropped.
 //!
-//! What decides *where* an event goes is never cut: an over-long agent or
-//! workflow name, or more than [`MAX_ROUTES`] routes, still reaches the host
+//! What decides *where* an event goes, or what the agent gets, is never cut:
+//! an over-long agent or workflow name or ordering key, a payload over
+//! [`MAX_PAYLOAD`], or more than [`MAX_ROUTES`] routes, still reaches the host
 //! unchanged and is reported as the rule's failure, because delivering to a
 //! truncated name or to a silently chosen subset of routes would be wrong.
 //!
@@ -31,6 +32,12 @@ pub const MAX_LABELS: usize = 32;
 pub const MAX_LABEL: usize = 256;
 /// Longest error message kept from a rule, in bytes.
 pub const MAX_ERROR: usize = 1024;
+/// Longest ordering key, in bytes (as long as a label). Never cut: a longer
+/// key fails the answer on the host.
+pub const MAX_ORDERING_KEY: usize = 256;
+/// Largest payload per route, in bytes of JSON text. Never cut: a larger one
+/// fails the answer on the host.
+pub const MAX_PAYLOAD: usize = 16_384;
 /// Longest log message the host keeps, in bytes.
 pub const MAX_LOG_MESSAGE: usize = 1024;
 /// Most fields per log line the host keeps.

@@ -32,6 +32,11 @@
 //! commit), so the agent deduplicates by sha instead of this rule guessing
 //! which one to drop.
 //!
+//! Routes about one issue or pull request (triage, labels, commands,
+//! reviews) carry the ordering key `owner/repo#number` (interface 0.2.0), so
+//! the agent gets one thread's events one at a time and in order; merges,
+//! pushes and failed runs carry none.
+//!
 //! `/agent` commands are only taken from comment authors whose
 //! `author_association` is `OWNER`, `MEMBER` or `COLLABORATOR`, and never from
 //! bots: on a public repository anyone can comment, and an agent that answers
@@ -97,6 +102,24 @@ fn repo(ev: &impl EventView) -> String {
         .unwrap_or_else(|| "an unknown repository".to_owned())
 }
 
+/// `route` with the ordering key `owner/repo#number`, so one issue's or pull
+/// request's events reach the agent one at a time, in order. Left without a
+/// key when the repository or number is missing, or the key would be over
+/// the host's limit.
+fn in_order(route: Route, ev: &impl EventView, number: i64) -> Route {
+    match ev.str("/repository/full_name") {
+        Some(repo) if number > 0 => {
+            let key = format!("{repo}#{number}");
+            if key.len() <= sluice_rule::limits::MAX_ORDERING_KEY {
+                route.ordering_key(key)
+            } else {
+                route
+            }
+        }
+        _ => route,
+    }
+}
+
 fn issue(ev: &impl EventView, action: &str) -> Decision {
     let number = ev.int("/issue/number").unwrap_or_default();
     let priority = if action == "closed" {
@@ -113,7 +136,7 @@ fn issue(ev: &impl EventView, action: &str) -> Decision {
     {
         route = route.label_kv("assignee", &assignee);
     }
-    route.into()
+    in_order(route, ev, number).into()
 }
 
 fn labeled(ev: &impl EventView) -> Decision {
@@ -122,15 +145,12 @@ fn labeled(ev: &impl EventView) -> Decision {
     if !label.eq_ignore_ascii_case(&wanted) {
         return Decision::ignore(format!("issues.labeled with {label:?}, not {wanted:?}"));
     }
-    Route::to(agent("coordinator_agent", "coordinator"))
+    let number = ev.int("/issue/number").unwrap_or_default();
+    let route = Route::to(agent("coordinator_agent", "coordinator"))
         .priority(Priority::Critical)
-        .reason(format!(
-            "issue #{} in {} labeled {label}",
-            ev.int("/issue/number").unwrap_or_default(),
-            repo(ev)
-        ))
-        .label_kv("label", &label)
-        .into()
+        .reason(format!("issue #{number} in {} labeled {label}", repo(ev)))
+        .label_kv("label", &label);
+    in_order(route, ev, number).into()
 }
 
 fn comment_command(ev: &impl EventView, kind: &str) -> Decision {
@@ -170,7 +190,7 @@ fn comment_command(ev: &impl EventView, kind: &str) -> Decision {
     if !args.is_empty() {
         route = route.label_kv("args", args);
     }
-    route.into()
+    in_order(route, ev, number).into()
 }
 
 /// `(command, args)` when `body` starts with `prefix` as a whole word, outside
@@ -223,7 +243,7 @@ fn review(ev: &impl EventView, action: &str) -> Decision {
             route = route.label_kv("reviewer", &reviewer);
         }
     }
-    route.into()
+    in_order(route, ev, number).into()
 }
 
 fn pull_request_closed(ev: &impl EventView) -> Decision {

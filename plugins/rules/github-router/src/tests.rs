@@ -201,6 +201,44 @@ fn issue_opened_names_issue_and_repo() {
     assert!(r.workflow.is_none());
 }
 
+/// Routes about one issue or pull request carry `owner/repo#number`, so its
+/// events reach the agent in order; deployments and escalations carry none.
+#[test]
+fn issue_and_pull_request_routes_are_ordered_per_thread() {
+    let key = |d: &Decision| only_route(d).ordering_key.clone();
+    let d = decide(&load("issues/opened.payload.json"));
+    assert_eq!(key(&d).as_deref(), Some("Codertocat/Hello-World#1"));
+    let d = decide(&with(
+        "issues/labeled.payload.json",
+        "/label/name",
+        json!("agent-execute"),
+    ));
+    assert!(key(&d).is_some_and(|k| k.ends_with("#1")), "{d:?}");
+    let d = decide(&load("pull_request/review_requested.payload.json"));
+    assert_eq!(key(&d).as_deref(), Some("Codertocat/Hello-World#2"));
+    let d = decide(&with(
+        "pull_request/closed.payload.json",
+        "/pull_request/merged",
+        json!(true),
+    ));
+    assert_eq!(key(&d), None);
+    // No repository name, no key (the route stays).
+    let d = decide(&with(
+        "issues/opened.payload.json",
+        "/repository",
+        json!({}),
+    ));
+    assert_eq!(key(&d), None);
+    // A key past the host's limit is left off rather than failing the answer.
+    let long = "o/".to_owned() + &"r".repeat(sluice_rule::limits::MAX_ORDERING_KEY);
+    let d = decide(&with(
+        "issues/opened.payload.json",
+        "/repository/full_name",
+        json!(long),
+    ));
+    assert_eq!(key(&d), None);
+}
+
 #[test]
 fn issues_assigned_and_closed_go_to_the_issue_agent() {
     let d = decide(&load("issues/assigned.payload.json"));
