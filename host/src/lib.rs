@@ -227,6 +227,20 @@ async fn keep_retention(
 }
 
 async fn render_metrics(State(state): State<Arc<AppState>>) -> String {
+    // Per stage: events waiting to be routed, deliveries waiting per agent,
+    // workflow runs open, and the dead-letter queue (events and deliveries).
+    if let Ok(counts) = state.dispatch.dispatch_counts().await {
+        for name in state.config.agents.keys() {
+            let queued = counts
+                .queued
+                .iter()
+                .find(|(a, _)| a == name)
+                .map_or(0, |(_, n)| *n);
+            ::metrics::gauge!("sluice_deliveries_queued", "agent" => name.clone()).set(queued as f64);
+        }
+        ::metrics::gauge!("sluice_workflow_runs_open").set(counts.runs_open as f64);
+        ::metrics::gauge!("sluice_dlq_size").set(counts.dead_letters as f64);
+    }
     crate::metrics::render(state.store.queue_depth().await.ok())
 }
 
