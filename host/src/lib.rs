@@ -236,7 +236,8 @@ async fn render_metrics(State(state): State<Arc<AppState>>) -> String {
                 .iter()
                 .find(|(a, _)| a == name)
                 .map_or(0, |(_, n)| *n);
-            ::metrics::gauge!("sluice_deliveries_queued", "agent" => name.clone()).set(queued as f64);
+            ::metrics::gauge!("sluice_deliveries_queued", "agent" => name.clone())
+                .set(queued as f64);
         }
         ::metrics::gauge!("sluice_workflow_runs_open").set(counts.runs_open as f64);
         ::metrics::gauge!("sluice_dlq_size").set(counts.dead_letters as f64);

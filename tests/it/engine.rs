@@ -28,6 +28,7 @@ fn threads(pid: u32) -> Vec<String> {
 fn with_component_rule() -> Env {
     let env = Env::new("\n[rules]\ndir = \"rules\"\n");
     env.approve("github-router", crate::support::APPROVE_ALL);
+    env.declare_agents(&crate::support::SHIPPED_AGENTS);
     let rules = env.dir.path().join("rules");
     for file in ["github-router.toml", "github-router.wasm"] {
         std::fs::copy(repo().join("rules").join(file), rules.join(file)).expect(file);

@@ -306,6 +306,7 @@ fn copy_dir(from: &Path, to: &Path) {
 fn events_show_and_route_explain_a_route_by_its_fields() {
     let env = Env::new("");
     env.approve("github-router", crate::support::APPROVE_ALL);
+    env.declare_agents(&crate::support::SHIPPED_AGENTS);
     let rules_dir = env.dir.path().join("rules");
     for name in ["github-router.toml", "github-router.wasm"] {
         std::fs::copy(repo().join("rules").join(name), rules_dir.join(name)).unwrap();

@@ -112,6 +112,7 @@ async fn a_route_outside_the_grant_is_a_violation_and_the_event_is_still_routed(
         "b-wasm",
         "sources = [\"gitlab\"]\nkinds = [\"*\"]\nagents = [\"somebody-else\"]\nwasi = true",
     );
+    env.declare_agents(&["ci-validation", "notify", "somebody-else"]);
 
     let gw = RoutingGateway::start(env.config()).await;
     let (store, rules) = (gw.store.clone(), gw.rules.clone());

@@ -163,6 +163,16 @@ listen = "127.0.0.1:0"
         std::fs::write(&self.config_path, text).unwrap();
     }
 
+    /// Declares outbox agents (under the data dir) by name, for rules
+    /// that route to them.
+    pub fn declare_agents(&self, names: &[&str]) {
+        let mut text = std::fs::read_to_string(&self.config_path).unwrap();
+        for name in names {
+            text.push_str(&format!("\n[agents.{name}]\nkind = \"outbox\"\n"));
+        }
+        std::fs::write(&self.config_path, text).unwrap();
+    }
+
     /// The loaded config.
     pub fn config(&self) -> Config {
         Config::load(Some(&self.config_path)).expect("test config loads")
@@ -253,6 +263,20 @@ impl Drop for Gateway {
 
 /// An approval of everything a rule may ask for, for tests about something
 /// other than grants.
+/// The agents the shipped rules route to (declared in sluice.toml).
+pub const SHIPPED_AGENTS: [&str; 10] = [
+    "coordinator",
+    "issue-triage",
+    "review-agent",
+    "deployment",
+    "guardian",
+    "ci-validation",
+    "release-manager",
+    "mr-reviewer",
+    "pipeline-monitor",
+    "comment-handler",
+];
+
 pub const APPROVE_ALL: &str =
     "sources = [\"*\"]\nkinds = [\"*\"]\nagents = [\"*\"]\nworkflows = [\"*\"]\nwasi = true";
 

@@ -31,13 +31,16 @@ use crate::event::now_ms;
 use crate::rules::breaker::{Breaker, BreakerState, Outcome as BreakerOutcome};
 use crate::secret::Generate;
 use crate::store::dispatch::{
-    AttemptRecord, ClaimedDelivery, DispatchStore, Settle, StepDelivery, delivery_name,
+    AttemptRecord, ClaimedDelivery, DispatchStore, RUNS, Settle, StepDelivery, delivery_name,
 };
 
 /// How long a claimed delivery stays leased past its agent's timeout.
 const LEASE_MARGIN: Duration = Duration::from_secs(30);
-/// How often an idle agent loop looks for retries come due.
-const POLL: Duration = Duration::from_millis(250);
+/// The longest an idle loop sleeps without looking at the store again (a
+/// safety net: wake-ups come from the store's signals and due times).
+const IDLE: Duration = Duration::from_secs(30);
+/// How often deliveries to undeclared agents are looked for.
+const SWEEP: Duration = Duration::from_secs(30);
 /// Most deliveries one claim takes.
 const CLAIM_MAX: usize = 64;
 /// How long shutdown waits for attempts in flight.
@@ -292,7 +295,7 @@ fn signer_for(
 }
 
 async fn agent_loop(d: Arc<Dispatcher>, agent: Arc<AgentRuntime>, mut stop: watch::Receiver<bool>) {
-    let mut signal = d.store.delivery_signal();
+    let mut signal = d.store.delivery_signal(&agent.name);
     let lease = agent.config.timeout + LEASE_MARGIN;
     let breaker_gauge =
         ::metrics::gauge!("sluice_agent_breaker_open", "agent" => agent.name.clone());
@@ -340,9 +343,10 @@ async fn agent_loop(d: Arc<Dispatcher>, agent: Arc<AgentRuntime>, mut stop: watc
             }
         };
         if claimed.is_empty() {
+            let nap = idle_for(d.store.next_due(&agent.name).await);
             tokio::select! {
                 _ = signal.changed() => {}
-                _ = tokio::time::sleep(POLL) => {}
+                _ = tokio::time::sleep(nap) => {}
                 _ = stop.changed() => {}
             }
             continue;
@@ -367,6 +371,25 @@ async fn agent_loop(d: Arc<Dispatcher>, agent: Arc<AgentRuntime>, mut stop: watc
     // claimed again after restart, under the same idempotency key.
     let all = agent.config.concurrency.max(1) as u32;
     let _ = tokio::time::timeout(DRAIN, agent.permits.acquire_many(all)).await;
+}
+
+/// How long an idle loop sleeps: until the next due time when it is ahead,
+/// else until a signal (a due delivery that could not be claimed waits for
+/// an earlier one of its ordering key to settle, which signals), at most
+/// [`IDLE`].
+fn idle_for(next_due: Result<Option<i64>, crate::store::StoreError>) -> Duration {
+    match next_due {
+        Ok(Some(at)) => {
+            let ahead = at - now_ms();
+            if ahead > 0 {
+                Duration::from_millis(ahead as u64 + 1).min(IDLE)
+            } else {
+                IDLE
+            }
+        }
+        Ok(None) => IDLE,
+        Err(_) => Duration::from_secs(1),
+    }
 }
 
 /// Makes one attempt at a claimed delivery and settles it.
@@ -469,7 +492,7 @@ async fn attempt(d: &Dispatcher, agent: &AgentRuntime, delivery: ClaimedDelivery
 }
 
 async fn workflow_loop(d: Arc<Dispatcher>, mut stop: watch::Receiver<bool>) {
-    let mut signal = d.store.delivery_signal();
+    let mut signal = d.store.delivery_signal(RUNS);
     let limits: Vec<(String, usize, Duration)> = d
         .workflows
         .iter()
@@ -481,7 +504,7 @@ async fn workflow_loop(d: Arc<Dispatcher>, mut stop: watch::Receiver<bool>) {
             return;
         }
         signal.borrow_and_update();
-        if last_sweep.elapsed() > Duration::from_secs(5) {
+        if last_sweep.elapsed() >= SWEEP {
             last_sweep = Instant::now();
             sweep_undeclared(&d).await;
         }
@@ -555,9 +578,10 @@ async fn workflow_loop(d: Arc<Dispatcher>, mut stop: watch::Receiver<bool>) {
         if busy {
             continue;
         }
+        let nap = idle_for(d.store.next_due(RUNS).await).min(SWEEP);
         tokio::select! {
             _ = signal.changed() => {}
-            _ = tokio::time::sleep(POLL) => {}
+            _ = tokio::time::sleep(nap) => {}
             _ = stop.changed() => {}
         }
     }

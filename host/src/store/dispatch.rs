@@ -252,6 +252,42 @@ pub struct DispatchCounts {
     pub runs_open: u64,
 }
 
+/// The [`DispatchStore::delivery_signal`] name of the workflow runs.
+pub const RUNS: &str = "$runs";
+
+/// Wake-up counters by name (an agent, or [`RUNS`]), created on first use;
+/// what a backend's [`DispatchStore::delivery_signal`] hands out.
+#[derive(Debug, Default)]
+pub struct Signals {
+    by_name: std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<u64>>>,
+}
+
+impl Signals {
+    /// The counter of `name`.
+    pub fn subscribe(&self, name: &str) -> tokio::sync::watch::Receiver<u64> {
+        self.by_name
+            .lock()
+            .expect("signals lock")
+            .entry(name.to_string())
+            .or_insert_with(|| tokio::sync::watch::Sender::new(0))
+            .subscribe()
+    }
+
+    /// Moves the counter of `name` (nothing when nobody ever subscribed).
+    pub fn poke(&self, name: &str) {
+        if let Some(tx) = self.by_name.lock().expect("signals lock").get(name) {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Moves every counter.
+    pub fn poke_all(&self) {
+        for tx in self.by_name.lock().expect("signals lock").values() {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+}
+
 /// `dlv_<n>` for delivery `n`.
 pub fn delivery_name(id: i64) -> String {
     format!("dlv_{id}")
@@ -353,10 +389,15 @@ pub trait DispatchStore: Send + Sync + 'static {
     /// Counts for metrics.
     async fn dispatch_counts(&self) -> Result<DispatchCounts, StoreError>;
 
-    /// A counter that moves whenever deliveries or runs may have become
-    /// due (queued, retried, a step advanced, an agent resumed). A worker
-    /// marks it seen before it claims and waits for a change when it found
-    /// nothing, so no wake-up falls between the two; workers also poll, for
-    /// retries coming due.
-    fn delivery_signal(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// A counter that moves whenever deliveries to `agent` (or, for
+    /// [`RUNS`], workflow runs) may have become claimable: queued, settled
+    /// (a slot or an ordering key freed), retried from the DLQ, resumed, a
+    /// step advanced. A worker marks it seen before it claims and waits for
+    /// a change when it found nothing, so no wake-up falls between the two.
+    fn delivery_signal(&self, agent: &str) -> tokio::sync::watch::Receiver<u64>;
+
+    /// When the earliest delivery queued for `agent` (for [`RUNS`]: the
+    /// earliest ready run or run deadline) comes due, if any: an idle
+    /// worker sleeps until then (or a signal), not in a poll loop.
+    async fn next_due(&self, agent: &str) -> Result<Option<i64>, StoreError>;
 }

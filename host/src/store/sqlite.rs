@@ -188,7 +188,7 @@ pub struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
     log: LogReader,
     work: Arc<Notify>,
-    deliveries_work: tokio::sync::watch::Sender<u64>,
+    signals: super::dispatch::Signals,
     shared: Arc<Shared>,
     options: Options,
 }
@@ -343,7 +343,7 @@ impl SqliteStore {
             reader: Arc::new(Mutex::new(reader)),
             log: LogReader::new(log_dir),
             work,
-            deliveries_work: tokio::sync::watch::Sender::new(0),
+            signals: super::dispatch::Signals::default(),
             shared,
             options,
         })
@@ -1722,6 +1722,7 @@ fn expire_chunk(
             .execute([&id])?;
         conn.prepare_cached("DELETE FROM dead_letters WHERE event_id = ?1")?
             .execute([&id])?;
+        dispatch::forget_event(conn, &id)?;
         conn.prepare_cached("DELETE FROM events WHERE seq = ?1")?
             .execute([seq])?;
         out.events += 1;
@@ -1949,8 +1950,16 @@ impl Store for SqliteStore {
             .await?;
         let settled = results.iter().filter(|r| r.is_ok()).count();
         self.add_depth(-(settled as i64));
-        if settled > 0 {
-            self.deliveries_work.send_modify(|n| *n += 1);
+        for ((_, decision), result) in done.iter().zip(&results) {
+            if result.is_err() || decision.dead_letter.is_some() {
+                continue;
+            }
+            for route in &decision.routes {
+                match route.workflow {
+                    Some(_) => self.signals.poke(super::dispatch::RUNS),
+                    None => self.signals.poke(&route.agent),
+                }
+            }
         }
         Ok(results)
     }

@@ -165,6 +165,24 @@ pub(super) fn queue_routes(
     Ok(routes.len())
 }
 
+/// Retention: removes an event's deliveries, their attempts, and its
+/// workflow runs with their recorded steps, in the caller's transaction.
+pub(super) fn forget_event(conn: &Connection, event_id: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id = ?1)",
+    )?
+    .execute([event_id])?;
+    conn.prepare_cached("DELETE FROM deliveries WHERE event_id = ?1")?
+        .execute([event_id])?;
+    conn.prepare_cached(
+        "DELETE FROM steps_done WHERE run_id IN (SELECT id FROM runs WHERE event_id = ?1)",
+    )?
+    .execute([event_id])?;
+    conn.prepare_cached("DELETE FROM runs WHERE event_id = ?1")?
+        .execute([event_id])?;
+    Ok(())
+}
+
 /// Where a step's delivery belongs: run, step index and name, and the input.
 struct StepOf<'a> {
     run: i64,
@@ -434,7 +452,7 @@ impl DispatchStore for SqliteStore {
                     .execute([now_ms()])? as u64)
             })
             .await?;
-        self.deliveries_work.send_modify(|n| *n += 1);
+        self.signals.poke_all();
         Ok(n)
     }
 
@@ -504,15 +522,18 @@ impl DispatchStore for SqliteStore {
         let (lease, attempt) = (lease.clone(), attempt.clone());
         let advanced = self
             .write(move |conn| {
-                let held = conn
+                let Some(agent) = conn
                     .prepare_cached(
-                        "SELECT 1 FROM deliveries WHERE id = ?1 AND status = 'queued' \
+                        "SELECT agent FROM deliveries WHERE id = ?1 AND status = 'queued' \
                          AND claimed_by = ?2 AND attempts = ?3",
                     )?
-                    .exists(params![lease.id, lease.worker, lease.attempt])?;
-                if !held {
+                    .query_row(params![lease.id, lease.worker, lease.attempt], |r| {
+                        r.get::<_, String>(0)
+                    })
+                    .optional()?
+                else {
                     return Err(StoreError::LeaseLost(delivery_name(lease.id)));
-                }
+                };
                 conn.prepare_cached(
                     "INSERT INTO attempts (delivery_id, attempt, at_ms, outcome, status, latency_us, \
                      error, response_bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
@@ -539,7 +560,7 @@ impl DispatchStore for SqliteStore {
                              answer = ?3, claimed_by = NULL, last_error = NULL WHERE id = ?1",
                         )?
                         .execute(params![lease.id, now, answer])?;
-                        maybe_complete_step(conn, lease.id, now)
+                        Ok((maybe_complete_step(conn, lease.id, now)?, agent))
                     }
                     Settle::RetryAt(at) => {
                         conn.prepare_cached(
@@ -547,17 +568,21 @@ impl DispatchStore for SqliteStore {
                              WHERE id = ?1",
                         )?
                         .execute(params![lease.id, at, attempt.error])?;
-                        Ok(false)
+                        Ok((false, agent))
                     }
                     Settle::Dead(reason) => {
                         kill_delivery(conn, lease.id, &reason, now)?;
-                        Ok(false)
+                        // A failed run frees a slot of its workflow.
+                        Ok((true, agent))
                     }
                 }
             })
             .await?;
-        if advanced {
-            self.deliveries_work.send_modify(|n| *n += 1);
+        let (runs_moved, agent) = advanced;
+        // A slot, an ordering key or a retry time of the agent changed.
+        self.signals.poke(&agent);
+        if runs_moved {
+            self.signals.poke(crate::store::dispatch::RUNS);
         }
         Ok(())
     }
@@ -645,6 +670,7 @@ impl DispatchStore for SqliteStore {
         deliveries: Vec<StepDelivery>,
     ) -> Result<(), StoreError> {
         let step_name = step_name.to_string();
+        let agents: Vec<String> = deliveries.iter().map(|d| d.agent.clone()).collect();
         self.write(move |conn| {
             let Some((seq, event_id, route, input)) = conn
                 .prepare_cached(
@@ -688,7 +714,9 @@ impl DispatchStore for SqliteStore {
             Ok(())
         })
         .await?;
-        self.deliveries_work.send_modify(|n| *n += 1);
+        for agent in &agents {
+            self.signals.poke(agent);
+        }
         Ok(())
     }
 
@@ -878,13 +906,15 @@ impl DispatchStore for SqliteStore {
     async fn retry_delivery(&self, delivery: i64) -> Result<bool, StoreError> {
         let retried = self
             .write(move |conn| {
-                let n = conn
+                let agent: Option<String> = conn
                     .prepare_cached(
                         "UPDATE deliveries SET status = 'queued', attempts = 0, due_at_ms = ?2, \
-                         claimed_by = NULL, settled_at_ms = NULL WHERE id = ?1 AND status = 'dead'",
+                         claimed_by = NULL, settled_at_ms = NULL WHERE id = ?1 AND status = 'dead' \
+                         RETURNING agent",
                     )?
-                    .execute(params![delivery, now_ms()])?;
-                if n == 1 {
+                    .query_row(params![delivery, now_ms()], |r| r.get(0))
+                    .optional()?;
+                if agent.is_some() {
                     // The run it failed goes on from the same step.
                     conn.prepare_cached(
                         "UPDATE runs SET state = 'running', last_error = NULL \
@@ -893,16 +923,17 @@ impl DispatchStore for SqliteStore {
                     )?
                     .execute([delivery])?;
                 }
-                Ok(n == 1)
+                Ok(agent)
             })
             .await?;
-        if retried {
-            self.deliveries_work.send_modify(|n| *n += 1);
+        if let Some(agent) = &retried {
+            self.signals.poke(agent);
         }
-        Ok(retried)
+        Ok(retried.is_some())
     }
 
     async fn set_paused(&self, agent: &str, paused: bool) -> Result<(), StoreError> {
+        let name = agent.to_string();
         let agent = agent.to_string();
         self.write(move |conn| {
             if paused {
@@ -917,7 +948,7 @@ impl DispatchStore for SqliteStore {
             Ok(())
         })
         .await?;
-        self.deliveries_work.send_modify(|n| *n += 1);
+        self.signals.poke(&name);
         Ok(())
     }
 
@@ -959,7 +990,53 @@ impl DispatchStore for SqliteStore {
         .await
     }
 
-    fn delivery_signal(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.deliveries_work.subscribe()
+    fn delivery_signal(&self, agent: &str) -> tokio::sync::watch::Receiver<u64> {
+        self.signals.subscribe(agent)
+    }
+
+    async fn next_due(&self, agent: &str) -> Result<Option<i64>, StoreError> {
+        let agent = agent.to_string();
+        self.read(move |conn, _| {
+            if agent == crate::store::dispatch::RUNS {
+                return Ok(conn
+                    .prepare_cached(
+                        "SELECT min(x) FROM ( \
+                         SELECT min(due_at_ms) AS x FROM runs WHERE state = 'ready' \
+                         UNION ALL SELECT min(deadline_ms) FROM runs WHERE state = 'running')",
+                    )?
+                    .query_row([], |r| r.get(0))?);
+            }
+            if conn
+                .prepare_cached("SELECT 1 FROM agents_paused WHERE agent = ?1")?
+                .exists([&agent])?
+            {
+                return Ok(None);
+            }
+            // Per priority, in the claim index's order; a delivery waiting
+            // behind an earlier one of its ordering key does not count (the
+            // earlier one's due time, or its settling, is what frees it).
+            let mut stmt = conn.prepare_cached(
+                "SELECT d.due_at_ms FROM deliveries d \
+                 WHERE d.status = 'queued' AND d.agent = ?1 AND d.priority = ?2 \
+                   AND (d.ordering_key IS NULL OR NOT EXISTS ( \
+                        SELECT 1 FROM deliveries e \
+                        WHERE e.status = 'queued' AND e.agent = d.agent \
+                          AND e.ordering_key = d.ordering_key \
+                          AND (e.event_seq < d.event_seq OR (e.event_seq = d.event_seq AND e.id < d.id)))) \
+                 ORDER BY d.due_at_ms LIMIT 1",
+            )?;
+            let mut next: Option<i64> = None;
+            for p in 0..4 {
+                let due: Option<i64> = stmt
+                    .query_row(params![agent, p], |r| r.get(0))
+                    .optional()?;
+                next = match (next, due) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            Ok(next)
+        })
+        .await
     }
 }
