@@ -8,6 +8,7 @@
 // benches opt out, for a clock call).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod decision;
@@ -69,6 +70,11 @@ pub struct AppState {
     /// The rules' record over the latest decisions as `/status/rules` last
     /// read it, and when: read at most once a second, on the blocking pool.
     pub rules_recorded: tokio::sync::Mutex<Option<(std::time::Instant, RecordedByRule)>>,
+    /// What intake saw per source since start (the admin API's `/v1/sources`).
+    pub intake: crate::ingress::stats::IntakeStats,
+    /// The rules' reloader, once `serve` has loaded the rules (the admin
+    /// API's `POST /v1/rules/reload` runs it).
+    pub reloader: std::sync::OnceLock<Arc<crate::rules::reload::Reloader>>,
 }
 
 /// Per-rule statistics over the latest decisions, by rule name; `None` when
@@ -108,6 +114,8 @@ impl AppState {
             rules_status: SharedStatus::default(),
             live_rules: std::sync::OnceLock::new(),
             rules_recorded: tokio::sync::Mutex::new(None),
+            intake: crate::ingress::stats::IntakeStats::new(config.sources.keys()),
+            reloader: std::sync::OnceLock::new(),
             config: Arc::new(config),
         };
         Ok((Arc::new(state), reports))
@@ -144,6 +152,24 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    serve_with_admin(state, rules, listener, None, shutdown).await
+}
+
+/// [`serve`], with the admin API on its own listener beside intake when
+/// `admin` is given; it stops after intake has drained.
+pub async fn serve_with_admin(
+    state: Arc<AppState>,
+    rules: SharedRuleSet,
+    listener: tokio::net::TcpListener,
+    admin: Option<admin::AdminServer>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = admin.map(|a| {
+        tokio::spawn(a.run(state.clone(), async move {
+            let _ = admin_stopped.await;
+        }))
+    });
     let (stop_router, router_stopped) = tokio::sync::watch::channel(false);
     let dispatcher = if state.config.dispatch.enabled {
         let d = crate::dispatch::dispatcher::Dispatcher::build(
@@ -170,6 +196,14 @@ pub async fn serve(
         stop_router.subscribe(),
     ));
     let served = run(state.clone(), listener, shutdown).await;
+    let _ = stop_admin.send(());
+    if let Some(admin) = admin {
+        match admin.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "admin API ended with an error"),
+            Err(e) => tracing::error!(error = %e, "admin API ended abnormally"),
+        }
+    }
     let _ = stop_router.send(true);
     if let Err(e) = router.await {
         tracing::error!(error = %e, "router ended abnormally");
@@ -245,7 +279,8 @@ async fn render_metrics(State(state): State<Arc<AppState>>) -> String {
     crate::metrics::render(state.store.queue_depth().await.ok())
 }
 
-async fn rules_status(
+/// What `/status/rules` serves (and the admin API's `GET /v1/rules`).
+pub async fn rules_status(
     State(state): State<Arc<AppState>>,
 ) -> axum::Json<crate::rules::stats::LiveStatus> {
     use crate::rules::stats::{DECISIONS, LiveStatus, breaker_name, record_by_rule};

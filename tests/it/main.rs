@@ -3,6 +3,7 @@
 //! `sluice` binary and kills it with SIGKILL.
 
 mod abuse;
+mod admin;
 mod agent_server;
 mod author;
 mod bench;

@@ -41,7 +41,11 @@ pub const SECRETS: &[(&str, &str)] = &[
     ("slack.key", "8f742231b10e8888abcd99yyyzzz85a5"),
     ("linear.key", "lin_wh_secret"),
     ("hmac.key", "generic-secret"),
+    ("admin.key", ADMIN_TOKEN),
 ];
+
+/// The admin API token of the test config (`[admin] token`).
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
 /// A temp dir with secrets and a config serving every provider.
 pub struct Env {
@@ -71,6 +75,10 @@ max_body_bytes = 1048576
 
 [shield]
 enabled = false
+
+[admin]
+listen = "127.0.0.1:0"
+token = {{ file = "admin.key" }}
 
 [sources.github]
 provider = "github"
@@ -440,8 +448,13 @@ pub struct ServeChild {
     child: Child,
     /// `http://127.0.0.1:PORT`, as the server printed it.
     pub base: String,
+    /// The admin API's base URL (`http://127.0.0.1:PORT/v1`), when the
+    /// server printed one before its address.
+    pub admin: String,
     /// The address, once the server prints it.
     listening: std::sync::mpsc::Receiver<String>,
+    /// The admin API's URL, once the server prints it.
+    admin_listening: std::sync::mpsc::Receiver<String>,
 }
 
 impl ServeChild {
@@ -472,6 +485,8 @@ impl ServeChild {
             .listening
             .recv_timeout(Duration::from_secs(60))
             .expect("sluice serve printed its address within 60 s");
+        // Printed before the gateway's address, so it is in by now.
+        guard.admin = guard.admin_listening.try_recv().unwrap_or_default();
         guard
     }
 
@@ -482,17 +497,24 @@ impl ServeChild {
         let mut child = cmd.spawn().expect("spawn sluice");
         let out = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
+        let (admin_tx, admin_rx) = std::sync::mpsc::channel();
         // From here on the guard owns the process: a panic below still kills it.
         let guard = ServeChild {
             child,
             base: String::new(),
+            admin: String::new(),
             listening: rx,
+            admin_listening: admin_rx,
         };
         std::thread::spawn(move || {
             let mut sent = false;
             // Keep draining stdout so the child never blocks on a full pipe.
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix("admin API on ") {
+                    let url = rest.split_whitespace().next().unwrap_or_default();
+                    let _ = admin_tx.send(url.to_string());
+                }
                 if !sent && let Some(addr) = line.strip_prefix("sluice listening on ") {
                     let _ = tx.send(addr.to_string());
                     sent = true;
@@ -633,6 +655,8 @@ pub struct RoutingGateway {
     pub dispatch: std::sync::Arc<dyn sluice::store::dispatch::DispatchStore>,
     /// The rule set the workers route with.
     pub rules: sluice::rules::SharedRuleSet,
+    /// `http://127.0.0.1:PORT` of the admin API, when started with it.
+    pub admin: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -640,6 +664,15 @@ pub struct RoutingGateway {
 impl RoutingGateway {
     /// Loads the config's rules (compile cache under its data dir) and serves.
     pub async fn start(config: Config) -> RoutingGateway {
+        RoutingGateway::start_with(config, false).await
+    }
+
+    /// [`RoutingGateway::start`] with the admin API on a loopback port.
+    pub async fn start_with_admin(config: Config) -> RoutingGateway {
+        RoutingGateway::start_with(config, true).await
+    }
+
+    async fn start_with(config: Config, admin: bool) -> RoutingGateway {
         let cache = config.rules.cache_dir(&config.base_dir, config.data_dir());
         let engine = sluice::rules::wasm::WasmEngine::new(Some(cache)).expect("wasm engine");
         let set = config.load_rules(&engine).unwrap_or_else(|e| panic!("{e}"));
@@ -649,15 +682,31 @@ impl RoutingGateway {
         let (state, _) = AppState::build(config).expect("state builds");
         let store = state.store.clone();
         let dispatch = state.dispatch.clone();
+        let admin_server = if admin {
+            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+            Some(sluice::admin::AdminServer::with_listener(&state.config, l).expect("admin token"))
+        } else {
+            None
+        };
+        let admin = admin_server
+            .as_ref()
+            .map(|a| format!("http://{}", a.local_addr().expect("admin addr")));
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(sluice::serve(state, rules.clone(), listener, async move {
-            let _ = stopped.await;
-        }));
+        let server = tokio::spawn(sluice::serve_with_admin(
+            state,
+            rules.clone(),
+            listener,
+            admin_server,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         RoutingGateway {
             base: format!("http://{addr}"),
             store,
             dispatch,
             rules,
+            admin,
             stop: Some(stop),
             server: Some(server),
         }

@@ -1,5 +1,7 @@
 //! `sluice events ls|show`: read the store without a running server.
 //! It opens the SQLite file read-only; WAL lets it read while `serve` writes.
+//! `sluice events replay|tail` act through the running server's admin API
+//! (see [`super::ops`]).
 
 use std::path::PathBuf;
 
@@ -53,6 +55,26 @@ pub enum EventsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Route a stored event again through the rules serving now (asks the
+    /// running server). Its new deliveries carry the same idempotency keys
+    /// as the first routing's, so agents can drop repeats.
+    Replay {
+        /// Where the admin API is.
+        #[command(flatten)]
+        admin: super::admin::AdminArgs,
+        /// The event id (`evt_...`).
+        id: String,
+    },
+    /// Follow new events, their decisions and delivery outcomes as they
+    /// happen (asks the running server), until interrupted.
+    Tail {
+        /// Where the admin API is.
+        #[command(flatten)]
+        admin: super::admin::AdminArgs,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The SQLite file of the config's data dir; an error when there is none yet.
@@ -73,8 +95,10 @@ pub(crate) fn time(ms: i64) -> String {
 }
 
 /// Runs `sluice events ...`.
-pub fn run(cmd: EventsCommand) -> anyhow::Result<()> {
+pub async fn run(cmd: EventsCommand) -> anyhow::Result<()> {
     match cmd {
+        EventsCommand::Replay { admin, id } => return super::ops::replay(&admin, &id).await,
+        EventsCommand::Tail { admin, json } => return super::ops::tail(&admin, json).await,
         EventsCommand::Ls {
             config,
             source,

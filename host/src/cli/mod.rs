@@ -1,9 +1,11 @@
 //! The `sluice` command line: one file per command.
 
+pub mod admin;
 pub mod bench;
 pub mod check;
 pub mod events;
 pub mod new_rule;
+pub mod ops;
 pub mod route;
 pub mod rules_ls;
 pub mod rules_test;
@@ -141,9 +143,21 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Sign a payload the way the provider would and POST it (also a small load generator).
     Send(send::SendArgs),
-    /// Read stored events.
+    /// Read stored events; replay one, or follow them live.
     #[command(subcommand)]
     Events(events::EventsCommand),
+    /// The dead-letter queue of the running server: list, retry.
+    #[command(subcommand)]
+    Dlq(ops::DlqCommand),
+    /// Deliveries to agents, from the running server.
+    #[command(subcommand)]
+    Deliveries(ops::DeliveriesCommand),
+    /// Per-source intake, from the running server.
+    #[command(subcommand)]
+    Sources(ops::SourcesCommand),
+    /// Agents of the running server: list, pause, resume.
+    #[command(subcommand)]
+    Agents(ops::AgentsCommand),
     /// The store's sizes, counts and oldest event.
     #[command(subcommand)]
     Store(store::StoreCommand),
@@ -180,7 +194,11 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a).await,
         Command::Check(a) => check::run(a),
         Command::Send(a) => send::run(a).await,
-        Command::Events(c) => events::run(c),
+        Command::Events(c) => events::run(c).await,
+        Command::Dlq(c) => ops::dlq(c).await,
+        Command::Deliveries(c) => ops::deliveries(c).await,
+        Command::Sources(c) => ops::sources(c).await,
+        Command::Agents(c) => ops::agents(c).await,
         Command::Store(c) => store::run(c),
         Command::Route(a) => route::run(a),
         Command::Rules(RulesCommand::Ls(a)) => rules_ls::run(a).await,

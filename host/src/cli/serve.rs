@@ -79,12 +79,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (server.listen / SLUICE_LISTEN)"))?;
+    let admin = if state.config.admin.enabled {
+        let admin = crate::admin::AdminServer::bind(&state.config).await?;
+        let addr = admin.local_addr()?;
+        println!(
+            "admin API on http://{addr}/v1 (bearer token: {})",
+            token_origin(admin.token_origin())
+        );
+        Some(admin)
+    } else {
+        None
+    };
     let addr = listener.local_addr()?;
     println!("sluice listening on http://{addr}");
     for name in state.sources.load().keys() {
         println!("  POST http://{addr}/hooks/{name}");
     }
-    let served = crate::serve(state, rules, listener, shutdown_signal()).await;
+    let served = crate::serve_with_admin(state, rules, listener, admin, shutdown_signal()).await;
     watcher.abort();
     on_hangup.abort();
     served
@@ -105,6 +116,7 @@ pub fn load_rules(state: &AppState) -> anyhow::Result<(Arc<Reloader>, Watch)> {
     engine.reserve_for_calls(config.rules.workers);
     let (reloader, watch) = start_rules(state, engine)?;
     let _ = state.live_rules.set(reloader.rules().clone());
+    let _ = state.reloader.set(reloader.clone());
     Ok((reloader, watch))
 }
 
@@ -148,6 +160,18 @@ fn start_rules(state: &AppState, engine: WasmEngine) -> anyhow::Result<(Arc<Relo
         tracing::warn!(failed = ?report.failed, "serving without the rules that failed to load; see /status/rules");
     }
     Ok((reloader, watch))
+}
+
+/// Where the admin token came from, for the startup line (never its value).
+fn token_origin(origin: &SecretOrigin) -> String {
+    match origin {
+        SecretOrigin::Env(var) => format!("env {var}"),
+        SecretOrigin::File(path) => format!("file {}", path.display()),
+        SecretOrigin::Generated(path, true) => format!("generated file {}", path.display()),
+        SecretOrigin::Generated(path, false) | SecretOrigin::ToGenerate(path) => {
+            format!("file {}", path.display())
+        }
+    }
 }
 
 fn announce_sources(config: &Config) {

@@ -141,13 +141,21 @@ pub async fn receive(
         .map_or("unknown", |(k, _)| k.as_str())
         .to_string();
     let (outcome, response) = match accept(&state, &name, req).await {
-        Ok(done) => done,
+        Ok(done) => {
+            state.intake.record(&name, done.0, None);
+            done
+        }
         Err(refusal) => {
             tracing::debug!(source = %name, ?refusal, "request refused");
-            if let Refusal::Unverified(e) = &refusal {
-                metrics::counter!("sluice_verification_failures_total", "source" => label.clone(), "reason" => e.class())
+            let class = match &refusal {
+                Refusal::Unverified(e) => Some(e.class()),
+                _ => None,
+            };
+            if let Some(class) = class {
+                metrics::counter!("sluice_verification_failures_total", "source" => label.clone(), "reason" => class)
                     .increment(1);
             }
+            state.intake.record(&name, refusal.outcome(), class);
             (refusal.outcome(), refusal.into_response())
         }
     };

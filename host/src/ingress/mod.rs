@@ -10,6 +10,7 @@ pub mod handler;
 pub mod normalize;
 pub mod shield;
 pub mod source;
+pub mod stats;
 pub mod verify;
 
 use bytes::Bytes;
