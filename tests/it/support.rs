@@ -124,9 +124,6 @@ prefix = "sha256="
 encoding = "hex"
 delivery_header = "X-Delivery"
 kind_header = "X-Event"
-
-[admin]
-listen = "127.0.0.1:0"
 {extra}
 "#,
             data = dir.path().join("data").display()
