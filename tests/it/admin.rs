@@ -30,7 +30,7 @@ fn shipped_env() -> Env {
 }
 
 /// One admin request: status, headers and JSON body (or null).
-async fn call(
+pub async fn call(
     method: Method,
     url: &str,
     token: Option<&str>,

@@ -143,7 +143,7 @@ async fn every_event_reaches_its_agents_through_failures_429s_and_timeouts() {
         .concat(),
         "",
     );
-    let gw = RoutingGateway::start(env.config()).await;
+    let gw = RoutingGateway::start_with_admin(env.config()).await;
     const EVENTS: usize = 6;
     let mut ids = Vec::new();
     for n in 0..EVENTS {
@@ -278,14 +278,14 @@ async fn every_event_reaches_its_agents_through_failures_429s_and_timeouts() {
     );
     // It comes back; a retry from the DLQ delivers.
     agents.script("down", Script::default());
-    for d in &dead {
-        assert!(
-            gw.dispatch
-                .retry_delivery(parse_delivery_name(&d.id).unwrap())
-                .await
-                .unwrap()
-        );
-    }
+    let admin = gw.admin.clone().expect("admin API");
+    let (status, _, answer) = crate::admin::call(
+        http::Method::POST,
+        &format!("{admin}/v1/dlq/retry-all"),
+        Some(crate::support::ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
     wait_for(&*gw.dispatch, "down", DeliveryStatus::Delivered, 2).await;
     assert_eq!(agents.delivered("down").len(), 2);
     assert!(gw.dispatch.dead_letters(100).await.unwrap().is_empty());
@@ -617,4 +617,68 @@ async fn sigkill_during_dispatch_and_workflows_loses_nothing_and_records_no_step
         let names: Vec<_> = runs[0].steps_done.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["step-1", "step-2"], "{id}: {runs:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_agent_keeps_its_deliveries_until_resumed() {
+    let agents = AgentServer::start(AGENT_SECRET).await;
+    let env = dispatch_env(&http_agent("held", &agents.url("held"), ""), "");
+    let gw = RoutingGateway::start(env.config()).await;
+    gw.dispatch.set_paused("held", true).await.unwrap();
+    for n in 0..3 {
+        send(&env, &gw.base, n, json!([route("held")])).await;
+    }
+    wait_for(&*gw.dispatch, "held", DeliveryStatus::Queued, 3).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(agents.seen().is_empty(), "nothing goes to a paused agent");
+    gw.dispatch.set_paused("held", false).await.unwrap();
+    wait_for(&*gw.dispatch, "held", DeliveryStatus::Delivered, 3).await;
+    assert_eq!(agents.delivered("held").len(), 3);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_sends_nothing_then_one_probe() {
+    let agents = AgentServer::start(AGENT_SECRET).await;
+    agents.script(
+        "sick",
+        Script {
+            down: true,
+            ..Default::default()
+        },
+    );
+    let env = dispatch_env(
+        &http_agent(
+            "sick",
+            &agents.url("sick"),
+            "breaker = { failures = 3, cooldown = \"1500ms\" }\nbackoff = \"10ms\"\nmax_backoff = \"20ms\"\nmax_attempts = 100\nconcurrency = 1",
+        ),
+        "",
+    );
+    let gw = RoutingGateway::start(env.config()).await;
+    for n in 0..4 {
+        send(&env, &gw.base, n, json!([route("sick")])).await;
+    }
+    agents
+        .until(Duration::from_secs(10), "three failures", |seen| {
+            seen.len() >= 3
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        agents.seen().len(),
+        3,
+        "the breaker opened after three failures in a row"
+    );
+    // After the cool-down: exactly one probe, which fails and re-opens it.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        agents.seen().len(),
+        4,
+        "one probe once the cool-down is over"
+    );
+    // The agent recovers: the next probe succeeds and everything goes out.
+    agents.script("sick", Script::default());
+    wait_for(&*gw.dispatch, "sick", DeliveryStatus::Delivered, 4).await;
+    gw.stop().await;
 }

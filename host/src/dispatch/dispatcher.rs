@@ -373,19 +373,16 @@ async fn agent_loop(d: Arc<Dispatcher>, agent: Arc<AgentRuntime>, mut stop: watc
     let _ = tokio::time::timeout(DRAIN, agent.permits.acquire_many(all)).await;
 }
 
-/// How long an idle loop sleeps: until the next due time when it is ahead,
-/// else until a signal (a due delivery that could not be claimed waits for
-/// an earlier one of its ordering key to settle, which signals), at most
-/// [`IDLE`].
+/// How long an idle loop sleeps: until the next due time, at most [`IDLE`]
+/// (signals wake it sooner). The store's next due time counts only what a
+/// claim could take (not a delivery waiting behind an earlier one of its
+/// ordering key, nothing of a paused agent), so a time already past means
+/// one came due since the claim: look again at once.
 fn idle_for(next_due: Result<Option<i64>, crate::store::StoreError>) -> Duration {
     match next_due {
         Ok(Some(at)) => {
             let ahead = at - now_ms();
-            if ahead > 0 {
-                Duration::from_millis(ahead as u64 + 1).min(IDLE)
-            } else {
-                IDLE
-            }
+            Duration::from_millis(ahead.max(0) as u64 + 1).min(IDLE)
         }
         Ok(None) => IDLE,
         Err(_) => Duration::from_secs(1),
