@@ -60,8 +60,17 @@ pub fn bench_mode(names: &[&str]) -> Option<bool> {
 /// `/proc/self/task/*/schedstat` (nanoseconds on CPU). It splits the server's
 /// CPU between the request path (tokio workers) and the store's writer thread.
 pub fn cpu_by_thread_name() -> BTreeMap<String, Duration> {
+    cpu_by_thread_name_of(None)
+}
+
+/// [`cpu_by_thread_name`] of process `pid` (a child), or of this process.
+pub fn cpu_by_thread_name_of(pid: Option<u32>) -> BTreeMap<String, Duration> {
     let mut by_name = BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+    let dir = match pid {
+        Some(pid) => format!("/proc/{pid}/task"),
+        None => "/proc/self/task".to_string(),
+    };
+    let Ok(tasks) = std::fs::read_dir(dir) else {
         return by_name;
     };
     for task in tasks.flatten() {
@@ -96,9 +105,31 @@ pub fn cpu_time(clock: libc::clockid_t) -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// The process's CPU clocks at one instant.
+/// CPU of process `pid`, every thread it ran, live or ended: `utime` +
+/// `stime` of `/proc/PID/stat`, in clock ticks (10 ms on Linux, so a figure
+/// is only as good as the CPU it spans is long).
+pub fn process_cpu_of(pid: u32) -> Duration {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    // The fields after the command name, which is in parentheses and may hold
+    // spaces: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = fields[11..13]
+        .iter()
+        .map(|f| f.parse::<u64>().unwrap_or_else(|_| panic!("{path}: {f:?}")))
+        .sum();
+    // SAFETY: sysconf only reads a constant of the running system.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_nanos(ticks * 1_000_000_000 / per_second)
+}
+
+/// A process's CPU clocks at one instant: this process's, or a child's.
 pub struct CpuMark {
     at: Instant,
+    pid: Option<u32>,
     process: Duration,
     threads: BTreeMap<String, Duration>,
 }
@@ -116,15 +147,38 @@ impl CpuMark {
     pub fn now() -> CpuMark {
         CpuMark {
             threads: cpu_by_thread_name(),
+            pid: None,
             process: cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID),
             at: Instant::now(),
         }
     }
 
+    /// The clocks of child process `pid` (its CPU from `/proc/PID/stat`).
+    pub fn of(pid: u32) -> CpuMark {
+        CpuMark {
+            threads: cpu_by_thread_name_of(Some(pid)),
+            pid: Some(pid),
+            process: process_cpu_of(pid),
+            at: Instant::now(),
+        }
+    }
+
+    /// When the mark was taken.
+    pub fn at(&self) -> Instant {
+        self.at
+    }
+
+    fn process_cpu(&self) -> Duration {
+        match self.pid {
+            Some(pid) => process_cpu_of(pid),
+            None => cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID),
+        }
+    }
+
     pub fn span(&self) -> CpuSpan {
         let wall = self.at.elapsed();
-        let process = cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID).saturating_sub(self.process);
-        let threads = cpu_by_thread_name()
+        let process = self.process_cpu().saturating_sub(self.process);
+        let threads = cpu_by_thread_name_of(self.pid)
             .into_iter()
             .map(|(name, cpu)| {
                 let before = self.threads.get(&name).copied().unwrap_or(Duration::ZERO);
@@ -283,15 +337,23 @@ pub fn signed_requests(
     n: usize,
 ) -> Vec<Request<Full<Bytes>>> {
     (0..n)
-        .map(|_| {
-            let signed = signer.sign("issues", body).expect("sign");
-            let mut req = Request::post(uri.clone());
-            for (name, value) in &signed.headers {
-                req = req.header(name, value.as_str());
-            }
-            req.body(Full::new(signed.body)).expect("request")
-        })
+        .map(|_| signed_request(signer, body, uri).0)
         .collect()
+}
+
+/// One `issues` request signed as GitHub would, with a fresh delivery id,
+/// and that id (`X-GitHub-Delivery`).
+pub fn signed_request(signer: &Signer, body: &Bytes, uri: &Uri) -> (Request<Full<Bytes>>, String) {
+    let signed = signer.sign("issues", body).expect("sign");
+    let mut req = Request::post(uri.clone());
+    let mut delivery = String::new();
+    for (name, value) in &signed.headers {
+        if name == "x-github-delivery" {
+            delivery = value.clone();
+        }
+        req = req.header(name, value.as_str());
+    }
+    (req.body(Full::new(signed.body)).expect("request"), delivery)
 }
 
 /// What the client saw over one batch of requests.
@@ -303,6 +365,8 @@ pub struct Outcome {
     pub errors: usize,
     /// Wall time and CPU over the batch (the client and idle threads included).
     pub cpu: CpuSpan,
+    /// When each request went out, in the order given ([`Pace::Every`] only).
+    pub sent_at: Vec<Instant>,
 }
 
 impl Outcome {
@@ -335,10 +399,14 @@ impl Outcome {
     }
 
     pub fn assert_all(&self, server: &Server) {
+        self.assert_all_got(server.name, server.accepted);
+    }
+
+    /// Checks that every request got `status` from the server called `name`.
+    pub fn assert_all_got(&self, name: &str, status: u16) {
         assert!(
-            self.errors == 0 && self.accepted(server.accepted) == self.sent,
-            "{}: {} requests, {} transport errors, statuses {:?}",
-            server.name,
+            self.errors == 0 && self.accepted(status) == self.sent,
+            "{name}: {} requests, {} transport errors, statuses {:?}",
             self.sent,
             self.errors,
             self.by_status
@@ -351,7 +419,19 @@ pub const CLIENT_THREAD: &str = "bench-client";
 
 struct Job {
     requests: Vec<Request<Full<Bytes>>>,
+    pace: Pace,
     reply: mpsc::Sender<Outcome>,
+}
+
+/// How the client sends a batch.
+#[derive(Debug, Clone, Copy)]
+pub enum Pace {
+    /// Back to back with this many in flight: as fast as the server answers.
+    InFlight(usize),
+    /// One request every interval, in the order given, however many are in
+    /// flight (an open loop: a slow server does not slow the sender down).
+    /// The send times are in [`Outcome::sent_at`].
+    Every(Duration),
 }
 
 /// How the client connects.
@@ -401,7 +481,10 @@ impl Driver {
                     .collect();
                 rt.block_on(async move {
                     while let Some(job) = queue.recv().await {
-                        let outcome = drive(&clients, job.requests).await;
+                        let outcome = match job.pace {
+                            Pace::InFlight(n) => drive(&clients, job.requests, n).await,
+                            Pace::Every(every) => drive_paced(&clients, job.requests, every).await,
+                        };
                         let _ = job.reply.send(outcome);
                     }
                 });
@@ -412,9 +495,18 @@ impl Driver {
 
     /// Sends `requests` ([`CONCURRENCY`] in flight) and waits for every answer.
     pub fn run(&self, requests: Vec<Request<Full<Bytes>>>) -> Outcome {
+        self.run_paced(requests, Pace::InFlight(CONCURRENCY))
+    }
+
+    /// Sends `requests` as `pace` says and waits for every answer.
+    pub fn run_paced(&self, requests: Vec<Request<Full<Bytes>>>, pace: Pace) -> Outcome {
         let (reply, outcome) = mpsc::channel();
         self.jobs
-            .send(Job { requests, reply })
+            .send(Job {
+                requests,
+                pace,
+                reply,
+            })
             .expect("client thread alive");
         outcome.recv().expect("client thread answers")
     }
@@ -425,14 +517,36 @@ impl Driver {
     }
 }
 
+/// Sends one request and reads its answer to the end (so the connection
+/// goes back to the pool); its status, or `None` on a transport error.
+async fn send_one(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Option<u16> {
+    let resp = client.request(req).await.ok()?;
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await.ok()?;
+    Some(status)
+}
+
+impl Outcome {
+    fn count(&mut self, answer: Option<u16>) {
+        match answer {
+            Some(status) => *self.by_status.entry(status).or_default() += 1,
+            None => self.errors += 1,
+        }
+    }
+}
+
 async fn drive(
     clients: &[Client<HttpConnector, Full<Bytes>>],
     requests: Vec<Request<Full<Bytes>>>,
+    in_flight: usize,
 ) -> Outcome {
     let sent = requests.len();
     let queue = Arc::new(Mutex::new(requests));
     let (mark, client0) = (CpuMark::now(), cpu_time(libc::CLOCK_THREAD_CPUTIME_ID));
-    let tasks: Vec<_> = (0..CONCURRENCY.min(sent))
+    let tasks: Vec<_> = (0..in_flight.min(sent))
         .map(|_| {
             let (clients, queue) = (clients.to_vec(), queue.clone());
             tokio::spawn(async move {
@@ -445,18 +559,7 @@ async fn drive(
                         };
                         (req, queue.len())
                     };
-                    match clients[left % clients.len()].request(req).await {
-                        Ok(resp) => {
-                            let status = resp.status().as_u16();
-                            // Read the body to the end so the connection goes back to the pool.
-                            if resp.into_body().collect().await.is_err() {
-                                seen.errors += 1;
-                                continue;
-                            }
-                            *seen.by_status.entry(status).or_default() += 1;
-                        }
-                        Err(_) => seen.errors += 1,
-                    }
+                    seen.count(send_one(&clients[left % clients.len()], req).await);
                 }
                 seen
             })
@@ -476,6 +579,42 @@ async fn drive(
     total.client_cpu = cpu_time(libc::CLOCK_THREAD_CPUTIME_ID).saturating_sub(client0);
     total.cpu = mark.span();
     total
+}
+
+async fn drive_paced(
+    clients: &[Client<HttpConnector, Full<Bytes>>],
+    requests: Vec<Request<Full<Bytes>>>,
+    every: Duration,
+) -> Outcome {
+    let sent = requests.len();
+    let (mark, client0) = (CpuMark::now(), cpu_time(libc::CLOCK_THREAD_CPUTIME_ID));
+    let start = tokio::time::Instant::now();
+    let mut sent_at = Vec::with_capacity(sent);
+    let mut tasks = Vec::with_capacity(sent);
+    for (i, req) in requests.into_iter().enumerate() {
+        // Each send at its own time from the start, so a late wake-up is
+        // caught up rather than carried over.
+        tokio::time::sleep_until(start + every * i as u32).await;
+        sent_at.push(Instant::now());
+        let client = clients[i % clients.len()].clone();
+        tasks.push(tokio::spawn(async move { send_one(&client, req).await }));
+    }
+    let mut total = Outcome {
+        sent,
+        ..Outcome::default()
+    };
+    for task in tasks {
+        total.count(task.await.expect("client task"));
+    }
+    total.client_cpu = cpu_time(libc::CLOCK_THREAD_CPUTIME_ID).saturating_sub(client0);
+    total.cpu = mark.span();
+    total.sent_at = sent_at;
+    total
+}
+
+/// The `p`-th quantile (0..=1) of `sorted`, nearest rank.
+pub fn quantile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 pub fn median(mut xs: Vec<f64>) -> f64 {
