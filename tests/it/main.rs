@@ -29,6 +29,7 @@ mod reload;
 mod routing;
 mod rule_logs;
 mod rules;
+mod samples;
 mod store;
 mod support;
 mod transports;

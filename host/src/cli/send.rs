@@ -1,6 +1,11 @@
 //! `sluice send`: sign a payload exactly as the provider would (headers
 //! included, a fresh delivery id each time) and POST it; with `--repeat` and
 //! `--concurrency` it is a small load generator that reports latency and rate.
+//!
+//! Without a payload file, `--event NAME` picks a built-in sample (as `stripe
+//! trigger` does): one per row of the shipped routing tables, under
+//! `samples/`, each routed by the shipped rules to the agents [`SAMPLES`]
+//! names (a test holds them to it). `--list` prints them.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,14 +33,21 @@ pub struct SendArgs {
     #[command(flatten)]
     config: ConfigArg,
     /// The configured source to send to.
-    #[arg(long, short = 's')]
-    source: String,
-    /// The event kind header (`issues` for GitHub, `Push Hook` for GitLab, ...).
-    /// For GitHub it defaults to the payload's folder name, as in the corpus layout.
+    #[arg(long, short = 's', required_unless_present = "list")]
+    source: Option<String>,
+    /// With a payload file: the event kind header (`issues` for GitHub, `Push
+    /// Hook` for GitLab, ...); for GitHub it defaults to the payload's folder
+    /// name, as in the corpus layout. Without one: the built-in sample to send
+    /// (`issues.opened`, `push`; see `--list`).
     #[arg(long, short = 'e')]
     event: Option<String>,
-    /// The payload file (JSON). Without it, a small sample for the provider.
+    /// The payload file (JSON). Without it, the built-in sample `--event`
+    /// names, or a small sample for the provider.
     payload: Option<PathBuf>,
+    /// Print the built-in samples and the agents the shipped rules route
+    /// each to, then exit.
+    #[arg(long, conflicts_with_all = ["payload", "event"])]
+    list: bool,
     /// Send it this many times, each with a fresh delivery id.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
@@ -214,6 +226,200 @@ fn with_field(
     Ok(Bytes::from(serde_json::to_vec(&doc)?))
 }
 
+/// A built-in sample payload of one event, sent by `sluice send --event NAME`
+/// when no payload file is given.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// The provider that sends it.
+    pub provider: Provider,
+    /// Its name for `--event`: `kind.action` for GitHub (`issues.opened`, or
+    /// just `push`), GitLab's `object_kind` for GitLab (`push`, `note`), with a
+    /// suffix where a row's condition needs a particular payload
+    /// (`push.release`).
+    pub name: &'static str,
+    /// The event kind header it is sent with (`issues`, `Push Hook`).
+    pub kind: &'static str,
+    /// The agents the shipped rules route it to, in the order of the routes.
+    pub agents: &'static [&'static str],
+    /// The payload (JSON).
+    pub body: &'static str,
+}
+
+/// One [`Sample`], its payload read from `samples/{dir}/{name}.json`.
+macro_rules! sample {
+    ($provider:ident, $dir:literal, $name:literal, $kind:literal, [$($agent:literal),+]) => {
+        Sample {
+            provider: Provider::$provider,
+            name: $name,
+            kind: $kind,
+            agents: &[$($agent),+],
+            body: include_str!(concat!("samples/", $dir, "/", $name, ".json")),
+        }
+    };
+}
+
+/// The built-in samples: one per row of the shipped routing tables
+/// (`plugins/rules/github-router/src/lib.rs`, `rules/gitlab.rhai`), trimmed
+/// from real provider payloads to what the rules read and the usual
+/// identifying fields.
+pub const SAMPLES: &[Sample] = &[
+    sample!(
+        Github,
+        "github",
+        "issues.labeled",
+        "issues",
+        ["coordinator"]
+    ),
+    sample!(
+        Github,
+        "github",
+        "issue_comment.created",
+        "issue_comment",
+        ["coordinator"]
+    ),
+    sample!(
+        Github,
+        "github",
+        "pull_request_review_comment.created",
+        "pull_request_review_comment",
+        ["coordinator"]
+    ),
+    sample!(
+        Github,
+        "github",
+        "issues.opened",
+        "issues",
+        ["issue-triage"]
+    ),
+    sample!(
+        Github,
+        "github",
+        "issues.assigned",
+        "issues",
+        ["issue-triage"]
+    ),
+    sample!(
+        Github,
+        "github",
+        "issues.closed",
+        "issues",
+        ["issue-triage"]
+    ),
+    sample!(
+        Github,
+        "github",
+        "pull_request.opened",
+        "pull_request",
+        ["review-agent"]
+    ),
+    sample!(
+        Github,
+        "github",
+        "pull_request.ready_for_review",
+        "pull_request",
+        ["review-agent"]
+    ),
+    sample!(
+        Github,
+        "github",
+        "pull_request.review_requested",
+        "pull_request",
+        ["review-agent"]
+    ),
+    sample!(
+        Github,
+        "github",
+        "pull_request.closed",
+        "pull_request",
+        ["deployment"]
+    ),
+    sample!(Github, "github", "push", "push", ["deployment"]),
+    sample!(
+        Github,
+        "github",
+        "workflow_run.completed",
+        "workflow_run",
+        ["guardian"]
+    ),
+    sample!(Gitlab, "gitlab", "push", "Push Hook", ["ci-validation"]),
+    sample!(
+        Gitlab,
+        "gitlab",
+        "push.release",
+        "Push Hook",
+        ["ci-validation", "release-manager"]
+    ),
+    sample!(
+        Gitlab,
+        "gitlab",
+        "tag_push",
+        "Tag Push Hook",
+        ["release-manager"]
+    ),
+    sample!(
+        Gitlab,
+        "gitlab",
+        "merge_request",
+        "Merge Request Hook",
+        ["mr-reviewer"]
+    ),
+    sample!(
+        Gitlab,
+        "gitlab",
+        "pipeline",
+        "Pipeline Hook",
+        ["pipeline-monitor"]
+    ),
+    sample!(Gitlab, "gitlab", "issue", "Issue Hook", ["issue-triage"]),
+    sample!(
+        Gitlab,
+        "gitlab",
+        "confidential_issue",
+        "Confidential Issue Hook",
+        ["issue-triage"]
+    ),
+    sample!(Gitlab, "gitlab", "note", "Note Hook", ["comment-handler"]),
+    sample!(
+        Gitlab,
+        "gitlab",
+        "confidential_note",
+        "Confidential Note Hook",
+        ["comment-handler"]
+    ),
+];
+
+/// The built-in sample of `provider` that `event` names: a sample's name, or
+/// an event kind header only one sample is sent with (`tag_push` or `Tag Push
+/// Hook`). The error lists the provider's samples.
+pub fn find_sample(provider: Provider, event: &str) -> anyhow::Result<&'static Sample> {
+    let own = || SAMPLES.iter().filter(move |s| s.provider == provider);
+    if let Some(s) = own().find(|s| s.name == event) {
+        return Ok(s);
+    }
+    let by_kind: Vec<&Sample> = own().filter(|s| s.kind == event).collect();
+    if let [s] = by_kind[..] {
+        return Ok(s);
+    }
+    let names: Vec<&str> = own().map(|s| s.name).collect();
+    if names.is_empty() {
+        bail!("--event {event:?}: there are no built-in {provider} samples; pass a payload file");
+    }
+    bail!(
+        "--event {event:?}: no built-in {provider} sample of that name (available: {})",
+        names.join(", ")
+    )
+}
+
+/// Writes one line per built-in sample: `github issues.opened → issue-triage`.
+pub fn write_list(out: &mut impl std::io::Write) -> std::io::Result<()> {
+    for s in SAMPLES {
+        writeln!(out, "{} {} → {}", s.provider, s.name, s.agents.join(", "))?;
+    }
+    Ok(())
+}
+
+/// The payload sent when neither a payload file nor `--event` is given (and,
+/// for providers without [`SAMPLES`], whatever `--event` is).
 fn sample(provider: Provider) -> (&'static str, &'static str) {
     match provider {
         Provider::Github => (
@@ -245,17 +451,34 @@ fn sample(provider: Provider) -> (&'static str, &'static str) {
 
 /// Runs `sluice send`.
 pub async fn run(args: SendArgs) -> anyhow::Result<()> {
+    if args.list {
+        write_list(&mut std::io::stdout().lock())?;
+        return Ok(());
+    }
+    let source_name = args
+        .source
+        .as_deref()
+        .context("--source is required (or --list)")?;
     let config = args.config.load()?;
-    let signer = Signer::new(&config, &args.source)?;
+    let signer = Signer::new(&config, source_name)?;
     let source = &signer.source;
-    let (default_kind, sample_body) = sample(source.provider);
+    let (mut default_kind, mut sample_body) = sample(source.provider);
+    let mut event = args.event.clone();
+    if args.payload.is_none()
+        && let Some(name) = event.as_deref()
+        && name != default_kind
+        && SAMPLES.iter().any(|s| s.provider == source.provider)
+    {
+        let s = find_sample(source.provider, name)?;
+        (default_kind, sample_body, event) = (s.kind, s.body, None);
+    }
     let body = match &args.payload {
         Some(p) => Bytes::from(
             std::fs::read(p).with_context(|| format!("cannot read payload {}", p.display()))?,
         ),
         None => Bytes::from_static(sample_body.as_bytes()),
     };
-    let kind = match (&args.event, &args.payload) {
+    let kind = match (&event, &args.payload) {
         (Some(k), _) => k.clone(),
         (None, Some(p)) if source.provider == Provider::Github => p
             .parent()
@@ -271,7 +494,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     let url = args
         .url
         .clone()
-        .unwrap_or_else(|| format!("http://{}/hooks/{}", config.server.listen, args.source));
+        .unwrap_or_else(|| format!("http://{}/hooks/{source_name}", config.server.listen));
     let uri: http::Uri = url.parse().with_context(|| format!("bad --url {url:?}"))?;
 
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
