@@ -736,3 +736,21 @@ async fn outbox_lines_never_interleave() {
     ids.sort();
     assert_eq!(ids, (0..40).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn an_outbox_line_stays_one_line_for_a_pretty_printed_payload() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), "[agents.local]\nkind = \"outbox\"\n");
+    let local = build(&config, "local");
+    let body = b"{\"event\": {\n  \"id\": \"evt_1\",\r\n  \"text\": \"a\\nb\"\n}, \"attempt\": 1}";
+    let outcome = local.send(&request(body, "msg_1")).await;
+    assert_eq!(outcome.kind(), "delivered", "{outcome:?}");
+    let text = std::fs::read_to_string(dir.path().join("data/outbox/local.jsonl")).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+    let sent: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(
+        v["envelope"], sent,
+        "the same JSON, escapes inside strings kept"
+    );
+}

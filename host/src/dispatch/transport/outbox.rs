@@ -120,6 +120,14 @@ impl Transport for OutboxTransport {
             envelope,
         };
         let mut bytes = serde_json::to_vec(&line).expect("string keys and valid JSON");
+        // The envelope embeds the payload byte for byte, line breaks of a
+        // pretty-printed body included. Outside strings (where JSON escapes
+        // them) they are whitespace: a space is the same JSON, on one line.
+        for b in bytes.iter_mut() {
+            if matches!(*b, b'\n' | b'\r') {
+                *b = b' ';
+            }
+        }
         bytes.push(b'\n');
         let path = self.path.clone();
         let lock = self.lock.clone();
