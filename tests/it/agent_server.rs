@@ -54,6 +54,8 @@ pub struct Received {
 
 #[derive(Default)]
 struct Inner {
+    in_flight: usize,
+    most_in_flight: usize,
     scripts: HashMap<String, Script>,
     seen: Vec<Received>,
     attempts: HashMap<(String, String), u32>,
@@ -100,6 +102,11 @@ impl AgentServer {
             .unwrap()
             .scripts
             .insert(agent.to_string(), script);
+    }
+
+    /// The most requests it was answering at once.
+    pub fn most_in_flight(&self) -> usize {
+        self.inner.lock().unwrap().most_in_flight
     }
 
     /// Every attempt seen so far.
@@ -156,6 +163,8 @@ async fn receive(
     let (script, n) = {
         let mut inner = server.inner.lock().unwrap();
         let script = inner.scripts.get(&agent).cloned().unwrap_or_default();
+        inner.in_flight += 1;
+        inner.most_in_flight = inner.most_in_flight.max(inner.in_flight);
         let n = inner
             .attempts
             .entry((agent.clone(), id.clone()))
@@ -177,6 +186,7 @@ async fn receive(
             status: 504,
         });
         tokio::time::sleep(stall).await;
+        server.inner.lock().unwrap().in_flight -= 1;
         return (StatusCode::GATEWAY_TIMEOUT, "stalled").into_response();
     }
     let (status, response) = if script.down || n <= script.fail_first {
@@ -203,7 +213,9 @@ async fn receive(
             .unwrap_or_else(|| serde_json::json!({"ok": true, "agent": agent}));
         (200, axum::Json(answer).into_response())
     };
-    server.inner.lock().unwrap().seen.push(Received {
+    let mut inner = server.inner.lock().unwrap();
+    inner.in_flight -= 1;
+    inner.seen.push(Received {
         agent,
         id,
         at,

@@ -682,3 +682,84 @@ async fn an_open_breaker_sends_nothing_then_one_probe() {
     wait_for(&*gw.dispatch, "sick", DeliveryStatus::Delivered, 4).await;
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_agent_gets_the_most_urgent_first_and_no_more_than_its_limit() {
+    let agents = AgentServer::start(AGENT_SECRET).await;
+    agents.script(
+        "busy",
+        Script {
+            latency: Some(Duration::from_millis(40)),
+            ..Default::default()
+        },
+    );
+    let env = dispatch_env(
+        &http_agent("busy", &agents.url("busy"), "concurrency = 2"),
+        "",
+    );
+    let gw = RoutingGateway::start(env.config()).await;
+    // Queued while paused, in the opposite order of urgency.
+    gw.dispatch.set_paused("busy", true).await.unwrap();
+    let order = ["low", "medium", "high", "critical"];
+    for (n, p) in order.iter().cycle().take(8).enumerate() {
+        send(&env, &gw.base, n, json!([{"agent": "busy", "priority": p}])).await;
+    }
+    wait_for(&*gw.dispatch, "busy", DeliveryStatus::Queued, 8).await;
+    gw.dispatch.set_paused("busy", false).await.unwrap();
+    wait_for(&*gw.dispatch, "busy", DeliveryStatus::Delivered, 8).await;
+    let got: Vec<String> = agents
+        .delivered("busy")
+        .iter()
+        .map(|r| r.body["route"]["priority"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "critical", "critical", "high", "high", "medium", "medium", "low", "low"
+        ],
+        "most urgent first"
+    );
+    assert!(
+        agents.most_in_flight() <= 2,
+        "{} at once",
+        agents.most_in_flight()
+    );
+    assert_eq!(agents.most_in_flight(), 2, "the limit is used");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_past_its_timeout_fails_and_dead_letters_its_open_delivery() {
+    let agents = AgentServer::start(AGENT_SECRET).await;
+    agents.script(
+        "never",
+        Script {
+            down: true,
+            ..Default::default()
+        },
+    );
+    let env = dispatch_env(
+        &http_agent(
+            "never",
+            &agents.url("never"),
+            "breaker = { failures = 1000 }",
+        ),
+        "[workflows.short]\ntimeout = \"700ms\"\nsteps = [{ agent = \"never\" }]\n",
+    );
+    let gw = RoutingGateway::start(env.config()).await;
+    let id = send(
+        &env,
+        &gw.base,
+        0,
+        json!([{"agent": "never", "workflow": "short"}]),
+    )
+    .await;
+    let dead = wait_for(&*gw.dispatch, "never", DeliveryStatus::Dead, 1).await;
+    assert!(
+        dead[0].last_error.as_deref().unwrap().contains("timeout"),
+        "{dead:?}"
+    );
+    let runs = gw.dispatch.runs(&id).await.unwrap();
+    assert_eq!(runs[0].state, "failed", "{runs:?}");
+    gw.stop().await;
+}
