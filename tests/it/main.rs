@@ -14,6 +14,7 @@ mod costs;
 mod crash;
 mod dedup;
 mod dispatch;
+mod dispatch_review;
 mod engine;
 mod envelope;
 mod explain;
