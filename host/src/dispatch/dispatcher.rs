@@ -393,6 +393,37 @@ fn idle_for(next_due: Result<Option<i64>, crate::store::StoreError>) -> Duration
 async fn attempt(d: &Dispatcher, agent: &AgentRuntime, delivery: ClaimedDelivery, trial: bool) {
     let started_ms = now_ms();
     let started = Instant::now();
+    // Too old to send at all (its agent was paused or backed up past it):
+    // dead-lettered without an attempt on the wire.
+    let age = started_ms - delivery.event.received_at_ms;
+    if age > agent.config.max_age.as_millis() as i64 {
+        if trial {
+            agent.breaker.record(BreakerOutcome::NotRun, true);
+        }
+        let reason = format!(
+            "gave up: the event is older than max_age ({}) before this attempt",
+            humantime::format_duration(agent.config.max_age)
+        );
+        let record = AttemptRecord {
+            attempt: delivery.attempt,
+            at_ms: started_ms,
+            outcome: "failed".into(),
+            status: None,
+            latency_us: 0,
+            error: Some(reason.clone()),
+            response_bytes: 0,
+        };
+        ::metrics::counter!("sluice_dispatch_dead_letters_total", "agent" => agent.name.clone())
+            .increment(1);
+        if let Err(e) = d
+            .store
+            .settle_delivery(&delivery.lease(), &record, Settle::Dead(reason))
+            .await
+        {
+            tracing::warn!(agent = %agent.name, delivery = %delivery_name(delivery.id), error = %e, "cannot settle a delivery");
+        }
+        return;
+    }
     let envelope = Envelope::new(
         &delivery.event,
         &delivery.route,
@@ -450,7 +481,7 @@ async fn attempt(d: &Dispatcher, agent: &AgentRuntime, delivery: ClaimedDelivery
     let now = now_ms();
     let settle = settle_for(
         &agent.config,
-        delivery.attempt,
+        delivery.round_attempt,
         delivery.event.received_at_ms,
         &outcome,
         now,

@@ -137,8 +137,13 @@ pub struct ClaimedDelivery {
     pub input: Option<serde_json::Value>,
     /// The `webhook-id`.
     pub idempotency_key: String,
-    /// Which attempt this is (from 1).
+    /// Which attempt this is (from 1), counting every attempt since the
+    /// delivery was queued (the envelope's `attempt`; attempts are stored
+    /// under it, so a DLQ retry keeps the earlier ones on record).
     pub attempt: u32,
+    /// Which attempt this is since the delivery was last retried from the
+    /// DLQ (from 1): what `max_attempts` and the backoff count.
+    pub round_attempt: u32,
     /// The worker holding it.
     pub worker: String,
     /// When it was first queued (ms since the epoch).
@@ -376,8 +381,9 @@ pub trait DispatchStore: Send + Sync + 'static {
     /// The dead-letter queue, newest first.
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
 
-    /// Sends a dead delivery again, with fresh attempts (and reopens the
-    /// workflow run it failed). `false` when it is not dead.
+    /// Sends a dead delivery again, with a fresh count of attempts (the
+    /// earlier ones stay on record), and reopens the workflow run it failed
+    /// with a fresh timeout. `false` when it is not dead.
     async fn retry_delivery(&self, delivery: i64) -> Result<bool, StoreError>;
 
     /// Pauses or resumes deliveries to an agent (they wait; nothing is dropped).

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     ordering_key   TEXT,
     status         TEXT NOT NULL DEFAULT 'queued',
     attempts       INTEGER NOT NULL DEFAULT 0,
+    retry_base     INTEGER NOT NULL DEFAULT 0,
     due_at_ms      INTEGER NOT NULL,
     claimed_by     TEXT,
     created_at_ms  INTEGER NOT NULL,
@@ -77,6 +78,7 @@ CREATE TABLE IF NOT EXISTS runs (
     due_at_ms      INTEGER NOT NULL,
     created_at_ms  INTEGER NOT NULL,
     deadline_ms    INTEGER,
+    timeout_ms     INTEGER,
     last_error     TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_open ON runs (state, due_at_ms, id)
@@ -247,6 +249,7 @@ struct ClaimRow {
     input: Option<String>,
     key: String,
     attempt: u32,
+    retry_base: u32,
     created_at_ms: i64,
 }
 
@@ -378,7 +381,8 @@ impl SqliteStore {
                 .collect::<Result<_, _>>()?;
             let mut take = conn.prepare_cached(
                 "UPDATE deliveries SET due_at_ms = ?2, attempts = attempts + 1, claimed_by = ?3 \
-                 WHERE id = ?1 RETURNING attempts, event_seq, route, step_name, input, key, created_at_ms",
+                 WHERE id = ?1 \
+                 RETURNING attempts, event_seq, route, step_name, input, key, created_at_ms, retry_base",
             )?;
             let mut find = conn.prepare_cached(
                 "SELECT log_segment, log_offset, log_len FROM events WHERE seq = ?1",
@@ -386,7 +390,7 @@ impl SqliteStore {
             let mut out = Vec::with_capacity(ids.len());
             let mut orphans = Vec::new();
             for id in ids {
-                let (attempt, event_seq, route, step, input, key, created_at_ms) =
+                let (attempt, event_seq, route, step, input, key, created_at_ms, retry_base) =
                     take.query_row(params![id, until, worker], |r| {
                         Ok((
                             r.get::<_, i64>(0)? as u32,
@@ -396,6 +400,7 @@ impl SqliteStore {
                             r.get::<_, Option<String>>(4)?,
                             r.get::<_, String>(5)?,
                             r.get::<_, i64>(6)?,
+                            r.get::<_, i64>(7)? as u32,
                         ))
                     })?;
                 let at = find
@@ -417,6 +422,7 @@ impl SqliteStore {
                         input,
                         key,
                         attempt,
+                        retry_base,
                         created_at_ms,
                     }),
                     None => orphans.push(id),
@@ -496,6 +502,7 @@ impl DispatchStore for SqliteStore {
                         input,
                         idempotency_key: row.key,
                         attempt: row.attempt,
+                        round_attempt: row.attempt.saturating_sub(row.retry_base),
                         worker: worker.clone(),
                         created_at_ms: row.created_at_ms,
                     }),
@@ -618,7 +625,7 @@ impl DispatchStore for SqliteStore {
             // Start waiting runs while their workflow has room.
             for (workflow, limit, timeout) in &limits {
                 conn.prepare_cached(
-                    "UPDATE runs SET state = 'ready', due_at_ms = ?3, deadline_ms = ?3 + ?4 \
+                    "UPDATE runs SET state = 'ready', due_at_ms = ?3, deadline_ms = ?3 + ?4, timeout_ms = ?4 \
                      WHERE id IN (SELECT id FROM runs WHERE workflow = ?1 AND state = 'waiting' \
                      ORDER BY id LIMIT max(0, ?2 - (SELECT count(*) FROM runs \
                      WHERE workflow = ?1 AND state IN ('ready', 'running'))))",
@@ -629,6 +636,18 @@ impl DispatchStore for SqliteStore {
                     now,
                     timeout.as_millis() as i64
                 ])?;
+            }
+            // Runs of a workflow the config does not declare (any more) get
+            // no slot: made ready so the caller fails them with the reason.
+            let waiting: Vec<String> = conn
+                .prepare_cached("SELECT DISTINCT workflow FROM runs WHERE state = 'waiting'")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for workflow in waiting.iter().filter(|w| !limits.iter().any(|(n, ..)| n == *w)) {
+                conn.prepare_cached(
+                    "UPDATE runs SET state = 'ready', due_at_ms = ?2 WHERE workflow = ?1 AND state = 'waiting'",
+                )?
+                .execute(params![workflow, now])?;
             }
             let runs = conn
                 .prepare_cached(
@@ -908,7 +927,7 @@ impl DispatchStore for SqliteStore {
             .write(move |conn| {
                 let agent: Option<String> = conn
                     .prepare_cached(
-                        "UPDATE deliveries SET status = 'queued', attempts = 0, due_at_ms = ?2, \
+                        "UPDATE deliveries SET status = 'queued', retry_base = attempts, due_at_ms = ?2, \
                          claimed_by = NULL, settled_at_ms = NULL WHERE id = ?1 AND status = 'dead' \
                          RETURNING agent",
                     )?
@@ -917,11 +936,12 @@ impl DispatchStore for SqliteStore {
                 if agent.is_some() {
                     // The run it failed goes on from the same step.
                     conn.prepare_cached(
-                        "UPDATE runs SET state = 'running', last_error = NULL \
+                        "UPDATE runs SET state = 'running', last_error = NULL, \
+                         deadline_ms = CASE WHEN timeout_ms IS NULL THEN NULL ELSE ?2 + timeout_ms END \
                          WHERE id = (SELECT run_id FROM deliveries WHERE id = ?1) AND state = 'failed' \
                          AND step = (SELECT step FROM deliveries WHERE id = ?1)",
                     )?
-                    .execute([delivery])?;
+                    .execute(params![delivery, now_ms()])?;
                 }
                 Ok(agent)
             })
