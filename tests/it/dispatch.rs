@@ -763,3 +763,46 @@ async fn a_workflow_past_its_timeout_fails_and_dead_letters_its_open_delivery() 
     assert_eq!(runs[0].state, "failed", "{runs:?}");
     gw.stop().await;
 }
+
+#[test]
+fn bad_agent_and_workflow_keys_are_config_errors_naming_the_key() {
+    for (agents, workflows, key) in [
+        ("[agents.a]\nkind = \"http\"\n", "", "agents.a.url"),
+        (
+            "[agents.a]\nkind = \"exec\"\ncommand = []\n",
+            "",
+            "agents.a.command",
+        ),
+        (
+            "[agents.a]\nkind = \"outbox\"\nbreaker = { cooldown = \"0s\" }\n",
+            "",
+            "agents.a.breaker.cooldown",
+        ),
+        (
+            "[agents.a]\nkind = \"outbox\"\nmax_attempts = 0\n",
+            "",
+            "agents.a.max_attempts",
+        ),
+        (
+            "[agents.a]\nkind = \"outbox\"\n",
+            "[workflows.w]\nsteps = [{ parallel = [\"a\", \"a\"] }]\n",
+            "workflows.w.steps[0].parallel",
+        ),
+        (
+            "[agents.a]\nkind = \"outbox\"\n",
+            "[workflows.w]\nsteps = [{ agent = \"b\" }]\n",
+            "workflows.w.steps[0]",
+        ),
+        (
+            "[agents.a]\nkind = \"outbox\"\n",
+            "[workflows.w]\nsteps = [{ agent = \"a\", delay = \"1s\" }]\n",
+            "workflows.w.steps[0]",
+        ),
+    ] {
+        let env = dispatch_env(agents, workflows);
+        let err = sluice::config::Config::load(Some(&env.config_path))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!(": {key}: ")), "{key}: {err}");
+    }
+}

@@ -364,6 +364,9 @@ pub fn validate(
         if a.breaker.failures == 0 {
             return fault(at("breaker.failures"), "must be at least 1");
         }
+        if a.breaker.cooldown.is_zero() {
+            return fault(at("breaker.cooldown"), "must be greater than 0");
+        }
         if let Some(r) = a.rate_limit
             && (r.per_second == 0 || r.burst == Some(0))
         {
@@ -393,6 +396,13 @@ pub fn validate(
                 return fault(at(format!("steps[{i}].name")), "step names must differ");
             }
             if let StepAction::Deliver(list) = action {
+                let distinct: std::collections::BTreeSet<_> = list.iter().collect();
+                if distinct.len() != list.len() {
+                    return fault(
+                        at(format!("steps[{i}].parallel")),
+                        "names an agent twice (each agent gets one delivery per step)",
+                    );
+                }
                 for agent in list {
                     if agent != ROUTE_AGENT && !agents.contains_key(&agent) {
                         return fault(

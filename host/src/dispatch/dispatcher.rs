@@ -329,7 +329,19 @@ async fn agent_loop(d: Arc<Dispatcher>, agent: Arc<AgentRuntime>, mut stop: watc
             drop(permit);
             continue;
         }
-        let want = if probe { 1 } else { free.min(CLAIM_MAX) };
+        // A rate-limited agent takes its token before it claims, one at a
+        // time: a claim's lease must not run out while it waits its turn.
+        if let Some(limiter) = &agent.limiter {
+            tokio::select! {
+                _ = limiter.until_ready() => {}
+                _ = stop.changed() => continue,
+            }
+        }
+        let want = if probe || agent.limiter.is_some() {
+            1
+        } else {
+            free.min(CLAIM_MAX)
+        };
         let claimed = match d
             .store
             .claim_deliveries(&agent.name, &d.node, want, lease)
@@ -356,9 +368,6 @@ async fn agent_loop(d: Arc<Dispatcher>, agent: Arc<AgentRuntime>, mut stop: watc
             let Ok(permit) = agent.permits.clone().acquire_owned().await else {
                 break;
             };
-            if let Some(limiter) = &agent.limiter {
-                limiter.until_ready().await;
-            }
             let d = d.clone();
             let agent = agent.clone();
             tokio::spawn(async move {

@@ -81,8 +81,8 @@ CREATE TABLE IF NOT EXISTS runs (
     timeout_ms     INTEGER,
     last_error     TEXT
 );
-CREATE INDEX IF NOT EXISTS runs_open ON runs (state, due_at_ms, id)
-    WHERE state IN ('waiting', 'ready', 'running');
+CREATE INDEX IF NOT EXISTS runs_state ON runs (state, due_at_ms, id);
+CREATE INDEX IF NOT EXISTS runs_workflow ON runs (workflow, state);
 CREATE INDEX IF NOT EXISTS runs_event ON runs (event_id);
 CREATE TABLE IF NOT EXISTS steps_done (
     run_id   INTEGER NOT NULL,
