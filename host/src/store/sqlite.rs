@@ -302,6 +302,14 @@ impl SqliteStore {
         if replayed > 0 {
             tracing::info!(events = replayed, log = %log_dir.display(), "replayed the event log's tail into the index");
         }
+        // Leases a process that ended left on events are void: this process
+        // owns the store (the log's lock), so what they held is routed again
+        // now rather than when the leases would have run out. The claims
+        // still count toward the event's attempts.
+        conn.execute(
+            "UPDATE queue SET due_at_ms = ?1, claimed_by = NULL WHERE claimed_by IS NOT NULL",
+            [now_ms()],
+        )?;
         let depth: i64 = conn.query_row("SELECT count(*) FROM queue", [], |r| r.get(0))?;
         let reader = Connection::open_with_flags(
             path,
