@@ -391,7 +391,7 @@ impl Dispatching {
             &path,
             format!(
                 r#"[server]
-data_dir = "data"
+data_dir = {data:?}
 
 [sources.github]
 provider = "github"
@@ -408,7 +408,8 @@ concurrency = {IN_FLIGHT}
 
 [dispatch]
 signing_secret = {{ file = "agent.key" }}
-"#
+"#,
+                data = dir.path().join("data").display().to_string()
             ),
         )
         .expect("write config");

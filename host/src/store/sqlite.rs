@@ -278,6 +278,7 @@ impl SqliteStore {
         check_schema(&conn, path)?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(dispatch::SCHEMA)?;
+        dispatch::add_missing_columns(&conn)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         // Expired body-hash keys are overwritten when their body comes again;
         // the rest are dropped here.

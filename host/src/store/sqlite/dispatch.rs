@@ -98,6 +98,25 @@ CREATE TABLE IF NOT EXISTS agents_paused (
 );
 ";
 
+/// Adds the columns an index written by an earlier build of schema 4
+/// lacks (`CREATE TABLE IF NOT EXISTS` leaves an existing table as it is).
+pub(super) fn add_missing_columns(conn: &Connection) -> Result<(), StoreError> {
+    for (table, column, decl) in [
+        ("deliveries", "retry_base", "INTEGER NOT NULL DEFAULT 0"),
+        ("runs", "timeout_ms", "INTEGER"),
+    ] {
+        let present: bool = conn
+            .prepare(&format!(
+                "SELECT count(*) > 0 FROM pragma_table_info('{table}') WHERE name = ?1"
+            ))?
+            .query_row([column], |r| r.get(0))?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    Ok(())
+}
+
 fn priority_rank(p: Priority) -> i64 {
     match p {
         Priority::Low => 0,
