@@ -43,10 +43,13 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     for (name, a) in &agents {
         let to = match a.config.kind {
-            crate::dispatch::config::AgentKind::Http => a.config.url.clone().unwrap_or_default(),
+            // Without any user or password a URL may carry.
+            crate::dispatch::config::AgentKind::Http => {
+                without_userinfo(a.config.url.as_deref().unwrap_or(""))
+            }
             crate::dispatch::config::AgentKind::Nats => format!(
-                "{} {}",
-                a.config.server.as_deref().unwrap_or(""),
+                "{} subject {}",
+                without_userinfo(a.config.server.as_deref().unwrap_or("")),
                 a.config.subject.as_deref().unwrap_or("")
             ),
             crate::dispatch::config::AgentKind::Exec => {
@@ -85,4 +88,35 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `scheme://host[:port]/path` of a URL, leaving out a `user:password@`
+/// (which can only stand in the authority, before the first `/`).
+fn without_userinfo(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if scheme.is_empty() {
+        format!("{host}{path}")
+    } else {
+        format!("{scheme}://{host}{path}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_userinfo;
+
+    #[test]
+    fn a_url_is_shown_without_its_credentials() {
+        assert_eq!(
+            without_userinfo("https://bot:s3cret@agents.example.com/a@b"),
+            "https://agents.example.com/a@b"
+        );
+        assert_eq!(
+            without_userinfo("nats://u:p@127.0.0.1:4222"),
+            "nats://127.0.0.1:4222"
+        );
+        assert_eq!(without_userinfo("http://host/x"), "http://host/x");
+    }
 }
