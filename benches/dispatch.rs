@@ -63,7 +63,6 @@ use axum::Router;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::routing::post;
-use axum::serve::ListenerExt;
 use bytes::Bytes;
 use common::{
     CLIENT_THREAD, ClientOptions, CpuMark, CpuSpan, Driver, Pace, Server, median, payload,
@@ -84,7 +83,7 @@ use sluice::store::dispatch::DispatchStore;
 use sluice::store::{Appended, SqliteStore, Store};
 use standardwebhooks::Webhook;
 use tokio::runtime::Runtime;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 /// The agents' signing secret (`dispatch.signing_secret`).
 const AGENT_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -208,30 +207,15 @@ impl AgentServer {
         let app = Router::new()
             .route("/agents/{agent}", post(agent_answer))
             .with_state(state.clone());
-        let rt = server_runtime(AGENT_THREAD, AGENT_THREAD);
-        let (listener, addr) = Server::bind(&rt);
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
+        let server = Server::serve(app, AGENT_THREAD, "agent-server", |addr| {
+            format!("http://{addr}/agents/{expect}")
         });
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = rt.spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await
-                .map_err(anyhow::Error::from)
-        });
-        let base = format!("http://{addr}/agents");
+        let base = format!(
+            "http://{}/agents",
+            server.uri.authority().expect("an address")
+        );
         AgentServer {
-            server: Server {
-                name: "agent-server",
-                accepted: 200,
-                uri: format!("{base}/{expect}").parse().expect("uri"),
-                rt,
-                stop,
-                task,
-            },
+            server,
             state,
             base,
         }

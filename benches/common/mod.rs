@@ -252,6 +252,39 @@ pub struct Server {
 }
 
 impl Server {
+    /// Serves `app` on 127.0.0.1 on a runtime of its own whose threads are
+    /// named `thread_name`; `uri` makes the URL requests go to from the
+    /// address. Connections set TCP_NODELAY, as sluice's do.
+    pub fn serve(
+        app: Router,
+        thread_name: &str,
+        name: &'static str,
+        uri: impl FnOnce(SocketAddr) -> String,
+    ) -> Server {
+        let rt = server_runtime(thread_name, thread_name);
+        let (listener, addr) = Server::bind(&rt);
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = rt.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .map_err(anyhow::Error::from)
+        });
+        Server {
+            name,
+            accepted: 200,
+            uri: uri(addr).parse().expect("uri"),
+            rt,
+            stop,
+            task,
+        }
+    }
+
     pub fn bind(rt: &Runtime) -> (TcpListener, SocketAddr) {
         let listener = rt
             .block_on(TcpListener::bind("127.0.0.1:0"))
@@ -304,29 +337,9 @@ pub fn start_bare(secret: &[u8], thread_name: &str) -> Server {
     let app = Router::new()
         .route("/hooks/github", post(bare_receive))
         .with_state(Arc::new(key));
-    let rt = server_runtime(thread_name, thread_name);
-    let (listener, addr) = Server::bind(&rt);
-    // sluice sets TCP_NODELAY on every connection; so does this one.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = rt.spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            })
-            .await
-            .map_err(anyhow::Error::from)
-    });
-    Server {
-        name: "bare-axum-hmac",
-        accepted: 200,
-        uri: format!("http://{addr}/hooks/github").parse().expect("uri"),
-        rt,
-        stop,
-        task,
-    }
+    Server::serve(app, thread_name, "bare-axum-hmac", |addr| {
+        format!("http://{addr}/hooks/github")
+    })
 }
 
 /// `n` requests, each signed as GitHub would with a fresh delivery id.
