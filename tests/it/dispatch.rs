@@ -292,6 +292,22 @@ async fn every_event_reaches_its_agents_through_failures_429s_and_timeouts() {
     gw.stop().await;
 }
 
+/// Waits until the event's only run is in `state`; panics with the runs after `limit`.
+pub async fn run_state(dispatch: &dyn DispatchStore, event: &str, state: &str, limit: Duration) {
+    let start = std::time::Instant::now();
+    loop {
+        let runs = dispatch.runs(event).await.unwrap();
+        if runs.first().is_some_and(|r| r.state == state) {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "the run is not {state} after {limit:?}: {runs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until `n` deliveries to `agent` are in `status`.
 pub async fn wait_for(
     dispatch: &dyn DispatchStore,
@@ -402,17 +418,10 @@ async fn a_workflow_passes_each_answer_to_its_next_step() {
     assert_eq!(seen.iter().filter(|r| r.agent == "build").count(), 2);
     let runs = gw.dispatch.runs(&id).await.unwrap();
     assert_eq!(runs.len(), 1);
-    let start = std::time::Instant::now();
-    loop {
-        let runs = gw.dispatch.runs(&id).await.unwrap();
-        if runs[0].state == "done" {
-            let names: Vec<_> = runs[0].steps_done.iter().map(|(n, _)| n.as_str()).collect();
-            assert_eq!(names, ["step-1", "step-2", "settle", "step-4"]);
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "{runs:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    run_state(&*gw.dispatch, &id, "done", Duration::from_secs(10)).await;
+    let runs = gw.dispatch.runs(&id).await.unwrap();
+    let names: Vec<_> = runs[0].steps_done.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["step-1", "step-2", "settle", "step-4"]);
     gw.stop().await;
 }
 

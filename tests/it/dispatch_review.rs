@@ -6,27 +6,11 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sluice::store::dispatch::{DeliveryStatus, DispatchStore, parse_delivery_name};
+use sluice::store::dispatch::{DeliveryStatus, parse_delivery_name};
 
 use crate::agent_server::{AgentServer, Script};
-use crate::dispatch::{AGENT_SECRET, dispatch_env, http_agent, send, wait_for};
+use crate::dispatch::{AGENT_SECRET, dispatch_env, http_agent, run_state, send, wait_for};
 use crate::support::RoutingGateway;
-
-/// Waits until the event's only run is in `state`; panics with the runs after `limit`.
-async fn run_state(dispatch: &dyn DispatchStore, event: &str, state: &str, limit: Duration) {
-    let start = Instant::now();
-    loop {
-        let runs = dispatch.runs(event).await.unwrap();
-        if runs.first().is_some_and(|r| r.state == state) {
-            return;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "the run is not {state} after {limit:?}: {runs:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// A rule granted every workflow may name one the config does not declare
 /// (as the docs allow for agents). Such a run is never started, since only
