@@ -17,6 +17,9 @@ use crate::event::EventStatus;
 use crate::store::ListFilter;
 use crate::store::dispatch::{DeliveryFilter, DeliveryStatus, delivery_name, parse_delivery_name};
 
+/// A listing's limit that takes every row (SQLite's LIMIT is signed).
+const UNBOUNDED: usize = usize::MAX >> 1;
+
 type Answer = Result<Json<Value>, ApiError>;
 
 /// The default page size of the listings.
@@ -161,7 +164,7 @@ async fn find_delivery(
         .dispatch
         .deliveries(&DeliveryFilter {
             event_id: Some(event),
-            limit: usize::MAX >> 1,
+            limit: UNBOUNDED,
             ..DeliveryFilter::default()
         })
         .await?;
@@ -231,7 +234,7 @@ pub(super) async fn dlq_retry(State(a): State<Arc<Admin>>, Path(id): Path<String
 }
 
 pub(super) async fn dlq_retry_all(State(a): State<Arc<Admin>>) -> Answer {
-    let dead = a.app.dispatch.dead_letters(usize::MAX >> 1).await?;
+    let dead = a.app.dispatch.dead_letters(UNBOUNDED).await?;
     let (mut retried, mut failed) = (0u64, Vec::new());
     for d in &dead {
         match retry_one(&a, &d.id).await {
@@ -347,7 +350,7 @@ pub(super) async fn tail(State(a): State<Arc<Admin>>, Query(q): Query<TailQuery>
     let wait = Duration::from_millis(q.wait.unwrap_or(0)).min(MAX_WAIT);
     let until = tokio::time::Instant::now() + wait;
     loop {
-        let (_, batch) = queries::read(&a.db, move |c| queries::changes_since(c, after)).await?;
+        let batch = queries::read(&a.db, move |c| queries::changes_since(c, after)).await?;
         if !batch.is_empty() || tokio::time::Instant::now() + TAIL_POLL > until {
             return Ok(Json(json!(batch)));
         }

@@ -121,7 +121,7 @@ pub fn load_token(config: &Config, generate: Generate) -> anyhow::Result<Loaded>
         "admin",
         TOKEN_KEY,
         ".token",
-        Provider::Github,
+        Provider::None,
         std::slice::from_ref(&config.admin.token),
         generate,
     )?

@@ -202,7 +202,7 @@ pub fn cursor_now(conn: &Connection) -> Result<Cursor, StoreError> {
 }
 
 /// Everything after `after` (at most [`TAIL_BATCH`] of each kind).
-pub fn changes_since(conn: &Connection, after: Cursor) -> Result<(Cursor, TailBatch), StoreError> {
+pub fn changes_since(conn: &Connection, after: Cursor) -> Result<TailBatch, StoreError> {
     let mut next = after;
     let mut batch = TailBatch::default();
     let limit = TAIL_BATCH as i64;
@@ -276,7 +276,7 @@ pub fn changes_since(conn: &Connection, after: Cursor) -> Result<(Cursor, TailBa
         }
     }
     batch.cursor = next.to_string();
-    Ok((next, batch))
+    Ok(batch)
 }
 
 #[cfg(test)]

@@ -106,7 +106,7 @@ impl AgentRuntime {
 
 /// The delay ceiling before retry `attempt` (from 1): `backoff` doubled per
 /// attempt, at most `max_backoff`.
-pub fn backoff_ceiling(config: &AgentConfig, attempt: u32) -> Duration {
+fn backoff_ceiling(config: &AgentConfig, attempt: u32) -> Duration {
     let doublings = attempt.saturating_sub(1).min(30);
     config
         .backoff
@@ -117,7 +117,7 @@ pub fn backoff_ceiling(config: &AgentConfig, attempt: u32) -> Duration {
 /// The delay before retrying after failed attempt `attempt`: uniform in
 /// `[0, ceiling]` (full jitter), but never shorter than the agent's
 /// `Retry-After` (itself capped at `max_backoff`).
-pub fn retry_delay(config: &AgentConfig, attempt: u32, retry_after: Option<Duration>) -> Duration {
+fn retry_delay(config: &AgentConfig, attempt: u32, retry_after: Option<Duration>) -> Duration {
     let ceiling = backoff_ceiling(config, attempt);
     let mut buf = [0u8; 8];
     let r = getrandom::fill(&mut buf)
@@ -131,7 +131,7 @@ pub fn retry_delay(config: &AgentConfig, attempt: u32, retry_after: Option<Durat
 }
 
 /// What becomes of a delivery after attempt `attempt` ended in `outcome`.
-pub fn settle_for(
+fn settle_for(
     config: &AgentConfig,
     attempt: u32,
     received_at_ms: i64,
@@ -221,11 +221,6 @@ impl Dispatcher {
             workflows,
             node: format!("dispatch-{}", std::process::id()),
         }
-    }
-
-    /// The agents, by name.
-    pub fn agents(&self) -> &BTreeMap<String, Arc<AgentRuntime>> {
-        &self.agents
     }
 
     /// Runs every agent loop and the workflow loop until `stop` turns true,

@@ -64,9 +64,6 @@ pub mod v0_2 {
     });
 }
 
-/// The bindings of the first version (kept under their old name).
-pub use v0_1 as bindings;
-
 /// The versions of `sluice:router` this host serves, oldest first.
 pub const SERVED: [WitVersion; 2] = [WitVersion::V0_1, WitVersion::V0_2];
 

@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::SystemTime;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -72,11 +71,6 @@ impl OutboxTransport {
             lock,
         })
     }
-
-    /// The file this agent writes to.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 /// Appends `line` to `path` in one write, creating the file and its
@@ -106,9 +100,7 @@ impl Transport for OutboxTransport {
                 };
             }
         };
-        let at_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let at_ms = crate::event::now_ms();
         let line = Line {
             agent: &self.agent,
             at_ms,
