@@ -4,12 +4,15 @@
 //! reason since start.
 //!
 //! The table is built once from the config, so recording takes one map
-//! lookup and one uncontended lock, and allocates nothing after a reason's
-//! first refusal. Unknown source names are not recorded (they would let
+//! lookup; an accepted request then costs two atomic updates (no lock, so
+//! concurrent requests of one busy source never wait on each other), and
+//! only a refusal takes the source's lock. Nothing is allocated after a
+//! reason's first refusal. Unknown source names are not recorded (they would let
 //! anyone grow the map).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -35,10 +38,26 @@ pub struct VerificationFailure {
     pub reason: &'static str,
 }
 
+/// One source's counters.
+#[derive(Debug, Default)]
+struct Slot {
+    accepted: AtomicU64,
+    /// 0 until the first accepted request.
+    last_received_ms: AtomicI64,
+    refused: Mutex<Refused>,
+}
+
+/// What a refusal records.
+#[derive(Debug, Default)]
+struct Refused {
+    last_verification_failure: Option<VerificationFailure>,
+    rejections: BTreeMap<&'static str, u64>,
+}
+
 /// The per-source records, keyed by configured source name.
 #[derive(Debug, Default)]
 pub struct IntakeStats {
-    by_source: HashMap<String, Mutex<SourceRecord>>,
+    by_source: HashMap<String, Slot>,
 }
 
 impl IntakeStats {
@@ -47,7 +66,7 @@ impl IntakeStats {
         IntakeStats {
             by_source: sources
                 .into_iter()
-                .map(|s| (s.clone(), Mutex::default()))
+                .map(|s| (s.clone(), Slot::default()))
                 .collect(),
         }
     }
@@ -60,14 +79,14 @@ impl IntakeStats {
             return;
         };
         let now = crate::event::now_ms();
-        let mut r = slot.lock().unwrap_or_else(|e| e.into_inner());
         match outcome {
             "accepted" | "duplicate" => {
-                r.accepted += 1;
-                r.last_received_ms = Some(now);
+                slot.accepted.fetch_add(1, Ordering::Relaxed);
+                slot.last_received_ms.fetch_max(now, Ordering::Relaxed);
             }
             "challenge" => {}
             refused => {
+                let mut r = slot.refused.lock().unwrap_or_else(|e| e.into_inner());
                 *r.rejections.entry(refused).or_insert(0) += 1;
                 if let Some(reason) = unverified {
                     r.last_verification_failure = Some(VerificationFailure { at_ms: now, reason });
@@ -78,9 +97,15 @@ impl IntakeStats {
 
     /// A copy of one source's record; `None` for a name not configured.
     pub fn get(&self, source: &str) -> Option<SourceRecord> {
-        self.by_source
-            .get(source)
-            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        let slot = self.by_source.get(source)?;
+        let refused = slot.refused.lock().unwrap_or_else(|e| e.into_inner());
+        let last = slot.last_received_ms.load(Ordering::Relaxed);
+        Some(SourceRecord {
+            accepted: slot.accepted.load(Ordering::Relaxed),
+            last_received_ms: (last != 0).then_some(last),
+            last_verification_failure: refused.last_verification_failure.clone(),
+            rejections: refused.rejections.clone(),
+        })
     }
 }
 
