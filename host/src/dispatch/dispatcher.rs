@@ -453,15 +453,10 @@ async fn attempt(d: &Dispatcher, agent: &AgentRuntime, delivery: ClaimedDelivery
     .await
     {
         Ok(o) => o,
-        Err(_) => Outcome::Retry {
-            status: None,
-            error: format!(
-                "no answer within the timeout ({})",
-                humantime::format_duration(agent.config.timeout)
-            ),
-            retry_after: None,
-            response_bytes: 0,
-        },
+        Err(_) => Outcome::retry(format!(
+            "no answer within the timeout ({})",
+            humantime::format_duration(agent.config.timeout)
+        )),
     };
     let latency = started.elapsed();
     // A failed attempt counts toward the breaker only when it says the agent

@@ -68,6 +68,26 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// A failure a later attempt may get past, with no HTTP status, answer
+    /// or `Retry-After` (a timeout, a connection error, no ack).
+    pub fn retry(error: impl Into<String>) -> Outcome {
+        Outcome::Retry {
+            status: None,
+            error: error.into(),
+            retry_after: None,
+            response_bytes: 0,
+        }
+    }
+
+    /// A failure for good, with no HTTP status or answer.
+    pub fn fail(error: impl Into<String>) -> Outcome {
+        Outcome::Final {
+            status: None,
+            error: error.into(),
+            response_bytes: 0,
+        }
+    }
+
     /// The HTTP status of the attempt, if any.
     pub fn status(&self) -> Option<u16> {
         match self {

@@ -143,15 +143,10 @@ impl Transport for ExecTransport {
             Err(_) => {
                 // Reap it now rather than leave it to `kill_on_drop`.
                 let _ = child.kill().await;
-                return Outcome::Retry {
-                    status: None,
-                    error: format!(
-                        "timed out after {}; the program was killed",
-                        humantime::format_duration(self.timeout)
-                    ),
-                    retry_after: None,
-                    response_bytes: 0,
-                };
+                return Outcome::retry(format!(
+                    "timed out after {}; the program was killed",
+                    humantime::format_duration(self.timeout)
+                ));
             }
         };
         let (answer, complete) = read;

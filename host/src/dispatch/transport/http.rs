@@ -200,15 +200,10 @@ impl Transport for HttpTransport {
         let deadline = Instant::now() + self.timeout;
         let response = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
             Err(_) => {
-                return Outcome::Retry {
-                    status: None,
-                    error: format!(
-                        "timed out after {} waiting for the answer",
-                        humantime::format_duration(self.timeout)
-                    ),
-                    retry_after: None,
-                    response_bytes: 0,
-                };
+                return Outcome::retry(format!(
+                    "timed out after {} waiting for the answer",
+                    humantime::format_duration(self.timeout)
+                ));
             }
             Ok(Err(e)) => return failed(&e),
             Ok(Ok(response)) => response,
@@ -308,23 +303,14 @@ fn classify(
 /// final, anything else (no connection, a connection lost) may pass.
 fn failed(e: &hyper_util::client::legacy::Error) -> Outcome {
     if let Some(guard) = guard_error(e) {
-        return Outcome::Final {
-            status: None,
-            error: guard.to_string(),
-            response_bytes: 0,
-        };
+        return Outcome::fail(guard.to_string());
     }
     let what = if e.is_connect() {
         "cannot connect"
     } else {
         "request failed"
     };
-    Outcome::Retry {
-        status: None,
-        error: format!("{what}: {}", causes(e)),
-        retry_after: None,
-        response_bytes: 0,
-    }
+    Outcome::retry(format!("{what}: {}", causes(e)))
 }
 
 /// The guard's error in `e`'s source chain, if it is there.

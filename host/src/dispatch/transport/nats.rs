@@ -113,10 +113,8 @@ impl NatsTransport {
                 .parse::<async_nats::HeaderName>()
                 .ok()
                 .filter(|_| !value.contains(['\r', '\n']))
-                .ok_or_else(|| Outcome::Final {
-                    status: None,
-                    error: format!("header {name} cannot be sent as a NATS header"),
-                    response_bytes: 0,
+                .ok_or_else(|| {
+                    Outcome::fail(format!("header {name} cannot be sent as a NATS header"))
                 })?;
             headers.insert(header, value.as_str());
         }
@@ -176,15 +174,10 @@ impl Transport for NatsTransport {
                 response_bytes: 0,
             },
             Ok(Err(outcome)) => outcome,
-            Err(_) => Outcome::Retry {
-                status: None,
-                error: format!(
-                    "timed out after {} (connecting, publishing or waiting for the JetStream ack)",
-                    humantime::format_duration(self.timeout)
-                ),
-                retry_after: None,
-                response_bytes: 0,
-            },
+            Err(_) => Outcome::retry(format!(
+                "timed out after {} (connecting, publishing or waiting for the JetStream ack)",
+                humantime::format_duration(self.timeout)
+            )),
         }
     }
 }

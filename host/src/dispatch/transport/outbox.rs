@@ -93,11 +93,7 @@ impl Transport for OutboxTransport {
         let envelope = match serde_json::from_slice::<&RawValue>(&request.body) {
             Ok(raw) => raw,
             Err(e) => {
-                return Outcome::Final {
-                    status: None,
-                    error: format!("the envelope is not JSON: {e}"),
-                    response_bytes: 0,
-                };
+                return Outcome::fail(format!("the envelope is not JSON: {e}"));
             }
         };
         let at_ms = crate::event::now_ms();
@@ -134,18 +130,8 @@ impl Transport for OutboxTransport {
                 answer: None,
                 response_bytes: 0,
             },
-            Ok(Err(e)) => Outcome::Retry {
-                status: None,
-                error: format!("cannot append to {}: {e}", self.path.display()),
-                retry_after: None,
-                response_bytes: 0,
-            },
-            Err(e) => Outcome::Retry {
-                status: None,
-                error: format!("writing {} failed: {e}", self.path.display()),
-                retry_after: None,
-                response_bytes: 0,
-            },
+            Ok(Err(e)) => Outcome::retry(format!("cannot append to {}: {e}", self.path.display())),
+            Err(e) => Outcome::retry(format!("writing {} failed: {e}", self.path.display())),
         }
     }
 }
