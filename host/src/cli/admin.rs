@@ -57,21 +57,13 @@ impl AdminClient {
         let config = args.config.load()?;
         let base = match &args.admin {
             Some(url) => url.trim_end_matches('/').trim_end_matches("/v1").to_owned(),
-            None => {
-                let listen = config.admin.listen;
-                if listen.port() == 0 {
-                    bail!(
-                        "{}: admin.listen has port 0 (chosen at start); pass --admin URL as `sluice serve` printed it",
-                        config.origin
-                    );
-                }
-                let host = if listen.ip().is_unspecified() {
-                    std::net::SocketAddr::from(([127, 0, 0, 1], listen.port()))
-                } else {
-                    listen
-                };
-                format!("http://{host}")
-            }
+            None => match super::local_url(config.admin.listen) {
+                Some(url) => url,
+                None => bail!(
+                    "{}: admin.listen has port 0 (chosen at start); pass --admin URL as `sluice serve` printed it",
+                    config.origin
+                ),
+            },
         };
         let token = match std::env::var(TOKEN_ENV)
             .ok()

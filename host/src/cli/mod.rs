@@ -307,3 +307,18 @@ pub fn explain(r: &crate::decision::RuleRecord) -> Option<String> {
     }
     Some(format!("{what}: {}", fields.join(", ")))
 }
+
+/// `http://HOST:PORT` to reach a listener of this machine's server at
+/// `listen` (an unspecified address is reached on loopback); `None` when the
+/// port is 0, chosen by the server at start.
+pub fn local_url(listen: std::net::SocketAddr) -> Option<String> {
+    if listen.port() == 0 {
+        return None;
+    }
+    let host = if listen.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], listen.port()))
+    } else {
+        listen
+    };
+    Some(format!("http://{host}"))
+}

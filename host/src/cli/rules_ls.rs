@@ -133,16 +133,7 @@ async fn from_server(config: &crate::config::Config) -> Option<(String, LiveStat
     use http_body_util::{BodyExt, Empty};
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
-    let listen = config.server.listen;
-    if listen.port() == 0 {
-        return None;
-    }
-    let host = if listen.ip().is_unspecified() {
-        std::net::SocketAddr::from(([127, 0, 0, 1], listen.port()))
-    } else {
-        listen
-    };
-    let url = format!("http://{host}/status/rules");
+    let url = format!("{}/status/rules", super::local_url(config.server.listen)?);
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
     let ask = async {
         let resp = client.get(url.parse().ok()?).await.ok()?;
