@@ -201,6 +201,55 @@ pub struct StoreConfig {
     /// long after they were dead-lettered. `0s` keeps everything.
     #[serde(deserialize_with = "duration")]
     pub retention: Duration,
+    /// Which backend holds the log, the work queues and the index:
+    /// `embedded` (the default: a body log and SQLite in the data dir) or
+    /// `nats` (a NATS JetStream cluster several nodes share).
+    pub backend: Backend,
+    /// `[store.nats]`: the JetStream cluster, for `backend = "nats"`.
+    pub nats: NatsConfig,
+}
+
+/// `store.backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The body log and SQLite index in the data dir: one process.
+    #[default]
+    Embedded,
+    /// NATS JetStream: several nodes behind a load balancer.
+    Nats,
+}
+
+/// `[store.nats]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// The servers, comma-separated (`nats://host:4222,nats://host2:4222`).
+    pub url: String,
+    /// A `.creds` file (JWT and NKey seed), relative to the data dir, for a
+    /// server that asks for one.
+    pub credentials: Option<PathBuf>,
+    /// Replicas of every stream and bucket: 3 on a cluster (a write is
+    /// acknowledged once a majority holds it), 1 on a single server (which
+    /// must then run with `sync_interval: always` to be durable).
+    pub replicas: usize,
+    /// The names' prefix: streams `PREFIX_EVENTS`, …, subjects `prefix.…`.
+    pub prefix: String,
+    /// This node's local index file (relative to the data dir), fed from
+    /// the streams; delete it to rebuild it.
+    pub index: PathBuf,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            credentials: None,
+            replicas: 1,
+            prefix: "sluice".into(),
+            index: PathBuf::from("nats-index.db"),
+        }
+    }
 }
 
 impl Default for StoreConfig {
@@ -213,6 +262,8 @@ impl Default for StoreConfig {
             queue_bytes: 64 * 1024 * 1024,
             append_timeout: Duration::from_secs(5),
             retention: Duration::from_secs(30 * 24 * 3600),
+            backend: Backend::Embedded,
+            nats: NatsConfig::default(),
         }
     }
 }
@@ -472,6 +523,22 @@ impl Config {
                     ),
                 );
             }
+        }
+        if !(1..=5).contains(&self.store.nats.replicas) {
+            return err("store.nats.replicas".into(), "must be 1 to 5");
+        }
+        if self.store.nats.prefix.is_empty()
+            || !self
+                .store
+                .nats
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return err(
+                "store.nats.prefix".into(),
+                "must be letters, digits, '_' or '-' (it names streams and subjects)",
+            );
         }
         if self.shield.enabled && (self.shield.per_second == 0 || self.shield.burst == 0) {
             return err(

@@ -18,6 +18,7 @@
 
 pub mod dispatch;
 pub mod log;
+pub mod nats;
 pub mod sqlite;
 
 use std::time::Duration;

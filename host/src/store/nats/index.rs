@@ -1,0 +1,359 @@
+//! The NATS backend's index: a SQLite file per node, fed from the events
+//! stream (a row per event) and the state bucket (status, attempts, the
+//! decision), which listings read. It holds nothing that is not in the
+//! streams: deleted, it is rebuilt from them at the next start.
+//!
+//! The node's own writes go in at once (so a node reads what it wrote);
+//! every node's writes, its own included, arrive through two ordered
+//! consumers, applied by revision so that a late or repeated copy never
+//! overwrites a newer state. Written without syncing: a crash loses at most
+//! the feed's last positions, and the feed applies those messages again.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use async_nats::jetstream::consumer::{self, DeliverPolicy};
+use futures_util::StreamExt;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Meta, NatsStore, State, backend};
+use crate::decision::Decision;
+use crate::event::EventStatus;
+use crate::store::{EventSummary, ListFilter, RecordedDecision, StoreError};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    id             TEXT PRIMARY KEY,
+    seq            INTEGER,
+    meta           TEXT,
+    source         TEXT,
+    kind           TEXT,
+    received_at_ms INTEGER,
+    status         TEXT NOT NULL DEFAULT 'pending',
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    last_error     TEXT,
+    decision       TEXT,
+    dead_at_ms     INTEGER,
+    rev            INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS events_seq ON events (seq);
+CREATE TABLE IF NOT EXISTS decisions (
+    rev      INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    decision TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decisions_event ON decisions (event_id);
+CREATE TABLE IF NOT EXISTS feed (
+    name TEXT PRIMARY KEY,
+    seq  INTEGER NOT NULL
+);
+";
+
+/// This node's index.
+#[derive(Debug)]
+pub struct Index {
+    conn: Mutex<Connection>,
+}
+
+fn err(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(format!("the NATS backend's local index: {e}"))
+}
+
+impl Index {
+    /// Opens (or creates) the index at `path`.
+    pub fn open(path: &Path) -> Result<Index, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Backend(format!("store.nats.index {}: {e}", path.display()))
+            })?;
+        }
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError::Backend(format!("store.nats.index {}: {e}", path.display())))?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = OFF;")
+            .map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(Index {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        f(&self.conn.lock().expect("index lock")).map_err(err)
+    }
+
+    /// Records an event from its head message at stream sequence `seq`.
+    pub(crate) fn insert_event(&self, meta: &Meta, seq: u64) -> Result<(), StoreError> {
+        let json = serde_json::to_string(meta).expect("metadata serializes");
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO events (id, seq, meta, source, kind, received_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (id) DO UPDATE SET seq = ?2, meta = ?3, source = ?4, kind = ?5,
+                     received_at_ms = ?6",
+                params![
+                    meta.event.id,
+                    seq as i64,
+                    json,
+                    meta.event.source,
+                    meta.event.kind,
+                    meta.event.received_at_ms
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Applies an event's state at revision `rev` (`None`: removed), unless
+    /// the index already holds a newer one.
+    pub(crate) fn apply_state(
+        &self,
+        id: &str,
+        rev: u64,
+        state: Option<&State>,
+    ) -> Result<(), StoreError> {
+        let Some(s) = state else {
+            return self.remove(id);
+        };
+        let decision = s
+            .decision
+            .as_ref()
+            .map(|d| serde_json::to_string(d).expect("decision serializes"));
+        self.with(|c| {
+            c.execute("INSERT OR IGNORE INTO events (id) VALUES (?1)", [id])?;
+            let changed = c.execute(
+                "UPDATE events SET status = ?2, attempts = ?3, last_error = ?4, decision = ?5,
+                     dead_at_ms = ?6, rev = ?7
+                 WHERE id = ?1 AND rev < ?7",
+                params![
+                    id,
+                    s.status.as_str(),
+                    s.attempts,
+                    s.last_error,
+                    decision,
+                    s.dead_at_ms,
+                    rev as i64
+                ],
+            )?;
+            if changed > 0
+                && s.status == EventStatus::Routed
+                && let Some(d) = &decision
+            {
+                c.execute(
+                    "INSERT OR IGNORE INTO decisions (rev, event_id, decision) VALUES (?1, ?2, ?3)",
+                    params![rev as i64, id, d],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Forgets an event and its decisions.
+    pub(crate) fn remove(&self, id: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute("DELETE FROM events WHERE id = ?1", [id])?;
+            c.execute("DELETE FROM decisions WHERE event_id = ?1", [id])
+                .map(|_| ())
+        })
+    }
+
+    /// Events matching `filter`, newest first.
+    pub(crate) fn list(&self, filter: &ListFilter) -> Result<Vec<EventSummary>, StoreError> {
+        let mut sql = String::from(
+            "SELECT meta, status, attempts FROM events e WHERE meta IS NOT NULL",
+        );
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        let mut arg = |sql: &mut String, clause: &str, v: rusqlite::types::Value| {
+            args.push(v);
+            sql.push_str(&clause.replace('?', &format!("?{}", args.len())));
+        };
+        if let Some(s) = &filter.source {
+            arg(&mut sql, " AND source = ?", s.clone().into());
+        }
+        if let Some(k) = &filter.kind {
+            arg(&mut sql, " AND kind = ?", k.clone().into());
+        }
+        if let Some(st) = filter.status {
+            arg(&mut sql, " AND status = ?", st.as_str().to_owned().into());
+        }
+        if let Some(t) = filter.since_ms {
+            arg(&mut sql, " AND received_at_ms >= ?", t.into());
+        }
+        if let Some(rule) = &filter.rule_disabled {
+            arg(
+                &mut sql,
+                " AND EXISTS (SELECT 1 FROM json_each(e.decision, '$.rules') AS r \
+                 WHERE json_extract(r.value, '$.rule') = ? \
+                 AND json_extract(r.value, '$.outcome.failed.kind') = 'disabled')",
+                rule.clone().into(),
+            );
+        }
+        let limit = if filter.limit == 0 {
+            i64::MAX
+        } else {
+            filter.limit as i64
+        };
+        sql.push_str(&format!(" ORDER BY seq DESC LIMIT {limit}"));
+        let rows: Vec<(String, String, u32)> = self.with(|c| {
+            let mut stmt = c.prepare(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+            rows.collect()
+        })?;
+        rows.into_iter()
+            .map(|(meta, status, attempts)| {
+                let meta: Meta = serde_json::from_str(&meta)
+                    .map_err(|e| StoreError::Backend(format!("index row: {e}")))?;
+                Ok(summary(&meta, EventStatus::parse(&status).unwrap_or(EventStatus::Pending), attempts))
+            })
+            .collect()
+    }
+
+    /// The latest `limit` decisions, newest first.
+    pub(crate) fn decisions(&self, limit: usize) -> Result<Vec<RecordedDecision>, StoreError> {
+        let rows: Vec<(String, String)> = self.with(|c| {
+            let mut stmt =
+                c.prepare("SELECT event_id, decision FROM decisions ORDER BY rev DESC LIMIT ?1")?;
+            let rows = stmt.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })?;
+        rows.into_iter()
+            .map(|(event_id, d)| {
+                let decision: Decision = serde_json::from_str(&d)
+                    .map_err(|e| StoreError::Backend(format!("index decision: {e}")))?;
+                Ok(RecordedDecision { event_id, decision })
+            })
+            .collect()
+    }
+
+    /// Settled events received before `cutoff_ms` (dead letters only if
+    /// dead-lettered before it too), oldest first: their metadata, head
+    /// sequence, and whether each is a dead letter.
+    pub(crate) fn expirable(&self, cutoff_ms: i64) -> Result<Vec<(Meta, u64, bool)>, StoreError> {
+        let rows: Vec<(String, i64, String)> = self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT meta, seq, status FROM events
+                 WHERE meta IS NOT NULL AND received_at_ms < ?1
+                   AND (status = 'routed' OR (status = 'dead' AND dead_at_ms < ?1))
+                 ORDER BY seq",
+            )?;
+            let rows = stmt.query_map([cutoff_ms], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
+        })?;
+        rows.into_iter()
+            .map(|(meta, seq, status)| {
+                let meta: Meta = serde_json::from_str(&meta)
+                    .map_err(|e| StoreError::Backend(format!("index row: {e}")))?;
+                Ok((meta, seq as u64, status == "dead"))
+            })
+            .collect()
+    }
+
+    fn position(&self, name: &str) -> Result<u64, StoreError> {
+        self.with(|c| {
+            c.query_row("SELECT seq FROM feed WHERE name = ?1", [name], |r| r.get::<_, i64>(0))
+                .optional()
+                .map(|s| s.unwrap_or(0) as u64)
+        })
+    }
+
+    fn advance(&self, name: &str, seq: u64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO feed (name, seq) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET seq = MAX(seq, ?2)",
+                params![name, seq as i64],
+            )
+            .map(|_| ())
+        })
+    }
+}
+
+/// One listing row from an event's metadata and state.
+pub(crate) fn summary(meta: &Meta, status: EventStatus, attempts: u32) -> EventSummary {
+    let e = &meta.event;
+    EventSummary {
+        id: e.id.clone(),
+        delivery_id: e.delivery_id.clone(),
+        id_origin: meta.id_origin,
+        conflict_with: meta.conflict_with.clone(),
+        source: e.source.clone(),
+        provider: e.provider.as_str().to_owned(),
+        kind: e.kind.clone(),
+        action: e.action.clone(),
+        received_at_ms: e.received_at_ms,
+        size: meta.size,
+        status,
+        attempts,
+    }
+}
+
+/// Starts the two feeds of `store`'s index, each from where it left off.
+pub(super) async fn feed(
+    store: &NatsStore,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, StoreError> {
+    let names = &store.names;
+    let events = store
+        .js
+        .get_stream(&names.events)
+        .await
+        .map_err(|e| backend(&format!("stream {}", names.events), e))?;
+    let state_stream = format!("KV_{}", names.state);
+    let state = store
+        .js
+        .get_stream(&state_stream)
+        .await
+        .map_err(|e| backend(&format!("stream {state_stream}"), e))?;
+    let mut tasks = Vec::new();
+    for (name, stream, filter) in [
+        ("events", events, format!("{}.ev.*", names.prefix)),
+        ("state", state, format!("$KV.{}.>", names.state)),
+    ] {
+        let index = store.index.clone();
+        let from = index.position(name)? + 1;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: filter.clone(),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| backend(&format!("index feed {filter}"), e))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| backend(&format!("index feed {filter}"), e))?;
+        let key_prefix = format!("$KV.{}.", names.state);
+        tasks.push(tokio::spawn(async move {
+            while let Some(m) = messages.next().await {
+                let Ok(m) = m else { continue };
+                let Ok(info) = m.info() else { continue };
+                let seq = info.stream_sequence;
+                let applied = if name == "events" {
+                    super::decode_head(&m.payload).and_then(|(meta, _)| index.insert_event(&meta, seq))
+                } else {
+                    let id = m.subject.as_str().strip_prefix(&key_prefix).unwrap_or("");
+                    let removed = m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("KV-Operation"))
+                        .is_some_and(|op| op.as_str() != "PUT");
+                    if removed {
+                        index.remove(id)
+                    } else {
+                        match serde_json::from_slice::<State>(&m.payload) {
+                            Ok(s) => index.apply_state(id, seq, Some(&s)),
+                            Err(e) => Err(StoreError::Backend(e.to_string())),
+                        }
+                    }
+                };
+                if let Err(e) = applied.and_then(|()| index.advance(name, seq)) {
+                    tracing::warn!(feed = name, error = %e, "index feed could not apply a message");
+                }
+            }
+        }));
+    }
+    Ok(tasks)
+}
