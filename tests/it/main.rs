@@ -24,6 +24,8 @@ mod guard;
 mod idle;
 mod languages;
 mod metrics;
+mod nats_cluster;
+mod nats_store;
 mod ready;
 mod regression;
 mod reload;

@@ -209,6 +209,19 @@ impl Index {
             .collect()
     }
 
+    /// Events waiting to be routed or being routed.
+    pub(crate) fn unsettled(&self) -> Result<u64, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM events
+                 WHERE meta IS NOT NULL AND status IN ('pending', 'claimed')",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+        })
+    }
+
     /// The latest `limit` decisions, newest first.
     pub(crate) fn decisions(&self, limit: usize) -> Result<Vec<RecordedDecision>, StoreError> {
         let rows: Vec<(String, String)> = self.with(|c| {

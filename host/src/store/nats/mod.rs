@@ -205,6 +205,10 @@ pub(crate) struct State {
     pub(crate) decision: Option<Decision>,
     #[serde(default)]
     pub(crate) dead_at_ms: Option<i64>,
+    /// When a retried or deferred event is due again (a claim's batch is
+    /// handed out in due order: this, or else the arrival).
+    #[serde(default)]
+    pub(crate) due_at_ms: Option<i64>,
 }
 
 impl State {
@@ -216,6 +220,7 @@ impl State {
             last_error: None,
             decision: None,
             dead_at_ms: None,
+            due_at_ms: None,
         }
     }
 }
@@ -245,6 +250,20 @@ fn conflict_entry(source: &str, delivery_id: &str) -> String {
         "c.{}",
         hex::encode(Sha256::digest(format!("{source}:{delivery_id}").as_bytes()))
     )
+}
+
+/// Longest an empty claim waits for a first message.
+const CLAIM_WAIT: Duration = Duration::from_millis(250);
+
+/// A nak redelivering after `delay` (JetStream takes a zero delay as "no
+/// delay given" and waits out the ack wait; no delay at all is at once).
+fn nak(delay: Duration) -> AckKind {
+    AckKind::Nak((!delay.is_zero()).then_some(delay))
+}
+
+/// Milliseconds since the epoch `delay` from now.
+fn due_in(delay: Duration) -> i64 {
+    now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A NATS failure on a write: busy (intake answers 503 and the sender
@@ -642,7 +661,7 @@ impl NatsStore {
         msg: jetstream::Message,
         worker: &str,
         lease: Duration,
-    ) -> Result<Option<Claimed>, StoreError> {
+    ) -> Result<Option<(i64, u64, Claimed)>, StoreError> {
         let Some(id) = self.names.event_of(&msg.subject).map(str::to_owned) else {
             let _ = msg.ack_with(AckKind::Term).await;
             return Ok(None);
@@ -652,7 +671,7 @@ impl NatsStore {
         if matches!(state.status, EventStatus::Routed | EventStatus::Dead) {
             // Settled already: a copy redelivered after a settle whose ack
             // was lost.
-            let _ = msg.ack().await;
+            let _ = msg.double_ack().await;
             return Ok(None);
         }
         let head = if self.names.head(&id) == msg.subject.as_str() {
@@ -675,7 +694,7 @@ impl NatsStore {
             state.worker = None;
             if self.put_state(&id, &state, rev).await?.is_some() {
                 self.to_dead_letters(&id, &reason).await?;
-                let _ = msg.ack_with(AckKind::Term).await;
+                let _ = msg.double_ack_with(AckKind::Term).await;
             }
             return Ok(None);
         }
@@ -691,6 +710,8 @@ impl NatsStore {
         let mut event = meta.event;
         event.body = body;
         let attempt = state.attempts;
+        let due = state.due_at_ms.unwrap_or(event.received_at_ms);
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         let now = Instant::now();
         self.held.lock().expect("held lock").insert(
             id,
@@ -704,11 +725,15 @@ impl NatsStore {
                 rev: new_rev,
             },
         );
-        Ok(Some(Claimed {
-            event,
-            attempt,
-            worker: worker.to_owned(),
-        }))
+        Ok(Some((
+            due,
+            seq,
+            Claimed {
+                event,
+                attempt,
+                worker: worker.to_owned(),
+            },
+        )))
     }
 
     /// Fills a record from a head and a state.
@@ -890,16 +915,30 @@ impl Store for NatsStore {
         if self.closed.load(Ordering::Relaxed) {
             return Err(StoreError::Closed);
         }
-        let mut batch = self
-            .router
-            .fetch()
-            .max_messages(max.max(1))
-            .messages()
-            .await
-            .map_err(|e| backend("claim", e))?;
+        // What is there, waiting up to CLAIM_WAIT for a first message; then
+        // again without waiting until a fetch brings nothing new: on a
+        // cluster, a message the stream's leader just acknowledged can take
+        // a moment to reach the consumer's leader.
+        let max = max.max(1);
+        let mut fetched = Vec::new();
+        let mut first = true;
+        while fetched.len() < max {
+            let mut fetch = self.router.fetch().max_messages(max - fetched.len());
+            if first {
+                fetch = fetch.expires(CLAIM_WAIT);
+            }
+            let mut batch = fetch.messages().await.map_err(|e| backend("claim", e))?;
+            let before = fetched.len();
+            while let Some(msg) = batch.next().await {
+                fetched.push(msg.map_err(|e| backend("claim", e))?);
+            }
+            if fetched.len() == before {
+                break;
+            }
+            first = false;
+        }
         let mut out = Vec::new();
-        while let Some(msg) = batch.next().await {
-            let msg = msg.map_err(|e| backend("claim", e))?;
+        for msg in fetched {
             if let Some(c) = self.lease_one(msg, worker, lease).await? {
                 out.push(c);
             }
@@ -907,7 +946,9 @@ impl Store for NatsStore {
         if !out.is_empty() {
             self.keeper.notify_one();
         }
-        Ok(out)
+        // JetStream hands out redeliveries first; a batch goes in due order.
+        out.sort_by_key(|(due, seq, _)| (*due, *seq));
+        Ok(out.into_iter().map(|(_, _, c)| c).collect())
     }
 
     async fn complete(&self, lease: &Lease, decision: &Decision) -> Result<(), StoreError> {
@@ -918,7 +959,8 @@ impl Store for NatsStore {
                 s.last_error = None;
             })
             .await?;
-        let _ = held.msg.ack().await;
+        // Confirmed, so the queue depth read next counts it settled.
+        let _ = held.msg.double_ack().await;
         Ok(())
     }
 
@@ -942,9 +984,11 @@ impl Store for NatsStore {
             .settle(lease, |s| {
                 s.status = EventStatus::Pending;
                 s.last_error = Some(error.to_owned());
+                s.due_at_ms = Some(due_in(delay));
             })
             .await?;
-        let _ = held.msg.ack_with(AckKind::Nak(Some(delay))).await;
+        // Confirmed, so a claim right after sees it queued again.
+        let _ = held.msg.double_ack_with(nak(delay)).await;
         Ok(Released::Retrying)
     }
 
@@ -954,9 +998,10 @@ impl Store for NatsStore {
                 s.status = EventStatus::Pending;
                 s.attempts = s.attempts.saturating_sub(1);
                 s.last_error = Some(reason.to_owned());
+                s.due_at_ms = Some(due_in(delay));
             })
             .await?;
-        let _ = held.msg.ack_with(AckKind::Nak(Some(delay))).await;
+        let _ = held.msg.double_ack_with(nak(delay)).await;
         Ok(())
     }
 
@@ -994,7 +1039,7 @@ impl Store for NatsStore {
             })
             .await?;
         self.to_dead_letters(&lease.event_id, reason).await?;
-        let _ = held.msg.ack_with(AckKind::Term).await;
+        let _ = held.msg.double_ack_with(AckKind::Term).await;
         Ok(())
     }
 
@@ -1013,6 +1058,7 @@ impl Store for NatsStore {
         state.attempts = 0;
         state.worker = None;
         state.dead_at_ms = None;
+        state.due_at_ms = Some(now_ms());
         if self.put_state(id, &state, rev).await?.is_none() {
             return Err(backend(&format!("replay {id}"), "changed meanwhile; try again"));
         }
@@ -1067,12 +1113,9 @@ impl Store for NatsStore {
     }
 
     async fn queue_depth(&self) -> Result<u64, StoreError> {
-        let info = self
-            .router
-            .get_info()
-            .await
-            .map_err(|e| backend("consumer route", e))?;
-        Ok(info.num_pending + info.num_ack_pending as u64)
+        // From the index: exact for this node's writes, others' as the feed
+        // brings them (a clustered consumer's own pending count lags too).
+        self.index.unsettled()
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
