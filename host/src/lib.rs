@@ -90,17 +90,42 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
-    /// Loads secrets (generating those the config allows), opens the store.
+    /// Loads secrets (generating those the config allows), opens the
+    /// embedded store. [`AppState::open`] opens any backend.
     pub fn build(config: Config) -> anyhow::Result<(Arc<AppState>, Vec<SecretReport>)> {
+        anyhow::ensure!(
+            config.store.backend == crate::config::Backend::Embedded,
+            "{}: store.backend = \"nats\" is opened with AppState::open",
+            config.origin
+        );
+        let store = Arc::new(open_embedded(&config)?);
+        AppState::with_store(config, store.clone(), store)
+    }
+
+    /// Loads secrets (generating those the config allows) and opens the
+    /// configured store backend: the embedded one, or NATS JetStream.
+    pub async fn open(config: Config) -> anyhow::Result<(Arc<AppState>, Vec<SecretReport>)> {
+        match config.store.backend {
+            crate::config::Backend::Embedded => AppState::build(config),
+            crate::config::Backend::Nats => {
+                let options = crate::store::nats::NatsOptions::from_config(&config);
+                let store = crate::store::nats::NatsStore::open(options)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}: [store.nats]: {e}", config.origin))?;
+                let store = Arc::new(store);
+                AppState::with_store(config, store.clone(), store)
+            }
+        }
+    }
+
+    /// The state over an open store (its log and dispatch roles).
+    pub fn with_store(
+        config: Config,
+        store: Arc<dyn Store>,
+        dispatch: Arc<dyn DispatchStore>,
+    ) -> anyhow::Result<(Arc<AppState>, Vec<SecretReport>)> {
         crate::metrics::handle();
         let (sources, reports) = build_sources(&config, Generate::IfMissing)?;
-        let db = config.data_dir().join(&config.store.path);
-        let store = SqliteStore::open_with(
-            &db,
-            crate::store::sqlite::Options::from_config(&config.store, &config.rules),
-        )
-        .map_err(|e| anyhow::anyhow!("{}: store.path: {e}", config.origin))?;
-        let store = Arc::new(store);
         let state = AppState {
             shield: Shield::new(&config.shield),
             body_budget: BodyBudget::new(
@@ -109,7 +134,7 @@ impl AppState {
             ),
             dedup: Dedup::new(config.store.dedup_capacity, config.store.dedup_ttl),
             sources: ArcSwap::from_pointee(sources),
-            dispatch: store.clone(),
+            dispatch,
             store,
             rules_status: SharedStatus::default(),
             live_rules: std::sync::OnceLock::new(),
@@ -129,6 +154,16 @@ impl AppState {
         self.sources.store(Arc::new(sources));
         Ok(reports)
     }
+}
+
+/// Opens the embedded store the config names.
+fn open_embedded(config: &Config) -> anyhow::Result<SqliteStore> {
+    let db = config.data_dir().join(&config.store.path);
+    SqliteStore::open_with(
+        &db,
+        crate::store::sqlite::Options::from_config(&config.store, &config.rules),
+    )
+    .map_err(|e| anyhow::anyhow!("{}: store.path: {e}", config.origin))
 }
 
 /// The HTTP routes over a ready state.

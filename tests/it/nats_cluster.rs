@@ -101,10 +101,7 @@ impl Nats {
                 conf: path,
             });
         }
-        let mut nats = Nats {
-            servers,
-            _dir: dir,
-        };
+        let mut nats = Nats { servers, _dir: dir };
         for i in 0..n {
             nats.spawn(i);
         }

@@ -64,4 +64,3 @@ async fn nats_store_conforms_on_a_three_server_cluster() {
     let nats = Nats::cluster().await;
     suite(&nats).await;
 }
-

@@ -40,7 +40,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(config.server.log_format);
     let listen = config.server.listen;
     announce_sources(&config);
-    let (state, reports) = AppState::build(config)?;
+    let (state, reports) = AppState::open(config).await?;
     for r in &reports {
         if let SecretOrigin::Generated(path, created) = &r.origin {
             let verb = if *created {

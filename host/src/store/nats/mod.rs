@@ -184,8 +184,13 @@ fn encode_head(meta: &Meta, body: &[u8]) -> Bytes {
 
 fn decode_head(payload: &Bytes) -> Result<(Meta, Bytes), StoreError> {
     let bad = || StoreError::Backend("an event message is malformed".into());
-    let len = u32::from_be_bytes(payload.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?)
-        as usize;
+    let len = u32::from_be_bytes(
+        payload
+            .get(..4)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    ) as usize;
     let json = payload.get(4..4 + len).ok_or_else(bad)?;
     let meta: Meta = serde_json::from_slice(json)
         .map_err(|e| StoreError::Backend(format!("an event message's metadata: {e}")))?;
@@ -320,31 +325,37 @@ pub async fn connect(options: &NatsOptions) -> Result<async_nats::Client, StoreE
             .map_err(|e| backend(&format!("store.nats.credentials {}", creds.display()), e))?;
     }
     let servers: Vec<&str> = options.url.split(',').map(str::trim).collect();
-    let client = tokio::time::timeout(
-        Duration::from_secs(10),
-        connect.connect(servers.as_slice()),
-    )
-    .await
-    .map_err(|_| {
-        backend(
-            &format!("store.nats.url {}", options.url),
-            "no server answered in 10 s",
-        )
-    })?
-    .map_err(|e| backend(&format!("store.nats.url {}", options.url), e))?;
+    let client = tokio::time::timeout(Duration::from_secs(10), connect.connect(servers.as_slice()))
+        .await
+        .map_err(|_| {
+            backend(
+                &format!("store.nats.url {}", options.url),
+                "no server answered in 10 s",
+            )
+        })?
+        .map_err(|e| backend(&format!("store.nats.url {}", options.url), e))?;
     Ok(client)
 }
 
 /// The stream and bucket configurations for `options`.
-pub(crate) fn layout(options: &NatsOptions) -> (stream::Config, stream::Config, kv::Config, kv::Config) {
+pub(crate) fn layout(
+    options: &NatsOptions,
+) -> (stream::Config, stream::Config, kv::Config, kv::Config) {
     let names = Names::new(&options.prefix);
     let p = &names.prefix;
     let events = stream::Config {
         name: names.events.clone(),
-        subjects: vec![format!("{p}.ev.*"), format!("{p}.part.*.*"), format!("{p}.redo.*")],
+        subjects: vec![
+            format!("{p}.ev.*"),
+            format!("{p}.part.*.*"),
+            format!("{p}.redo.*"),
+        ],
         num_replicas: options.replicas,
         storage: stream::StorageType::File,
-        duplicate_window: options.dedup_ttl.min(Duration::from_secs(120)).max(Duration::from_millis(100)),
+        duplicate_window: options
+            .dedup_ttl
+            .min(Duration::from_secs(120))
+            .max(Duration::from_millis(100)),
         allow_direct: true,
         ..Default::default()
     };
@@ -380,7 +391,8 @@ impl NatsStore {
     pub async fn open(options: NatsOptions) -> Result<NatsStore, StoreError> {
         let client = connect(&options).await?;
         let mut js = jetstream::new(client.clone());
-        js.set_timeout(options.append_timeout);
+        // One request's wait; `retrying` tries again within append_timeout.
+        js.set_timeout(options.append_timeout.min(Duration::from_secs(2)));
         let names = Names::new(&options.prefix);
         let (events_cfg, dlq_cfg, dedup_cfg, state_cfg) = layout(&options);
         let events = js
@@ -550,19 +562,51 @@ impl NatsStore {
         Ok(Some(written))
     }
 
-    /// Publishes `payload` on `subject` and waits for JetStream's ack.
+    /// Runs `op` until it succeeds or `store.append_timeout` has passed
+    /// (then: busy, naming `what`): while a stream or bucket elects a new
+    /// leader (a server went down) a request finds no one to answer. Only
+    /// for what is safe to repeat: reads, and writes that carry a
+    /// `Nats-Msg-Id` or put the same value again.
+    async fn retrying<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+        &self,
+        what: &str,
+        mut op: impl FnMut() -> F,
+    ) -> Result<T, StoreError> {
+        let deadline = Instant::now() + self.options.append_timeout;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(e) if Instant::now() + pause >= deadline => {
+                    return Err(busy(&format!("{what} (within store.append_timeout)"), e));
+                }
+                Err(e) => {
+                    tracing::debug!(what, error = %e, "NATS request failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    /// Publishes `payload` on `subject` and waits for JetStream's ack
+    /// ([`NatsStore::retrying`]).
     async fn publish(
         &self,
         subject: String,
         headers: HeaderMap,
         payload: Bytes,
     ) -> Result<jetstream::publish::PublishAck, StoreError> {
-        self.js
-            .publish_with_headers(subject, headers, payload)
-            .await
-            .map_err(|e| busy("publish", e))?
-            .await
-            .map_err(|e| busy("publish not acknowledged", e))
+        let what = format!("publish on {subject}");
+        self.retrying(&what, || async {
+            self.js
+                .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
     }
 
     /// Publishes an event: its parts first when the body is larger than a
@@ -633,7 +677,10 @@ impl NatsStore {
         let mut state = held.state.clone();
         f(&mut state);
         state.worker = None;
-        match self.put_state(&lease.event_id, &state, Some(held.rev)).await? {
+        match self
+            .put_state(&lease.event_id, &state, Some(held.rev))
+            .await?
+        {
             Some(_) => Ok(held),
             None => Err(StoreError::LeaseLost(lease.event_id.clone())),
         }
@@ -822,10 +869,8 @@ impl Store for NatsStore {
         let dedup = dedup_entry(&key);
         // A duplicate older than the stream's window: the bucket knows it.
         if let Some(id) = self
-            .dedup
-            .get(&dedup)
-            .await
-            .map_err(|e| busy("dedup lookup", e))?
+            .retrying("dedup lookup", || self.dedup.get(&dedup))
+            .await?
         {
             let id = String::from_utf8_lossy(&id).into_owned();
             if self.head(&id).await?.is_some() {
@@ -873,13 +918,17 @@ impl Store for NatsStore {
                 Some(original) => return Ok(Appended::Duplicate(original)),
                 // The original was removed by retention within the window:
                 // this one is new, under a message id of its own.
-                None => ack = self.publish_event(&mut meta, new.body(), &format!("{key}#{id}")).await?,
+                None => {
+                    ack = self
+                        .publish_event(&mut meta, new.body(), &format!("{key}#{id}"))
+                        .await?
+                }
             }
         }
-        self.dedup
-            .put(&dedup, Bytes::from(id.clone()))
-            .await
-            .map_err(|e| busy("dedup write", e))?;
+        self.retrying("dedup write", || {
+            self.dedup.put(&dedup, Bytes::from(id.clone()))
+        })
+        .await?;
         self.index.insert_event(&meta, ack.sequence)?;
         // Wake routers on every node (a hint: they also poll).
         let _ = self.client.publish(self.names.wake(), Bytes::new()).await;
@@ -1060,7 +1109,10 @@ impl Store for NatsStore {
         state.dead_at_ms = None;
         state.due_at_ms = Some(now_ms());
         if self.put_state(id, &state, rev).await?.is_none() {
-            return Err(backend(&format!("replay {id}"), "changed meanwhile; try again"));
+            return Err(backend(
+                &format!("replay {id}"),
+                "changed meanwhile; try again",
+            ));
         }
         self.publish(self.names.redo(id), HeaderMap::new(), Bytes::new())
             .await?;
@@ -1077,7 +1129,8 @@ impl Store for NatsStore {
             let (state, _) = self.state_of(&id).await?;
             if !state.as_ref().is_some_and(|s| {
                 s.status == EventStatus::Routed
-                    || (s.status == EventStatus::Dead && s.dead_at_ms.is_some_and(|t| t < cutoff_ms))
+                    || (s.status == EventStatus::Dead
+                        && s.dead_at_ms.is_some_and(|t| t < cutoff_ms))
             }) {
                 continue;
             }
