@@ -67,8 +67,9 @@ impl Index {
                 StoreError::Backend(format!("store.nats.index {}: {e}", path.display()))
             })?;
         }
-        let conn = Connection::open(path)
-            .map_err(|e| StoreError::Backend(format!("store.nats.index {}: {e}", path.display())))?;
+        let conn = Connection::open(path).map_err(|e| {
+            StoreError::Backend(format!("store.nats.index {}: {e}", path.display()))
+        })?;
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = OFF;")
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
@@ -158,9 +159,8 @@ impl Index {
 
     /// Events matching `filter`, newest first.
     pub(crate) fn list(&self, filter: &ListFilter) -> Result<Vec<EventSummary>, StoreError> {
-        let mut sql = String::from(
-            "SELECT meta, status, attempts FROM events e WHERE meta IS NOT NULL",
-        );
+        let mut sql =
+            String::from("SELECT meta, status, attempts FROM events e WHERE meta IS NOT NULL");
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         let mut arg = |sql: &mut String, clause: &str, v: rusqlite::types::Value| {
             args.push(v);
@@ -204,7 +204,11 @@ impl Index {
             .map(|(meta, status, attempts)| {
                 let meta: Meta = serde_json::from_str(&meta)
                     .map_err(|e| StoreError::Backend(format!("index row: {e}")))?;
-                Ok(summary(&meta, EventStatus::parse(&status).unwrap_or(EventStatus::Pending), attempts))
+                Ok(summary(
+                    &meta,
+                    EventStatus::parse(&status).unwrap_or(EventStatus::Pending),
+                    attempts,
+                ))
             })
             .collect()
     }
@@ -251,9 +255,11 @@ impl Index {
 
     fn position(&self, name: &str) -> Result<u64, StoreError> {
         self.with(|c| {
-            c.query_row("SELECT seq FROM feed WHERE name = ?1", [name], |r| r.get::<_, i64>(0))
-                .optional()
-                .map(|s| s.unwrap_or(0) as u64)
+            c.query_row("SELECT seq FROM feed WHERE name = ?1", [name], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .map(|s| s.unwrap_or(0) as u64)
         })
     }
 
@@ -332,7 +338,8 @@ pub(super) async fn feed(
                 let Ok(info) = m.info() else { continue };
                 let seq = info.stream_sequence;
                 let applied = if name == "events" {
-                    super::decode_head(&m.payload).and_then(|(meta, _)| index.insert_event(&meta, seq))
+                    super::decode_head(&m.payload)
+                        .and_then(|(meta, _)| index.insert_event(&meta, seq))
                 } else {
                     let id = m.subject.as_str().strip_prefix(&key_prefix).unwrap_or("");
                     let removed = m

@@ -184,8 +184,13 @@ fn encode_head(meta: &Meta, body: &[u8]) -> Bytes {
 
 fn decode_head(payload: &Bytes) -> Result<(Meta, Bytes), StoreError> {
     let bad = || StoreError::Backend("an event message is malformed".into());
-    let len = u32::from_be_bytes(payload.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?)
-        as usize;
+    let len = u32::from_be_bytes(
+        payload
+            .get(..4)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    ) as usize;
     let json = payload.get(4..4 + len).ok_or_else(bad)?;
     let meta: Meta = serde_json::from_slice(json)
         .map_err(|e| StoreError::Backend(format!("an event message's metadata: {e}")))?;
@@ -301,31 +306,37 @@ pub async fn connect(options: &NatsOptions) -> Result<async_nats::Client, StoreE
             .map_err(|e| backend(&format!("store.nats.credentials {}", creds.display()), e))?;
     }
     let servers: Vec<&str> = options.url.split(',').map(str::trim).collect();
-    let client = tokio::time::timeout(
-        Duration::from_secs(10),
-        connect.connect(servers.as_slice()),
-    )
-    .await
-    .map_err(|_| {
-        backend(
-            &format!("store.nats.url {}", options.url),
-            "no server answered in 10 s",
-        )
-    })?
-    .map_err(|e| backend(&format!("store.nats.url {}", options.url), e))?;
+    let client = tokio::time::timeout(Duration::from_secs(10), connect.connect(servers.as_slice()))
+        .await
+        .map_err(|_| {
+            backend(
+                &format!("store.nats.url {}", options.url),
+                "no server answered in 10 s",
+            )
+        })?
+        .map_err(|e| backend(&format!("store.nats.url {}", options.url), e))?;
     Ok(client)
 }
 
 /// The stream and bucket configurations for `options`.
-pub(crate) fn layout(options: &NatsOptions) -> (stream::Config, stream::Config, kv::Config, kv::Config) {
+pub(crate) fn layout(
+    options: &NatsOptions,
+) -> (stream::Config, stream::Config, kv::Config, kv::Config) {
     let names = Names::new(&options.prefix);
     let p = &names.prefix;
     let events = stream::Config {
         name: names.events.clone(),
-        subjects: vec![format!("{p}.ev.*"), format!("{p}.part.*.*"), format!("{p}.redo.*")],
+        subjects: vec![
+            format!("{p}.ev.*"),
+            format!("{p}.part.*.*"),
+            format!("{p}.redo.*"),
+        ],
         num_replicas: options.replicas,
         storage: stream::StorageType::File,
-        duplicate_window: options.dedup_ttl.min(Duration::from_secs(120)).max(Duration::from_millis(100)),
+        duplicate_window: options
+            .dedup_ttl
+            .min(Duration::from_secs(120))
+            .max(Duration::from_millis(100)),
         allow_direct: true,
         ..Default::default()
     };
@@ -614,7 +625,10 @@ impl NatsStore {
         let mut state = held.state.clone();
         f(&mut state);
         state.worker = None;
-        match self.put_state(&lease.event_id, &state, Some(held.rev)).await? {
+        match self
+            .put_state(&lease.event_id, &state, Some(held.rev))
+            .await?
+        {
             Some(_) => Ok(held),
             None => Err(StoreError::LeaseLost(lease.event_id.clone())),
         }
@@ -848,7 +862,11 @@ impl Store for NatsStore {
                 Some(original) => return Ok(Appended::Duplicate(original)),
                 // The original was removed by retention within the window:
                 // this one is new, under a message id of its own.
-                None => ack = self.publish_event(&mut meta, new.body(), &format!("{key}#{id}")).await?,
+                None => {
+                    ack = self
+                        .publish_event(&mut meta, new.body(), &format!("{key}#{id}"))
+                        .await?
+                }
             }
         }
         self.dedup
@@ -1014,7 +1032,10 @@ impl Store for NatsStore {
         state.worker = None;
         state.dead_at_ms = None;
         if self.put_state(id, &state, rev).await?.is_none() {
-            return Err(backend(&format!("replay {id}"), "changed meanwhile; try again"));
+            return Err(backend(
+                &format!("replay {id}"),
+                "changed meanwhile; try again",
+            ));
         }
         self.publish(self.names.redo(id), HeaderMap::new(), Bytes::new())
             .await?;
@@ -1031,7 +1052,8 @@ impl Store for NatsStore {
             let (state, _) = self.state_of(&id).await?;
             if !state.as_ref().is_some_and(|s| {
                 s.status == EventStatus::Routed
-                    || (s.status == EventStatus::Dead && s.dead_at_ms.is_some_and(|t| t < cutoff_ms))
+                    || (s.status == EventStatus::Dead
+                        && s.dead_at_ms.is_some_and(|t| t < cutoff_ms))
             }) {
                 continue;
             }
