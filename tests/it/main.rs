@@ -24,6 +24,7 @@ mod guard;
 mod idle;
 mod languages;
 mod metrics;
+mod nats_dispatch;
 mod ready;
 mod regression;
 mod reload;
