@@ -540,6 +540,17 @@ impl Config {
                 "must be letters, digits, '_' or '-' (it names streams and subjects)",
             );
         }
+        // The NATS backend has no workflow runs yet: a workflow route would
+        // only be dead-lettered, so the config is refused up front.
+        if self.store.backend == Backend::Nats
+            && let Some(name) = self.workflows.keys().next()
+        {
+            return err(
+                format!("workflows.{name}"),
+                "workflows need the embedded backend for now (store.backend = \"embedded\"); \
+                 store.backend = \"nats\" does not run them",
+            );
+        }
         if self.shield.enabled && (self.shield.per_second == 0 || self.shield.burst == 0) {
             return err(
                 "shield.per_second".into(),

@@ -26,6 +26,7 @@ mod languages;
 mod metrics;
 mod nats_cluster;
 mod nats_store;
+mod nats_dispatch;
 mod ready;
 mod regression;
 mod reload;

@@ -16,9 +16,14 @@ use async_nats::jetstream::consumer::{self, DeliverPolicy};
 use futures_util::StreamExt;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::dispatch::{DeliveryState, priority_rank, rank_priority};
 use super::{Meta, NatsStore, State, backend};
 use crate::decision::Decision;
 use crate::event::EventStatus;
+use crate::store::dispatch::{
+    AttemptRecord, DeadLetter, DeliveryFilter, DeliveryStatus, DeliverySummary, DispatchCounts,
+    delivery_name,
+};
 use crate::store::{EventSummary, ListFilter, RecordedDecision, StoreError};
 
 const SCHEMA: &str = "
@@ -43,6 +48,25 @@ CREATE TABLE IF NOT EXISTS decisions (
     decision TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS decisions_event ON decisions (event_id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id            INTEGER PRIMARY KEY,
+    event_id      TEXT NOT NULL,
+    agent         TEXT NOT NULL,
+    key           TEXT NOT NULL,
+    priority      INTEGER NOT NULL,
+    ordering_key  TEXT,
+    status        TEXT NOT NULL,
+    attempts      INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    due_at_ms     INTEGER,
+    settled_at_ms INTEGER,
+    last_error    TEXT,
+    records       TEXT NOT NULL,
+    rev           INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_agent ON deliveries (agent, status, due_at_ms);
+CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
+CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (settled_at_ms) WHERE status = 'dead';
 CREATE TABLE IF NOT EXISTS feed (
     name TEXT PRIMARY KEY,
     seq  INTEGER NOT NULL
@@ -266,6 +290,207 @@ impl Index {
             .collect()
     }
 
+    /// Applies delivery `n`'s entry at revision `rev` (`None`: removed),
+    /// unless the index already holds a newer one.
+    pub(crate) fn apply_delivery(
+        &self,
+        n: i64,
+        rev: u64,
+        state: Option<&DeliveryState>,
+    ) -> Result<(), StoreError> {
+        let Some(s) = state else {
+            return self.with(|c| {
+                c.execute("DELETE FROM deliveries WHERE id = ?1", [n])
+                    .map(|_| ())
+            });
+        };
+        let records = serde_json::to_string(&s.records).expect("attempts serialize");
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO deliveries (id, event_id, agent, key, priority, ordering_key, status,
+                     attempts, created_at_ms, due_at_ms, settled_at_ms, last_error, records, rev)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                 ON CONFLICT (id) DO UPDATE SET status = excluded.status,
+                     attempts = excluded.attempts, due_at_ms = excluded.due_at_ms,
+                     settled_at_ms = excluded.settled_at_ms, last_error = excluded.last_error,
+                     records = excluded.records, rev = excluded.rev
+                 WHERE excluded.rev > deliveries.rev",
+                params![
+                    n,
+                    s.event_id,
+                    s.route.agent,
+                    s.key,
+                    priority_rank(s.route.priority),
+                    s.route.ordering_key,
+                    s.status.as_str(),
+                    s.attempts,
+                    s.created_at_ms,
+                    s.due_at_ms,
+                    s.settled_at_ms,
+                    s.last_error,
+                    records,
+                    rev as i64
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// The deliveries of an event.
+    pub(crate) fn deliveries_of(&self, event_id: &str) -> Result<Vec<i64>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT id FROM deliveries WHERE event_id = ?1")?;
+            let rows = stmt.query_map([event_id], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
+    /// Deliveries matching `filter`, newest first.
+    pub(crate) fn deliveries(
+        &self,
+        filter: &DeliveryFilter,
+    ) -> Result<Vec<DeliverySummary>, StoreError> {
+        let mut sql = String::from(
+            "SELECT id, event_id, agent, key, priority, ordering_key, status, attempts,
+                 created_at_ms, due_at_ms, settled_at_ms, last_error FROM deliveries WHERE 1 = 1",
+        );
+        let mut args: Vec<String> = Vec::new();
+        if let Some(a) = &filter.agent {
+            args.push(a.clone());
+            sql.push_str(&format!(" AND agent = ?{}", args.len()));
+        }
+        if let Some(s) = filter.status {
+            args.push(s.as_str().to_owned());
+            sql.push_str(&format!(" AND status = ?{}", args.len()));
+        }
+        if let Some(e) = &filter.event_id {
+            args.push(e.clone());
+            sql.push_str(&format!(" AND event_id = ?{}", args.len()));
+        }
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", filter.limit.max(1)));
+        self.with(|c| {
+            let mut stmt = c.prepare(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                let status = DeliveryStatus::parse(&r.get::<_, String>(6)?)
+                    .unwrap_or(DeliveryStatus::Queued);
+                Ok(DeliverySummary {
+                    id: delivery_name(r.get(0)?),
+                    event_id: r.get(1)?,
+                    agent: r.get(2)?,
+                    run: None,
+                    workflow: None,
+                    step: None,
+                    idempotency_key: r.get(3)?,
+                    priority: rank_priority(r.get(4)?),
+                    ordering_key: r.get(5)?,
+                    status,
+                    attempts: r.get(7)?,
+                    created_at_ms: r.get(8)?,
+                    due_at_ms: (status == DeliveryStatus::Queued)
+                        .then(|| r.get(9))
+                        .transpose()?
+                        .flatten(),
+                    settled_at_ms: r.get(10)?,
+                    last_error: r.get(11)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// One delivery's attempts, in order.
+    pub(crate) fn attempts(&self, n: i64) -> Result<Vec<AttemptRecord>, StoreError> {
+        let records: Option<String> = self.with(|c| {
+            c.query_row("SELECT records FROM deliveries WHERE id = ?1", [n], |r| {
+                r.get(0)
+            })
+            .optional()
+        })?;
+        match records {
+            Some(r) => serde_json::from_str(&r).map_err(|e| {
+                StoreError::Backend(format!("index attempts of {}: {e}", delivery_name(n)))
+            }),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Dead deliveries and dead events, newest first.
+    pub(crate) fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut out: Vec<DeadLetter> = self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, event_id, agent, last_error, settled_at_ms FROM deliveries
+                 WHERE status = 'dead' ORDER BY settled_at_ms DESC LIMIT ?1",
+            )?;
+            let rows = stmt.query_map([limit as i64], |r| {
+                Ok(DeadLetter {
+                    id: delivery_name(r.get(0)?),
+                    kind: "delivery",
+                    event_id: r.get(1)?,
+                    agent: Some(r.get(2)?),
+                    reason: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
+                    at_ms: r.get::<_, Option<i64>>(4)?.unwrap_or(0),
+                })
+            })?;
+            rows.collect()
+        })?;
+        let events: Vec<DeadLetter> = self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, last_error, dead_at_ms FROM events
+                 WHERE status = 'dead' ORDER BY dead_at_ms DESC LIMIT ?1",
+            )?;
+            let rows = stmt.query_map([limit as i64], |r| {
+                Ok(DeadLetter {
+                    id: r.get(0)?,
+                    kind: "event",
+                    event_id: r.get(0)?,
+                    agent: None,
+                    reason: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                    at_ms: r.get::<_, Option<i64>>(2)?.unwrap_or(0),
+                })
+            })?;
+            rows.collect()
+        })?;
+        out.extend(events);
+        out.sort_by_key(|d| std::cmp::Reverse(d.at_ms));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// Queued deliveries by agent and the dead-letter count.
+    pub(crate) fn dispatch_counts(&self) -> Result<DispatchCounts, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT agent, count(*) FROM deliveries WHERE status = 'queued' GROUP BY agent",
+            )?;
+            let queued = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let dead: i64 = c.query_row(
+                "SELECT (SELECT count(*) FROM deliveries WHERE status = 'dead')
+                     + (SELECT count(*) FROM events WHERE status = 'dead')",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(DispatchCounts {
+                queued,
+                dead_letters: dead as u64,
+                runs_open: 0,
+            })
+        })
+    }
+
+    /// The earliest due time of a delivery queued for `agent`, as far as
+    /// this node knows.
+    pub(crate) fn next_due(&self, agent: &str) -> Result<Option<i64>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT min(due_at_ms) FROM deliveries WHERE agent = ?1 AND status = 'queued'",
+                [agent],
+                |r| r.get(0),
+            )
+        })
+    }
+
     fn position(&self, name: &str) -> Result<u64, StoreError> {
         self.with(|c| {
             c.query_row("SELECT seq FROM feed WHERE name = ?1", [name], |r| {
@@ -323,10 +548,21 @@ pub(super) async fn feed(
         .get_stream(&state_stream)
         .await
         .map_err(|e| backend(&format!("stream {state_stream}"), e))?;
+    let deliveries_stream = format!("KV_{}", names.deliveries_state);
+    let deliveries = store
+        .js
+        .get_stream(&deliveries_stream)
+        .await
+        .map_err(|e| backend(&format!("stream {deliveries_stream}"), e))?;
     let mut tasks = Vec::new();
     for (name, stream, filter) in [
         ("events", events, format!("{}.ev.*", names.prefix)),
         ("state", state, format!("$KV.{}.>", names.state)),
+        (
+            "deliveries",
+            deliveries,
+            format!("$KV.{}.d.*", names.deliveries_state),
+        ),
     ] {
         let index = store.index.clone();
         let from = index.position(name)? + 1;
@@ -345,6 +581,7 @@ pub(super) async fn feed(
             .await
             .map_err(|e| backend(&format!("index feed {filter}"), e))?;
         let key_prefix = format!("$KV.{}.", names.state);
+        let delivery_prefix = format!("$KV.{}.d.", names.deliveries_state);
         tasks.push(tokio::spawn(async move {
             while let Some(m) = messages.next().await {
                 let Ok(m) = m else { continue };
@@ -353,6 +590,8 @@ pub(super) async fn feed(
                 let applied = if name == "events" {
                     super::decode_head(&m.payload)
                         .and_then(|(meta, _)| index.insert_event(&meta, seq))
+                } else if name == "deliveries" {
+                    apply_delivery_message(&index, &m, &delivery_prefix, seq)
                 } else {
                     let id = m.subject.as_str().strip_prefix(&key_prefix).unwrap_or("");
                     let removed = m
@@ -376,4 +615,33 @@ pub(super) async fn feed(
         }));
     }
     Ok(tasks)
+}
+
+/// Applies one message of the deliveries bucket's stream.
+fn apply_delivery_message(
+    index: &Index,
+    m: &async_nats::jetstream::Message,
+    prefix: &str,
+    seq: u64,
+) -> Result<(), StoreError> {
+    let Some(n) = m
+        .subject
+        .as_str()
+        .strip_prefix(prefix)
+        .and_then(|n| n.parse::<i64>().ok())
+    else {
+        return Ok(());
+    };
+    let removed = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("KV-Operation"))
+        .is_some_and(|op| op.as_str() != "PUT");
+    if removed {
+        return index.apply_delivery(n, seq, None);
+    }
+    match serde_json::from_slice::<DeliveryState>(&m.payload) {
+        Ok(s) => index.apply_delivery(n, seq, Some(&s)),
+        Err(e) => Err(StoreError::Backend(format!("{}: {e}", delivery_name(n)))),
+    }
 }

@@ -31,7 +31,12 @@
 //!   stream and the state bucket, which the CLI and admin API list from.
 //!   A node's own writes are in it at once; other nodes' arrive through the
 //!   feed (eventually consistent; README "Measured" gives the lag).
+//! - **Dispatch** ([`dispatch`]): deliveries on a work-queue stream with a
+//!   consumer per agent and priority, their state in the `prefix-deliveries`
+//!   bucket; a routed event's deliveries are published before its state
+//!   says routed.
 
+mod dispatch;
 mod index;
 
 use std::collections::HashMap;
@@ -112,6 +117,8 @@ pub(crate) struct Names {
     pub(crate) dlq: String,
     pub(crate) dedup: String,
     pub(crate) state: String,
+    pub(crate) deliveries: String,
+    pub(crate) deliveries_state: String,
 }
 
 impl Names {
@@ -123,6 +130,8 @@ impl Names {
             dlq: format!("{upper}_DLQ"),
             dedup: format!("{prefix}-dedup"),
             state: format!("{prefix}-state"),
+            deliveries: format!("{upper}_DELIVERIES"),
+            deliveries_state: format!("{prefix}-deliveries"),
         }
     }
     fn head(&self, id: &str) -> String {
@@ -230,6 +239,13 @@ impl State {
     }
 }
 
+/// A claim the lease keeper looks after: its message and lease.
+trait Loan {
+    fn msg(&self) -> &jetstream::Message;
+    fn until(&self) -> Instant;
+    fn touched(&mut self) -> &mut Instant;
+}
+
 /// A claim this node holds.
 struct Held {
     msg: jetstream::Message,
@@ -241,6 +257,18 @@ struct Held {
     /// The state as this claim wrote it, and the revision it got.
     state: State,
     rev: u64,
+}
+
+impl Loan for Held {
+    fn msg(&self) -> &jetstream::Message {
+        &self.msg
+    }
+    fn until(&self) -> Instant {
+        self.until
+    }
+    fn touched(&mut self) -> &mut Instant {
+        &mut self.touched
+    }
 }
 
 /// `dedup` bucket keys: hex SHA-256 of what they stand for (bucket keys
@@ -300,6 +328,7 @@ pub struct NatsStore {
     closed: Arc<AtomicBool>,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     max_payload: usize,
+    dispatch: dispatch::Parts,
 }
 
 impl std::fmt::Debug for NatsStore {
@@ -436,6 +465,7 @@ impl NatsStore {
             )
             .await
             .map_err(|e| backend("consumer route", e))?;
+        let dispatch = dispatch::Parts::open(&js, &options).await?;
         let index = Arc::new(Index::open(&options.index_path)?);
         let max_payload = client.server_info().max_payload;
         let store = NatsStore {
@@ -454,6 +484,7 @@ impl NatsStore {
             tasks: std::sync::Mutex::default(),
             max_payload,
             options,
+            dispatch,
         };
         store.start_tasks().await?;
         Ok(store)
@@ -468,6 +499,13 @@ impl NatsStore {
             self.options.ack_wait,
             self.closed.clone(),
         )));
+        tasks.push(tokio::spawn(keep_leases(
+            self.dispatch.held.clone(),
+            self.dispatch.keeper.clone(),
+            self.options.ack_wait,
+            self.closed.clone(),
+        )));
+        tasks.push(dispatch::wake_task(self).await?);
         let mut wake = self
             .client
             .subscribe(self.names.wake())
@@ -654,6 +692,20 @@ impl NatsStore {
         }
     }
 
+    /// Whether this node holds the claim `lease` names (unexpired).
+    fn holding(&self, lease: &Lease) -> Result<(), StoreError> {
+        match self.held.lock().expect("held lock").get(&lease.event_id) {
+            Some(h)
+                if h.worker == lease.worker
+                    && h.attempt == lease.attempt
+                    && h.until > Instant::now() =>
+            {
+                Ok(())
+            }
+            _ => Err(StoreError::LeaseLost(lease.event_id.clone())),
+        }
+    }
+
     /// Takes this node's claim matching `lease` (held, unexpired) out of the
     /// table, or says the lease is lost.
     fn take(&self, lease: &Lease) -> Result<Held, StoreError> {
@@ -813,6 +865,7 @@ impl NatsStore {
     fn stop_tasks(&self) {
         self.closed.store(true, Ordering::Relaxed);
         self.keeper.notify_one();
+        self.dispatch.keeper.notify_one();
         for t in self.tasks.lock().expect("tasks lock").drain(..) {
             t.abort();
         }
@@ -822,8 +875,8 @@ impl NatsStore {
 /// Naks the claims whose lease ran out (claimable again at once) and tells
 /// JetStream the others are still in progress, so a lease longer than the
 /// consumer's ack wait holds.
-async fn keep_leases(
-    held: Arc<std::sync::Mutex<HashMap<String, Held>>>,
+async fn keep_leases<K, H: Loan>(
+    held: Arc<std::sync::Mutex<HashMap<K, H>>>,
     wake: Arc<Notify>,
     ack_wait: Duration,
     closed: Arc<AtomicBool>,
@@ -837,15 +890,15 @@ async fn keep_leases(
         {
             let mut held = held.lock().expect("held lock");
             held.retain(|_, h| {
-                if h.until <= now {
-                    expired.push(h.msg.clone());
+                if h.until() <= now {
+                    expired.push(h.msg().clone());
                     return false;
                 }
-                if now.duration_since(h.touched) >= touch_every {
-                    h.touched = now;
-                    touch.push(h.msg.clone());
+                if now.duration_since(*h.touched()) >= touch_every {
+                    *h.touched() = now;
+                    touch.push(h.msg().clone());
                 }
-                next = next.min(h.until).min(h.touched + touch_every);
+                next = next.min(h.until()).min(*h.touched() + touch_every);
                 true
             });
         }
@@ -1001,6 +1054,12 @@ impl Store for NatsStore {
     }
 
     async fn complete(&self, lease: &Lease, decision: &Decision) -> Result<(), StoreError> {
+        // The lease first (a lost one publishes nothing), then the
+        // deliveries, then the state that says routed: a crash in between
+        // routes the event again, and its deliveries' second publish is a
+        // duplicate of the first.
+        self.holding(lease)?;
+        self.queue_routes(&lease.event_id, decision).await?;
         let held = self
             .settle(lease, |s| {
                 s.status = EventStatus::Routed;
@@ -1156,6 +1215,7 @@ impl Store for NatsStore {
                 .purge(&id)
                 .await
                 .map_err(|e| backend(&format!("expire {id}"), e))?;
+            self.forget_deliveries(&id).await?;
             self.index.remove(&id)?;
             gone.events += 1;
             if dead {
@@ -1195,6 +1255,17 @@ impl Store for NatsStore {
             .collect();
         for h in held {
             let _ = h.msg.ack_with(AckKind::Nak(None)).await;
+        }
+        let delivering: Vec<jetstream::Message> = self
+            .dispatch
+            .held
+            .lock()
+            .expect("held lock")
+            .drain()
+            .map(|(_, h)| h.msg().clone())
+            .collect();
+        for m in delivering {
+            let _ = m.ack_with(AckKind::Nak(None)).await;
         }
         self.stop_tasks();
         let _ = self.client.flush().await;
