@@ -27,6 +27,7 @@ mod metrics;
 mod nats_cluster;
 mod nats_store;
 mod nats_dispatch;
+mod nats_scale;
 mod ready;
 mod regression;
 mod reload;
