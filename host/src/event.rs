@@ -86,7 +86,7 @@ impl std::fmt::Display for Provider {
 
 /// Where an event's delivery id came from. It decides what makes two
 /// deliveries the same one (see [`dedup_key`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IdOrigin {
     /// The provider's id, covered by the signature (Standard Webhooks'
@@ -149,7 +149,7 @@ pub fn dedup_key(source: &str, origin: IdOrigin, delivery_id: &str, body_sha256:
 }
 
 /// Where an event is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventStatus {
     /// Stored, waiting for the router.

@@ -16,14 +16,14 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::StoreError;
 use crate::decision::{Priority, Route};
 use crate::event::Event;
 
 /// Where a delivery is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeliveryStatus {
     /// Waiting for its due time, or out with a worker (leased).
@@ -91,7 +91,7 @@ pub struct DeliverySummary {
 }
 
 /// One attempt, as recorded.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttemptRecord {
     /// Which attempt (from 1).
     pub attempt: u32,
