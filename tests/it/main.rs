@@ -18,6 +18,7 @@ mod dispatch_review;
 mod engine;
 mod envelope;
 mod explain;
+mod export;
 mod fuzz;
 mod grants;
 mod guard;

@@ -526,6 +526,28 @@ impl ServeChild {
         self.child.id()
     }
 
+    /// Stops the server as an operator does (SIGTERM) and waits (at most
+    /// 20 s) for it to finish its writes and exit cleanly.
+    pub fn stop(&mut self) {
+        let term = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(term.success(), "kill -TERM {}", self.child.id());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for sluice serve") {
+                assert!(status.success(), "sluice serve exited with {status}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sluice serve exits within 20 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILLs the server and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -1,7 +1,8 @@
 //! `sluice events ls|show`: read the store without a running server.
 //! It opens the SQLite file read-only; WAL lets it read while `serve` writes.
 //! `sluice events replay|tail` act through the running server's admin API
-//! (see [`super::ops`]).
+//! (see [`super::ops`]); `sluice events export|import` are in
+//! [`super::export`].
 
 use std::path::PathBuf;
 
@@ -65,6 +66,15 @@ pub enum EventsCommand {
         /// The event id (`evt_...`).
         id: String,
     },
+    /// Write every stored event, oldest first, with its decision and its
+    /// deliveries' and workflow runs' state, as JSON lines: a backup, or
+    /// the way to another store backend. Reads the store file read-only,
+    /// so it works while `sluice serve` runs.
+    Export(super::export::ExportArgs),
+    /// Store the events of an export file in the configured store, with
+    /// their ids, bodies, decisions and delivery state; events it holds
+    /// already are skipped. Run it while `sluice serve` is stopped.
+    Import(super::export::ImportArgs),
     /// Follow new events, their decisions and delivery outcomes as they
     /// happen (asks the running server), until interrupted.
     Tail {
@@ -99,6 +109,8 @@ pub async fn run(cmd: EventsCommand) -> anyhow::Result<()> {
     match cmd {
         EventsCommand::Replay { admin, id } => return super::ops::replay(&admin, &id).await,
         EventsCommand::Tail { admin, json } => return super::ops::tail(&admin, json).await,
+        EventsCommand::Export(args) => return super::export::export(args).await,
+        EventsCommand::Import(args) => return super::export::import(args).await,
         EventsCommand::Ls {
             config,
             source,

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod bench;
 pub mod check;
 pub mod events;
+pub mod export;
 pub mod new_rule;
 pub mod ops;
 pub mod route;

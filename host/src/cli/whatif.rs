@@ -307,7 +307,7 @@ fn route_changes(
 }
 
 /// `--since`: an RFC 3339 time, or a span back from now.
-fn parse_since(s: &str) -> anyhow::Result<i64> {
+pub(crate) fn parse_since(s: &str) -> anyhow::Result<i64> {
     let at = match humantime::parse_rfc3339_weak(s) {
         Ok(t) => t,
         Err(_) => match humantime::parse_duration(s) {

@@ -17,6 +17,7 @@
 //! a crash between claim and decision loses nothing.
 
 pub mod dispatch;
+pub mod export;
 pub mod log;
 pub mod nats;
 pub mod sqlite;
@@ -29,6 +30,8 @@ use serde::Serialize;
 use crate::decision::Decision;
 use crate::event::{Event, EventStatus, IdOrigin};
 use crate::ingress::NewEvent;
+
+pub use export::{ExportPage, ExportedEvent, Imported};
 
 pub use sqlite::SqliteStore;
 
@@ -220,6 +223,20 @@ pub trait EventReader: Send + Sync {
     /// The latest `limit` decisions recorded (every routing, replays
     /// included), newest first.
     async fn decisions(&self, limit: usize) -> Result<Vec<RecordedDecision>, StoreError>;
+
+    /// One page of `sluice events export`: at most `limit` events, oldest
+    /// first, received at or after `since_ms` when given, starting after
+    /// `after` (the previous page's [`ExportPage::next`]; `None` for the
+    /// first page), each with its decision, deliveries and runs.
+    async fn export_page(
+        &self,
+        since_ms: Option<i64>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<ExportPage, StoreError> {
+        let _ = (since_ms, after, limit);
+        Err(StoreError::Backend("this backend cannot export".into()))
+    }
 }
 
 /// What one retention pass removed.
@@ -324,4 +341,28 @@ pub trait Store: Send + Sync + 'static {
 
     /// Finishes queued writes and stops taking new ones.
     async fn close(&self);
+
+    /// Stores an exported event (`sluice events import`) under its own id,
+    /// with its body, dedup key, status, decision, deliveries and runs; an
+    /// event not routed yet comes back pending. An id or delivery the store
+    /// holds already is left as it is ([`Imported::AlreadyHeld`]), so an
+    /// import can be run again.
+    async fn import(&self, record: &ExportedEvent) -> Result<Imported, StoreError> {
+        let _ = record;
+        Err(StoreError::Backend("this backend cannot import".into()))
+    }
+
+    /// [`Store::import`] for several events, in order (one write where the
+    /// backend can). Per event: what became of it, or why it failed; the
+    /// outer error is for a write that did not happen at all.
+    async fn import_all(
+        &self,
+        records: &[ExportedEvent],
+    ) -> Result<Vec<Result<Imported, StoreError>>, StoreError> {
+        let mut out = Vec::with_capacity(records.len());
+        for record in records {
+            out.push(self.import(record).await);
+        }
+        Ok(out)
+    }
 }

@@ -58,6 +58,7 @@ use crate::ingress::NewEvent;
 const SCHEMA_VERSION: i64 = 4;
 
 mod dispatch;
+mod export;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -177,6 +178,9 @@ enum Job {
     Append(NewEvent, AppendReply, usize),
     /// Any other write, inside its own savepoint.
     Run(RunJob),
+    /// Exported events to store as they were (`sluice events import`): to
+    /// the log, then the index, in a write of their own.
+    Import(export::ImportJob),
 }
 
 type AppendReply = oneshot::Sender<Result<Appended, StoreError>>;
@@ -862,6 +866,8 @@ fn writer_loop(mut w: WriterState, rx: mpsc::Receiver<Job>, batch_max: usize) {
                 Err(_) => break,
             }
         }
+        let (imports, jobs): (Vec<_>, Vec<_>) =
+            jobs.into_iter().partition(|j| matches!(j, Job::Import(..)));
         let (appends, runs): (Vec<_>, Vec<_>) =
             jobs.into_iter().partition(|j| matches!(j, Job::Append(..)));
         if let Err(e) = w.log.roll_if_full() {
@@ -884,6 +890,11 @@ fn writer_loop(mut w: WriterState, rx: mpsc::Receiver<Job>, batch_max: usize) {
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "the index is still behind the log"),
+            }
+        }
+        for job in imports {
+            if let Job::Import(job) = job {
+                export::run_import(&mut w, job);
             }
         }
         // The appends are written once `log_batch` returns; their callers hear
@@ -940,7 +951,7 @@ fn writer_loop(mut w: WriterState, rx: mpsc::Receiver<Job>, batch_max: usize) {
             .into_iter()
             .filter_map(|job| match job {
                 Job::Run(job) => Some(job),
-                Job::Append(..) => None,
+                Job::Append(..) | Job::Import(..) => None,
             })
             .map(|job| {
                 if savepoint(&txn, "SAVEPOINT job").is_err() {
@@ -1091,7 +1102,7 @@ fn answer_all(jobs: Vec<Job>, err: &StoreError) -> Vec<Answer> {
     jobs.into_iter()
         .filter_map(|job| match job {
             Job::Append(_, reply, bytes) => Some((reply, Err(err.clone()), bytes)),
-            Job::Run(_) => None,
+            Job::Run(_) | Job::Import(_) => None,
         })
         .collect()
 }
@@ -1327,6 +1338,21 @@ impl EventReader for ReadOnly {
 
     async fn decisions(&self, limit: usize) -> Result<Vec<RecordedDecision>, StoreError> {
         recent_decisions(&self.conn.lock().expect("reader lock"), limit)
+    }
+
+    async fn export_page(
+        &self,
+        since_ms: Option<i64>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<super::ExportPage, StoreError> {
+        export::page(
+            &self.conn.lock().expect("reader lock"),
+            &self.log,
+            since_ms,
+            after,
+            limit,
+        )
     }
 }
 
@@ -2068,5 +2094,19 @@ impl Store for SqliteStore {
     async fn close(&self) {
         // The writer drains its queue and commits before the thread ends.
         SqliteStore::close(self);
+    }
+
+    async fn import(&self, record: &super::ExportedEvent) -> Result<super::Imported, StoreError> {
+        self.import_all(std::slice::from_ref(record))
+            .await?
+            .pop()
+            .unwrap_or(Err(StoreError::Closed))
+    }
+
+    async fn import_all(
+        &self,
+        records: &[super::ExportedEvent],
+    ) -> Result<Vec<Result<super::Imported, StoreError>>, StoreError> {
+        self.import_events(records).await
     }
 }

@@ -117,7 +117,7 @@ pub(super) fn add_missing_columns(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn priority_rank(p: Priority) -> i64 {
+pub(super) fn priority_rank(p: Priority) -> i64 {
     match p {
         Priority::Low => 0,
         Priority::Medium => 1,
@@ -126,7 +126,7 @@ fn priority_rank(p: Priority) -> i64 {
     }
 }
 
-fn rank_priority(n: i64) -> Priority {
+pub(super) fn rank_priority(n: i64) -> Priority {
     match n {
         0 => Priority::Low,
         2 => Priority::High,
