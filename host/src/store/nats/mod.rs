@@ -346,7 +346,9 @@ pub async fn connect(options: &NatsOptions) -> Result<async_nats::Client, StoreE
         .name("sluice")
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
-        .request_timeout(Some(options.append_timeout));
+        .request_timeout(Some(
+            (options.append_timeout / 4).max(Duration::from_millis(250)),
+        ));
     if let Some(creds) = &options.credentials {
         connect = connect
             .credentials_file(creds)
@@ -420,8 +422,9 @@ impl NatsStore {
     pub async fn open(options: NatsOptions) -> Result<NatsStore, StoreError> {
         let client = connect(&options).await?;
         let mut js = jetstream::new(client.clone());
-        // One request's wait; `retrying` tries again within append_timeout.
-        js.set_timeout(options.append_timeout.min(Duration::from_secs(2)));
+        // One request's wait: a quarter of append_timeout, so `retrying`
+        // can try again after a leader change within it.
+        js.set_timeout((options.append_timeout / 4).max(Duration::from_millis(250)));
         let names = Names::new(&options.prefix);
         let (events_cfg, dlq_cfg, dedup_cfg, state_cfg) = layout(&options);
         let events = js
