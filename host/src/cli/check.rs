@@ -16,7 +16,7 @@ pub struct CheckArgs {
 }
 
 /// Runs `sluice check`.
-pub fn run(args: CheckArgs) -> anyhow::Result<()> {
+pub async fn run(args: CheckArgs) -> anyhow::Result<()> {
     let config = args.config.load()?;
     let (_, reports) = build_sources(&config, Generate::Preview)?;
     println!("{}: ok", config.origin);
@@ -25,6 +25,15 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
         config.server.listen,
         config.data_dir().display()
     );
+    if config.store.backend == crate::config::Backend::Nats {
+        let options = crate::store::nats::NatsOptions::from_config(&config);
+        let lines = crate::store::nats::check(&options)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: [store.nats]: {e}", config.origin))?;
+        for line in lines {
+            println!("{line}");
+        }
+    }
     for (name, src) in &config.sources {
         println!("source {name}: provider {} at /hooks/{name}", src.provider);
         for r in reports.iter().filter(|r| &r.source == name) {

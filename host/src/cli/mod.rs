@@ -193,7 +193,7 @@ pub enum RulesCommand {
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(a) => serve::run(a).await,
-        Command::Check(a) => check::run(a),
+        Command::Check(a) => check::run(a).await,
         Command::Send(a) => send::run(a).await,
         Command::Events(c) => events::run(c).await,
         Command::Dlq(c) => ops::dlq(c).await,

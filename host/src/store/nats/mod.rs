@@ -415,6 +415,97 @@ pub(crate) fn layout(
     (events, dlq, dedup, state)
 }
 
+/// What `sluice check` verifies of the cluster, a line per finding: the
+/// servers answer (with the credentials, if any), JetStream is enabled for
+/// the account, and each stream and bucket exists with the configured
+/// replicas or can be created with them: a stream that does not exist yet
+/// is tried by creating a probe stream with those replicas, deleted at
+/// once. An error says which key is at fault.
+pub async fn check(options: &NatsOptions) -> Result<Vec<String>, StoreError> {
+    let client = connect(options).await?;
+    let info = client.server_info();
+    let js = jetstream::new(client.clone());
+    js.query_account().await.map_err(|e| {
+        backend(
+            &format!("store.nats.url {}", options.url),
+            format!("JetStream is not available to this account: {e}"),
+        )
+    })?;
+    let mut lines = vec![format!(
+        "nats: connected to {} ({} {}), max payload {} bytes",
+        options.url, info.server_name, info.version, info.max_payload
+    )];
+    let names = Names::new(&options.prefix);
+    let mut missing = Vec::new();
+    for name in [
+        names.events.clone(),
+        names.dlq.clone(),
+        names.deliveries.clone(),
+        format!("KV_{}", names.dedup),
+        format!("KV_{}", names.state),
+        format!("KV_{}", names.deliveries_state),
+    ] {
+        match js.get_stream(&name).await {
+            Ok(mut stream) => {
+                let got = stream
+                    .info()
+                    .await
+                    .map_err(|e| backend(&format!("stream {name}"), e))?;
+                let replicas = got.config.num_replicas;
+                if replicas != options.replicas {
+                    return Err(StoreError::Backend(format!(
+                        "store.nats.replicas = {}: stream {name} exists with {replicas} \
+                         (change one of them: `nats stream edit {name} --replicas {}`)",
+                        options.replicas, options.replicas
+                    )));
+                }
+                lines.push(format!(
+                    "nats: stream {name}: {replicas} replicas, {} messages",
+                    got.state.messages
+                ));
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                ) =>
+            {
+                missing.push(name)
+            }
+            Err(e) => return Err(backend(&format!("stream {name}"), e)),
+        }
+    }
+    if !missing.is_empty() {
+        let probe = format!(
+            "{}_CHECK_{}",
+            names.events.trim_end_matches("_EVENTS"),
+            uuid::Uuid::new_v4().simple()
+        );
+        js.create_stream(stream::Config {
+            name: probe.clone(),
+            subjects: vec![format!("{}.check.{}", names.prefix, probe)],
+            num_replicas: options.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| {
+            StoreError::Backend(format!(
+                "store.nats.replicas = {}: cannot create a stream with that many replicas: {e}",
+                options.replicas
+            ))
+        })?;
+        let _ = js.delete_stream(&probe).await;
+        lines.push(format!(
+            "nats: to be created at the first start, with {} replicas: {}",
+            options.replicas,
+            missing.join(", ")
+        ));
+    }
+    Ok(lines)
+}
+
 impl NatsStore {
     /// Connects, creates what is missing (streams, buckets, the routing
     /// consumer) with the configured replicas, opens this node's index and
