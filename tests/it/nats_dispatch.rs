@@ -654,3 +654,116 @@ fn workflows_are_refused_with_the_nats_backend() {
         .validate()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dispatchers_on_two_nodes_deliver_everything_through_retries() {
+    use crate::agent_server::{AgentServer, Script};
+    use crate::dispatch::{AGENT_SECRET, http_agent};
+    use sluice::dispatch::dispatcher::Dispatcher;
+    use std::sync::Arc;
+
+    let server = nats_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique_prefix("run");
+    let agents = AgentServer::start(AGENT_SECRET).await;
+    // Every delivery's first attempt fails: each goes through a retry.
+    agents.script(
+        "alpha",
+        Script {
+            fail_first: 1,
+            ..Default::default()
+        },
+    );
+    let key = dir.path().join("agent.key");
+    std::fs::write(&key, AGENT_SECRET).unwrap();
+    let text = format!(
+        "[server]\ndata_dir = {:?}\n\n[dispatch]\nsigning_secret = {{ file = {:?} }}\n\n{}",
+        dir.path().display().to_string(),
+        key.display().to_string(),
+        // A breaker that stays closed: every first attempt fails on purpose.
+        http_agent(
+            "alpha",
+            &agents.url("alpha"),
+            "breaker = { failures = 1000, cooldown = \"1s\" }"
+        )
+    );
+    let config = Config::parse(&text, "test.toml").unwrap();
+    config.validate().unwrap();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut nodes = Vec::new();
+    let mut runs = Vec::new();
+    for node in ["a", "b"] {
+        let store = Arc::new(
+            NatsStore::open(options(&server.url, &prefix, dir.path(), node))
+                .await
+                .unwrap(),
+        );
+        let d =
+            Dispatcher::build(&config, store.clone(), sluice::secret::Generate::IfMissing).unwrap();
+        runs.push(tokio::spawn(d.run(stop.clone())));
+        nodes.push(store);
+    }
+    // Events routed on both nodes, while both dispatchers run.
+    let mut events = Vec::new();
+    for n in 0..10 {
+        let node = &nodes[n % 2];
+        events.push(
+            routed(
+                node,
+                &format!("r-{n}"),
+                vec![route("alpha", Priority::Medium)],
+            )
+            .await,
+        );
+    }
+    agents
+        .until(Duration::from_secs(20), "every event delivered", |seen| {
+            let ok: std::collections::HashSet<_> = seen
+                .iter()
+                .filter(|r| r.status == 200)
+                .map(|r| r.id.clone())
+                .collect();
+            ok.len() >= events.len()
+        })
+        .await;
+    let seen = agents.seen();
+    assert!(seen.iter().all(|r| r.verified), "every attempt is signed");
+    // One idempotency key per event, the one the store derives.
+    let want: std::collections::BTreeSet<String> = events
+        .iter()
+        .map(|e| idempotency_key(e, &route("alpha", Priority::Medium), None))
+        .collect();
+    let got: std::collections::BTreeSet<String> = seen.iter().map(|r| r.id.clone()).collect();
+    assert_eq!(got, want);
+    // Both nodes' listings agree: everything delivered in two attempts.
+    for store in &nodes {
+        let start = Instant::now();
+        loop {
+            let done = store
+                .deliveries(&DeliveryFilter {
+                    status: Some(DeliveryStatus::Delivered),
+                    limit: 100,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            if done.len() == events.len() {
+                assert!(done.iter().all(|d| d.attempts == 2), "{done:?}");
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{} delivered: {done:?}",
+                done.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    stop_tx.send(true).unwrap();
+    for r in runs {
+        r.await.unwrap();
+    }
+    for store in nodes {
+        store.close().await;
+    }
+}

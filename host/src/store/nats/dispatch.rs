@@ -545,6 +545,13 @@ impl NatsStore {
             return Ok(None);
         }
         let now = now_ms();
+        if state.worker.is_none() && state.due_at_ms > now {
+            // A retry whose delayed nak was lost (its node died after
+            // writing the due time): not before its time.
+            let wait = Duration::from_millis((state.due_at_ms - now) as u64);
+            let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
+            return Ok(None);
+        }
         let Some((meta, body, _)) = self.head(&state.event_id).await? else {
             state.kill("its event is gone (removed by retention)", now);
             if self.put_delivery(n, &state, rev).await?.is_some() {
