@@ -767,3 +767,112 @@ async fn two_dispatchers_on_two_nodes_deliver_everything_through_retries() {
         store.close().await;
     }
 }
+
+#[tokio::test]
+async fn deliveries_sharing_an_ordering_key_go_one_at_a_time_in_arrival_order() {
+    let server = nats_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique_prefix("order");
+    let a = NatsStore::open(options(&server.url, &prefix, dir.path(), "a"))
+        .await
+        .unwrap();
+    let b = NatsStore::open(options(&server.url, &prefix, dir.path(), "b"))
+        .await
+        .unwrap();
+    let keyed = |key: &str| {
+        let mut r = route("alpha", Priority::Medium);
+        r.ordering_key = Some(key.into());
+        r
+    };
+    // Arrival order: e1, e2, e3 (e2 routed first), then one of another key.
+    let e1 = append(&a, "o-1").await;
+    let e2 = append(&a, "o-2").await;
+    let e3 = append(&a, "o-3").await;
+    let claimed = a
+        .claim("router", 16, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3);
+    for id in [&e2, &e1, &e3] {
+        let c = claimed.iter().find(|c| &c.event.id == id).unwrap();
+        a.complete(&c.lease(), &decision(vec![keyed("k")]))
+            .await
+            .unwrap();
+    }
+    let other = routed(&a, "o-4", vec![keyed("j")]).await;
+
+    let first = a
+        .claim_deliveries("alpha", "wa", 16, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let ids: Vec<&str> = first.iter().map(|d| d.event.id.as_str()).collect();
+    assert_eq!(ids.len(), 2, "one per key: {ids:?}");
+    assert!(
+        ids.contains(&e1.as_str()) && ids.contains(&other.as_str()),
+        "{ids:?}"
+    );
+    let held = first.iter().find(|d| d.event.id == e1).unwrap();
+    // Another node gets nothing of key k while e1 is unsettled, even
+    // through a retry.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        b.claim_deliveries("alpha", "wb", 16, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    a.settle_delivery(
+        &held.lease(),
+        &record(1, "retry", Some("HTTP 503")),
+        Settle::RetryAt(now_ms() + 300),
+    )
+    .await
+    .unwrap();
+    let again = claim_within(
+        &b,
+        "alpha",
+        "wb",
+        Duration::from_secs(30),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].event.id, e1, "the retry keeps its place");
+    b.settle_delivery(
+        &again[0].lease(),
+        &record(2, "delivered", None),
+        Settle::Delivered(None),
+    )
+    .await
+    .unwrap();
+    // Then e2, then e3, each only once the one before settled.
+    for want in [&e2, &e3] {
+        let got = claim_within(
+            &b,
+            "alpha",
+            "wb",
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(got.len(), 1, "one at a time");
+        assert_eq!(&got[0].event.id, want);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            a.claim_deliveries("alpha", "wa", 16, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .is_empty(),
+            "nothing else of key k while {want} is out"
+        );
+        b.settle_delivery(
+            &got[0].lease(),
+            &record(1, "delivered", None),
+            Settle::Delivered(None),
+        )
+        .await
+        .unwrap();
+    }
+    a.close().await;
+    b.close().await;
+}
