@@ -876,3 +876,41 @@ async fn deliveries_sharing_an_ordering_key_go_one_at_a_time_in_arrival_order() 
     a.close().await;
     b.close().await;
 }
+
+#[tokio::test]
+async fn an_agent_name_that_is_no_subject_token_still_gets_its_deliveries() {
+    let server = nats_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = NatsStore::open(options(
+        &server.url,
+        &unique_prefix("names"),
+        dir.path(),
+        "a",
+    ))
+    .await
+    .unwrap();
+    // A rule may name any agent; dots, spaces and '>' are subject syntax.
+    let odd = "ops.team >*";
+    let event = routed(
+        &store,
+        "x-1",
+        vec![route(odd, Priority::High), route("ops", Priority::High)],
+    )
+    .await;
+    let got = store
+        .claim_deliveries(odd, "w", 16, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].event.id.as_str(), got[0].route.agent.as_str()),
+        (event.as_str(), odd)
+    );
+    let plain = store
+        .claim_deliveries("ops", "w", 16, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(plain.len(), 1, "the plain name's queue is its own");
+    assert_eq!(plain[0].route.agent, "ops");
+    store.close().await;
+}
