@@ -654,3 +654,263 @@ fn workflows_are_refused_with_the_nats_backend() {
         .validate()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dispatchers_on_two_nodes_deliver_everything_through_retries() {
+    use crate::agent_server::{AgentServer, Script};
+    use crate::dispatch::{AGENT_SECRET, http_agent};
+    use sluice::dispatch::dispatcher::Dispatcher;
+    use std::sync::Arc;
+
+    let server = nats_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique_prefix("run");
+    let agents = AgentServer::start(AGENT_SECRET).await;
+    // Every delivery's first attempt fails: each goes through a retry.
+    agents.script(
+        "alpha",
+        Script {
+            fail_first: 1,
+            ..Default::default()
+        },
+    );
+    let key = dir.path().join("agent.key");
+    std::fs::write(&key, AGENT_SECRET).unwrap();
+    let text = format!(
+        "[server]\ndata_dir = {:?}\n\n[dispatch]\nsigning_secret = {{ file = {:?} }}\n\n{}",
+        dir.path().display().to_string(),
+        key.display().to_string(),
+        // A breaker that stays closed: every first attempt fails on purpose.
+        http_agent(
+            "alpha",
+            &agents.url("alpha"),
+            "breaker = { failures = 1000, cooldown = \"1s\" }"
+        )
+    );
+    let config = Config::parse(&text, "test.toml").unwrap();
+    config.validate().unwrap();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut nodes = Vec::new();
+    let mut runs = Vec::new();
+    for node in ["a", "b"] {
+        let store = Arc::new(
+            NatsStore::open(options(&server.url, &prefix, dir.path(), node))
+                .await
+                .unwrap(),
+        );
+        let d =
+            Dispatcher::build(&config, store.clone(), sluice::secret::Generate::IfMissing).unwrap();
+        runs.push(tokio::spawn(d.run(stop.clone())));
+        nodes.push(store);
+    }
+    // Events routed on both nodes, while both dispatchers run.
+    let mut events = Vec::new();
+    for n in 0..10 {
+        let node = &nodes[n % 2];
+        events.push(
+            routed(
+                node,
+                &format!("r-{n}"),
+                vec![route("alpha", Priority::Medium)],
+            )
+            .await,
+        );
+    }
+    agents
+        .until(Duration::from_secs(20), "every event delivered", |seen| {
+            let ok: std::collections::HashSet<_> = seen
+                .iter()
+                .filter(|r| r.status == 200)
+                .map(|r| r.id.clone())
+                .collect();
+            ok.len() >= events.len()
+        })
+        .await;
+    let seen = agents.seen();
+    assert!(seen.iter().all(|r| r.verified), "every attempt is signed");
+    // One idempotency key per event, the one the store derives.
+    let want: std::collections::BTreeSet<String> = events
+        .iter()
+        .map(|e| idempotency_key(e, &route("alpha", Priority::Medium), None))
+        .collect();
+    let got: std::collections::BTreeSet<String> = seen.iter().map(|r| r.id.clone()).collect();
+    assert_eq!(got, want);
+    // Both nodes' listings agree: everything delivered in two attempts.
+    for store in &nodes {
+        let start = Instant::now();
+        loop {
+            let done = store
+                .deliveries(&DeliveryFilter {
+                    status: Some(DeliveryStatus::Delivered),
+                    limit: 100,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            if done.len() == events.len() {
+                assert!(done.iter().all(|d| d.attempts == 2), "{done:?}");
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{} delivered: {done:?}",
+                done.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    stop_tx.send(true).unwrap();
+    for r in runs {
+        r.await.unwrap();
+    }
+    for store in nodes {
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn deliveries_sharing_an_ordering_key_go_one_at_a_time_in_arrival_order() {
+    let server = nats_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique_prefix("order");
+    let a = NatsStore::open(options(&server.url, &prefix, dir.path(), "a"))
+        .await
+        .unwrap();
+    let b = NatsStore::open(options(&server.url, &prefix, dir.path(), "b"))
+        .await
+        .unwrap();
+    let keyed = |key: &str| {
+        let mut r = route("alpha", Priority::Medium);
+        r.ordering_key = Some(key.into());
+        r
+    };
+    // Arrival order: e1, e2, e3 (e2 routed first), then one of another key.
+    let e1 = append(&a, "o-1").await;
+    let e2 = append(&a, "o-2").await;
+    let e3 = append(&a, "o-3").await;
+    let claimed = a
+        .claim("router", 16, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3);
+    for id in [&e2, &e1, &e3] {
+        let c = claimed.iter().find(|c| &c.event.id == id).unwrap();
+        a.complete(&c.lease(), &decision(vec![keyed("k")]))
+            .await
+            .unwrap();
+    }
+    let other = routed(&a, "o-4", vec![keyed("j")]).await;
+
+    let first = a
+        .claim_deliveries("alpha", "wa", 16, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let ids: Vec<&str> = first.iter().map(|d| d.event.id.as_str()).collect();
+    assert_eq!(ids.len(), 2, "one per key: {ids:?}");
+    assert!(
+        ids.contains(&e1.as_str()) && ids.contains(&other.as_str()),
+        "{ids:?}"
+    );
+    let held = first.iter().find(|d| d.event.id == e1).unwrap();
+    // Another node gets nothing of key k while e1 is unsettled, even
+    // through a retry.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        b.claim_deliveries("alpha", "wb", 16, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    a.settle_delivery(
+        &held.lease(),
+        &record(1, "retry", Some("HTTP 503")),
+        Settle::RetryAt(now_ms() + 300),
+    )
+    .await
+    .unwrap();
+    let again = claim_within(
+        &b,
+        "alpha",
+        "wb",
+        Duration::from_secs(30),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].event.id, e1, "the retry keeps its place");
+    b.settle_delivery(
+        &again[0].lease(),
+        &record(2, "delivered", None),
+        Settle::Delivered(None),
+    )
+    .await
+    .unwrap();
+    // Then e2, then e3, each only once the one before settled.
+    for want in [&e2, &e3] {
+        let got = claim_within(
+            &b,
+            "alpha",
+            "wb",
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(got.len(), 1, "one at a time");
+        assert_eq!(&got[0].event.id, want);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            a.claim_deliveries("alpha", "wa", 16, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .is_empty(),
+            "nothing else of key k while {want} is out"
+        );
+        b.settle_delivery(
+            &got[0].lease(),
+            &record(1, "delivered", None),
+            Settle::Delivered(None),
+        )
+        .await
+        .unwrap();
+    }
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test]
+async fn an_agent_name_that_is_no_subject_token_still_gets_its_deliveries() {
+    let server = nats_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = NatsStore::open(options(
+        &server.url,
+        &unique_prefix("names"),
+        dir.path(),
+        "a",
+    ))
+    .await
+    .unwrap();
+    // A rule may name any agent; dots, spaces and '>' are subject syntax.
+    let odd = "ops.team >*";
+    let event = routed(
+        &store,
+        "x-1",
+        vec![route(odd, Priority::High), route("ops", Priority::High)],
+    )
+    .await;
+    let got = store
+        .claim_deliveries(odd, "w", 16, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].event.id.as_str(), got[0].route.agent.as_str()),
+        (event.as_str(), odd)
+    );
+    let plain = store
+        .claim_deliveries("ops", "w", 16, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(plain.len(), 1, "the plain name's queue is its own");
+    assert_eq!(plain[0].route.agent, "ops");
+    store.close().await;
+}

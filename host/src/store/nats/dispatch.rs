@@ -24,10 +24,14 @@
 //!   (`prefix.dlq.delivery.<agent>`). Every attempt is recorded in the
 //!   entry. A DLQ retry publishes a new message naming the same delivery
 //!   (`Sluice-Delivery` header) and reopens the entry with a fresh round.
-//! - **Not honoured** (docs/dispatch.md): ordering keys (deliveries sharing
-//!   one may be in flight together and out of order) and workflows (the
-//!   config refuses them with this backend; a workflow route a rule still
-//!   returns is dead-lettered with the reason, never dropped).
+//! - **Ordering keys**: the unsettled deliveries of one agent and key
+//!   form a line (a bucket entry changed by compare-and-set), ordered by
+//!   their events' place in the log; a claim that finds an earlier one
+//!   first naks its message for [`ORDER_WAIT`]. Settling (delivered or
+//!   dead) leaves the line.
+//! - **Not honoured** (docs/dispatch.md): workflows (the config refuses
+//!   them with this backend; a workflow route a rule still returns is
+//!   dead-lettered with the reason, never dropped).
 //!
 //! It must never settle a delivery it does not hold: every write after the
 //! claim goes through the revision the claim wrote.
@@ -75,6 +79,10 @@ const PRIORITIES: [Priority; 4] = [
     Priority::Low,
 ];
 
+/// How long a delivery waiting behind an earlier one of its ordering key
+/// stays out before a claim looks at it again.
+const ORDER_WAIT: Duration = Duration::from_millis(500);
+
 /// The key of the paused agents (a JSON list) in the deliveries bucket.
 const PAUSED_KEY: &str = "paused";
 
@@ -104,6 +112,10 @@ pub(crate) struct DeliveryState {
     /// Every attempt, in order.
     #[serde(default)]
     pub(crate) records: Vec<AttemptRecord>,
+    /// The event's place in the log (its head's stream sequence), which
+    /// orders deliveries sharing an ordering key; 0 without a key.
+    #[serde(default)]
+    pub(crate) event_seq: u64,
 }
 
 /// What a delivery message carries.
@@ -113,6 +125,8 @@ struct DeliveryMsg {
     route: Route,
     key: String,
     created_at_ms: i64,
+    #[serde(default)]
+    event_seq: u64,
 }
 
 impl DeliveryState {
@@ -131,6 +145,7 @@ impl DeliveryState {
             worker: None,
             msg,
             records: Vec::new(),
+            event_seq: m.event_seq,
         }
     }
 
@@ -145,6 +160,17 @@ impl DeliveryState {
 /// The bucket key of delivery `n`.
 pub(crate) fn entry(n: i64) -> String {
     format!("d.{n}")
+}
+
+/// The bucket key of the line of `agent`'s unsettled deliveries with
+/// ordering key `key`: `(event sequence, delivery)` pairs, in order.
+fn line_entry(agent: &str, key: &str) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update((agent.len() as u64).to_be_bytes());
+    h.update(agent.as_bytes());
+    h.update(key.as_bytes());
+    format!("o.{}", hex::encode(h.finalize()))
 }
 
 /// An agent's name as one subject token and consumer-name part: itself
@@ -335,6 +361,15 @@ impl NatsStore {
         }
         let now = now_ms();
         let mut agents = BTreeSet::new();
+        let event_seq = if decision.routes.iter().any(|r| r.ordering_key.is_some()) {
+            self.events
+                .get_last_raw_message_by_subject(&self.names.head(event_id))
+                .await
+                .map_err(|e| backend(&format!("read {event_id}"), e))?
+                .sequence
+        } else {
+            0
+        };
         for route in &decision.routes {
             let key = idempotency_key(event_id, route, None);
             let m = DeliveryMsg {
@@ -342,6 +377,7 @@ impl NatsStore {
                 route: route.clone(),
                 key: key.clone(),
                 created_at_ms: now,
+                event_seq: route.ordering_key.as_ref().map_or(0, |_| event_seq),
             };
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", key.as_str());
@@ -363,6 +399,7 @@ impl NatsStore {
                 if state.status == DeliveryStatus::Dead {
                     self.dead_letter_copy(n, &state).await?;
                 } else {
+                    self.join_line(n, &state).await?;
                     agents.insert(route.agent.clone());
                 }
             }
@@ -506,6 +543,113 @@ impl NatsStore {
         Ok(list)
     }
 
+    /// Changes the line of `agent`'s unsettled deliveries with ordering
+    /// key `key` by compare-and-set (`f` says whether it changed it);
+    /// returns the line as written or found.
+    async fn change_line(
+        &self,
+        agent: &str,
+        key: &str,
+        f: impl Fn(&mut Vec<(u64, i64)>) -> bool,
+    ) -> Result<Vec<(u64, i64)>, StoreError> {
+        let name = line_entry(agent, key);
+        let bucket = &self.dispatch.bucket;
+        let what = || format!("ordering key {key:?} of {agent}");
+        loop {
+            let e = bucket.entry(&name).await.map_err(|e| backend(&what(), e))?;
+            let (mut line, rev): (Vec<(u64, i64)>, Option<u64>) = match e {
+                Some(e) if e.operation == kv::Operation::Put => (
+                    serde_json::from_slice(&e.value).map_err(|err| backend(&what(), err))?,
+                    Some(e.revision),
+                ),
+                Some(e) => (Vec::new(), Some(e.revision)),
+                None => (Vec::new(), None),
+            };
+            if !f(&mut line) {
+                return Ok(line);
+            }
+            let value = Bytes::from(serde_json::to_vec(&line).expect("line serializes"));
+            let written = match rev {
+                Some(rev) => match bucket.update(&name, value, rev).await {
+                    Ok(_) => true,
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => false,
+                    Err(e) => return Err(backend(&what(), e)),
+                },
+                None => match bucket.create(&name, value).await {
+                    Ok(_) => true,
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
+                    Err(e) => return Err(backend(&what(), e)),
+                },
+            };
+            if written {
+                return Ok(line);
+            }
+        }
+    }
+
+    /// Puts delivery `n` in its ordering key's line (if it has a key and
+    /// is not there yet); returns the line.
+    async fn join_line(&self, n: i64, s: &DeliveryState) -> Result<Vec<(u64, i64)>, StoreError> {
+        let Some(key) = &s.route.ordering_key else {
+            return Ok(Vec::new());
+        };
+        let place = (s.event_seq, n);
+        self.change_line(&s.route.agent, key, |line| {
+            if line.contains(&place) {
+                return false;
+            }
+            line.push(place);
+            line.sort_unstable();
+            true
+        })
+        .await
+    }
+
+    /// Takes settled delivery `n` out of its ordering key's line.
+    async fn leave_line(&self, n: i64, s: &DeliveryState) -> Result<(), StoreError> {
+        if let Some(key) = &s.route.ordering_key {
+            self.change_line(&s.route.agent, key, |line| {
+                let before = line.len();
+                line.retain(|&(_, m)| m != n);
+                line.len() != before
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// [`NatsStore::leave_line`] after a settle that is written already:
+    /// a failure only delays the next delivery of the key until a claim
+    /// finds this one settled and clears its place.
+    async fn leave_line_or_warn(&self, n: i64, s: &DeliveryState) {
+        if let Err(e) = self.leave_line(n, s).await {
+            tracing::warn!(delivery = %delivery_name(n), error = %e, "cannot free an ordering key; the next claim will");
+        }
+    }
+
+    /// Whether delivery `n` is first in its ordering key's line (always,
+    /// without a key). A first place held by a delivery settled since
+    /// (its node died before leaving the line) is cleared on the way.
+    async fn first_in_line(&self, n: i64, s: &DeliveryState) -> Result<bool, StoreError> {
+        if s.route.ordering_key.is_none() {
+            return Ok(true);
+        }
+        loop {
+            let line = self.join_line(n, s).await?;
+            let Some(&(_, head)) = line.first() else {
+                return Ok(true);
+            };
+            if head == n {
+                return Ok(true);
+            }
+            let (other, _) = self.delivery_state(head).await?;
+            if other.is_some_and(|o| o.status == DeliveryStatus::Queued) {
+                return Ok(false);
+            }
+            self.leave_line(head, s).await?;
+        }
+    }
+
     /// Leases one fetched delivery message, or settles a stale one.
     async fn lease_delivery(
         &self,
@@ -545,10 +689,23 @@ impl NatsStore {
             return Ok(None);
         }
         let now = now_ms();
+        if state.worker.is_none() && state.due_at_ms > now {
+            // A retry whose delayed nak was lost (its node died after
+            // writing the due time): not before its time.
+            let wait = Duration::from_millis((state.due_at_ms - now) as u64);
+            let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
+            return Ok(None);
+        }
+        if !self.first_in_line(n, &state).await? {
+            // An earlier delivery with its ordering key is unsettled.
+            let _ = msg.ack_with(AckKind::Nak(Some(ORDER_WAIT))).await;
+            return Ok(None);
+        }
         let Some((meta, body, _)) = self.head(&state.event_id).await? else {
             state.kill("its event is gone (removed by retention)", now);
             if self.put_delivery(n, &state, rev).await?.is_some() {
                 self.dead_letter_copy(n, &state).await?;
+                self.leave_line(n, &state).await?;
                 let _ = msg.ack_with(AckKind::Term).await;
             }
             return Ok(None);
@@ -686,6 +843,7 @@ impl DispatchStore for NatsStore {
         match settle {
             Settle::Delivered(_) => {
                 let _ = held.msg.ack().await;
+                self.leave_line_or_warn(lease.id, &s).await;
             }
             Settle::RetryAt(_) => {
                 let _ = held.msg.ack_with(AckKind::Nak(delay)).await;
@@ -693,6 +851,7 @@ impl DispatchStore for NatsStore {
             Settle::Dead(_) => {
                 self.dead_letter_copy(lease.id, &s).await?;
                 let _ = held.msg.ack_with(AckKind::Term).await;
+                self.leave_line_or_warn(lease.id, &s).await;
             }
         }
         // A slot or a retry time of the agent changed.
@@ -780,6 +939,7 @@ impl DispatchStore for NatsStore {
             route: s.route.clone(),
             key: s.key.clone(),
             created_at_ms: s.created_at_ms,
+            event_seq: s.event_seq,
         };
         let ack = self
             .publish(
@@ -800,6 +960,7 @@ impl DispatchStore for NatsStore {
                 "changed meanwhile; try again",
             ));
         }
+        self.join_line(delivery, &s).await?;
         self.announce(&s.route.agent).await;
         Ok(true)
     }

@@ -480,11 +480,18 @@ impl Index {
     }
 
     /// The earliest due time of a delivery queued for `agent`, as far as
-    /// this node knows.
+    /// this node knows, leaving out one waiting behind an earlier delivery
+    /// of its ordering key (approximated by delivery number: a hint, the
+    /// agent loop also polls).
     pub(crate) fn next_due(&self, agent: &str) -> Result<Option<i64>, StoreError> {
         self.with(|c| {
             c.query_row(
-                "SELECT min(due_at_ms) FROM deliveries WHERE agent = ?1 AND status = 'queued'",
+                "SELECT min(d.due_at_ms) FROM deliveries d
+                 WHERE d.agent = ?1 AND d.status = 'queued'
+                   AND (d.ordering_key IS NULL OR NOT EXISTS (
+                        SELECT 1 FROM deliveries e
+                        WHERE e.status = 'queued' AND e.agent = d.agent
+                          AND e.ordering_key = d.ordering_key AND e.id < d.id))",
                 [agent],
                 |r| r.get(0),
             )
