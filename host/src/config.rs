@@ -485,6 +485,15 @@ impl Config {
         Ok(())
     }
 
+    /// The SQLite file listings read: the embedded store's index, or this
+    /// node's index of the NATS backend.
+    pub fn index_path(&self) -> PathBuf {
+        match self.store.backend {
+            Backend::Embedded => self.data_dir().join(&self.store.path),
+            Backend::Nats => self.data_dir().join(&self.store.nats.index),
+        }
+    }
+
     /// Checks what serde cannot: cross-key rules per provider.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |key: String, msg: &str| Err(ConfigError::new(&self.origin, key, msg));

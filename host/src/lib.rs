@@ -75,6 +75,9 @@ pub struct AppState {
     /// The rules' reloader, once `serve` has loaded the rules (the admin
     /// API's `POST /v1/rules/reload` runs it).
     pub reloader: std::sync::OnceLock<Arc<crate::rules::reload::Reloader>>,
+    /// The store's read role where it is not a file this process opens
+    /// read-only (the NATS backend); `None`: the embedded store's file.
+    pub reader: Option<Arc<dyn crate::store::EventReader>>,
 }
 
 /// Per-rule statistics over the latest decisions, by rule name; `None` when
@@ -113,7 +116,10 @@ impl AppState {
                     .await
                     .map_err(|e| anyhow::anyhow!("{}: [store.nats]: {e}", config.origin))?;
                 let store = Arc::new(store);
-                AppState::with_store(config, store.clone(), store)
+                let (state, reports) = AppState::with_store(config, store.clone(), store.clone())?;
+                let mut state = Arc::into_inner(state).expect("just built");
+                state.reader = Some(store);
+                Ok((Arc::new(state), reports))
             }
         }
     }
@@ -141,6 +147,7 @@ impl AppState {
             rules_recorded: tokio::sync::Mutex::new(None),
             intake: crate::ingress::stats::IntakeStats::new(config.sources.keys()),
             reloader: std::sync::OnceLock::new(),
+            reader: None,
             config: Arc::new(config),
         };
         Ok((Arc::new(state), reports))
@@ -340,16 +347,22 @@ pub async fn rules_status(
                 recorded.clone()
             }
             _ => {
-                // SQLite reads block: on the blocking pool, not a runtime worker.
-                let db = data_dir.join(&state.config.store.path);
-                let handle = tokio::runtime::Handle::current();
-                let recorded = tokio::task::spawn_blocking(move || {
-                    let reader = SqliteStore::open_read_only(&db).ok()?;
-                    handle.block_on(record_by_rule(&reader, DECISIONS)).ok()
-                })
-                .await
-                .ok()
-                .flatten();
+                let recorded = match &state.reader {
+                    Some(reader) => record_by_rule(reader.as_ref(), DECISIONS).await.ok(),
+                    None => {
+                        // SQLite reads block: on the blocking pool, not a
+                        // runtime worker.
+                        let db = data_dir.join(&state.config.store.path);
+                        let handle = tokio::runtime::Handle::current();
+                        tokio::task::spawn_blocking(move || {
+                            let reader = SqliteStore::open_read_only(&db).ok()?;
+                            handle.block_on(record_by_rule(&reader, DECISIONS)).ok()
+                        })
+                        .await
+                        .ok()
+                        .flatten()
+                    }
+                };
                 *cached = Some((std::time::Instant::now(), recorded.clone()));
                 recorded
             }

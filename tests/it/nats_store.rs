@@ -64,3 +64,86 @@ async fn nats_store_conforms_on_a_three_server_cluster() {
     let nats = Nats::cluster().await;
     suite(&nats).await;
 }
+
+/// Moving from the embedded backend: what an embedded store exports, the
+/// NATS backend imports with ids, bodies, state and dedup keys kept; a
+/// routed event is not routed again, a pending one is, and a second import
+/// adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_export_imports_into_the_nats_backend() {
+    use sluice::event::EventStatus;
+    use sluice::store::export::Imported;
+    use sluice::store::{EventReader, SqliteStore};
+
+    use crate::store::hmac_event;
+    let dir = tempfile::tempdir().unwrap();
+    let embedded = SqliteStore::open(&dir.path().join("s.db"), 64).unwrap();
+    let routed = embedded
+        .append(hmac_event("imp", Some("d-routed"), br#"{"n":1}"#))
+        .await
+        .unwrap();
+    let pending = embedded
+        .append(hmac_event(
+            "imp",
+            Some("d-pending"),
+            br#"{ "n" : 2 ,"s":"\u00e9"}  "#,
+        ))
+        .await
+        .unwrap();
+    let claimed = embedded
+        .claim("w", 1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(claimed[0].event.id, routed.id());
+    let decision = sluice::decision::Decision {
+        rules: vec![],
+        routes: vec![],
+        dead_letter: None,
+        defer: None,
+        decided_at_ms: 7,
+    };
+    embedded
+        .complete(&claimed[0].lease(), &decision)
+        .await
+        .unwrap();
+    embedded.close();
+    let reader = SqliteStore::open_read_only(&dir.path().join("s.db")).unwrap();
+    let page = reader.export_page(None, None, 100).await.unwrap();
+    assert_eq!(page.events.len(), 2);
+
+    let nats = Nats::single().await;
+    let store = NatsStore::open(options(&nats, "imp", dir.path()))
+        .await
+        .unwrap();
+    for e in &page.events {
+        assert_eq!(store.import(e).await.unwrap(), Imported::Added, "{}", e.id);
+    }
+    for e in &page.events {
+        assert_eq!(
+            store.import(e).await.unwrap(),
+            Imported::AlreadyHeld(e.id.clone()),
+            "a second import adds nothing"
+        );
+    }
+    let rec = Store::get(&store, routed.id()).await.unwrap().unwrap();
+    assert_eq!(rec.summary.status, EventStatus::Routed);
+    assert_eq!(rec.decision.as_ref().map(|d| d.decided_at_ms), Some(7));
+    assert_eq!(&rec.event.body[..], br#"{"n":1}"#);
+    let rec = Store::get(&store, pending.id()).await.unwrap().unwrap();
+    assert_eq!(&rec.event.body[..], br#"{ "n" : 2 ,"s":"\u00e9"}  "#);
+    // Only the pending one is routed again.
+    let got = store.claim("w", 10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(
+        got.iter().map(|c| c.event.id.as_str()).collect::<Vec<_>>(),
+        vec![pending.id()]
+    );
+    // The same delivery sent again is a duplicate of the imported event.
+    assert_eq!(
+        store
+            .append(hmac_event("imp", Some("d-routed"), br#"{"n":1}"#))
+            .await
+            .unwrap(),
+        sluice::store::Appended::Duplicate(routed.id().to_owned())
+    );
+    store.close().await;
+}

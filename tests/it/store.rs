@@ -383,7 +383,7 @@ async fn waiting_workers_wake_for_new_work_only() {
 
 /// An event of the generic provider with `body`, its id (when given) from an
 /// unsigned header.
-fn hmac_event(source: &str, delivery: Option<&str>, body: &'static [u8]) -> NewEvent {
+pub(crate) fn hmac_event(source: &str, delivery: Option<&str>, body: &'static [u8]) -> NewEvent {
     let mut h = HeaderMap::new();
     if let Some(d) = delivery {
         h.insert("x-delivery", HeaderValue::from_str(d).unwrap());

@@ -107,7 +107,8 @@ impl IntoResponse for ApiError {
 pub struct Admin {
     /// The gateway's state.
     pub app: Arc<AppState>,
-    /// The SQLite index the extra reads of [`queries`] open read-only.
+    /// The SQLite index the extra reads of [`queries`] open read-only (the
+    /// embedded store's, or this node's index of the NATS backend).
     pub db: PathBuf,
     token: Secret,
 }
@@ -221,7 +222,7 @@ pub fn served_routes() -> Vec<(&'static str, &'static str)> {
 
 /// The admin router over a ready state, requiring `token` on every request.
 pub fn router(app: Arc<AppState>, token: Secret) -> Router {
-    let db = app.config.data_dir().join(&app.config.store.path);
+    let db = app.config.index_path();
     let admin = Arc::new(Admin { app, db, token });
     let mut router = Router::new();
     for (_, path, handler) in routes() {

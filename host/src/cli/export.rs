@@ -178,6 +178,20 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
             std::fs::File::open(&args.file).with_context(|| format!("cannot open {name}"))?,
         ))
     };
+    if config.store.backend == crate::config::Backend::Nats {
+        let options = crate::store::nats::NatsOptions::from_config(&config);
+        let store = crate::store::nats::NatsStore::open(options)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: [store.nats]: {e}", config.origin))?;
+        let result = import_lines(&store, input, &name).await;
+        crate::store::Store::close(&store).await;
+        let counts = result?;
+        println!(
+            "imported {} events into the NATS cluster at {}; {} already held, skipped",
+            counts.added, config.store.nats.url, counts.held
+        );
+        return Ok(());
+    }
     let db = config.data_dir().join(&config.store.path);
     let store = SqliteStore::open_with(&db, Options::from_config(&config.store, &config.rules))
         .map_err(|e| {

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS events (
     meta           TEXT,
     source         TEXT,
     kind           TEXT,
+    action         TEXT,
     received_at_ms INTEGER,
     status         TEXT NOT NULL DEFAULT 'pending',
     attempts       INTEGER NOT NULL DEFAULT 0,
@@ -43,9 +44,10 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_seq ON events (seq);
 CREATE TABLE IF NOT EXISTS decisions (
-    rev      INTEGER PRIMARY KEY,
-    event_id TEXT NOT NULL,
-    decision TEXT NOT NULL
+    seq           INTEGER PRIMARY KEY,
+    event_id      TEXT NOT NULL,
+    decided_at_ms INTEGER NOT NULL,
+    decision      TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS decisions_event ON decisions (event_id);
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -67,6 +69,14 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_agent ON deliveries (agent, status, due_at_ms);
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
 CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (settled_at_ms) WHERE status = 'dead';
+-- The embedded index's shape for the admin API's reads (admin/queries.rs),
+-- which run on either backend's index file.
+CREATE VIEW IF NOT EXISTS attempts AS
+    SELECT d.id AS delivery_id,
+           json_extract(r.value, '$.attempt') AS attempt,
+           json_extract(r.value, '$.status') AS status,
+           json_extract(r.value, '$.latency_us') AS latency_us
+    FROM deliveries d, json_each(d.records) r;
 CREATE TABLE IF NOT EXISTS feed (
     name TEXT PRIMARY KEY,
     seq  INTEGER NOT NULL
@@ -111,16 +121,17 @@ impl Index {
         let json = serde_json::to_string(meta).expect("metadata serializes");
         self.with(|c| {
             c.execute(
-                "INSERT INTO events (id, seq, meta, source, kind, received_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                "INSERT INTO events (id, seq, meta, source, kind, action, received_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT (id) DO UPDATE SET seq = ?2, meta = ?3, source = ?4, kind = ?5,
-                     received_at_ms = ?6",
+                     action = ?6, received_at_ms = ?7",
                 params![
                     meta.event.id,
                     seq as i64,
                     json,
                     meta.event.source,
                     meta.event.kind,
+                    meta.event.action,
                     meta.event.received_at_ms
                 ],
             )
@@ -164,8 +175,9 @@ impl Index {
                 && let Some(d) = &decision
             {
                 c.execute(
-                    "INSERT OR IGNORE INTO decisions (rev, event_id, decision) VALUES (?1, ?2, ?3)",
-                    params![rev as i64, id, d],
+                    "INSERT OR IGNORE INTO decisions (seq, event_id, decided_at_ms, decision)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![rev as i64, id, crate::event::now_ms(), d],
                 )?;
             }
             Ok(())
@@ -254,7 +266,7 @@ impl Index {
     pub(crate) fn decisions(&self, limit: usize) -> Result<Vec<RecordedDecision>, StoreError> {
         let rows: Vec<(String, String)> = self.with(|c| {
             let mut stmt =
-                c.prepare("SELECT event_id, decision FROM decisions ORDER BY rev DESC LIMIT ?1")?;
+                c.prepare("SELECT event_id, decision FROM decisions ORDER BY seq DESC LIMIT ?1")?;
             let rows = stmt.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect()
         })?;

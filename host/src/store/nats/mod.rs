@@ -1338,6 +1338,109 @@ impl Store for NatsStore {
         let _ = tokio::time::timeout(timeout, self.work.notified()).await;
     }
 
+    async fn import(
+        &self,
+        record: &super::export::ExportedEvent,
+    ) -> Result<super::export::Imported, StoreError> {
+        use super::export::Imported;
+        let checked = record
+            .check()
+            .map_err(|e| StoreError::Backend(format!("event {}: {e}", record.id)))?;
+        let e = &checked.event;
+        if self.head(&e.id).await?.is_some() {
+            return Ok(Imported::AlreadyHeld(e.id.clone()));
+        }
+        let dedup = dedup_entry(&checked.dedup_key);
+        if let Some(held) = self
+            .retrying("dedup lookup", || self.dedup.get(&dedup))
+            .await?
+        {
+            let held = String::from_utf8_lossy(&held).into_owned();
+            if self.head(&held).await?.is_some() {
+                return Ok(Imported::AlreadyHeld(held));
+            }
+        }
+        let decision: Option<Decision> =
+            match &e.decision {
+                Some(raw) => Some(serde_json::from_str(raw.get()).map_err(|err| {
+                    StoreError::Backend(format!("event {}: decision: {err}", e.id))
+                })?),
+                None => None,
+            };
+        // The state goes in before the event: the router, handed the new
+        // message, finds a routed or dead event settled and leaves it.
+        let state = State {
+            status: match e.status {
+                EventStatus::Routed | EventStatus::Dead => e.status,
+                EventStatus::Pending | EventStatus::Claimed => EventStatus::Pending,
+            },
+            attempts: e.attempts,
+            worker: None,
+            last_error: e.last_error.clone(),
+            decision: decision.clone(),
+            dead_at_ms: e.dead_at_ms,
+            due_at_ms: None,
+        };
+        let (_, rev) = self.state_of(&e.id).await?;
+        if self.put_state(&e.id, &state, rev).await?.is_none() {
+            return Ok(Imported::AlreadyHeld(e.id.clone()));
+        }
+        let mut meta = Meta {
+            event: Event {
+                id: e.id.clone(),
+                source: e.source.clone(),
+                provider: e.provider,
+                kind: e.kind.clone(),
+                action: e.action.clone(),
+                delivery_id: e.delivery_id.clone(),
+                received_at_ms: e.received_at_ms,
+                headers: e.headers.clone(),
+                body: Bytes::new(),
+            },
+            id_origin: e.id_origin,
+            body_sha256: checked.body_sha256.clone(),
+            conflict_with: e.conflict_with.clone(),
+            size: checked.body.len() as u64,
+            parts: 0,
+        };
+        let ack = self
+            .publish_event(&mut meta, &checked.body, &checked.dedup_key)
+            .await?;
+        if ack.duplicate {
+            let held = self.id_at(ack.sequence).await?.unwrap_or_default();
+            return Ok(Imported::AlreadyHeld(held));
+        }
+        self.retrying("dedup write", || {
+            self.dedup.put(&dedup, Bytes::from(e.id.clone()))
+        })
+        .await?;
+        self.index.insert_event(&meta, ack.sequence)?;
+        // Deliveries still queued go out again under their keys; those
+        // delivered or dead stay in the export (this backend keeps no
+        // record of them).
+        if let Some(d) = decision.filter(|_| e.status == EventStatus::Routed) {
+            let queued: Vec<_> = e
+                .deliveries
+                .iter()
+                .filter(|x| {
+                    x.status == super::dispatch::DeliveryStatus::Queued && x.workflow.is_none()
+                })
+                .map(|x| x.route.clone())
+                .collect();
+            if !queued.is_empty() {
+                self.queue_routes(
+                    &e.id,
+                    &Decision {
+                        routes: queued,
+                        ..d
+                    },
+                )
+                .await?;
+            }
+        }
+        Ok(Imported::Added)
+    }
+
     async fn close(&self) {
         // Claims still held go back at once rather than at their ack wait.
         let held: Vec<Held> = self
