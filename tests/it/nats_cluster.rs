@@ -63,16 +63,22 @@ impl Nats {
     /// One server that syncs every write to disk (`sync_interval: always`),
     /// so a single replica is durable once acknowledged.
     pub async fn single() -> Nats {
-        Nats::start(1).await
+        Nats::start(1, "").await
+    }
+
+    /// [`Nats::single`] with `extra` server configuration (e.g.
+    /// `max_payload: 65536`).
+    pub async fn single_with(extra: &str) -> Nats {
+        Nats::start(1, extra).await
     }
 
     /// Three servers in one cluster (streams with three replicas survive
     /// one server down; two down is no quorum).
     pub async fn cluster() -> Nats {
-        Nats::start(3).await
+        Nats::start(3, "").await
     }
 
-    async fn start(n: usize) -> Nats {
+    async fn start(n: usize, extra: &str) -> Nats {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let routes: Vec<String> = ports
@@ -87,6 +93,8 @@ impl Nats {
                  jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
                 store.display()
             );
+            conf.push_str(extra);
+            conf.push('\n');
             if n > 1 {
                 conf.push_str(&format!(
                     "cluster {{\n  name: sluice-test\n  listen: \"127.0.0.1:{cport}\"\n  routes: [{}]\n}}\n",

@@ -147,3 +147,52 @@ async fn an_embedded_export_imports_into_the_nats_backend() {
     );
     store.close().await;
 }
+
+/// A body larger than the server's `max_payload` is stored in parts and
+/// arrives whole, by `get` and by a claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_servers_max_payload_arrives_whole() {
+    let nats = Nats::single_with("max_payload: 65536").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = NatsStore::open(options(&nats, "big", dir.path()))
+        .await
+        .unwrap();
+    let filler: String = (0..300_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let body: &'static [u8] = Box::leak(
+        format!("{{\"big\":\"{filler}\"}}")
+            .into_bytes()
+            .into_boxed_slice(),
+    );
+    let id = match store
+        .append(crate::store::hmac_event("big", Some("b1"), body))
+        .await
+        .unwrap()
+    {
+        sluice::store::Appended::Stored(id) => id,
+        other => panic!("{other:?}"),
+    };
+    let rec = Store::get(&store, &id).await.unwrap().unwrap();
+    assert_eq!(rec.event.body.len(), body.len());
+    assert_eq!(&rec.event.body[..], body);
+    assert_eq!(rec.summary.size, body.len() as u64);
+    // It went as parts (under the server's limit), not as one message.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut events = async_nats::jetstream::new(client)
+        .get_stream("BIG_EVENTS")
+        .await
+        .unwrap();
+    let stored = events.info().await.unwrap().state.messages;
+    assert!(
+        stored >= 6,
+        "{stored} messages for a 300 KB body under a 64 KiB limit"
+    );
+    let claimed = store.claim("w", 1, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(
+        &claimed[0].event.body[..],
+        body,
+        "a claim reassembles it too"
+    );
+    store.close().await;
+}

@@ -750,7 +750,10 @@ impl NatsStore {
         msg_id: &str,
     ) -> Result<jetstream::publish::PublishAck, StoreError> {
         // Room for the metadata and headers under the server's limit.
-        let room = self.max_payload.saturating_sub(64 * 1024).max(1024);
+        let room = self
+            .max_payload
+            .saturating_sub((64 * 1024).min(self.max_payload / 4))
+            .max(1024);
         let inline = if body.len() > room {
             let mut n = 0;
             for chunk in body.chunks(room) {
