@@ -196,3 +196,57 @@ async fn a_body_over_the_servers_max_payload_arrives_whole() {
     );
     store.close().await;
 }
+
+/// `sluice check` on the NATS backend: it reaches the servers and says what
+/// exists or will be created; replicas the cluster cannot hold, or no
+/// server, are errors naming the key. The offline store reads say to ask a
+/// node instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sluice_check_verifies_the_nats_cluster() {
+    let nats = Nats::single().await;
+    let env = crate::support::Env::new("");
+    let base = std::fs::read_to_string(&env.config_path).unwrap();
+    let with = |url: &str, replicas: usize| {
+        std::fs::write(
+            &env.config_path,
+            format!(
+                "{base}\n[store]\nbackend = \"nats\"\n[store.nats]\nurl = {url:?}\nreplicas = {replicas}\nprefix = \"chk\"\n"
+            ),
+        )
+        .unwrap();
+    };
+    let config = env.config_path.to_str().unwrap().to_owned();
+    with(&nats.url(), 1);
+    let ok = crate::support::sluice(&["check", "--config", &config]);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(out.contains("nats: connected to"), "{out}");
+    assert!(
+        out.contains("to be created at the first start, with 1 replicas: CHK_EVENTS"),
+        "{out}"
+    );
+    with(&nats.url(), 3);
+    let three = crate::support::sluice(&["check", "--config", &config]);
+    let err = String::from_utf8_lossy(&three.stderr);
+    assert!(!three.status.success());
+    assert!(
+        err.contains("store.nats.replicas = 3: cannot create a stream with that many replicas"),
+        "{err}"
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    with(&format!("nats://127.0.0.1:{port}"), 1);
+    let down = crate::support::sluice(&["check", "--config", &config]);
+    let err = String::from_utf8_lossy(&down.stderr);
+    assert!(!down.status.success());
+    assert!(err.contains("store.nats.url nats://127.0.0.1:"), "{err}");
+    let ls = crate::support::sluice(&["events", "ls", "--config", &config]);
+    let err = String::from_utf8_lossy(&ls.stderr);
+    assert!(!ls.status.success());
+    assert!(err.contains("admin API"), "{err}");
+}

@@ -89,6 +89,14 @@ pub enum EventsCommand {
 
 /// The SQLite file of the config's data dir; an error when there is none yet.
 pub(crate) fn db_path(config: &Config) -> anyhow::Result<PathBuf> {
+    if config.store.backend == crate::config::Backend::Nats {
+        bail!(
+            "{}: store.backend = \"nats\": this command reads the embedded store's file; \
+             on a cluster ask a node's admin API (`sluice events tail`, `sluice deliveries ls`, \
+             `sluice dlq ls`, `GET /v1/events`)",
+            config.origin
+        );
+    }
     let path = config.data_dir().join(&config.store.path);
     if !path.exists() {
         bail!(

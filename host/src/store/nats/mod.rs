@@ -344,7 +344,6 @@ impl std::fmt::Debug for NatsStore {
 pub async fn connect(options: &NatsOptions) -> Result<async_nats::Client, StoreError> {
     let mut connect = async_nats::ConnectOptions::new()
         .name("sluice")
-        .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(
             (options.append_timeout / 4).max(Duration::from_millis(250)),
