@@ -39,6 +39,13 @@ fn options(url: &str, prefix: &str, dir: &Path, node: &str) -> NatsOptions {
     }
 }
 
+/// Opens node `node` of the store under `prefix` on `server`.
+async fn open_node(server: &Nats, prefix: &str, dir: &Path, node: &str) -> NatsStore {
+    NatsStore::open(options(&server.url(), prefix, dir, node))
+        .await
+        .unwrap()
+}
+
 /// A generic-provider event received now, with an unsigned delivery id.
 fn new_event(delivery: &str) -> NewEvent {
     let mut h = HeaderMap::new();
@@ -139,9 +146,7 @@ async fn deliveries_retry_after_their_delay_die_and_come_back_from_the_dlq() {
     let server = Nats::single().await;
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique_prefix("life");
-    let store = NatsStore::open(options(&server.url(), &prefix, dir.path(), "a"))
-        .await
-        .unwrap();
+    let store = open_node(&server, &prefix, dir.path(), "a").await;
     let alpha = route("alpha", Priority::Medium);
     let beta = route("beta", Priority::High);
     let mut flow = route("alpha", Priority::Low);
@@ -336,14 +341,7 @@ async fn deliveries_retry_after_their_delay_die_and_come_back_from_the_dlq() {
 async fn the_most_urgent_delivery_is_claimed_first_and_a_paused_agent_gets_none() {
     let server = Nats::single().await;
     let dir = tempfile::tempdir().unwrap();
-    let store = NatsStore::open(options(
-        &server.url(),
-        &unique_prefix("prio"),
-        dir.path(),
-        "a",
-    ))
-    .await
-    .unwrap();
+    let store = open_node(&server, &unique_prefix("prio"), dir.path(), "a").await;
     let low = routed(&store, "p-1", vec![route("alpha", Priority::Low)]).await;
     let critical = routed(&store, "p-2", vec![route("alpha", Priority::Critical)]).await;
     let medium = routed(&store, "p-3", vec![route("alpha", Priority::Medium)]).await;
@@ -380,9 +378,7 @@ async fn an_event_routed_twice_keeps_one_delivery_per_agent() {
         route("alpha", Priority::Medium),
         route("beta", Priority::Low),
     ];
-    let a = NatsStore::open(options(&server.url(), &prefix, dir.path(), "a"))
-        .await
-        .unwrap();
+    let a = open_node(&server, &prefix, dir.path(), "a").await;
     let id = append(&a, "t-1").await;
     // Node A publishes the deliveries, as `complete` does first, and dies
     // before the state says routed.
@@ -396,9 +392,7 @@ async fn an_event_routed_twice_keeps_one_delivery_per_agent() {
         .unwrap();
     drop(a);
     // Node B routes it again once the ack wait lets the event go.
-    let b = NatsStore::open(options(&server.url(), &prefix, dir.path(), "b"))
-        .await
-        .unwrap();
+    let b = open_node(&server, &prefix, dir.path(), "b").await;
     let start = Instant::now();
     let c = loop {
         let got = b
@@ -468,12 +462,8 @@ async fn two_nodes_share_deliveries_and_take_over_lapsed_claims() {
     let server = Nats::single().await;
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique_prefix("nodes");
-    let a = NatsStore::open(options(&server.url(), &prefix, dir.path(), "a"))
-        .await
-        .unwrap();
-    let b = NatsStore::open(options(&server.url(), &prefix, dir.path(), "b"))
-        .await
-        .unwrap();
+    let a = open_node(&server, &prefix, dir.path(), "a").await;
+    let b = open_node(&server, &prefix, dir.path(), "b").await;
     // B's loop is woken by A's queueing.
     let mut signal = b.delivery_signal("alpha");
     signal.borrow_and_update();
@@ -630,9 +620,7 @@ async fn two_dispatchers_on_two_nodes_deliver_everything_through_retries() {
     let mut runs = Vec::new();
     for node in ["a", "b"] {
         let store = Arc::new(
-            NatsStore::open(options(&server.url(), &prefix, dir.path(), node))
-                .await
-                .unwrap(),
+            open_node(&server, &prefix, dir.path(), node).await,
         );
         let d =
             Dispatcher::build(&config, store.clone(), sluice::secret::Generate::IfMissing).unwrap();
@@ -709,12 +697,8 @@ async fn deliveries_sharing_an_ordering_key_go_one_at_a_time_in_arrival_order() 
     let server = Nats::single().await;
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique_prefix("order");
-    let a = NatsStore::open(options(&server.url(), &prefix, dir.path(), "a"))
-        .await
-        .unwrap();
-    let b = NatsStore::open(options(&server.url(), &prefix, dir.path(), "b"))
-        .await
-        .unwrap();
+    let a = open_node(&server, &prefix, dir.path(), "a").await;
+    let b = open_node(&server, &prefix, dir.path(), "b").await;
     let keyed = |key: &str| {
         let mut r = route("alpha", Priority::Medium);
         r.ordering_key = Some(key.into());
@@ -817,14 +801,7 @@ async fn deliveries_sharing_an_ordering_key_go_one_at_a_time_in_arrival_order() 
 async fn an_agent_name_that_is_no_subject_token_still_gets_its_deliveries() {
     let server = Nats::single().await;
     let dir = tempfile::tempdir().unwrap();
-    let store = NatsStore::open(options(
-        &server.url(),
-        &unique_prefix("names"),
-        dir.path(),
-        "a",
-    ))
-    .await
-    .unwrap();
+    let store = open_node(&server, &unique_prefix("names"), dir.path(), "a").await;
     // A rule may name any agent; dots, spaces and '>' are subject syntax.
     let odd = "ops.team >*";
     let event = routed(
