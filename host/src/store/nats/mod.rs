@@ -1064,6 +1064,9 @@ impl Store for NatsStore {
         let mut ack = self.publish_event(&mut meta, new.body(), &key).await?;
         if ack.duplicate {
             match self.id_at(ack.sequence).await? {
+                // Our own earlier try, acknowledged too late (`retrying`
+                // published again): stored.
+                Some(original) if original == id => {}
                 Some(original) => return Ok(Appended::Duplicate(original)),
                 // The original was removed by retention within the window:
                 // this one is new, under a message id of its own.
@@ -1135,11 +1138,27 @@ impl Store for NatsStore {
             }
             first = false;
         }
+        // Each claim is its own round trips to the bucket: all at once.
+        let leased = futures_util::future::join_all(
+            fetched
+                .into_iter()
+                .map(|msg| self.lease_one(msg, worker, lease)),
+        )
+        .await;
         let mut out = Vec::new();
-        for msg in fetched {
-            if let Some(c) = self.lease_one(msg, worker, lease).await? {
-                out.push(c);
+        let mut failed = None;
+        for l in leased {
+            match l {
+                Ok(Some(c)) => out.push(c),
+                Ok(None) => {}
+                // Not leased: the message comes round again after AckWait.
+                Err(e) => failed = Some(e),
             }
+        }
+        if out.is_empty()
+            && let Some(e) = failed
+        {
+            return Err(e);
         }
         if !out.is_empty() {
             self.keeper.notify_one();
@@ -1166,6 +1185,14 @@ impl Store for NatsStore {
         // Confirmed, so the queue depth read next counts it settled.
         let _ = held.msg.double_ack().await;
         Ok(())
+    }
+
+    async fn complete_all(
+        &self,
+        done: &[(Lease, Decision)],
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        // Independent events: their writes go out together.
+        Ok(futures_util::future::join_all(done.iter().map(|(l, d)| self.complete(l, d))).await)
     }
 
     async fn retry_later(
@@ -1410,7 +1437,9 @@ impl Store for NatsStore {
             .await?;
         if ack.duplicate {
             let held = self.id_at(ack.sequence).await?.unwrap_or_default();
-            return Ok(Imported::AlreadyHeld(held));
+            if held != e.id {
+                return Ok(Imported::AlreadyHeld(held));
+            }
         }
         self.retrying("dedup write", || {
             self.dedup.put(&dedup, Bytes::from(e.id.clone()))
