@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
