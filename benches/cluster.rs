@@ -9,8 +9,8 @@
 //! and the compile cache (shared, so each node does not compile the rule
 //! again) changed, and for the NATS cases `[store] backend = "nats"` with
 //! `[store.nats] url` (the three servers), `replicas = 3` and a prefix of
-//! the case's own. The servers sync every write (`sync_interval: always`),
-//! as the tests run them.
+//! the case's own. The servers run with their default sync: with three
+//! replicas a write is durable once a majority holds it.
 //!
 //! The payload is the real GitHub `issues.opened` delivery from the corpus,
 //! compact, 11,622 bytes, signed with the source's secret and a fresh
@@ -794,7 +794,7 @@ fn main() {
     println!(
         "cluster: {per_round} events per round, {rounds} rounds per case, {} in flight from \
          {CLIENT_ADDRESSES} loopback addresses, payload {} bytes; sluice serve children as \
-         shipped (router on, outbox agents); nats-server {} ×3, sync_interval always, replicas 3; \
+         shipped (router on, outbox agents); nats-server {} ×3, default sync, replicas 3; \
          load average {}",
         common::CONCURRENCY,
         body.len(),

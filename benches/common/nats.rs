@@ -53,9 +53,10 @@ impl Drop for NatsCluster {
 
 impl NatsCluster {
     /// Starts `n` servers (one cluster when `n > 1`) with their configs and
-    /// JetStream store dirs under `dir`, each syncing every write to disk
-    /// (`sync_interval: always`, as the tests run them), and waits until
-    /// JetStream answers.
+    /// JetStream store dirs under `dir`, and waits until JetStream answers.
+    /// A cluster runs with the servers' default sync (a write is durable
+    /// once a majority of three holds it); a single server syncs every
+    /// write (`sync_interval: always`), as it must to be durable alone.
     pub fn start(n: usize, dir: &Path) -> NatsCluster {
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
@@ -72,8 +73,9 @@ impl NatsCluster {
             let store = dir.join(format!("n{i}"));
             let mut conf = format!(
                 "server_name: n{i}\nlisten: \"127.0.0.1:{port}\"\n\
-                 jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
-                store.display()
+                 jetstream {{\n  store_dir: \"{}\"\n{}}}\n",
+                store.display(),
+                if n > 1 { "" } else { "  sync_interval: always\n" }
             );
             if n > 1 {
                 conf.push_str(&format!(

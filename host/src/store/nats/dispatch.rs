@@ -285,13 +285,7 @@ impl Parts {
             .get_or_create_stream(stream_cfg)
             .await
             .map_err(|e| backend(&format!("stream {}", names.deliveries), e))?;
-        let bucket = match js.get_key_value(&names.deliveries_state).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(bucket_cfg)
-                .await
-                .map_err(|e| backend(&format!("bucket {}", names.deliveries_state), e))?,
-        };
+        let bucket = super::leader_read_bucket(js, bucket_cfg).await?;
         Ok(Parts {
             bucket,
             stream,

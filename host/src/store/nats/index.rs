@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS events (
     rev            INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS events_seq ON events (seq);
+CREATE INDEX IF NOT EXISTS events_unsettled ON events (status)
+    WHERE status IN ('pending', 'claimed');
 CREATE TABLE IF NOT EXISTS decisions (
     seq           INTEGER PRIMARY KEY,
     event_id      TEXT NOT NULL,

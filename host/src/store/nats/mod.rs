@@ -505,6 +505,38 @@ pub async fn check(options: &NatsOptions) -> Result<Vec<String>, StoreError> {
     Ok(lines)
 }
 
+/// Opens (creating it if missing) a bucket whose reads go to its stream's
+/// leader: a compare-and-set writes against the revision it read, and a
+/// replica's answer (JetStream's "direct get", a bucket's default) can be
+/// behind, which fails the write for nothing.
+pub(crate) async fn leader_read_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, StoreError> {
+    let bucket = config.bucket.clone();
+    let what = || format!("bucket {bucket}");
+    if js.get_key_value(&bucket).await.is_err() {
+        js.create_key_value(config)
+            .await
+            .map_err(|e| backend(&what(), e))?;
+    }
+    let mut stream = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .map_err(|e| backend(&what(), e))?;
+    let info = stream.info().await.map_err(|e| backend(&what(), e))?;
+    if info.config.allow_direct {
+        let mut config = info.config.clone();
+        config.allow_direct = false;
+        js.update_stream(config)
+            .await
+            .map_err(|e| backend(&what(), e))?;
+    }
+    js.get_key_value(&bucket)
+        .await
+        .map_err(|e| backend(&what(), e))
+}
+
 impl NatsStore {
     /// Connects, creates what is missing (streams, buckets, the routing
     /// consumer) with the configured replicas, opens this node's index and
@@ -531,13 +563,7 @@ impl NatsStore {
                 .await
                 .map_err(|e| backend(&format!("bucket {}", names.dedup), e))?,
         };
-        let state = match js.get_key_value(&names.state).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(state_cfg)
-                .await
-                .map_err(|e| backend(&format!("bucket {}", names.state), e))?,
-        };
+        let state = leader_read_bucket(&js, state_cfg).await?;
         let router = events
             .get_or_create_consumer(
                 "route",
