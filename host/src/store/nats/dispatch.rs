@@ -572,7 +572,12 @@ impl NatsStore {
                 None => match bucket.create(&name, value).await {
                     Ok(_) => true,
                     Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
-                    Err(e) => return Err(backend(&what(), e)),
+                    // Another writer created it first: the bucket's create
+                    // reports that race as a failed read, not as "exists".
+                    Err(e) => match bucket.entry(&name).await {
+                        Ok(Some(_)) => false,
+                        _ => return Err(backend(&what(), e)),
+                    },
                 },
             };
             if written {

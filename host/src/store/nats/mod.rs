@@ -712,7 +712,11 @@ impl NatsStore {
             None => match self.state.create(id, value).await {
                 Ok(r) => Ok(r),
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => return Ok(None),
-                Err(e) => Err(backend(&format!("state of {id}"), e)),
+                // A create that lost a race is reported as a failed read.
+                Err(e) => match self.state.entry(id).await {
+                    Ok(Some(_)) => return Ok(None),
+                    _ => Err(backend(&format!("state of {id}"), e)),
+                },
             },
         }?;
         self.index.apply_state(id, written, Some(state))?;
