@@ -440,7 +440,7 @@ impl NatsStore {
         let written = match rev {
             Some(rev) => match bucket.update(entry(n), value, rev).await {
                 Ok(r) => r,
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => return Ok(None),
+                Err(e) if super::lost_race(&e) => return Ok(None),
                 Err(e) => return Err(backend(&what(), e)),
             },
             None => match bucket.create(entry(n), value).await {
@@ -566,7 +566,7 @@ impl NatsStore {
             let written = match rev {
                 Some(rev) => match bucket.update(&name, value, rev).await {
                     Ok(_) => true,
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => false,
+                    Err(e) if super::lost_race(&e) => false,
                     Err(e) => return Err(backend(&what(), e)),
                 },
                 None => match bucket.create(&name, value).await {
@@ -980,7 +980,7 @@ impl DispatchStore for NatsStore {
             let written = match rev {
                 Some(rev) => match bucket.update(PAUSED_KEY, value, rev).await {
                     Ok(_) => true,
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => false,
+                    Err(e) if super::lost_race(&e) => false,
                     Err(e) => return Err(backend("paused agents", e)),
                 },
                 None => match bucket.create(PAUSED_KEY, value).await {

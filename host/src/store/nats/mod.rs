@@ -309,6 +309,15 @@ fn backend(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("NATS JetStream: {what}: {e}"))
 }
 
+/// Whether a bucket update failed because the entry moved past the
+/// revision it was made against (another writer won). async-nats 0.51
+/// knows JetStream's older error code for it (10071); servers from 2.12 on
+/// answer 10164, which it reports as "other", with this text.
+pub(crate) fn lost_race(e: &kv::UpdateError) -> bool {
+    e.kind() == kv::UpdateErrorKind::WrongLastRevision
+        || e.to_string().contains("wrong last sequence")
+}
+
 /// The NATS JetStream store. Cheap to share behind an `Arc`.
 pub struct NatsStore {
     pub(crate) client: async_nats::Client,
@@ -706,7 +715,7 @@ impl NatsStore {
         let written = match rev {
             Some(rev) => match self.state.update(id, value, rev).await {
                 Ok(r) => Ok(r),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => return Ok(None),
+                Err(e) if lost_race(&e) => return Ok(None),
                 Err(e) => Err(backend(&format!("state of {id}"), e)),
             },
             None => match self.state.create(id, value).await {
