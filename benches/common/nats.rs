@@ -75,7 +75,11 @@ impl NatsCluster {
                 "server_name: n{i}\nlisten: \"127.0.0.1:{port}\"\n\
                  jetstream {{\n  store_dir: \"{}\"\n{}}}\n",
                 store.display(),
-                if n > 1 { "" } else { "  sync_interval: always\n" }
+                if n > 1 {
+                    ""
+                } else {
+                    "  sync_interval: always\n"
+                }
             );
             if n > 1 {
                 conf.push_str(&format!(

@@ -109,6 +109,18 @@ impl AgentServer {
         self.inner.lock().unwrap().most_in_flight
     }
 
+    /// Requests that arrived for `agent` under key `id`, answered or not
+    /// (a sender that died mid-request is counted too).
+    pub fn arrivals(&self, agent: &str, id: &str) -> u32 {
+        self.inner
+            .lock()
+            .unwrap()
+            .attempts
+            .get(&(agent.to_owned(), id.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Every attempt seen so far.
     pub fn seen(&self) -> Vec<Received> {
         self.inner.lock().unwrap().seen.clone()

@@ -619,9 +619,7 @@ async fn two_dispatchers_on_two_nodes_deliver_everything_through_retries() {
     let mut nodes = Vec::new();
     let mut runs = Vec::new();
     for node in ["a", "b"] {
-        let store = Arc::new(
-            open_node(&server, &prefix, dir.path(), node).await,
-        );
+        let store = Arc::new(open_node(&server, &prefix, dir.path(), node).await);
         let d =
             Dispatcher::build(&config, store.clone(), sluice::secret::Generate::IfMissing).unwrap();
         runs.push(tokio::spawn(d.run(stop.clone())));

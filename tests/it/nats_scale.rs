@@ -103,12 +103,21 @@ async fn two_nodes_share_the_work_and_the_survivor_takes_over_a_killed_nodes() {
     const EVENTS: usize = 150;
     let nats = Nats::cluster().await;
     let agents = AgentServer::start(AGENT_SECRET).await;
-    let slow = Script {
-        latency: Some(Duration::from_millis(10)),
-        ..Default::default()
-    };
-    agents.script("alpha", slow.clone());
-    agents.script("beta", slow);
+    agents.script(
+        "alpha",
+        Script {
+            latency: Some(Duration::from_millis(10)),
+            ..Default::default()
+        },
+    );
+    // Slow enough that the node killed has deliveries to beta in flight.
+    agents.script(
+        "beta",
+        Script {
+            latency: Some(Duration::from_millis(150)),
+            ..Default::default()
+        },
+    );
     let declared = [
         http_agent("alpha", &agents.url("alpha"), "concurrency = 4"),
         http_agent("beta", &agents.url("beta"), "concurrency = 4"),
@@ -187,6 +196,17 @@ async fn two_nodes_share_the_work_and_the_survivor_takes_over_a_killed_nodes() {
             "{agent}: one idempotency key per event"
         );
     }
+    // The survivor took over what the killed node held: a delivery A had
+    // out to beta when it died went again, from B, under the same key.
+    let beta_keys: HashSet<&str> = seen
+        .iter()
+        .filter(|r| r.agent == "beta")
+        .map(|r| r.id.as_str())
+        .collect();
+    assert!(
+        beta_keys.iter().any(|k| agents.arrivals("beta", k) >= 2),
+        "no delivery the killed node held was sent again"
+    );
     // Routed once: one decision per event, whichever node made it.
     let dir = tempfile::tempdir().unwrap();
     let store = reader(&nats, "two", dir.path()).await;

@@ -1226,14 +1226,6 @@ impl Store for NatsStore {
         Ok(())
     }
 
-    async fn complete_all(
-        &self,
-        done: &[(Lease, Decision)],
-    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        // Independent events: their writes go out together.
-        Ok(futures_util::future::join_all(done.iter().map(|(l, d)| self.complete(l, d))).await)
-    }
-
     async fn retry_later(
         &self,
         lease: &Lease,
