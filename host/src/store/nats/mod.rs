@@ -337,6 +337,8 @@ pub struct NatsStore {
     closed: Arc<AtomicBool>,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     max_payload: usize,
+    /// The events stream's duplicate window.
+    duplicate_window: Duration,
     dispatch: dispatch::Parts,
 }
 
@@ -558,6 +560,7 @@ impl NatsStore {
         js.set_timeout((options.append_timeout / 4).max(Duration::from_millis(250)));
         let names = Names::new(&options.prefix);
         let (events_cfg, dlq_cfg, dedup_cfg, state_cfg) = layout(&options);
+        let duplicate_window = events_cfg.duplicate_window;
         let events = js
             .get_or_create_stream(events_cfg)
             .await
@@ -611,6 +614,7 @@ impl NatsStore {
             closed: Arc::default(),
             tasks: std::sync::Mutex::default(),
             max_payload,
+            duplicate_window,
             options,
             dispatch,
         };
@@ -1116,10 +1120,30 @@ impl Store for NatsStore {
                 }
             }
         }
-        self.retrying("dedup write", || {
-            self.dedup.put(&dedup, Bytes::from(id.clone()))
-        })
-        .await?;
+        // The event is durable now. Its dedup entry matters only for
+        // copies older than the stream's duplicate window: if the bucket
+        // cannot take it now (its leader is changing), it is written in the
+        // background within that window instead of failing the append.
+        if let Err(e) = self
+            .retrying("dedup write", || {
+                self.dedup.put(&dedup, Bytes::from(id.clone()))
+            })
+            .await
+        {
+            tracing::warn!(event = %id, error = %e, "dedup entry not written yet; trying again in the background");
+            let (bucket, key, value) = (self.dedup.clone(), dedup.clone(), Bytes::from(id.clone()));
+            let window = self.duplicate_window;
+            tokio::spawn(async move {
+                let start = Instant::now();
+                while bucket.put(&key, value.clone()).await.is_err() {
+                    if start.elapsed() >= window {
+                        tracing::error!(dedup_key = %key, "dedup entry never written: a copy older than the duplicate window would be stored again");
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            });
+        }
         self.index.insert_event(&meta, ack.sequence)?;
         // Wake routers on every node (a hint: they also poll).
         let _ = self.client.publish(self.names.wake(), Bytes::new()).await;
