@@ -877,8 +877,8 @@ impl NatsStore {
         }
     }
 
-    /// Dead-letters event `id` in `state` (already at `rev` or new): the
-    /// state says dead, a copy goes to the DLQ stream.
+    /// Copies event `id`'s dead-lettering to the DLQ stream, with the
+    /// reason (its state, written by the caller, says dead).
     async fn to_dead_letters(&self, id: &str, reason: &str) -> Result<(), StoreError> {
         let mut headers = HeaderMap::new();
         headers.insert("Sluice-Reason", reason.replace(['\r', '\n'], " ").as_str());
@@ -977,23 +977,11 @@ impl NatsStore {
     /// Fills a record from a head and a state.
     fn record(meta: Meta, body: Bytes, state: Option<State>) -> EventRecord {
         let state = state.unwrap_or_else(State::pending);
+        let summary = index::summary(&meta, state.status, state.attempts);
         let mut event = meta.event;
         event.body = body;
         EventRecord {
-            summary: EventSummary {
-                id: event.id.clone(),
-                delivery_id: event.delivery_id.clone(),
-                id_origin: meta.id_origin,
-                conflict_with: meta.conflict_with,
-                source: event.source.clone(),
-                provider: event.provider.as_str().to_owned(),
-                kind: event.kind.clone(),
-                action: event.action.clone(),
-                received_at_ms: event.received_at_ms,
-                size: meta.size,
-                status: state.status,
-                attempts: state.attempts,
-            },
+            summary,
             event,
             decision: state.decision,
             last_error: state.last_error,
