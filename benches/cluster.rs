@@ -41,10 +41,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -90,47 +89,13 @@ impl Node {
     /// Starts `sluice serve --config PATH` and waits (at most 120 s) for
     /// the addresses it prints.
     fn spawn(config: &Path) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env_remove("SLUICE_CONFIG")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn sluice serve");
-        let out = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut admin = String::new();
-            // Keep draining stdout so the child never blocks on a full pipe.
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if let Some(rest) = line.strip_prefix("admin API on ") {
-                    admin = rest.split_whitespace().next().unwrap_or_default().into();
-                }
-                if let Some(addr) = line.strip_prefix("sluice listening on ") {
-                    let _ = tx.send((addr.to_string(), admin.clone()));
-                }
-            }
-        });
-        let mut node = Node {
+        let (child, base, admin) = common::spawn_serve(config);
+        Node {
             child,
-            hook: Uri::from_static("http://127.0.0.1/"),
-            base: String::new(),
-            admin: String::new(),
-        };
-        let (base, admin) = rx
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|_| {
-                panic!(
-                    "sluice serve --config {} printed no address within 120 s",
-                    config.display()
-                )
-            });
-        node.hook = format!("{base}/hooks/github").parse().expect("hook uri");
-        (node.base, node.admin) = (base, admin);
-        node
+            hook: format!("{base}/hooks/github").parse().expect("hook uri"),
+            base,
+            admin,
+        }
     }
 
     fn pid(&self) -> u32 {

@@ -51,10 +51,10 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -700,36 +700,8 @@ struct ServeChild {
 
 impl ServeChild {
     fn spawn(config: &Path) -> ServeChild {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env_remove("SLUICE_CONFIG")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn sluice serve");
-        let out = child.stdout.take().expect("piped stdout");
-        let mut guard = ServeChild {
-            child,
-            base: String::new(),
-        };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            // Keep draining stdout so the child never blocks on a full pipe.
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if !sent && let Some(addr) = line.strip_prefix("sluice listening on ") {
-                    let _ = tx.send(addr.to_string());
-                    sent = true;
-                }
-            }
-        });
-        guard.base = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("sluice serve printed its address within 120 s");
-        guard
+        let (child, base, _) = common::spawn_serve(config);
+        ServeChild { child, base }
     }
 
     fn pid(&self) -> u32 {

@@ -641,3 +641,49 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
         (xs[n / 2 - 1] + xs[n / 2]) / 2.0
     }
 }
+
+/// Starts `sluice serve --config PATH` (this package's binary, `RUST_LOG`
+/// `warn`, stderr inherited) and waits at most 120 s for what it prints:
+/// the child, its base URL (`http://127.0.0.1:PORT`) and its admin API's
+/// URL (empty when it serves none). A thread keeps draining its stdout, so
+/// the child never blocks on a full pipe.
+pub fn spawn_serve(config: &std::path::Path) -> (std::process::Child, String, String) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env_remove("SLUICE_CONFIG")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn sluice serve");
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut admin = String::new();
+        let mut sent = false;
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.strip_prefix("admin API on ") {
+                admin = rest.split_whitespace().next().unwrap_or_default().into();
+            }
+            if !sent && let Some(addr) = line.strip_prefix("sluice listening on ") {
+                let _ = tx.send((addr.to_string(), admin.clone()));
+                sent = true;
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok((base, admin)) => (child, base, admin),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "sluice serve --config {} printed no address within 120 s",
+                config.display()
+            )
+        }
+    }
+}
